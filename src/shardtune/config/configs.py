@@ -1,0 +1,235 @@
+"""The llama-recipes configuration surface, field for field, plus shardtune's additions.
+
+Class and field names match llama-recipes (``train_config``, ``fsdp_config``, ...) so that
+existing command lines and YAML files keep their meaning. Every field carries a type that the
+parser enforces; fields marked in ``NOT_IMPLEMENTED`` are refused when set instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+class ShardingStrategy(str, enum.Enum):
+    """llama-recipes' FSDP1 names; ``shardtune.parallel`` maps them onto FSDP2."""
+
+    FULL_SHARD = "FULL_SHARD"
+    SHARD_GRAD_OP = "SHARD_GRAD_OP"
+    NO_SHARD = "NO_SHARD"
+    HYBRID_SHARD = "HYBRID_SHARD"
+
+
+class StateDictType(str, enum.Enum):
+    SHARDED_STATE_DICT = "SHARDED_STATE_DICT"
+    FULL_STATE_DICT = "FULL_STATE_DICT"
+
+
+class BatchingStrategy(str, enum.Enum):
+    padding = "padding"
+    packing = "packing"
+
+
+class PeftMethod(str, enum.Enum):
+    lora = "lora"
+    llama_adapter = "llama_adapter"
+
+
+class Scheduler(str, enum.Enum):
+    steplr = "steplr"  # llama-recipes: lr *= gamma after every epoch
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class OverlongPolicy(str, enum.Enum):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class train_config:
+    model_name: str = "PATH/to/Model"
+    tokenizer_name: Optional[str] = None
+    enable_fsdp: bool = False
+    low_cpu_fsdp: bool = False
+    run_validation: bool = True
+    batch_size_training: int = 4
+    batching_strategy: BatchingStrategy = BatchingStrategy.packing
+    context_length: int = 4096
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: bool = False
+    gradient_clipping_threshold: float = 1.0
+    num_epochs: int = 3
+    max_train_step: int = 0
+    max_eval_step: int = 0
+    num_workers_dataloader: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    gamma: float = 0.85
+    seed: int = 42
+    use_fp16: bool = False
+    mixed_precision: bool = True
+    val_batch_size: int = 1
+    dataset: str = "samsum_dataset"
+    peft_method: PeftMethod = PeftMethod.lora
+    use_peft: bool = False
+    from_peft_checkpoint: str = ""
+    output_dir: str = "PATH/to/save/PEFT/model"
+    freeze_layers: bool = False
+    num_freeze_layers: int = 1
+    freeze_LLM_only: bool = False
+    quantization: Optional[str] = None
+    one_gpu: bool = False
+    save_model: bool = True
+    dist_checkpoint_root_folder: str = "PATH/to/save/FSDP/model"
+    dist_checkpoint_folder: str = "fine-tuned"
+    save_optimizer: bool = False
+    use_fast_kernels: bool = False
+    use_wandb: bool = False
+    save_metrics: bool = False
+    flop_counter: bool = False
+    flop_counter_start: int = 3
+    use_profiler: bool = False
+    profiler_dir: str = "PATH/to/save/profiler/results"
+    # --- shardtune additions ---
+    device: Device = Device.auto  # auto: cuda when available, else cpu
+    scheduler: Scheduler = Scheduler.steplr
+    warmup_steps: int = 0  # linear warm-up (optimizer steps) before the scheduler takes over
+    skip_bad_rows: bool = False  # malformed dataset rows: stop (default) or skip with a count
+    overlong: OverlongPolicy = OverlongPolicy.truncate  # examples longer than context_length
+    eval_fraction: float = 0.05  # held-out slice for datasets without a test split (alpaca)
+    save_every_n_steps: int = 0
+    keep_last_n: int = 0
+    resume: bool = False
+    resume_from: str = ""
+    export_dtype: Optional[str] = None
+    merge_lora: bool = False
+
+
+@dataclass
+class fsdp_config:
+    mixed_precision: bool = True
+    use_fp16: bool = False
+    sharding_strategy: ShardingStrategy = ShardingStrategy.FULL_SHARD
+    hsdp: bool = False
+    sharding_group_size: int = 0
+    replica_group_size: int = 0
+    checkpoint_type: StateDictType = StateDictType.SHARDED_STATE_DICT
+    fsdp_activation_checkpointing: bool = True
+    fsdp_cpu_offload: bool = False
+    pure_bf16: bool = False
+    optimizer: str = "AdamW"
+
+
+@dataclass
+class lora_config:
+    r: int = 8
+    lora_alpha: int = 32
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = "none"
+    task_type: str = "CAUSAL_LM"
+    lora_dropout: float = 0.05
+    inference_mode: bool = False
+
+
+@dataclass
+class llama_adapter_config:
+    adapter_len: int = 10
+    adapter_layers: int = 30
+    task_type: str = "CAUSAL_LM"
+
+
+@dataclass
+class quantization_config:
+    quant_type: str = "fp4"  # "fp4" or "nf4"
+    compute_dtype: str = "bfloat16"
+    use_double_quant: bool = False
+    quant_storage: str = "bfloat16"
+
+
+@dataclass
+class wandb_config:
+    project: str = "llama_recipes"
+    entity: Optional[str] = None
+    job_type: Optional[str] = None
+    tags: Optional[List[str]] = None
+    group: Optional[str] = None
+    notes: Optional[str] = None
+    mode: Optional[str] = None
+
+
+# --- dataset configs (llama-recipes' configs/datasets.py) ---
+
+
+@dataclass
+class samsum_dataset:
+    dataset: str = "samsum_dataset"
+    train_split: str = "train"
+    test_split: str = "validation"
+    trust_remote_code: bool = False
+    data_path: str = ""  # shardtune: a local json/jsonl/parquet/csv file or folder instead of the hub
+
+
+@dataclass
+class grammar_dataset:
+    dataset: str = "grammar_dataset"
+    train_split: str = "datasets/grammar_dataset/gtrain_10k.csv"
+    test_split: str = "datasets/grammar_dataset/grammar_validation.csv"
+
+
+@dataclass
+class alpaca_dataset:
+    dataset: str = "alpaca_dataset"
+    train_split: str = "train"
+    test_split: str = "val"
+    data_path: str = "datasets/alpaca_data.json"
+
+
+@dataclass
+class custom_dataset:
+    dataset: str = "custom_dataset"
+    file: str = "custom_dataset.py"
+    train_split: str = "train"
+    test_split: str = "validation"
+    data_path: str = ""
+
+
+DATASET_CONFIGS = {
+    "samsum_dataset": samsum_dataset,
+    "grammar_dataset": grammar_dataset,
+    "alpaca_dataset": alpaca_dataset,
+    "custom_dataset": custom_dataset,
+}
+
+# Sections addressable as ``--<section>.<field>`` / YAML sub-mappings.
+SECTIONS = {
+    "train_config": train_config,
+    "fsdp_config": fsdp_config,
+    "lora_config": lora_config,
+    "llama_adapter_config": llama_adapter_config,
+    "quantization_config": quantization_config,
+    "wandb_config": wandb_config,
+    **DATASET_CONFIGS,
+}
+
+# Fields that parse but whose feature has not landed yet. Setting one to a non-default value
+# is an error (llama-recipes would silently ignore it). Remove an entry when its feature lands.
+NOT_IMPLEMENTED: dict[str, str] = {
+    "train_config.resume": "resumable checkpoints are not implemented yet",
+    "train_config.resume_from": "resumable checkpoints are not implemented yet",
+    "train_config.save_every_n_steps": "step-interval checkpoints are not implemented yet",
+    "train_config.keep_last_n": "checkpoint retention is not implemented yet",
+    "train_config.save_optimizer": "saving optimizer state needs resumable checkpoints, not implemented yet",
+    "train_config.export_dtype": "export dtype selection is not implemented yet",
+    "train_config.merge_lora": "merged LoRA export is not implemented yet",
+    "train_config.quantization": "bitsandbytes quantization is not implemented yet",
+}

@@ -1,0 +1,55 @@
+"""Cross-field checks: combinations that cannot work are refused before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .configs import NOT_IMPLEMENTED, SECTIONS, ShardingStrategy
+from .errors import ConfigError
+
+
+def _check_not_implemented(cfg) -> None:
+    for key, why in NOT_IMPLEMENTED.items():
+        section, _, name = key.partition(".")
+        default = getattr(SECTIONS[section](), name)
+        if getattr(cfg.section(section), name) != default:
+            raise ConfigError(f"--{name} was set, but {why} in this version of shardtune. "
+                              "Remove the option; shardtune refuses options it would otherwise ignore.")
+
+
+def validate(cfg) -> None:
+    t, f = cfg.train, cfg.fsdp
+    _check_not_implemented(cfg)
+    positive = {"batch_size_training": t.batch_size_training, "val_batch_size": t.val_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "num_epochs": t.num_epochs}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {value}.")
+    for name in ("max_train_step", "max_eval_step", "warmup_steps", "num_workers_dataloader",
+                 "flop_counter_start", "num_freeze_layers"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"--{name} must be 0 or more, got {getattr(t, name)}.")
+    if t.context_length < 2:
+        raise ConfigError(f"--context_length must be at least 2 tokens, got {t.context_length}.")
+    if t.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {t.lr}.")
+    if not 0 < t.eval_fraction < 1:
+        raise ConfigError(f"--eval_fraction must be between 0 and 1, got {t.eval_fraction}.")
+    if t.gradient_clipping and t.gradient_clipping_threshold <= 0:
+        raise ConfigError("--gradient_clipping_threshold must be positive when --gradient_clipping is on.")
+    if t.flop_counter and t.use_profiler:
+        raise ConfigError("--flop_counter and --use_profiler cannot be used together (each one "
+                          "wraps the training steps); choose one.")
+    if (t.use_fp16 or f.use_fp16) and f.pure_bf16:
+        raise ConfigError("--use_fp16 and --fsdp_config.pure_bf16 ask for two different "
+                          "precisions; choose one.")
+    if f.hsdp and f.sharding_strategy != ShardingStrategy.HYBRID_SHARD:
+        raise ConfigError("--fsdp_config.hsdp needs --fsdp_config.sharding_strategy HYBRID_SHARD.")
+    if f.optimizer.lower() not in ("adamw", "anyprecision"):
+        raise ConfigError(f"--fsdp_config.optimizer must be AdamW or anyprecision, got {f.optimizer!r}.")
+    if t.freeze_layers and t.use_peft:
+        raise ConfigError("--freeze_layers and --use_peft both choose which weights train; "
+                          "PEFT already freezes the base model. Use one of them.")
+    if t.from_peft_checkpoint and not t.use_peft:
+        raise ConfigError("--from_peft_checkpoint needs --use_peft (it continues training an adapter).")

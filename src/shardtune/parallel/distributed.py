@@ -1,0 +1,68 @@
+"""Process-group set-up from torchrun's environment; the one object that knows ranks and devices."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config.configs import Device
+from ..runtime import dist_backend, resolve_device
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (a no-op in a single process) and return it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: Device | str = Device.auto, need_group: bool = False) -> DistEnv:
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE and start NCCL (GPU) or gloo (CPU).
+
+    Without torchrun's variables this is a single process; a process group is only started
+    when ``need_group`` asks for one (FSDP with one rank).
+    """
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if (world_size > 1 or need_group) and not dist.is_initialized():
+        if not launched_by_torchrun():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29511")
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend=dist_backend(dev), rank=rank, world_size=world_size,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(rank, local_rank, world_size, local_world_size, dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

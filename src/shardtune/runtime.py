@@ -1,0 +1,46 @@
+"""Device, backend and dtype defaults: the one place that decides them."""
+
+from __future__ import annotations
+
+import torch
+
+from .config.configs import Device
+
+
+def resolve_device(requested: Device | str = Device.auto, local_rank: int = 0) -> torch.device:
+    requested = Device(requested)
+    if requested == Device.cuda or (requested == Device.auto and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from .config.errors import ConfigError
+
+            raise ConfigError("--device cuda was given but no CUDA GPU is visible. Use --device cpu "
+                              "or run on a machine with a GPU.")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def dist_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def training_dtype(device: torch.device, use_fp16: bool = False, pure_bf16: bool = False) -> torch.dtype:
+    """Dtype the weights are *stored* in. fp32 on CPU (bf16 matmuls are ~10x slower there);
+    on GPU fp32 master weights under autocast unless pure bf16 is requested."""
+    if pure_bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_dtype(device: torch.device, mixed_precision: bool, use_fp16: bool) -> torch.dtype | None:
+    """Compute dtype for autocast, or None for full precision. CPU always runs fp32."""
+    if device.type != "cuda":
+        return None
+    if use_fp16:
+        return torch.float16
+    if mixed_precision and bf16_supported(device):
+        return torch.bfloat16
+    return None
