@@ -36,11 +36,16 @@ def training_dtype(device: torch.device, use_fp16: bool = False, pure_bf16: bool
 
 
 def autocast_dtype(device: torch.device, mixed_precision: bool, use_fp16: bool) -> torch.dtype | None:
-    """Compute dtype for autocast, or None for full precision. CPU always runs fp32."""
-    if device.type != "cuda":
-        return None
+    """Compute dtype for autocast, or None for full precision.
+
+    ``use_fp16`` is an explicit request and is honoured everywhere (with a grad scaler).
+    ``mixed_precision`` (on by default, as in llama-recipes) means bf16 where the hardware has
+    it; on CPUs without bf16 units it would be ~10x slower, so CPU runs stay fp32.
+    """
     if use_fp16:
         return torch.float16
+    if device.type != "cuda":
+        return None
     if mixed_precision and bf16_supported(device):
         return torch.bfloat16
     return None

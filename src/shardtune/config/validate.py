@@ -13,8 +13,9 @@ def _check_not_implemented(cfg) -> None:
         section, _, name = key.partition(".")
         default = getattr(SECTIONS[section](), name)
         if getattr(cfg.section(section), name) != default:
-            raise ConfigError(f"--{name} was set, but {why} in this version of shardtune. "
-                              "Remove the option; shardtune refuses options it would otherwise ignore.")
+            raise ConfigError(f"--{name} was set, but it is not implemented in this version of "
+                              f"shardtune ({why}). Remove the option: shardtune refuses options "
+                              "it would otherwise silently ignore.")
 
 
 def validate(cfg) -> None:

@@ -1,0 +1,118 @@
+"""The ``shardtune`` command: finetune, demo, generate.
+
+    shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
+    shardtune demo [--output_dir DIR]
+    shardtune generate MODEL_OR_ADAPTER_DIR --prompt "..."
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from .config.errors import ShardtuneError
+
+USAGE = """usage: shardtune <command> [options]
+
+commands:
+  finetune   fine-tune a model (llama-recipes flags; --help-config lists them, --print-config
+             shows the resolved config); --nproc_per_node N launches N ranks with torchrun
+  demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
+  generate   generate text from an HF model directory or a PEFT adapter directory
+
+run `shardtune <command> --help` for a command's options."""
+
+# torchrun options `shardtune finetune` forwards to the launcher instead of the recipe.
+_LAUNCH_OPTS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint",
+                "rdzv_id", "master_addr", "master_port", "max_restarts")
+
+
+def run_with_clean_errors(fn: Callable[[], object]) -> None:
+    """Run ``fn``; a user error prints its one-paragraph message (no traceback) and exits 2."""
+    try:
+        fn()
+    except ShardtuneError as exc:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate torchrun options (``--nproc_per_node 2``) from the recipe's options."""
+    launch, rest = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        name = tok[2:].partition("=")[0] if tok.startswith("--") else ""
+        if name in _LAUNCH_OPTS:
+            if "=" in tok:
+                launch.append(tok)
+            else:
+                if i + 1 >= len(args):
+                    raise ShardtuneError(f"{tok} needs a value.")
+                launch += [tok, args[i + 1]]
+                i += 1
+        else:
+            rest.append(tok)
+        i += 1
+    return launch, rest
+
+
+def _finetune(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("Every llama-recipes option is accepted; `shardtune finetune --help-config` lists them.")
+        return
+    launch, rest = split_launch_args(argv)
+    nproc = 1
+    for i, tok in enumerate(launch):
+        if tok.startswith("--nproc_per_node"):
+            value = tok.partition("=")[2] or launch[i + 1]
+            nproc = int(value) if value.isdigit() else nproc
+    if launch and (nproc > 1 or any(t.startswith("--nnodes") for t in launch)):
+        # Validate here first so a bad flag fails once, not once per rank.
+        from .config import parse_args
+
+        parse_args(rest)
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "shardtune.finetuning", *rest]
+        os.execv(sys.executable, cmd)
+    from .finetuning import main as finetune_main
+
+    finetune_main(rest)
+
+
+def _demo(argv: list[str]) -> None:
+    from .demo.run import main as demo_main
+
+    demo_main(argv)
+
+
+def _generate(argv: list[str]) -> None:
+    from .infer.generate import main as generate_main
+
+    generate_main(argv)
+
+
+COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" Did you mean `shardtune {close[0]}`?" if close else ""
+        print(f"error: unknown command {command!r}.{hint}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    run_with_clean_errors(lambda: COMMANDS[command](rest))

@@ -1,0 +1,221 @@
+"""The fine-tuning recipe: the one place that wires the components together. Read it top to bottom.
+
+    python -m shardtune.finetuning --model_name PATH --dataset alpaca_dataset ...
+    torchrun --nproc_per_node 2 -m shardtune.finetuning --enable_fsdp ...   (FSDP)
+
+Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml`` and
+``key=value`` overrides work too, and ``--print-config`` shows the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+
+from . import runtime
+from .checkpoint.hf_export import save_hf_model
+from .config import Config, ShardtuneError, describe_options, parse_args
+from .data import build_dataloader, load_split, pad_fraction
+from .model.freeze import freeze_first_layers, freeze_llm_only, trainable_summary
+from .model.loading import attn_implementation, load_model, load_tokenizer, match_vocab
+from .model.peft import apply_peft
+from .parallel.distributed import DistEnv, init_distributed, shutdown
+from .train.flops import FlopMeasure
+from .train.loop import Precision, evaluate, train_epoch
+from .train.metrics import MetricsLog
+from .train.optim import build_optimizer, build_scheduler
+from .train.profiler import StepProfiler
+
+
+@dataclass
+class Components:
+    model: torch.nn.Module
+    tokenizer: object
+    train_loader: object
+    eval_loader: Optional[object]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    precision: Precision
+
+
+def say(env: DistEnv, *args) -> None:
+    if env.is_main:
+        print(*args, flush=True)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy is a transformers dependency
+        pass
+
+
+def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
+    t = cfg.train
+    dtype = runtime.training_dtype(env.device, pure_bf16=cfg.fsdp.pure_bf16)
+    model = load_model(t.model_name, dtype=dtype, attn=attn_implementation(t.use_fast_kernels, env.device))
+    match_vocab(model, tokenizer)
+    if t.freeze_layers:
+        freeze_first_layers(model, t.num_freeze_layers)
+    if t.freeze_LLM_only:
+        freeze_llm_only(model)
+    if t.use_peft:
+        model = apply_peft(model, cfg)
+    model.to(env.device)
+    say(env, trainable_summary(model))
+    return model
+
+
+def setup_data(cfg: Config, tokenizer, env: DistEnv):
+    t = cfg.train
+    train_split = load_split(cfg, tokenizer, "train")
+    say(env, f"train data: {train_split.report.summary()}")
+    train_loader = build_dataloader(
+        train_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
+        batch_size=t.batch_size_training, context_length=t.context_length, shuffle=True,
+        seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=True,
+        num_workers=t.num_workers_dataloader, collate_fn=train_split.collate_fn)
+    if len(train_loader) == 0:
+        raise ShardtuneError(
+            f"The training set gives no full batch: {len(train_split.samples)} samples (after "
+            f"{t.batching_strategy.value}) for a global batch of {t.batch_size_training} x "
+            f"{env.world_size} ranks. Lower --batch_size_training or add data.")
+    say(env, f"batching: {t.batching_strategy.value}, {len(train_loader)} batches per rank per epoch, "
+             f"pad fraction {pad_fraction(train_loader):.1%}")
+    eval_loader = None
+    if t.run_validation:
+        eval_split = load_split(cfg, tokenizer, "test")
+        say(env, f"eval data: {eval_split.report.summary()}")
+        eval_loader = build_dataloader(
+            eval_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
+            batch_size=t.val_batch_size, context_length=t.context_length, shuffle=False,
+            seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=False,
+            num_workers=t.num_workers_dataloader, collate_fn=eval_split.collate_fn)
+    return train_loader, eval_loader
+
+
+def setup(cfg: Config, env: DistEnv) -> Components:
+    t = cfg.train
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name)
+    train_loader, eval_loader = setup_data(cfg, tokenizer, env)
+    model = setup_model(cfg, env, tokenizer)
+    optimizer = build_optimizer(model.parameters(), t, cfg.fsdp)
+    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+    total = steps_per_epoch * t.num_epochs
+    if t.max_train_step > 0:
+        total = min(total, t.max_train_step)
+    scheduler = build_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch, total_steps=total)
+    use_fp16 = t.use_fp16 or cfg.fsdp.use_fp16
+    precision = Precision(
+        device_type=env.device.type,
+        autocast_dtype=runtime.autocast_dtype(env.device, t.mixed_precision, use_fp16),
+        scaler=torch.amp.GradScaler(env.device.type) if use_fp16 else None)
+    return Components(model, tokenizer, train_loader, eval_loader, optimizer, scheduler, precision)
+
+
+def train(cfg: Config, env: DistEnv, c: Components) -> dict:
+    t = cfg.train
+    metrics = MetricsLog()
+    hooks: list = [metrics]
+    if t.flop_counter:
+        hooks.append(FlopMeasure(t.flop_counter_start, print_fn=lambda *a: say(env, *a)))
+    if t.use_profiler:
+        hooks.append(StepProfiler(t.profiler_dir, rank=env.rank))
+    trainable = [p for p in c.model.parameters() if p.requires_grad]
+    clip = None
+    if t.gradient_clipping:
+        def clip() -> torch.Tensor:
+            return torch.nn.utils.clip_grad_norm_(trainable, t.gradient_clipping_threshold)
+    steps_per_epoch = math.ceil(len(c.train_loader) / t.gradient_accumulation_steps)
+    step, best_val, saved_at = 0, math.inf, []
+    for epoch in range(t.num_epochs):
+        remaining = t.max_train_step - step if t.max_train_step > 0 else None
+        if remaining is not None and remaining <= 0:
+            break
+        c.train_loader.batch_sampler.set_epoch(epoch)  # a new order every epoch
+        result = train_epoch(
+            c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
+            start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
+            max_steps=remaining, precision=c.precision, hooks=hooks,
+            progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
+            total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch))
+        step += result.steps
+        metrics.add_epoch(result)
+        line = (f"Epoch {epoch + 1}/{t.num_epochs}: train_loss={result.loss:.4f} "
+                f"train_ppl={result.perplexity:.4f} {result.tokens_per_s:,.0f} tok/s "
+                f"{result.seconds:.1f}s")
+        improved = True
+        if c.eval_loader is not None:
+            val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision,
+                           max_steps=t.max_eval_step or None)
+            metrics.add_validation(step, val)
+            line += f" | val_loss={val.loss:.4f} val_ppl={val.perplexity:.4f}"
+            improved = val.loss < best_val
+            best_val = min(best_val, val.loss)
+        say(env, line)
+        # llama-recipes semantics: with validation, save only when the eval loss improves.
+        if t.save_model and improved:
+            save_hf_model(c.model, c.tokenizer, t.output_dir, env=env)
+            saved_at.append(step)
+            say(env, f"saved the {'adapter' if t.use_peft else 'model'} to {t.output_dir} (step {step})")
+        if t.save_metrics and env.is_main:
+            metrics.write(t.output_dir)
+    for hook in hooks:
+        getattr(hook, "close", lambda: None)()
+    results = {
+        "avg_train_loss": _mean(metrics.train_epoch_loss),
+        "avg_train_prep": _mean(metrics.train_epoch_perplexity),
+        "avg_eval_loss": _mean(metrics.val_epoch_loss),
+        "avg_eval_prep": _mean(metrics.val_epoch_perplexity),
+        "avg_epoch_time": _mean(metrics.epoch_time_s),
+        "best_eval_loss": best_val if math.isfinite(best_val) else None,
+        "steps": step,
+        "saved_at_steps": saved_at,
+        "train_step_loss": metrics.train_step_loss,
+    }
+    if t.save_metrics:
+        results["metrics_filename"] = str(Path(t.output_dir) / "metrics.json")
+    return results
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def run(cfg: Config) -> dict:
+    """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses)."""
+    env = init_distributed(cfg.train.device, need_group=cfg.train.enable_fsdp)
+    try:
+        components = setup(cfg, env)
+        return train(cfg, env, components)
+    finally:
+        shutdown()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parsed = parse_args(sys.argv[1:] if argv is None else argv)
+    if parsed.help_config:
+        print(describe_options())
+        return {}
+    if parsed.print_config:
+        print(yaml.safe_dump(parsed.config.to_dict(), sort_keys=False), end="")
+        return {}
+    return run(parsed.config)
+
+
+if __name__ == "__main__":
+    from .cli import run_with_clean_errors
+
+    run_with_clean_errors(main)

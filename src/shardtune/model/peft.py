@@ -1,0 +1,40 @@
+"""PEFT methods: LoRA and LLaMA-Adapter (peft's AdaptionPrompt), and continuing from an adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch.nn as nn
+from peft import AdaptionPromptConfig, LoraConfig, PeftModel, get_peft_model
+
+from ..config.configs import PeftMethod
+from ..config.errors import ConfigError, ShardtuneError
+from .family import family_of
+
+
+def peft_config_for(cfg, model: nn.Module):
+    """Build the peft config for ``cfg.train.peft_method`` from its llama-recipes section."""
+    method = cfg.train.peft_method
+    if method == PeftMethod.lora:
+        return LoraConfig(**dataclasses.asdict(cfg.lora))
+    if method == PeftMethod.llama_adapter:
+        n_layers = len(family_of(model).text_layers(model))
+        if cfg.llama_adapter.adapter_layers > n_layers:
+            raise ConfigError(
+                f"--adapter_layers {cfg.llama_adapter.adapter_layers} is more than the model's "
+                f"{n_layers} decoder layers; set --llama_adapter_config.adapter_layers {n_layers} or less.")
+        return AdaptionPromptConfig(**dataclasses.asdict(cfg.llama_adapter))
+    raise ConfigError(f"Unknown --peft_method {method!r}.")  # pragma: no cover - enum-checked
+
+
+def apply_peft(model: nn.Module, cfg) -> nn.Module:
+    """Wrap ``model`` with a new adapter, or load ``from_peft_checkpoint`` to keep training it."""
+    if cfg.train.from_peft_checkpoint:
+        path = Path(cfg.train.from_peft_checkpoint)
+        if not (path / "adapter_config.json").is_file():
+            raise ShardtuneError(
+                f"--from_peft_checkpoint {str(path)!r} is not a PEFT adapter directory (no "
+                "adapter_config.json). Pass the folder written by a PEFT fine-tune's output_dir.")
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    return get_peft_model(model, peft_config_for(cfg, model))

@@ -1,0 +1,219 @@
+"""The train and eval loops. They know nothing of FSDP strategies, datasets or checkpoints.
+
+Loss normalisation: a step's loss is the sum of token losses over all its micro-batches and
+all ranks divided by the *global* number of label tokens. Each rank backpropagates
+``local_sum * world_size / global_tokens``, and FSDP/DDP averaging over ranks then yields the
+gradient of the global token mean. So k accumulated micro-batches equal one batch k times
+larger, and W ranks equal one process with the same global batch, exactly (llama-recipes
+averages per-micro-batch means, which weights short batches' tokens more).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..parallel.distributed import DistEnv
+
+IGNORE_INDEX = -100
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values",
+                 "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
+
+@dataclass
+class Precision:
+    """How the forward runs: autocast dtype (None = full precision) and an fp16 grad scaler."""
+
+    device_type: str = "cpu"
+    autocast_dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class StepResult:
+    step: int  # optimizer steps completed in the run, after this one
+    epoch: int
+    loss: float  # global token-mean loss of this step
+    label_tokens: int
+    input_tokens: int  # non-pad tokens fed, summed over ranks
+    seconds: float
+    lr: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.input_tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class LoopResult:
+    loss: float
+    steps: int
+    label_tokens: int
+    input_tokens: int
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.input_tokens / max(self.seconds, 1e-9)
+
+
+class StepHook(Protocol):
+    def before_step(self, step: int) -> None: ...
+    def after_step(self, result: StepResult) -> None: ...
+
+
+def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the batch's label tokens, in fp32."""
+    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+    logits = model(**inputs, use_cache=False).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                           shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def label_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _groups(loader: Iterable, size: int) -> Iterator[list]:
+    group: list = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:  # the epoch's last, shorter group still makes an optimizer step (as llama-recipes)
+        yield group
+
+
+def _global_sums(env: DistEnv, *values: float) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    env.all_reduce_sum(t)
+    return t.tolist()
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    env: DistEnv,
+    epoch: int,
+    start_step: int,
+    accumulation_steps: int = 1,
+    clip_grad: Optional[Callable[[], torch.Tensor]] = None,
+    max_steps: Optional[int] = None,
+    precision: Precision = Precision(),
+    gradient_sync: Callable[[bool], None] = lambda enabled: None,
+    hooks: Iterable[StepHook] = (),
+    progress_desc: str = "Training",
+    total_steps_hint: Optional[int] = None,
+) -> LoopResult:
+    """One epoch of optimizer steps; stops early after ``max_steps`` steps (None = no limit)."""
+    model.train()
+    hooks = list(hooks)
+    step = start_step
+    run_loss_sum = run_label_tokens = run_input_tokens = 0.0
+    epoch_start = time.perf_counter()
+    steps_done = 0
+    bar = tqdm(total=total_steps_hint, desc=progress_desc, disable=not env.is_main, dynamic_ncols=True)
+    for group in _groups(loader, accumulation_steps):
+        if max_steps is not None and steps_done >= max_steps:
+            break
+        for hook in hooks:
+            hook.before_step(step)
+        t0 = time.perf_counter()
+        group = [to_device(b, env.device) for b in group]
+        local_labels = sum(label_tokens(b) for b in group)
+        local_inputs = sum(input_tokens(b) for b in group)
+        global_labels, global_inputs = _global_sums(env, local_labels, local_inputs)
+        scale = env.world_size / max(global_labels, 1.0)
+        local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        for i, batch in enumerate(group):
+            gradient_sync(i == len(group) - 1)  # reduce gradients once per optimizer step
+            with precision.autocast():
+                summed = loss_sum(model, batch)
+            loss = summed * scale
+            (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+            local_loss += summed.detach().double()
+        if precision.scaler:
+            precision.scaler.unscale_(optimizer)
+        if clip_grad is not None:
+            clip_grad()
+        if precision.scaler:
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        (step_loss_sum,) = _global_sums(env, float(local_loss))
+        step += 1
+        steps_done += 1
+        result = StepResult(step=step, epoch=epoch, loss=step_loss_sum / max(global_labels, 1.0),
+                            label_tokens=int(global_labels), input_tokens=int(global_inputs),
+                            seconds=time.perf_counter() - t0, lr=lr)
+        run_loss_sum += step_loss_sum
+        run_label_tokens += global_labels
+        run_input_tokens += global_inputs
+        for hook in hooks:
+            hook.after_step(result)
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+    bar.close()
+    return LoopResult(loss=run_loss_sum / max(run_label_tokens, 1.0), steps=steps_done,
+                      label_tokens=int(run_label_tokens), input_tokens=int(run_input_tokens),
+                      seconds=time.perf_counter() - epoch_start)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, *, env: DistEnv,
+             max_steps: Optional[int] = None, precision: Precision = Precision(),
+             progress_desc: str = "Evaluating") -> LoopResult:
+    """Token-mean loss over the eval set (over the batches actually run when ``max_steps`` cuts it)."""
+    model.eval()
+    total = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, labels, inputs
+    start = time.perf_counter()
+    steps = 0
+    for batch in tqdm(loader, desc=progress_desc, disable=not env.is_main, dynamic_ncols=True):
+        if max_steps is not None and steps >= max_steps:
+            break
+        batch = to_device(batch, env.device)
+        with precision.autocast():
+            total[0] += loss_sum(model, batch).double()
+        total[1] += label_tokens(batch)
+        total[2] += input_tokens(batch)
+        steps += 1
+    env.all_reduce_sum(total)
+    model.train()
+    return LoopResult(loss=float(total[0] / total[1].clamp(min=1)), steps=steps,
+                      label_tokens=int(total[1]), input_tokens=int(total[2]),
+                      seconds=time.perf_counter() - start)

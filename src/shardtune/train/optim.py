@@ -1,0 +1,56 @@
+"""Optimizer and learning-rate schedule.
+
+The schedule is one ``LambdaLR`` stepped once per optimizer step, so it is exact under
+gradient accumulation and resumable from a step count: linear warm-up for ``warmup_steps``,
+then ``steplr`` (llama-recipes: multiply by ``gamma`` after each epoch), ``cosine`` or
+``linear`` decay to zero over the run, or ``constant``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..config.configs import Scheduler
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg, fsdp_cfg) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only (frozen ones never get optimizer state)."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        from ..config.errors import ConfigError
+
+        raise ConfigError("No parameter is trainable: the freeze options froze the whole model.")
+    if fsdp_cfg.optimizer.lower() == "anyprecision":
+        from ..parallel.anyprecision_adamw import AnyPrecisionAdamW
+
+        return AnyPrecisionAdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def lr_factor(step: int, *, scheduler: Scheduler, warmup_steps: int, steps_per_epoch: int,
+              total_steps: int, gamma: float) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if scheduler == Scheduler.steplr:
+        return warm * gamma ** (step // max(steps_per_epoch, 1))
+    if scheduler == Scheduler.constant or step < warmup_steps:
+        return warm
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if scheduler == Scheduler.cosine:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress  # linear
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg, *, steps_per_epoch: int,
+                    total_steps: int) -> LambdaLR:
+    def factor(step: int) -> float:
+        return lr_factor(step, scheduler=train_cfg.scheduler, warmup_steps=train_cfg.warmup_steps,
+                         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                         gamma=train_cfg.gamma)
+
+    return LambdaLR(optimizer, factor)

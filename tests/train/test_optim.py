@@ -1,0 +1,52 @@
+import math
+
+import pytest
+import torch
+
+from shardtune.config import ConfigError, Scheduler, fsdp_config, train_config
+from shardtune.train.optim import build_optimizer, build_scheduler, lr_factor
+
+
+def lrs(scheduler_kind, steps=10, **kw):
+    cfg = train_config(lr=1.0, scheduler=scheduler_kind, **kw)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer([p], cfg, fsdp_config())
+    sched = build_scheduler(opt, cfg, steps_per_epoch=4, total_steps=steps)
+    out = []
+    for _ in range(steps):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_steplr_decays_by_gamma_each_epoch_like_llama_recipes():
+    got = lrs(Scheduler.steplr, steps=9, gamma=0.5)
+    assert got == pytest.approx([1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25])
+
+
+def test_warmup_then_cosine_to_zero():
+    got = lrs(Scheduler.cosine, steps=10, warmup_steps=2)
+    assert got[:2] == pytest.approx([0.5, 1.0])
+    assert got[2] == pytest.approx(1.0)
+    assert got[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(got[2:], got[3:]))
+
+
+def test_linear_and_constant():
+    assert lrs(Scheduler.linear, steps=4) == pytest.approx([1, 0.75, 0.5, 0.25])
+    assert lrs(Scheduler.constant, steps=3, warmup_steps=3) == pytest.approx([1 / 3, 2 / 3, 1])
+
+
+def test_lr_factor_steplr_with_warmup():
+    f = [lr_factor(s, scheduler=Scheduler.steplr, warmup_steps=2, steps_per_epoch=3,
+                   total_steps=9, gamma=0.1) for s in range(4)]
+    assert f == pytest.approx([0.5, 1.0, 1.0, 0.1])
+
+
+def test_optimizer_holds_only_trainable_params():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    opt = build_optimizer([a, b], train_config(weight_decay=0.1), fsdp_config())
+    assert opt.param_groups[0]["params"] == [a] and opt.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(ConfigError, match="No parameter is trainable"):
+        build_optimizer([b], train_config(), fsdp_config())
