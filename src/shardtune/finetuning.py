@@ -32,6 +32,7 @@ from .train.loop import Precision, evaluate, train_epoch
 from .train.metrics import MetricsLog
 from .train.optim import build_optimizer, build_scheduler
 from .train.profiler import StepProfiler
+from .train.wandb_log import WandbLogger
 
 
 @dataclass
@@ -133,6 +134,9 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
         hooks.append(FlopMeasure(t.flop_counter_start, print_fn=lambda *a: say(env, *a)))
     if t.use_profiler:
         hooks.append(StepProfiler(t.profiler_dir, rank=env.rank))
+    wandb = WandbLogger(cfg.wandb, cfg.to_dict()) if t.use_wandb and env.is_main else None
+    if wandb:
+        hooks.append(wandb)
     trainable = [p for p in c.model.parameters() if p.requires_grad]
     clip = None
     if t.gradient_clipping:
@@ -156,7 +160,7 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
         line = (f"Epoch {epoch + 1}/{t.num_epochs}: train_loss={result.loss:.4f} "
                 f"train_ppl={result.perplexity:.4f} {result.tokens_per_s:,.0f} tok/s "
                 f"{result.seconds:.1f}s")
-        improved = True
+        improved, val = True, None
         if c.eval_loader is not None:
             val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision,
                            max_steps=t.max_eval_step or None)
@@ -165,6 +169,8 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
             improved = val.loss < best_val
             best_val = min(best_val, val.loss)
         say(env, line)
+        if wandb:
+            wandb.log_epoch(step, result, val)
         # llama-recipes semantics: with validation, save only when the eval loss improves.
         if t.save_model and improved:
             save_hf_model(c.model, c.tokenizer, t.output_dir, env=env)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 
 from .configs import NOT_IMPLEMENTED, SECTIONS, ShardingStrategy
 from .errors import ConfigError
@@ -52,5 +52,8 @@ def validate(cfg) -> None:
     if t.freeze_layers and t.use_peft:
         raise ConfigError("--freeze_layers and --use_peft both choose which weights train; "
                           "PEFT already freezes the base model. Use one of them.")
+    if t.use_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--use_wandb needs the wandb package: pip install 'shardtune[wandb]' "
+                          "(or drop --use_wandb).")
     if t.from_peft_checkpoint and not t.use_peft:
         raise ConfigError("--from_peft_checkpoint needs --use_peft (it continues training an adapter).")
