@@ -1,0 +1,106 @@
+"""Where resumable checkpoints live, and how a checkpoint becomes visible only when complete.
+
+    <dist_checkpoint_root_folder>/<dist_checkpoint_folder>/
+        step-000200/      DCP files (__<rank>_0.distcp, .metadata), train_params.yaml, COMPLETE
+        step-000400/
+        latest            text file naming the newest complete checkpoint
+
+A checkpoint is written under ``.tmp-step-N`` and renamed to ``step-N`` after every rank has
+finished writing and the ``COMPLETE`` marker is in place; ``latest`` is replaced last. A crash
+at any moment leaves the previous checkpoint intact and ``latest`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+COMPLETE_MARKER = "COMPLETE"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def run_dir(root: str | Path, folder: str) -> Path:
+    """The checkpoint folder of a run. Unlike llama-recipes, the model path is never glued in."""
+    return Path(root) / folder
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def temp_dir_for(run: Path, step: int) -> Path:
+    return run / f".tmp-{step_dir_name(step)}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file() and (path / ".metadata").is_file()
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Complete ``step-N`` folders of a run, oldest first."""
+    if not run.is_dir():
+        return []
+    found = []
+    for child in run.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and is_complete(child):
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def latest_checkpoint(run: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names when it is complete, else the newest complete one."""
+    pointer = run / LATEST
+    if pointer.is_file():
+        target = run / pointer.read_text().strip()
+        if is_complete(target):
+            return target
+    done = complete_checkpoints(run)
+    return done[-1] if done else None
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Publish a fully written checkpoint: marker, rename into place, then move ``latest``."""
+    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    _fsync_dir(tmp)
+    if final.exists():  # same step written again (e.g. the pre-emption save of a saved step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    pointer_tmp = final.parent / f".{LATEST}.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, final.parent / LATEST)
+    _fsync_dir(final.parent)
+
+
+def prune(run: Path, keep_last_n: int) -> list[Path]:
+    """Delete all but the newest ``keep_last_n`` complete checkpoints (0 keeps all) and stale temps."""
+    removed = []
+    for tmp in run.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if keep_last_n > 0:
+        for old in complete_checkpoints(run)[:-keep_last_n]:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,169 @@
+"""Resumable sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+Each rank writes its own shard of the model and optimizer (``__<rank>_0.distcp``, plus the
+coordinator's ``.metadata``); the same code saves a plain single-process model. Alongside:
+``train_state.json`` (data position, scheduler, model fingerprint, versions),
+``train_params.yaml`` (the resolved config, human-readable) and ``rng-rank<r>.pt``.
+DCP reshards on load, so a checkpoint from W ranks loads on any other number of ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..config.errors import ShardtuneError
+from ..parallel.distributed import DistEnv
+from . import layout
+
+TRAIN_STATE = "train_state.json"
+TRAIN_PARAMS = "train_params.yaml"
+_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """What must match for a checkpoint to load into ``model``: config sizes and parameter names."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "get_base_model", None)
+    if base is not None:
+        config = base().config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    fp = {k: getattr(text_config, k, getattr(config, k, None)) for k in _FINGERPRINT_KEYS}
+    fp["model_type"] = getattr(config, "model_type", None)
+    names = sorted(n for n, _ in model.named_parameters())
+    fp["num_parameter_tensors"] = len(names)
+    fp["parameter_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
+    return fp
+
+
+def _versions() -> dict:
+    import transformers
+
+    from .. import __version__
+
+    return {"shardtune": __version__, "torch": str(torch.__version__),
+            "transformers": str(transformers.__version__)}
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def _options(model: torch.nn.Module) -> StateDictOptions:
+    # Frozen base weights (PEFT) are not saved: they come from --model_name on resume.
+    return StateDictOptions(ignore_frozen_params=any(not p.requires_grad for p in model.parameters()))
+
+
+def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer], scheduler: Any, position: dict,
+                    config_dict: dict, env: DistEnv) -> Optional[Path]:
+    """Write ``run/step-N`` atomically from all ranks; returns its path on rank 0."""
+    tmp, final = layout.temp_dir_for(run, step), run / layout.step_dir_name(step)
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(env)
+    options = _options(model)
+    state = {"model": get_model_state_dict(model, options=options)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    if env.is_main:
+        meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
+                "has_optimizer": optimizer is not None, "world_size": env.world_size,
+                "fingerprint": model_fingerprint(model), "versions": _versions()}
+        (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / TRAIN_PARAMS).write_text(yaml.safe_dump({**config_dict, "versions": _versions()},
+                                                      sort_keys=False))
+    _barrier(env)  # every rank's shard and RNG file is on disk
+    if env.is_main:
+        layout.commit(tmp, final)
+    _barrier(env)
+    return final if env.is_main else None
+
+
+def read_train_state(path: Path) -> dict:
+    if not path.is_dir():
+        raise ShardtuneError(f"Checkpoint {path} does not exist or is not a folder.")
+    if not layout.is_complete(path):
+        raise ShardtuneError(
+            f"Checkpoint {path} is incomplete (no {layout.COMPLETE_MARKER} marker or no DCP "
+            ".metadata): its save was interrupted. Resume from an earlier checkpoint instead.")
+    try:
+        return json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ShardtuneError(f"Checkpoint {path} has an unreadable {TRAIN_STATE}: {exc}") from None
+
+
+def check_compatible(saved: dict, model: torch.nn.Module, path: Path) -> None:
+    """Refuse a checkpoint from another model or PEFT set-up, naming what differs."""
+    current = model_fingerprint(model)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current[k]!r}"
+             for k in current if saved.get(k) != current[k]]
+    if diffs:
+        raise ShardtuneError(
+            f"Checkpoint {path} was written for a different model or training set-up ("
+            + "; ".join(diffs[:4]) + "). Resume with the --model_name and PEFT options it was "
+            "trained with, or start a new run with another --dist_checkpoint_folder.")
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    scheduler: Any, env: DistEnv) -> dict:
+    """Restore model, optimizer, scheduler and RNG from ``path``; returns the saved data position."""
+    meta = read_train_state(path)
+    check_compatible(meta["fingerprint"], model, path)
+    options = _options(model)
+    state = {"model": get_model_state_dict(model, options=options)}
+    load_optim = optimizer is not None and meta.get("has_optimizer")
+    if load_optim:
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:  # DCP wraps per-rank failures (truncated shard, missing key) in CheckpointException
+        raise ShardtuneError(f"Could not read checkpoint {path}: {exc}") from None
+    set_model_state_dict(model, state["model"], options=options)
+    if load_optim:
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng-rank{env.rank}.pt"
+    if meta.get("world_size") == env.world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif env.is_main:
+        warnings.warn(f"Checkpoint {path} was written by {meta.get('world_size')} ranks and is "
+                      f"resumed on {env.world_size}: model and optimizer are resharded, but the data "
+                      "order and random streams differ from the original run.", stacklevel=2)
+    return meta["position"]
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
