@@ -1,0 +1,14 @@
+"""Data: dataset registry -> tokenised samples with label masks -> padding/packing loaders.
+
+The recipe calls ``load_split`` for each split, ``build_dataloader`` on its samples, and
+``loader.batch_sampler.set_epoch(epoch)`` before each epoch.
+"""
+
+from .loader import build_dataloader, pad_fraction
+from .registry import DATASETS, load_split
+from .rows import IGNORE_INDEX
+from .sampler import GlobalBatchSampler
+from .split import DataReport, TokenizedSplit
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "DataReport", "GlobalBatchSampler", "TokenizedSplit",
+           "build_dataloader", "load_split", "pad_fraction"]

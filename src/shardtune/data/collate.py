@@ -1,0 +1,87 @@
+"""The map-style dataset the loaders index, and the collators that turn rows into tensors."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config.errors import ShardtuneError
+from .rows import IGNORE_INDEX
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id; Llama 3 tokenizers have none, so fall back to EOS as llama-recipes
+    does (pads are masked out of attention and loss either way)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+class Rows(Dataset):
+    """Samples indexed by the batch sampler; a negative index -1-i is a filler copy of sample i.
+
+    ``lengths``/``attended`` (token slots, non-pad tokens per sample) let ``pad_fraction`` count
+    pads from indices alone when ``slots_known`` (a built-in collator pads to the batch's longest).
+    """
+
+    def __init__(self, samples: Sequence[Any], lengths: Sequence[int], attended: Sequence[int],
+                 slots_known: bool) -> None:
+        self.samples, self.lengths, self.attended = samples, list(lengths), list(attended)
+        self.slots_known = slots_known
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> tuple[Any, bool]:
+        return (self.samples[-1 - idx], True) if idx < 0 else (self.samples[idx], False)
+
+
+class PaddingCollator:
+    """Right-pads a micro-batch to its longest sample: pads get labels -100, attention 0."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {"input_ids": [], "labels": [], "attention_mask": []}
+        for r in rows:
+            n_pad = width - len(r["input_ids"])
+            mask = r.get("attention_mask") or [1] * len(r["input_ids"])
+            out["input_ids"].append(list(r["input_ids"]) + [self.pad_id] * n_pad)
+            out["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * n_pad)
+            out["attention_mask"].append(list(mask) + [0] * n_pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+class PackedCollator:
+    """Stacks packed chunks; no attention_mask, so the model masks per document from position_ids."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return {k: torch.tensor([r[k] for r in rows], dtype=torch.long)
+                for k in ("input_ids", "labels", "position_ids")}
+
+
+class MaskFillers:
+    """Runs ``inner`` on the rows, then sets the labels of filler rows to -100 so they add no loss
+    and no label tokens (they exist only to keep ranks in step)."""
+
+    def __init__(self, inner: Callable[[list], Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, items: list[tuple[Any, bool]]) -> Any:
+        batch = self.inner([row for row, _ in items])
+        fill = [j for j, (_, is_filler) in enumerate(items) if is_filler]
+        if fill:
+            labels: Optional[torch.Tensor] = batch.get("labels") if isinstance(batch, dict) else None
+            if not torch.is_tensor(labels):
+                raise ShardtuneError(
+                    "The custom data collator's batches have no 'labels' tensor, which is needed to mask "
+                    "the filler samples that keep ranks in step on the last eval batch. Return labels "
+                    "from the collator or use drop_last.")
+            batch["labels"] = labels.clone()
+            batch["labels"][fill] = IGNORE_INDEX
+        return batch

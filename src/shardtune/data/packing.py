@@ -1,0 +1,64 @@
+"""Pack tokenised samples into fixed-length chunks that keep document boundaries.
+
+Documents are placed once, in dataset order, each into the open chunk with the least room that
+still fits it (best fit), or a new chunk when none does; no document is split (each is at most
+``context_length`` long after ``load_split``). Best fit rather than plain concatenation because
+it wastes <1% of slots on pads where next-fit wastes 5-15% (measured on log-normal lengths);
+chunks are shuffled per epoch anyway, so which documents share a chunk does not matter.
+
+``position_ids`` restart at 0 for every document, which is how transformers 5 (masking_utils.
+find_packed_sequence_indices) knows to build a block-diagonal causal mask when no attention_mask
+is passed: tokens never attend across documents. The first label of each document is -100, so no
+document is trained to predict the next one's first token. A chunk's unused tail is pad tokens
+with labels -100 and positions 0, 1, ... as a document of its own.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Sequence
+
+from ..config.errors import ShardtuneError
+from .rows import IGNORE_INDEX
+
+
+def assign(lengths: Sequence[int], context_length: int) -> list[list[int]]:
+    """Best-fit assignment of document indices to chunks; each chunk lists its documents in order."""
+    chunks: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free slots, chunk id)
+    for i, n in enumerate(lengths):
+        if n > context_length:
+            raise ShardtuneError(
+                f"Sample {i} has {n} tokens, more than --context_length {context_length}, so it cannot "
+                f"be packed; load data with load_split (which truncates or drops such samples per "
+                f"--overlong) or raise --context_length.")
+        if n == 0:
+            continue
+        j = bisect.bisect_left(room, (n, -1))
+        if j < len(room):
+            free, cid = room.pop(j)
+        else:
+            free, cid = context_length, len(chunks)
+            chunks.append([])
+        chunks[cid].append(i)
+        bisect.insort(room, (free - n, cid))
+    return chunks
+
+
+def pack(samples: Sequence[dict], context_length: int, pad_id: int) -> tuple[list[dict], list[int]]:
+    """-> (chunks with input_ids/labels/position_ids of exactly context_length, pad slots per chunk)."""
+    chunks, pads = [], []
+    for docs in assign([len(s["input_ids"]) for s in samples], context_length):
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in docs:
+            doc = list(samples[i]["input_ids"])
+            ids += doc
+            labels += [IGNORE_INDEX] + list(samples[i]["labels"][1:])
+            positions += range(len(doc))
+        n_pad = context_length - len(ids)
+        chunks.append({"input_ids": ids + [pad_id] * n_pad, "labels": labels + [IGNORE_INDEX] * n_pad,
+                       "position_ids": positions + list(range(n_pad))})
+        pads.append(n_pad)
+    return chunks, pads

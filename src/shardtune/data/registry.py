@@ -1,0 +1,34 @@
+"""Dataset name -> loader, and ``load_split``: the one entry point the recipe calls for data."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..config.errors import ShardtuneError
+from ..config.parse import Config
+from . import alpaca, custom, grammar, samsum
+from .rows import RawSplit, finalize
+from .split import TokenizedSplit
+
+# loader(dataset_config, tokenizer, split, train_config) -> RawSplit
+DATASETS: dict[str, Callable[..., RawSplit]] = {
+    "alpaca_dataset": alpaca.load,
+    "grammar_dataset": grammar.load,
+    "samsum_dataset": samsum.load,
+    "custom_dataset": custom.load,
+}
+SPLITS = ("train", "test")
+
+
+def load_split(cfg: Config, tokenizer, split: str) -> TokenizedSplit:
+    """Tokenised samples of ``cfg.train.dataset``'s ``split`` ("train" or "test"), with bad rows and
+    overlong samples handled by ``skip_bad_rows`` / ``overlong`` and counted in the report."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name = cfg.train.dataset
+    if name not in DATASETS:
+        raise ShardtuneError(f"Unknown dataset {name!r}. Choose one of {sorted(DATASETS)}; for your "
+                             f"own data use --dataset custom_dataset --custom_dataset.file file.py.")
+    raw = DATASETS[name](cfg.dataset_config, tokenizer, split, cfg.train)
+    return finalize(raw, split=split, context_length=cfg.train.context_length,
+                    overlong=cfg.train.overlong, skip_bad_rows=cfg.train.skip_bad_rows)

@@ -1,0 +1,155 @@
+"""Row validation and the context-length policy, shared by every dataset.
+
+A dataset module turns its source into a :class:`RawSplit` (rows + an ``encode`` function that
+raises :class:`BadRow`); :func:`finalize` runs the common pipeline: encode, skip-or-fail on bad
+rows, truncate or drop overlong samples, count everything in a :class:`DataReport`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from ..config.configs import OverlongPolicy
+from ..config.errors import ShardtuneError
+from .split import DataReport, TokenizedSplit
+
+IGNORE_INDEX = -100
+_KEYS = ("input_ids", "labels", "attention_mask")
+_MAX_REASONS = 3
+
+
+class BadRow(Exception):
+    """A row that cannot become a training example; the message says why (without the where)."""
+
+
+def row_name(i: int) -> str:
+    return f"row {i}"
+
+
+@dataclass
+class RawSplit:
+    """One split of a source before tokenisation."""
+
+    source: str                      # file path or hub name, for messages and the report
+    rows: Sequence[Any]
+    encode: Callable[[Any], Any]     # raw row -> sample dict; raises BadRow
+    where: Callable[[int], str] = row_name  # position of rows[i] in the source, for messages
+    collate_fn: Optional[Callable] = None
+    tokenized: bool = True           # False: rows go to a custom collator as they are
+
+
+def text_field(row: Any, name: str, *, optional: bool = False) -> str:
+    """``row[name]`` as a string; empty is only allowed for optional fields (None counts as empty)."""
+    if not isinstance(row, Mapping):
+        raise BadRow(f"is a {type(row).__name__}, expected an object with named fields")
+    value = row.get(name)
+    if value is None:
+        if optional:
+            return ""
+        raise BadRow(f"has no field {name!r} (fields: {sorted(map(str, row))})")
+    if not isinstance(value, str):
+        raise BadRow(f"field {name!r} is a {type(value).__name__}, expected a string")
+    if not optional and not value.strip():
+        raise BadRow(f"field {name!r} is empty")
+    return value
+
+
+def _int_list(row: Mapping, key: str) -> list[int]:
+    value = row[key]
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        raise BadRow(f"{key!r} must be a list of ints, got {type(value).__name__}")
+    return [int(v) for v in value]
+
+
+def check_tokenized(row: Any) -> dict[str, list[int]]:
+    """A pre-tokenised row (custom datasets) -> a sample dict, or BadRow."""
+    if not isinstance(row, Mapping):
+        raise BadRow(f"is a {type(row).__name__}, expected a dict with input_ids and labels")
+    for key in ("input_ids", "labels"):
+        if key not in row:
+            raise BadRow(f"has no {key!r} (keys: {sorted(map(str, row))})")
+    sample = {"input_ids": _int_list(row, "input_ids"), "labels": _int_list(row, "labels")}
+    n = len(sample["input_ids"])
+    if n == 0:
+        raise BadRow("has empty 'input_ids'")
+    sample["attention_mask"] = _int_list(row, "attention_mask") if "attention_mask" in row else [1] * n
+    for key in ("labels", "attention_mask"):
+        if len(sample[key]) != n:
+            raise BadRow(f"{key!r} has {len(sample[key])} entries but 'input_ids' has {n}")
+    if not _has_trained_label(sample["labels"]):
+        raise BadRow("has no trained label (every label after the first is -100)")
+    return sample
+
+
+def _has_trained_label(labels: list[int]) -> bool:
+    # labels[0] is never a target: the loss shifts by one, so position 0 is never predicted.
+    return any(v != IGNORE_INDEX for v in labels[1:])
+
+
+def eval_count(n: int, fraction: float, source: str) -> int:
+    """Rows held out for eval from a source without a test split: floor(n * fraction), at least 1
+    (llama-recipes' alpaca uses n // 20, i.e. fraction 0.05)."""
+    if not 0.0 < fraction < 1.0:
+        raise ShardtuneError(
+            f"--eval_fraction must be between 0 and 1 (exclusive), got {fraction}; it is the share "
+            f"of {source} held out as the eval split.")
+    return max(1, math.floor(n * fraction + 1e-9))  # +eps: 60 * 0.05 must give 3, not 2
+
+
+def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: OverlongPolicy,
+             skip_bad_rows: bool) -> TokenizedSplit:
+    """Encode every row and apply the bad-row and overlong policies; counts go into the report."""
+    overlong = OverlongPolicy(overlong)
+    report = DataReport(source=raw.source, split=split, context_length=context_length)
+    samples = []
+    for i, row in enumerate(raw.rows):
+        report.rows_read += 1
+        try:
+            sample = raw.encode(row)
+        except BadRow as e:
+            if not skip_bad_rows:
+                raise ShardtuneError(
+                    f"{raw.source}, {raw.where(i)} ({split} split; rows count from 0): the row "
+                    f"{e}. Fix or remove the row, or pass --skip_bad_rows to skip malformed rows "
+                    f"(they are counted in the data report).") from None
+            report.skipped_bad += 1
+            if len(report.bad_examples) < _MAX_REASONS:
+                report.bad_examples.append(f"{raw.where(i)}: {e}")
+            continue
+        if raw.tokenized or (isinstance(sample, Mapping) and "input_ids" in sample):
+            sample = _fit(sample, context_length, overlong, report)
+        if sample is not None:
+            samples.append(sample)
+    report.samples = len(samples)
+    if not samples:
+        raise ShardtuneError(
+            f"{raw.source} ({split} split) gives no usable examples: {report.rows_read} rows read, "
+            f"{report.skipped_bad} bad rows skipped, {report.dropped_overlong} dropped as longer than "
+            f"--context_length {context_length}. Check the data source, raise --context_length, or "
+            f"use --overlong truncate.")
+    return TokenizedSplit(samples=samples, report=report, collate_fn=raw.collate_fn, source=raw.source)
+
+
+def _fit(sample: dict, context_length: int, overlong: OverlongPolicy, report: DataReport) -> Optional[dict]:
+    n = len(sample["input_ids"])
+    if n <= context_length:
+        return sample
+    if overlong is OverlongPolicy.drop:
+        report.dropped_overlong += 1
+        return None
+    cut = dict(sample)
+    for key in _KEYS:
+        if key in cut:
+            cut[key] = cut[key][:context_length]
+    if "labels" in cut and not _has_trained_label(cut["labels"]):
+        report.dropped_overlong += 1  # only the prompt survived: nothing left to learn from
+        return None
+    report.truncated += 1
+    return cut

@@ -1,0 +1,216 @@
+"""Padding and packing loaders: shapes, masks, sampler order, rank slices, fillers, pad fraction."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from shardtune.config import BatchingStrategy, ShardtuneError
+from shardtune.data import build_dataloader, pad_fraction
+
+IGNORE = -100
+
+
+def make_samples(lengths, vocab=200, seed=0, prompt=2):
+    """Synthetic tokenised samples; token 5+i first so each sample is recognisable."""
+    rng = random.Random(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = [1] + [rng.randrange(5, vocab) for _ in range(n - 1)]
+        labels = [IGNORE] * min(prompt, n) + ids[prompt:]
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * n, "uid": i})
+    return out
+
+
+def loader(samples, tok, strategy="padding", **kw):
+    args = dict(tokenizer=tok, strategy=BatchingStrategy(strategy), batch_size=4, context_length=64,
+                shuffle=False, seed=0)
+    args.update(kw)
+    return build_dataloader(samples, **args)
+
+
+def mixed_lengths(n=37, seed=1):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 60) for _ in range(n)]
+
+
+# --- padding ---
+
+def test_padding_pads_to_longest_with_masked_labels(tiny_tokenizer):
+    samples = make_samples(mixed_lengths())
+    dl = loader(samples, tiny_tokenizer, shuffle=True)
+    for indices, batch in zip(dl.batch_sampler, dl):
+        rows = [samples[i] for i in indices]
+        width = max(len(r["input_ids"]) for r in rows)
+        assert set(batch) == {"input_ids", "labels", "attention_mask"}
+        assert batch["input_ids"].shape == (len(rows), width) and batch["input_ids"].dtype == torch.long
+        for j, r in enumerate(rows):
+            n = len(r["input_ids"])
+            assert batch["input_ids"][j, :n].tolist() == r["input_ids"]
+            assert batch["labels"][j, :n].tolist() == r["labels"]
+            assert batch["attention_mask"][j].tolist() == [1] * n + [0] * (width - n)
+            assert (batch["input_ids"][j, n:] == tiny_tokenizer.pad_token_id).all()
+            assert (batch["labels"][j, n:] == IGNORE).all()
+
+
+def test_padding_groups_by_length_and_reshuffles_per_epoch(tiny_tokenizer):
+    samples = make_samples(mixed_lengths(n=40))
+    lengths = [len(s["input_ids"]) for s in samples]
+    dl = loader(samples, tiny_tokenizer, shuffle=True, batch_size=4)
+    orders = []
+    for epoch in (0, 1, 0):
+        dl.batch_sampler.set_epoch(epoch)
+        batches = list(dl.batch_sampler)
+        ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+        assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(ranges, ranges[1:]))  # groups don't overlap
+        orders.append(batches)
+    assert orders[0] != orders[1] and orders[0] == orders[2]  # new order per epoch, deterministic
+    fixed = loader(samples, tiny_tokenizer, shuffle=False, batch_size=4)
+    first = list(fixed.batch_sampler)
+    fixed.batch_sampler.set_epoch(3)
+    assert list(fixed.batch_sampler) == first  # no shuffle: same order every epoch, short to long
+    assert [lengths[b[0]] for b in first] == sorted(lengths[b[0]] for b in first)
+
+
+@pytest.mark.parametrize("strategy", ["padding", "packing"])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_rank_slices_partition_the_global_batch(tiny_tokenizer, strategy, drop_last):
+    samples = make_samples(mixed_lengths(n=45, seed=3))
+    kw = dict(strategy=strategy, shuffle=True, seed=7, drop_last=drop_last, context_length=64)
+    single = loader(samples, tiny_tokenizer, batch_size=4, world_size=1, **kw)
+    ranks = [loader(samples, tiny_tokenizer, batch_size=2, rank=r, world_size=2, **kw) for r in (0, 1)]
+    for epoch in (0, 1):
+        for dl in [single, *ranks]:
+            dl.batch_sampler.set_epoch(epoch)
+        assert len(ranks[0]) == len(ranks[1]) == len(single)
+        for whole, b0, b1 in zip(single, *ranks):
+            real = [b for b in (b0, b1) if (b["labels"] != IGNORE).any()]  # fillers have no labels
+            for key in ("input_ids", "labels"):
+                width = whole[key].shape[1]
+                parts = [torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]),
+                                                 value=IGNORE if key == "labels" else tiny_tokenizer.pad_token_id)
+                         for b in real]
+                assert torch.equal(torch.cat(parts), whole[key])
+
+
+def test_drop_last_false_gives_equal_batch_counts_with_zero_label_filler(tiny_tokenizer):
+    samples = make_samples(mixed_lengths(n=9))  # global batch 3 x 2 = 6: the last has 3 samples
+    per_rank = [list(loader(samples, tiny_tokenizer, batch_size=2, rank=r, world_size=3,
+                            drop_last=False)) for r in range(3)]
+    assert [len(b) for b in per_rank] == [2, 2, 2]
+    last = [b[-1] for b in per_rank]
+    assert [x["input_ids"].shape[0] for x in last] == [2, 1, 1]
+    assert (last[2]["labels"] == IGNORE).all() and last[2]["attention_mask"].sum() > 0  # filler
+    labelled = sum(int((b["labels"] != IGNORE).sum()) for batches in per_rank for b in batches)
+    assert labelled == sum(sum(v != IGNORE for v in s["labels"]) for s in samples)
+    dropped = [list(loader(samples, tiny_tokenizer, batch_size=2, rank=r, world_size=3)) for r in range(3)]
+    assert [len(b) for b in dropped] == [1, 1, 1]
+
+
+# --- packing ---
+
+def _documents(chunk):
+    """Split a packed chunk into documents at every position-id reset."""
+    pos = chunk["position_ids"].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    return [(a, b) for a, b in zip(starts, starts[1:])]
+
+
+def test_packing_chunks_keep_documents_whole(tiny_tokenizer):
+    samples = make_samples(mixed_lengths(n=30, seed=5))
+    index = {tuple(s["input_ids"]): i for i, s in enumerate(samples)}
+    dl = loader(samples, tiny_tokenizer, strategy="packing", batch_size=1, drop_last=False)
+    seen = []
+    for batch in dl:
+        assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask
+        chunk = {k: v[0] for k, v in batch.items()}
+        assert chunk["input_ids"].shape == (64,)
+        in_chunk = []
+        for a, b in _documents(chunk):
+            ids, labels = chunk["input_ids"][a:b].tolist(), chunk["labels"][a:b].tolist()
+            assert chunk["position_ids"][a:b].tolist() == list(range(b - a))
+            assert labels[0] == IGNORE  # no predicting across a document boundary
+            if ids[0] != 1:  # the pad tail (documents start with BOS): pads, no labels, at the end
+                assert set(ids) == {tiny_tokenizer.pad_token_id} and set(labels) == {IGNORE} and b == 64
+                continue
+            i = index[tuple(ids)]  # a whole document, never split
+            assert labels == [IGNORE] + samples[i]["labels"][1:]
+            in_chunk.append(i)
+        assert in_chunk == sorted(in_chunk)  # dataset order inside a chunk
+        seen += in_chunk
+    assert sorted(seen) == list(range(len(samples)))  # every document exactly once
+
+
+def test_packing_shuffles_chunks_per_epoch(tiny_tokenizer):
+    samples = make_samples(mixed_lengths(n=60, seed=2))
+    dl = loader(samples, tiny_tokenizer, strategy="packing", batch_size=2, shuffle=True, drop_last=False)
+    first = list(dl.batch_sampler)
+    dl.batch_sampler.set_epoch(1)
+    second = list(dl.batch_sampler)
+    assert first != second and sorted(sum(first, [])) == sorted(sum(second, []))
+
+
+def test_packing_rejects_overlong_samples(tiny_tokenizer):
+    with pytest.raises(ShardtuneError, match="more than --context_length 64"):
+        loader(make_samples([65]), tiny_tokenizer, strategy="packing")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_attention_does_not_cross_documents(tiny_model_dir, tiny_tokenizer, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=attn).eval()
+    samples = make_samples([20, 7, 30, 1, 12, 40, 9], vocab=len(tiny_tokenizer))
+    dl = loader(samples, tiny_tokenizer, strategy="packing", batch_size=2, context_length=64, drop_last=False)
+    checked = 0
+    with torch.no_grad():
+        for batch in dl:
+            # use_cache=False: transformers only derives the packed mask without a KV cache
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           use_cache=False).logits
+            for row in range(batch["input_ids"].shape[0]):
+                chunk = {k: v[row] for k, v in batch.items()}
+                for a, b in _documents(chunk):
+                    alone = model(input_ids=chunk["input_ids"][None, a:b], use_cache=False).logits[0]
+                    torch.testing.assert_close(logits[row, a:b], alone, atol=1e-5, rtol=0)
+                    checked += 1
+            # sensitivity check: the same chunk without position resets does attend across documents
+            plain = model(input_ids=batch["input_ids"][:1], use_cache=False).logits[0]
+            (a, b) = _documents({k: v[0] for k, v in batch.items()})[1]
+            assert not torch.allclose(plain[a:b], logits[0, a:b], atol=1e-4)
+    assert checked >= len(samples)
+
+
+# --- pad fraction ---
+
+def test_pad_fraction_lower_for_packing_on_mixed_lengths(tiny_tokenizer):
+    rng = random.Random(0)
+    samples = make_samples([rng.randrange(2, 65) for _ in range(400)])
+    padded = loader(samples, tiny_tokenizer, strategy="padding", batch_size=8, shuffle=True)
+    packed = loader(samples, tiny_tokenizer, strategy="packing", batch_size=2, context_length=256)
+    fp, fk = pad_fraction(padded), pad_fraction(packed)
+    assert 0 <= fk < fp / 2 and fp < 0.2
+    # the index-based count equals the count from the batches themselves
+    slots = sum(b["attention_mask"].numel() for b in padded)
+    pads = sum(int((b["attention_mask"] == 0).sum()) for b in padded)
+    assert fp == pytest.approx(pads / slots)
+    pack_pads = sum(int(((b["labels"] == IGNORE) & (b["input_ids"] == tiny_tokenizer.pad_token_id)).sum())
+                    for b in packed)
+    assert fk == pytest.approx(pack_pads / sum(b["input_ids"].numel() for b in packed))
+
+
+def test_start_batch_resumes_mid_epoch_and_workers_match(tiny_tokenizer):
+    samples = make_samples(mixed_lengths(n=24))
+    dl = loader(samples, tiny_tokenizer, shuffle=True, batch_size=2)
+    dl.batch_sampler.set_epoch(2)
+    full = list(dl.batch_sampler)
+    dl.batch_sampler.set_epoch(2, start_batch=5)
+    assert len(dl) == len(full) - 5 and list(dl.batch_sampler) == full[5:]
+    dl.batch_sampler.set_epoch(2)
+    in_process = list(dl)
+    workers = loader(samples, tiny_tokenizer, shuffle=True, batch_size=2, num_workers=1)
+    workers.batch_sampler.set_epoch(2)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(in_process, workers))

@@ -1,0 +1,50 @@
+"""The `shardtune` command as a user runs it (subprocess)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from shardtune.cli import split_launch_args
+
+
+def shardtune(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "shardtune", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_commands():
+    out = shardtune("--help")
+    assert out.returncode == 0 and "finetune" in out.stdout and "demo" in out.stdout
+
+
+def test_unknown_command_suggests():
+    out = shardtune("finetun")
+    assert out.returncode == 2 and "Did you mean `shardtune finetune`?" in out.stderr
+
+
+def test_misspelt_flag_is_one_clear_error_not_a_traceback():
+    out = shardtune("finetune", "--lrr", "1e-4")
+    assert out.returncode == 2
+    assert "Did you mean --lr?" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    data = tmp_path / "a.json"
+    data.write_text('[{"instruction": "x", "input": "", "output": "y"}]')
+    out = shardtune("finetune", "--model_name", str(tmp_path / "missing"), "--dataset", "alpaca_dataset",
+                    "--alpaca_dataset.data_path", str(data))
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_config_lists_every_section():
+    out = shardtune("finetune", "--help-config")
+    assert out.returncode == 0
+    for name in ("--train_config.lr", "--fsdp_config.sharding_strategy", "--lora_config.r",
+                 "--alpaca_dataset.data_path", "--custom_dataset.file"):
+        assert name in out.stdout
+
+
+def test_launch_options_are_split_from_recipe_options():
+    launch, rest = split_launch_args(["--nproc_per_node", "2", "--lr", "1", "--nnodes=1", "--enable_fsdp"])
+    assert launch == ["--nproc_per_node", "2", "--nnodes=1"] and rest == ["--lr", "1", "--enable_fsdp"]
