@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from .config.errors import ShardtuneError
@@ -28,13 +29,21 @@ _LAUNCH_OPTS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_e
                 "rdzv_id", "master_addr", "master_port", "max_restarts")
 
 
+_RANK_ERROR_GRACE_S = 3.0
+
+
 def run_with_clean_errors(fn: Callable[[], object]) -> None:
     """Run ``fn``; a user error prints its one-paragraph message (no traceback) and exits 2."""
     try:
         fn()
     except ShardtuneError as exc:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            # A user error (bad flag, path, data) is usually raised on every rank alike. Rank 0
+            # reports it and torchrun then stops the other ranks; a rank > 0 speaks only if it
+            # is still alive after a grace period, i.e. when the error was its own.
+            time.sleep(_RANK_ERROR_GRACE_S)
+        prefix = f"[rank {rank}] " if rank != "0" else ""
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -76,10 +85,14 @@ def _finetune(argv: list[str]) -> None:
             value = tok.partition("=")[2] or launch[i + 1]
             nproc = int(value) if value.isdigit() else nproc
     if launch and (nproc > 1 or any(t.startswith("--nnodes") for t in launch)):
-        # Validate here first so a bad flag fails once, not once per rank.
+        # Validate here first so a bad flag or path fails once, not once per rank.
         from .config import parse_args
+        from .model.loading import check_model_source
+        from .parallel.distributed import check_world_size
 
-        parse_args(rest)
+        cfg = parse_args(rest).config
+        check_model_source(cfg.train.model_name)
+        check_world_size(cfg.train.enable_fsdp, nproc)
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "shardtune.finetuning", *rest]
         os.execv(sys.executable, cmd)
     from .finetuning import main as finetune_main

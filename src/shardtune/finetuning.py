@@ -10,6 +10,7 @@ Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -24,9 +25,14 @@ from .checkpoint.hf_export import save_hf_model
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .data import build_dataloader, load_split, pad_fraction
 from .model.freeze import freeze_first_layers, freeze_llm_only, trainable_summary
-from .model.loading import attn_implementation, load_model, load_tokenizer, match_vocab
+from .model.loading import (attn_implementation, check_vocab_fits, load_model, load_tokenizer,
+                            match_vocab)
 from .model.peft import apply_peft
-from .parallel.distributed import DistEnv, init_distributed, shutdown
+from .parallel.activation_checkpointing import enable_activation_checkpointing
+from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
+from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model
+from .parallel.low_cpu import build_meta_model, materialize_and_load
+from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
 from .train.loop import Precision, evaluate, train_epoch
 from .train.metrics import MetricsLog
@@ -63,19 +69,42 @@ def set_seed(seed: int) -> None:
 
 
 def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
-    t = cfg.train
-    dtype = runtime.training_dtype(env.device, pure_bf16=cfg.fsdp.pure_bf16)
-    model = load_model(t.model_name, dtype=dtype, attn=attn_implementation(t.use_fast_kernels, env.device))
-    match_vocab(model, tokenizer)
+    t, f = cfg.train, cfg.fsdp
+    dtype = runtime.training_dtype(env.device, pure_bf16=f.pure_bf16)
+    attn = attn_implementation(t.use_fast_kernels, env.device)
+    low_cpu = t.enable_fsdp and t.low_cpu_fsdp
+    if low_cpu:  # weights arrive after sharding, each rank reading only its own slices
+        model = build_meta_model(t.model_name, dtype=dtype, attn=attn)
+        check_vocab_fits(model, tokenizer)
+    else:
+        model = load_model(t.model_name, dtype=dtype, attn=attn)
+        match_vocab(model, tokenizer)
     if t.freeze_layers:
         freeze_first_layers(model, t.num_freeze_layers)
     if t.freeze_LLM_only:
         freeze_llm_only(model)
     if t.use_peft:
         model = apply_peft(model, cfg)
-    model.to(env.device)
+    if t.enable_fsdp and f.fsdp_activation_checkpointing:  # an FSDP option, as in llama-recipes
+        enable_activation_checkpointing(model)
+    if t.enable_fsdp:
+        mesh = build_mesh(f, world_size=env.world_size, local_world_size=env.local_world_size,
+                          device_type=env.device.type)
+        shard_model(model, mesh=mesh, strategy=f.sharding_strategy,
+                    param_dtype=fsdp_compute_dtype(cfg, env), cpu_offload=f.fsdp_cpu_offload)
+        if low_cpu:
+            materialize_and_load(model, t.model_name, env.device)
+    else:
+        model.to(env.device)
     say(env, trainable_summary(model))
     return model
+
+
+def fsdp_compute_dtype(cfg: Config, env: DistEnv) -> Optional[torch.dtype]:
+    """Under FSDP the mixed-precision policy casts weights for compute (instead of autocast)."""
+    t, f = cfg.train, cfg.fsdp
+    return runtime.autocast_dtype(env.device, t.mixed_precision and f.mixed_precision,
+                                  t.use_fp16 or f.use_fp16)
 
 
 def setup_data(cfg: Config, tokenizer, env: DistEnv):
@@ -118,12 +147,23 @@ def setup(cfg: Config, env: DistEnv) -> Components:
     if t.max_train_step > 0:
         total = min(total, t.max_train_step)
     scheduler = build_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch, total_steps=total)
-    use_fp16 = t.use_fp16 or cfg.fsdp.use_fp16
-    precision = Precision(
-        device_type=env.device.type,
-        autocast_dtype=runtime.autocast_dtype(env.device, t.mixed_precision, use_fp16),
-        scaler=torch.amp.GradScaler(env.device.type) if use_fp16 else None)
+    precision = setup_precision(cfg, env)
     return Components(model, tokenizer, train_loader, eval_loader, optimizer, scheduler, precision)
+
+
+def setup_precision(cfg: Config, env: DistEnv) -> Precision:
+    """Autocast (single process) or FSDP's mixed-precision policy; a grad scaler for fp16."""
+    t = cfg.train
+    use_fp16 = t.use_fp16 or cfg.fsdp.use_fp16
+    if t.enable_fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        # ShardedGradScaler agrees on inf/nan across ranks, so all ranks skip the same steps.
+        return Precision(device_type=env.device.type, autocast_dtype=None,
+                         scaler=ShardedGradScaler(env.device.type) if use_fp16 else None)
+    return Precision(device_type=env.device.type,
+                     autocast_dtype=runtime.autocast_dtype(env.device, t.mixed_precision, use_fp16),
+                     scaler=torch.amp.GradScaler(env.device.type) if use_fp16 else None)
 
 
 def train(cfg: Config, env: DistEnv, c: Components) -> dict:
@@ -141,7 +181,7 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
     clip = None
     if t.gradient_clipping:
         def clip() -> torch.Tensor:
-            return torch.nn.utils.clip_grad_norm_(trainable, t.gradient_clipping_threshold)
+            return clip_grad_norm(trainable, t.gradient_clipping_threshold)
     steps_per_epoch = math.ceil(len(c.train_loader) / t.gradient_accumulation_steps)
     step, best_val, saved_at = 0, math.inf, []
     for epoch in range(t.num_epochs):
@@ -153,6 +193,7 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
             c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
             start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
             max_steps=remaining, precision=c.precision, hooks=hooks,
+            gradient_sync=lambda enabled: set_gradient_sync(c.model, enabled),
             progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
             total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch))
         step += result.steps
@@ -164,6 +205,7 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
         if c.eval_loader is not None:
             val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision,
                            max_steps=t.max_eval_step or None)
+            reshard(c.model)
             metrics.add_validation(step, val)
             line += f" | val_loss={val.loss:.4f} val_ppl={val.perplexity:.4f}"
             improved = val.loss < best_val
@@ -202,6 +244,7 @@ def _mean(values: list[float]) -> Optional[float]:
 
 def run(cfg: Config) -> dict:
     """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses)."""
+    check_world_size(cfg.train.enable_fsdp, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg.train.device, need_group=cfg.train.enable_fsdp)
     try:
         components = setup(cfg, env)

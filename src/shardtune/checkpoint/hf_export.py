@@ -78,8 +78,9 @@ def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, 
     peft = is_peft_model(model)
     state_dict = None
     if _is_sharded(model):
-        # Every rank takes part in the gather; only rank 0 writes.
-        state_dict = _full_state_dict(model, trainable_only=False)
+        # Every rank takes part in the gather; only rank 0 writes. An adapter never needs the
+        # frozen base, so only the trainable parameters are gathered.
+        state_dict = _full_state_dict(model, trainable_only=peft)
         if peft:
             from peft import get_peft_model_state_dict
 

@@ -224,8 +224,6 @@ SECTIONS = {
 # Fields that parse but whose feature has not landed yet. Setting one to a non-default value
 # is an error (llama-recipes would silently ignore it). Remove an entry when its feature lands.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "train_config.enable_fsdp": "FSDP training; it lands with FSDP support",
-    "train_config.low_cpu_fsdp": "low-CPU-memory FSDP loading; it lands with FSDP support",
     "train_config.resume": "resumable checkpoints",
     "train_config.resume_from": "resumable checkpoints",
     "train_config.save_every_n_steps": "step-interval checkpoints",

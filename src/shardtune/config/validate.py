@@ -55,5 +55,28 @@ def validate(cfg) -> None:
     if t.use_wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--use_wandb needs the wandb package: pip install 'shardtune[wandb]' "
                           "(or drop --use_wandb).")
+    _check_fsdp_options(cfg)
     if t.from_peft_checkpoint and not t.use_peft:
         raise ConfigError("--from_peft_checkpoint needs --use_peft (it continues training an adapter).")
+
+
+def _check_fsdp_options(cfg) -> None:
+    """FSDP-only options without --enable_fsdp would be silently ignored: refuse them."""
+    t, f = cfg.train, cfg.fsdp
+    if not t.enable_fsdp:
+        defaults = SECTIONS["fsdp_config"]()
+        for name in ("sharding_strategy", "hsdp", "sharding_group_size", "replica_group_size",
+                     "fsdp_cpu_offload"):
+            if getattr(f, name) != getattr(defaults, name):
+                raise ConfigError(f"--fsdp_config.{name} only applies with --enable_fsdp; add "
+                                  "--enable_fsdp or remove the option.")
+        if t.low_cpu_fsdp:
+            raise ConfigError("--low_cpu_fsdp only applies with --enable_fsdp (it loads weights "
+                              "shard by shard); add --enable_fsdp or remove it.")
+    if f.sharding_group_size < 0 or f.replica_group_size < 0:
+        raise ConfigError("--fsdp_config.sharding_group_size and replica_group_size must be 0 "
+                          "(automatic) or positive.")
+    if t.low_cpu_fsdp and t.use_peft and (t.peft_method.value != "lora" or t.from_peft_checkpoint):
+        raise ConfigError("--low_cpu_fsdp with PEFT supports a new LoRA adapter; LLaMA-Adapter "
+                          "and --from_peft_checkpoint need the normal loading path. Drop "
+                          "--low_cpu_fsdp (adapters are small; the base model is what is big).")

@@ -90,3 +90,13 @@ def match_vocab(model, tokenizer) -> None:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         log.warning("Resizing the token embeddings to the tokenizer's %d tokens.", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
+
+
+def check_vocab_fits(model, tokenizer) -> None:
+    """With weights loaded later slice by slice (low-CPU path), the embeddings cannot grow."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ShardtuneError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows; "
+            "--low_cpu_fsdp cannot resize embeddings. Use the model's own tokenizer, or drop "
+            "--low_cpu_fsdp so the embeddings can be resized.")

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.configs import Device
+from ..config.errors import ShardtuneError
 from ..runtime import dist_backend, resolve_device
 
 
@@ -37,6 +38,16 @@ class DistEnv:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_world_size(enable_fsdp: bool, world_size: int) -> None:
+    """Several ranks without FSDP would each train their own copy: refuse instead."""
+    if world_size > 1 and not enable_fsdp:
+        raise ShardtuneError(
+            f"{world_size} ranks were launched but --enable_fsdp is not set, so every rank would "
+            "train its own unsynchronised copy of the model. Add --enable_fsdp (any "
+            "--fsdp_config.sharding_strategy; NO_SHARD is plain data parallelism) or launch one "
+            "process.")
 
 
 def init_distributed(device: Device | str = Device.auto, need_group: bool = False) -> DistEnv:

@@ -1,0 +1,89 @@
+"""FSDP2 (``fully_shard``) applied per decoder block and then to the root.
+
+Which modules are blocks comes from the model-family table, so this file has no per-model
+branches. llama-recipes' strategies map onto FSDP2 as:
+
+============== ======================= ==================================================
+strategy       mesh (replicate, shard)  parameters between forward and backward
+============== ======================= ==================================================
+FULL_SHARD     (1, world)              resharded (all-gathered again for backward)
+SHARD_GRAD_OP  (1, world)              kept gathered (more memory, one all-gather less)
+NO_SHARD       (world, 1)              every rank holds everything (DDP-like)
+HYBRID_SHARD   (replicas, group)       resharded within the group, replicated across groups
+============== ======================= ==================================================
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from ..config.configs import ShardingStrategy
+from ..model.family import decoder_layers
+
+
+def reshard_after_forward(strategy: ShardingStrategy) -> bool:
+    return strategy in (ShardingStrategy.FULL_SHARD, ShardingStrategy.HYBRID_SHARD)
+
+
+def mixed_precision_policy(param_dtype: Optional[torch.dtype],
+                           reduce_dtype: Optional[torch.dtype] = torch.float32) -> MixedPrecisionPolicy:
+    """Compute in ``param_dtype`` (None: the weights' own dtype); reduce gradients in fp32.
+
+    Reducing in fp32 keeps the sum over ranks exact enough that N ranks match one process; the
+    reduced gradient is cast back to the weights' dtype for the optimizer.
+    """
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def shard_model(model: nn.Module, *, mesh: DeviceMesh, strategy: ShardingStrategy,
+                param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False) -> nn.Module:
+    """Shard each decoder block, then the root (embeddings, final norm, head) in place."""
+    blocks = decoder_layers(model)
+    if not blocks:  # pragma: no cover - family_of would have refused the model
+        raise ValueError(f"No decoder blocks found in {type(model).__name__}")
+    weights_dtype = next(model.parameters()).dtype
+    policy = mixed_precision_policy(
+        param_dtype if param_dtype not in (None, weights_dtype) else None)
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else None
+    reshard = reshard_after_forward(strategy)
+    kwargs = dict(mesh=mesh, mp_policy=policy)
+    if offload is not None:
+        kwargs["offload_policy"] = offload
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    # The root's parameters are needed again right at the start of backward: keep them gathered.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip (False) or do (True) the gradient reduce-scatter of the next backward.
+
+    Used on the non-final micro-batches of gradient accumulation: gradients accumulate
+    unreduced and are reduced once, on the last micro-batch.
+    """
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free gathered parameters after a forward-only pass (evaluation, generation).
+
+    The root is sharded with ``reshard_after_forward=False`` (its parameters are needed at the
+    start of backward); without a backward nothing frees them, so a forward-only pass would
+    leave the full root parameters (embeddings, head) in memory and visible as plain tensors.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm; works for sharded (DTensor) and plain gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

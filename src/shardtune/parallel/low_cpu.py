@@ -1,0 +1,140 @@
+"""Low-CPU-memory loading (``--low_cpu_fsdp``): host RAM does not grow with the number of ranks.
+
+Every rank builds the model on the meta device (no memory), wraps it with PEFT and FSDP2 there,
+then allocates only its own shards and fills them by reading *only its own rows* of each tensor
+from the safetensors files (``safe_open(...).get_slice``). Summed over ranks, host RAM holds
+about one copy of the model instead of one copy per rank, and no rank ever holds the whole
+model (llama-recipes loads the full model on rank 0 and broadcasts it).
+
+Non-persistent buffers (the rotary ``inv_freq``) are in no checkpoint and ``to_empty`` would
+leave them as garbage, so they are built for real at meta-init time (accelerate's
+``init_empty_weights(include_buffers=False)``) and copied back after allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor, Shard
+
+from ..config.errors import ShardtuneError
+from ..model.loading import load_config
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def build_meta_model(name: str, *, dtype: torch.dtype, attn: str) -> nn.Module:
+    """The model with parameters on the meta device and real (small) buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = load_config(name)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    with contextlib.suppress(OSError, ValueError):  # keep the source's generation settings
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    model.name_or_path = name
+    model.config.name_or_path = name
+    return model
+
+
+def checkpoint_key(param_name: str) -> str:
+    """The name a (possibly PEFT-wrapped) parameter has in the original HF checkpoint."""
+    if param_name.startswith(_PEFT_PREFIX):
+        param_name = param_name[len(_PEFT_PREFIX):]
+    return param_name.replace(".base_layer.", ".")
+
+
+def safetensors_index(name: str) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it, for a local HF model directory."""
+    root = Path(name)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: root / file for key, file in weight_map.items()}
+    single = root / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {key: single for key in f.keys()}
+    raise ShardtuneError(
+        f"--low_cpu_fsdp reads weights slice by slice from safetensors files, but {name!r} has "
+        "no model.safetensors or model.safetensors.index.json (a local HF directory is needed; "
+        "convert .bin weights with transformers' save_pretrained, or drop --low_cpu_fsdp).")
+
+
+def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's piece of ``param`` and the first global row it holds (dim-0 sharding)."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    local = param.to_local()
+    start = 0
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            if placement.dim != 0:
+                raise ShardtuneError(f"unexpected FSDP placement {placement} for a parameter")
+            size = param.device_mesh.size(mesh_dim)
+            start = param.device_mesh.get_local_rank(mesh_dim) * math.ceil(param.shape[0] / size)
+    return local, start
+
+
+def _init_new_adapter_weights(model: nn.Module, names: list[str]) -> list[str]:
+    """Initialise fresh LoRA weights the way peft does; returns the names it could not handle."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return names
+    peft_configs = getattr(model, "peft_config", {})
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                init = getattr(peft_configs.get(adapter), "init_lora_weights", True)
+                module.reset_lora_parameters(adapter, init)
+    return [n for n in names if ".lora_A." not in n and ".lora_B." not in n]
+
+
+@torch.no_grad()
+def materialize_and_load(model: nn.Module, name: str, device: torch.device) -> None:
+    """Allocate this rank's shards on ``device`` and fill them from ``name``'s safetensors."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    index = safetensors_index(name)
+    model.to_empty(device=device)
+    for buf_name, value in buffers.items():
+        model.get_buffer(buf_name).copy_(value)
+    missing: list[str] = []
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, object] = {}
+        for param_name, param in model.named_parameters():
+            key = checkpoint_key(param_name)
+            path = index.get(key)
+            if path is None:
+                missing.append(param_name)
+                continue
+            if path not in files:
+                files[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            local, start = _local_rows(param)
+            if local.numel() == 0:
+                continue
+            piece = files[path].get_slice(key)
+            shape = tuple(piece.get_shape())
+            if shape != tuple(param.shape):
+                raise ShardtuneError(
+                    f"{name!r}: tensor {key} has shape {shape} in the checkpoint but "
+                    f"{tuple(param.shape)} in the model built from its config.json; the weights "
+                    "and config do not belong together.")
+            rows = piece[start:start + local.shape[0]] if local.dim() > 0 else piece[:]
+            local.copy_(rows.to(local.dtype))
+    unknown = _init_new_adapter_weights(model, missing) if missing else []
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ShardtuneError(
+            f"--low_cpu_fsdp: {len(unknown)} model weights are not in the safetensors files of "
+            f"{name!r} ({shown}). The files do not match the model's config.json, or this PEFT "
+            "method cannot be initialised on the meta device (LLaMA-Adapter and "
+            "--from_peft_checkpoint need the normal loading path: drop --low_cpu_fsdp).")

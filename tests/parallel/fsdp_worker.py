@@ -1,0 +1,74 @@
+"""Runs several FSDP fine-tunes in one torchrun launch (start-up costs ~10 s per launch here).
+
+    torchrun --nproc_per_node 2 fsdp_worker.py CASES.json OUT.json
+
+CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits"}.
+"train" runs the real recipe (setup + train) and records the per-step losses, which parameters
+changed, and how many tensors the optimizer holds; "logits" builds the model the way the recipe
+does and records its logits on a fixed input. Rank 0 writes OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from shardtune.config import parse_args
+from shardtune.finetuning import setup, setup_model, train
+from shardtune.model.loading import load_tokenizer
+from shardtune.parallel.distributed import init_distributed, shutdown
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def run_train(cfg, env) -> dict:
+    c = setup(cfg, env)
+    before = snapshot(c.model)
+    results = train(cfg, env, c)
+    after = snapshot(c.model)
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    return {"losses": results["train_step_loss"], "eval_loss": results["best_eval_loss"],
+            "changed": changed, "all_params": sorted(before),
+            "optimizer_tensors": sum(len(g["params"]) for g in c.optimizer.param_groups),
+            "trainable": sorted(n for n, p in c.model.named_parameters() if p.requires_grad),
+            "param_dtypes": sorted({str(p.dtype) for p in c.model.parameters()})}
+
+
+@torch.no_grad()
+def run_logits(cfg, env) -> dict:
+    tokenizer = load_tokenizer(cfg.train.model_name)
+    model = setup_model(cfg, env, tokenizer)
+    model.eval()
+    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")],
+                       device=env.device)
+    return {"logits": model(input_ids=ids, use_cache=False).logits.float().cpu().tolist()}
+
+
+def main() -> None:
+    cases = json.loads(open(sys.argv[1]).read())
+    env = init_distributed("cpu", need_group=True)
+    out = {}
+    try:
+        for name, case in cases.items():
+            cfg = parse_args(case["args"]).config
+            runner = run_logits if case.get("kind") == "logits" else run_train
+            out[name] = runner(cfg, env)
+            if env.is_main:
+                print(f"case {name}: done", flush=True)
+    finally:
+        if env.is_main:
+            with open(sys.argv[2], "w") as f:
+                json.dump(out, f)
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""FSDP2 with 2 real ranks (torchrun, gloo): equal losses to one process, every strategy,
+activation checkpointing, offload, LoRA, freezing, precisions and low-CPU loading.
+
+All the 2-rank runs share one torchrun launch (see fsdp_worker.py) to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardtune.finetuning import main as finetune
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+RTOL = 1e-4
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else f"numbers {i}",
+             "output": f"The answer is {2 * i + 1}."} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    data = root / "alpaca.json"
+    data.write_text(json.dumps(_rows(80)))
+    common = ["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+              "--alpaca_dataset.data_path", str(data), "--output_dir", str(root / "out"),
+              "--save_model", "False", "--num_epochs", "1", "--max_train_step", "3",
+              "--lr", "1e-3", "--seed", "1", "--device", "cpu", "--context_length", "128",
+              "--gradient_accumulation_steps", "2", "--gradient_clipping",
+              "--gradient_clipping_threshold", "0.5"]
+    return {"root": root, "common": common, "model": tiny_model_dir}
+
+
+def _fsdp(common: list[str], *extra: str) -> list[str]:
+    return [*common, "--batch_size_training", "2", "--enable_fsdp", *extra]
+
+
+def _single(common: list[str], *extra: str) -> list[str]:
+    return [*common, "--batch_size_training", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(setting):
+    c = setting["common"]
+    cases = {
+        "full_shard": {"args": _fsdp(c)},
+        "no_activation_checkpointing": {"args": _fsdp(c, "--fsdp_config.fsdp_activation_checkpointing", "False")},
+        "shard_grad_op": {"args": _fsdp(c, "--fsdp_config.sharding_strategy", "SHARD_GRAD_OP")},
+        "no_shard": {"args": _fsdp(c, "--fsdp_config.sharding_strategy", "NO_SHARD")},
+        "hybrid_1x2": {"args": _fsdp(c, "--fsdp_config.sharding_strategy", "HYBRID_SHARD", "--fsdp_config.hsdp",
+                                     "--fsdp_config.sharding_group_size", "2", "--fsdp_config.replica_group_size", "1")},
+        "hybrid_2x1": {"args": _fsdp(c, "--fsdp_config.sharding_strategy", "HYBRID_SHARD",
+                                     "--fsdp_config.sharding_group_size", "1", "--fsdp_config.replica_group_size", "2")},
+        "cpu_offload": {"args": _fsdp(c, "--fsdp_config.fsdp_cpu_offload")},
+        "packing": {"args": _fsdp(c, "--batching_strategy", "packing")},
+        "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora")},
+        "freeze_layers": {"args": _fsdp(c, "--freeze_layers", "--num_freeze_layers", "1")},
+        "pure_bf16_anyprecision": {"args": _fsdp(c, "--fsdp_config.pure_bf16", "--fsdp_config.optimizer", "anyprecision")},
+        "fp16": {"args": _fsdp(c, "--use_fp16")},
+        "logits_normal": {"kind": "logits", "args": _fsdp(c)},
+        "logits_low_cpu": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp")},
+        "logits_low_cpu_hybrid": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--fsdp_config.sharding_strategy", "HYBRID_SHARD",
+                                                                 "--fsdp_config.sharding_group_size", "1")},
+        "logits_low_cpu_lora": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--use_peft")},
+    }
+    root = setting["root"]
+    (root / "cases.json").write_text(json.dumps(cases))
+    out = root / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         str(WORKER), str(root / "cases.json"), str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def _close(a: list[float], b: list[float], rtol: float = RTOL) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rtol) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def single_process(setting):
+    c = setting["common"]
+    return {
+        "full": finetune(_single(c))["train_step_loss"],
+        "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
+        "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
+    }
+
+
+def test_two_ranks_equal_one_process_on_the_same_global_batch(two_rank_results, single_process):
+    fsdp = two_rank_results["full_shard"]["losses"]
+    assert len(fsdp) == 3
+    assert _close(fsdp, single_process["full"]), (fsdp, single_process["full"])
+
+
+def test_packing_under_fsdp_equals_one_process(two_rank_results, single_process):
+    assert _close(two_rank_results["packing"]["losses"], single_process["packing"])
+
+
+@pytest.mark.parametrize("case", ["no_activation_checkpointing", "shard_grad_op", "no_shard",
+                                  "hybrid_1x2", "hybrid_2x1", "cpu_offload"])
+def test_every_strategy_gives_the_full_shard_losses(two_rank_results, case):
+    assert _close(two_rank_results[case]["losses"], two_rank_results["full_shard"]["losses"]), case
+
+
+def test_lora_under_fsdp_trains_only_adapters_and_matches_one_process(two_rank_results, single_process):
+    r = two_rank_results["lora"]
+    assert r["changed"] and all("lora_" in n for n in r["changed"])
+    assert set(r["changed"]) == set(r["trainable"])
+    assert r["optimizer_tensors"] == len(r["trainable"]) < len(r["all_params"])
+    assert _close(r["losses"], single_process["lora"])
+
+
+def test_freeze_layers_freezes_exactly_the_first_layers(two_rank_results):
+    r = two_rank_results["freeze_layers"]
+    frozen = [n for n in r["all_params"] if n.startswith("model.layers.0.")]
+    assert frozen and not set(frozen) & set(r["changed"])
+    assert set(r["changed"]) == set(n for n in r["all_params"] if n not in frozen)
+    assert r["optimizer_tensors"] == len(r["all_params"]) - len(frozen)
+
+
+def test_pure_bf16_with_anyprecision_keeps_bf16_weights_and_trains(two_rank_results):
+    r = two_rank_results["pure_bf16_anyprecision"]
+    assert r["param_dtypes"] == ["torch.bfloat16"]
+    assert all(math.isfinite(x) for x in r["losses"]) and r["changed"]
+    # bf16 compute stays close to the fp32 run on a tiny model
+    assert _close(r["losses"][:1], two_rank_results["full_shard"]["losses"][:1], rtol=2e-2)
+
+
+def test_fp16_mixed_precision_trains_with_a_sharded_grad_scaler(two_rank_results):
+    r = two_rank_results["fp16"]
+    assert r["param_dtypes"] == ["torch.float32"]  # fp32 master weights, fp16 compute
+    assert all(math.isfinite(x) for x in r["losses"])
+    assert _close(r["losses"][:1], two_rank_results["full_shard"]["losses"][:1], rtol=1e-2)
+
+
+@pytest.mark.parametrize("case", ["logits_low_cpu", "logits_low_cpu_hybrid", "logits_low_cpu_lora"])
+def test_low_cpu_loading_gives_identical_logits(two_rank_results, case):
+    normal = torch.tensor(two_rank_results["logits_normal"]["logits"])
+    low = torch.tensor(two_rank_results[case]["logits"])
+    torch.testing.assert_close(low, normal, rtol=0, atol=1e-5)
