@@ -70,7 +70,7 @@ def test_enum_and_dotted_sections(all_implemented):
     assert c.fsdp.sharding_strategy is ShardingStrategy.HYBRID_SHARD and c.fsdp.hsdp
     assert c.fsdp.sharding_group_size == 2 and c.fsdp.checkpoint_type is StateDictType.FULL_STATE_DICT
     # llama-recipes' repr form is accepted too
-    assert parse("--fsdp_config.sharding_strategy ShardingStrategy.SHARD_GRAD_OP").fsdp.sharding_strategy \
+    assert parse("--enable_fsdp --fsdp_config.sharding_strategy ShardingStrategy.SHARD_GRAD_OP").fsdp.sharding_strategy \
         is ShardingStrategy.SHARD_GRAD_OP
 
 
@@ -160,3 +160,22 @@ def test_unimplemented_options_are_refused_not_ignored(key):
     value = {bool: "true", int: "5", str: "x"}.get(type(default), "x") if default is not None else "8bit"
     with pytest.raises(ConfigError, match="not implemented"):
         parse(f"--{section}.{name} {value}")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--low_cpu_fsdp"], "--low_cpu_fsdp only applies with --enable_fsdp"),
+    (["--fsdp_config.sharding_strategy", "NO_SHARD"], "only applies with --enable_fsdp"),
+    (["--fsdp_config.fsdp_cpu_offload"], "only applies with --enable_fsdp"),
+    (["--enable_fsdp", "--low_cpu_fsdp", "--use_peft", "--peft_method", "llama_adapter"],
+     "supports a new LoRA adapter"),
+    (["--enable_fsdp", "--fsdp_config.sharding_group_size", "-1"], "must be 0"),
+])
+def test_fsdp_options_are_refused_where_they_would_be_ignored(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(flags)
+
+
+def test_every_sharding_strategy_is_selectable_from_the_command_line():
+    for name in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
+        cfg = parse_args(["--enable_fsdp", "--fsdp_config.sharding_strategy", name]).config
+        assert cfg.fsdp.sharding_strategy.value == name

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 fsdp_worker.py CASES.json OUT.json
 
 CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits"}.
-"train" runs the real recipe (setup + train) and records the per-step losses, which parameters
-changed, and how many tensors the optimizer holds; "logits" builds the model the way the recipe
+"train" runs the real recipe (setup + train, saving if the flags say so) and records the per-step
+losses, which parameters changed, how many tensors the optimizer holds and the trained model's
+logits on a fixed input; "logits" builds the model the way the recipe
 does and records its logits on a fixed input. Rank 0 writes OUT.json.
 """
 
@@ -21,6 +22,9 @@ from shardtune.model.loading import load_tokenizer
 from shardtune.parallel.distributed import init_distributed, shutdown
 
 
+PROBE = "The quick brown fox jumps over the lazy dog."
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -29,27 +33,37 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
 
 
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, tokenizer, env) -> list:
+    from shardtune.parallel.fsdp import reshard
+
+    model.eval()
+    ids = torch.tensor([tokenizer.encode(PROBE)], device=env.device)
+    logits = model(input_ids=ids, use_cache=False).logits.float().cpu().tolist()
+    reshard(model)
+    return logits
+
+
 def run_train(cfg, env) -> dict:
     c = setup(cfg, env)
     before = snapshot(c.model)
     results = train(cfg, env, c)
     after = snapshot(c.model)
+    trained_logits = logits_of(c.model, c.tokenizer, env)
     changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
     return {"losses": results["train_step_loss"], "eval_loss": results["best_eval_loss"],
             "changed": changed, "all_params": sorted(before),
             "optimizer_tensors": sum(len(g["params"]) for g in c.optimizer.param_groups),
             "trainable": sorted(n for n, p in c.model.named_parameters() if p.requires_grad),
-            "param_dtypes": sorted({str(p.dtype) for p in c.model.parameters()})}
+            "param_dtypes": sorted({str(p.dtype) for p in c.model.parameters()}),
+            "logits": trained_logits}
 
 
 @torch.no_grad()
 def run_logits(cfg, env) -> dict:
     tokenizer = load_tokenizer(cfg.train.model_name)
     model = setup_model(cfg, env, tokenizer)
-    model.eval()
-    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")],
-                       device=env.device)
-    return {"logits": model(input_ids=ids, use_cache=False).logits.float().cpu().tolist()}
+    return {"logits": logits_of(model, tokenizer, env)}
 
 
 def main() -> None:

@@ -63,7 +63,9 @@ def two_rank_results(setting):
                                      "--fsdp_config.sharding_group_size", "1", "--fsdp_config.replica_group_size", "2")},
         "cpu_offload": {"args": _fsdp(c, "--fsdp_config.fsdp_cpu_offload")},
         "packing": {"args": _fsdp(c, "--batching_strategy", "packing")},
-        "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora")},
+        "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True",
+                               "--output_dir", str(setting["root"] / "lora-out"))},
+        "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
         "freeze_layers": {"args": _fsdp(c, "--freeze_layers", "--num_freeze_layers", "1")},
         "pure_bf16_anyprecision": {"args": _fsdp(c, "--fsdp_config.pure_bf16", "--fsdp_config.optimizer", "anyprecision")},
         "fp16": {"args": _fsdp(c, "--use_fp16")},
@@ -151,3 +153,33 @@ def test_low_cpu_loading_gives_identical_logits(two_rank_results, case):
     normal = torch.tensor(two_rank_results["logits_normal"]["logits"])
     low = torch.tensor(two_rank_results[case]["logits"])
     torch.testing.assert_close(low, normal, rtol=0, atol=1e-5)
+
+
+def _probe_logits(model, model_dir) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_fsdp_saved_model_loads_in_transformers_with_the_trained_logits(two_rank_results, setting):
+    from transformers import AutoModelForCausalLM
+
+    out = setting["root"] / "full-out"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = torch.tensor(two_rank_results["save_full"]["logits"])
+    torch.testing.assert_close(_probe_logits(model, out), trained, rtol=0, atol=1e-5)
+
+
+def test_fsdp_saved_lora_adapter_loads_in_peft_with_the_trained_logits(two_rank_results, setting):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = setting["root"] / "lora-out"
+    assert (out / "adapter_config.json").is_file() and not list(out.glob("model*.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(setting["model"])
+    model = PeftModel.from_pretrained(base, out).eval()
+    trained = torch.tensor(two_rank_results["lora"]["logits"])
+    torch.testing.assert_close(_probe_logits(model, setting["model"]), trained, rtol=0, atol=1e-5)

@@ -1,0 +1,113 @@
+"""Launching ranks: bad input fails once and fast, a failing rank ends the job, the launcher works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shardtune.config.errors import ShardtuneError
+from shardtune.parallel.distributed import check_world_size
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(args: list[str], timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return proc, time.perf_counter() - start
+
+
+def _data(tmp_path: Path) -> Path:
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(40)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_several_ranks_without_fsdp_are_refused():
+    with pytest.raises(ShardtuneError, match="--enable_fsdp"):
+        check_world_size(False, 2)
+    check_world_size(True, 2)
+    check_world_size(False, 1)
+
+
+def test_launcher_reports_a_bad_model_path_once_before_starting_ranks(tmp_path):
+    proc, seconds = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
+                          "--enable_fsdp", "--model_name", str(tmp_path / "missing")])
+    assert proc.returncode == 2
+    assert proc.stderr.count("error:") == 1 and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert seconds < 60
+
+
+def test_launcher_refuses_ranks_without_enable_fsdp(tiny_model_dir):
+    proc, _ = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
+                    "--model_name", str(tiny_model_dir)])
+    assert proc.returncode == 2 and "--enable_fsdp" in proc.stderr
+
+
+def test_torchrun_with_a_bad_model_path_exits_nonzero_with_one_message(tmp_path):
+    proc, seconds = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29541", "-m", "shardtune.finetuning", "--enable_fsdp",
+                          "--device", "cpu", "--model_name", str(tmp_path / "missing")], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("does not exist") == 1, proc.stderr[-3000:]
+    assert seconds < 90
+
+
+def test_an_exception_on_one_rank_ends_the_job(tmp_path, tiny_model_dir):
+    bad = tmp_path / "flaky_dataset.py"
+    bad.write_text(
+        "import os\n"
+        "def get_custom_dataset(dataset_config, tokenizer, split):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise RuntimeError('rank one cannot read its data shard')\n"
+        "    return [{'input_ids': [1, 5, 6, 7], 'labels': [1, 5, 6, 7], 'attention_mask': [1, 1, 1, 1]}] * 16\n")
+    proc, seconds = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29542", "-m", "shardtune.finetuning", "--enable_fsdp",
+                          "--device", "cpu", "--model_name", str(tiny_model_dir),
+                          "--dataset", "custom_dataset", "--custom_dataset.file", str(bad),
+                          "--output_dir", str(tmp_path / "out")], timeout=180)
+    assert proc.returncode != 0
+    assert "rank one cannot read its data shard" in proc.stderr
+    assert seconds < 150
+
+
+def test_shardtune_finetune_launches_two_fsdp_ranks_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    proc, _ = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
+                    "--master_port", "29543", "--enable_fsdp", "--device", "cpu",
+                    "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+                    "--alpaca_dataset.data_path", str(_data(tmp_path)), "--batch_size_training", "4",
+                    "--batching_strategy", "padding",
+                    "--num_epochs", "1", "--output_dir", str(out), "--save_metrics"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_step_loss"]
+
+
+def test_two_node_launch_line_with_hybrid_shard(tmp_path, tiny_model_dir):
+    """The documented multi-node line, with two 'nodes' of one rank each on this machine:
+    c10d rendezvous, HYBRID_SHARD sharding within a node and replicating across nodes."""
+    data = _data(tmp_path)
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_id", "shardtune-test",
+               "--rdzv_endpoint", "127.0.0.1:29544", "-m", "shardtune.finetuning", "--enable_fsdp",
+               "--fsdp_config.sharding_strategy", "HYBRID_SHARD", "--device", "cpu",
+               "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+               "--alpaca_dataset.data_path", str(data), "--batching_strategy", "padding",
+               "--batch_size_training", "4", "--num_epochs", "1", "--max_train_step", "2",
+               "--save_model", "False", "--output_dir", str(tmp_path / f"out{node_rank}")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "Epoch 1/1" in outputs[0][0]  # the global rank 0 reports
