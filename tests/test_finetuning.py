@@ -1,0 +1,125 @@
+"""The recipe end to end in one process: datasets, saving semantics, outputs that load, options."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardtune.config import parse_args
+from shardtune.finetuning import main as finetune
+from shardtune.finetuning import setup, train
+from shardtune.parallel.distributed import init_distributed
+
+
+def _alpaca(path: Path, n: int = 48) -> Path:
+    rows = [{"instruction": f"Count to {i % 7}.", "input": "" if i % 3 else "slowly",
+             "output": " ".join(str(k) for k in range(i % 7 + 1))} for i in range(n)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _grammar(path: Path, n: int) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["input", "target"])
+        for i in range(n):
+            w.writerow([f"he go to school {i}", f"He goes to school {i}."])
+    return path
+
+
+def _args(model_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model_name", str(model_dir), "--dataset", "alpaca_dataset",
+            "--alpaca_dataset.data_path", str(_alpaca(tmp_path / "alpaca.json")),
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--batching_strategy", "padding",
+            "--batch_size_training", "8", "--context_length", "128", "--lr", "3e-3", *extra]
+
+
+def _probe(model, tokenizer) -> torch.Tensor:
+    ids = torch.tensor([tokenizer.encode("Count to 3.")])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_full_fine_tune_saves_an_hf_model_with_the_trained_logits(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = parse_args(_args(tiny_model_dir, tmp_path, "--num_epochs", "2", "--run_validation", "False",
+                           "--save_metrics")).config
+    env = init_distributed("cpu")
+    c = setup(cfg, env)
+    results = train(cfg, env, c)
+    out = tmp_path / "out"
+    assert results["saved_at_steps"] == [5, 10]  # no validation: saved after every epoch
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert next(loaded.parameters()).dtype == torch.float32  # the training dtype
+    torch.testing.assert_close(_probe(loaded, c.tokenizer), _probe(c.model, c.tokenizer), rtol=0, atol=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["train_step_loss"]) == 10 and (out / "loss.png").is_file()
+    assert metrics["train_step_loss"][-1] < metrics["train_step_loss"][0]
+
+
+def test_validation_reports_loss_and_perplexity_and_saves_on_improvement(tiny_model_dir, tmp_path, capsys):
+    results = finetune(_args(tiny_model_dir, tmp_path, "--num_epochs", "2", "--save_metrics"))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    losses, ppls = metrics["val_epoch_loss"], metrics["val_epoch_perplexity"]
+    assert len(losses) == 2 and all(math.isclose(p, math.exp(x)) for x, p in zip(losses, ppls))
+    assert results["best_eval_loss"] == min(losses)
+    assert results["saved_at_steps"] and results["saved_at_steps"][0] == 5
+    printed = capsys.readouterr().out
+    assert "Epoch 1/2: train_loss=" in printed and "val_loss=" in printed and "val_ppl=" in printed
+
+
+def test_max_train_step_stops_and_averages_over_the_steps_run(tiny_model_dir, tmp_path):
+    results = finetune(_args(tiny_model_dir, tmp_path, "--max_train_step", "3", "--num_epochs", "3",
+                             "--save_model", "False"))
+    assert results["steps"] == 3 and len(results["train_step_loss"]) == 3
+
+
+def test_grammar_dataset_from_csv_files(tiny_model_dir, tmp_path):
+    results = finetune(["--model_name", str(tiny_model_dir), "--dataset", "grammar_dataset",
+                        "--grammar_dataset.train_split", str(_grammar(tmp_path / "train.csv", 32)),
+                        "--grammar_dataset.test_split", str(_grammar(tmp_path / "test.csv", 8)),
+                        "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+                        "--batch_size_training", "8", "--batching_strategy", "padding",
+                        "--save_model", "False", "--num_epochs", "1"])
+    assert results["steps"] == 4 and results["best_eval_loss"] is not None
+
+
+@pytest.mark.parametrize("method,weights", [("lora", "lora_"), ("llama_adapter", "adaption_")])
+def test_peft_fine_tune_writes_an_adapter_that_peft_loads(tiny_model_dir, tmp_path, method, weights):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    extra = ["--llama_adapter_config.adapter_layers", "2"] if method == "llama_adapter" else []
+    finetune(_args(tiny_model_dir, tmp_path, "--use_peft", "--peft_method", method, "--num_epochs", "1",
+                   "--run_validation", "False", *extra))
+    out = tmp_path / "out"
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors and all(weights in k for k in tensors)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+
+
+def test_fp16_on_cpu_trains_with_a_grad_scaler(tiny_model_dir, tmp_path):
+    results = finetune(_args(tiny_model_dir, tmp_path, "--use_fp16", "--max_train_step", "3",
+                             "--save_model", "False", "--run_validation", "False"))
+    assert all(math.isfinite(x) for x in results["train_step_loss"])
+
+
+def test_flop_counter_reports_tflops(tiny_model_dir, tmp_path, capsys):
+    finetune(_args(tiny_model_dir, tmp_path, "--flop_counter", "--flop_counter_start", "1",
+                   "--max_train_step", "3", "--save_model", "False", "--run_validation", "False"))
+    assert "FLOP counter (step 2)" in capsys.readouterr().out
+
+
+def test_profiler_writes_a_trace(tiny_model_dir, tmp_path):
+    prof = tmp_path / "prof"
+    finetune(_args(tiny_model_dir, tmp_path, "--use_profiler", "--profiler_dir", str(prof),
+                   "--max_train_step", "6", "--save_model", "False", "--run_validation", "False"))
+    assert list(prof.rglob("*.json")) or list(prof.rglob("*.pt.trace.json*"))
