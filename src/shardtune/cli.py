@@ -3,6 +3,7 @@
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
     shardtune demo [--output_dir DIR]
     shardtune generate MODEL_OR_ADAPTER_DIR --prompt "..."
+    shardtune checkpoints CHECKPOINT_FOLDER
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ commands:
              shows the resolved config); --nproc_per_node N launches N ranks with torchrun
   demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
   generate   generate text from an HF model directory or a PEFT adapter directory
+  checkpoints  list a run's resumable checkpoints (step, epoch, eval loss, size, completeness)
 
 run `shardtune <command> --help` for a command's options."""
 
@@ -112,7 +114,13 @@ def _generate(argv: list[str]) -> None:
     generate_main(argv)
 
 
-COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate}
+def _checkpoints(argv: list[str]) -> None:
+    from .checkpoint.listing import main as listing_main
+
+    listing_main(argv)
+
+
+COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate, "checkpoints": _checkpoints}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -21,8 +21,13 @@ import torch
 import yaml
 
 from . import runtime
+from .checkpoint import layout as checkpoint_layout
 from .checkpoint.hf_export import save_hf_model
+from .checkpoint.hf_stream import DTYPES
+from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
+from .checkpoint.preemption import PreemptionSignal
 from .config import Config, ShardtuneError, describe_options, parse_args
+from .config.configs import StateDictType
 from .data import build_dataloader, load_split, pad_fraction
 from .model.freeze import freeze_first_layers, freeze_llm_only, trainable_summary
 from .model.loading import (attn_implementation, check_vocab_fits, load_model, load_tokenizer,
@@ -166,6 +171,22 @@ def setup_precision(cfg: Config, env: DistEnv) -> Precision:
                      scaler=torch.amp.GradScaler(env.device.type) if use_fp16 else None)
 
 
+def checkpoint_run_dir(cfg: Config) -> Path:
+    """``<dist_checkpoint_root_folder>/<dist_checkpoint_folder>``; llama-recipes' placeholder
+    root (never set by the user) means ``<output_dir>/checkpoints``."""
+    t = cfg.train
+    root = t.dist_checkpoint_root_folder
+    if root == type(t)().dist_checkpoint_root_folder:
+        root = str(Path(t.output_dir) / "checkpoints")
+    return checkpoint_layout.run_dir(root, t.dist_checkpoint_folder)
+
+
+def writes_resumable_checkpoints(cfg: Config) -> bool:
+    t = cfg.train
+    sharded = t.enable_fsdp and cfg.fsdp.checkpoint_type == StateDictType.SHARDED_STATE_DICT
+    return sharded or t.save_every_n_steps > 0 or t.resume or bool(t.resume_from)
+
+
 def train(cfg: Config, env: DistEnv, c: Components) -> dict:
     t = cfg.train
     metrics = MetricsLog()
@@ -182,22 +203,58 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
     if t.gradient_clipping:
         def clip() -> torch.Tensor:
             return clip_grad_norm(trainable, t.gradient_clipping_threshold)
-    steps_per_epoch = math.ceil(len(c.train_loader) / t.gradient_accumulation_steps)
-    step, best_val, saved_at = 0, math.inf, []
-    for epoch in range(t.num_epochs):
+
+    # Resume, then checkpoints every N steps and on pre-emption (a step hook).
+    checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(),
+                                keep_last_n=t.keep_last_n)
+    pos = Position()
+    resume_path = checkpointer.find_resume_point(t.resume, t.resume_from)
+    if resume_path is not None:
+        pos = checkpointer.resume(resume_path, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler)
+        say(env, f"resumed from {resume_path}: epoch {pos.epoch + 1}, step {pos.step}")
+    elif t.resume:
+        say(env, f"--resume: no complete checkpoint under {checkpointer.run} yet; starting from scratch")
+    batches_per_epoch = len(c.train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    best_val = pos.best_val if pos.best_val is not None else math.inf
+    saved_at = list(pos.saved_at)
+
+    def position_after(result) -> Position:
+        done = result.epoch_batch >= batches_per_epoch
+        return Position(epoch=result.epoch + done, batch=0 if done else result.epoch_batch,
+                        step=result.step, best_val=best_val if math.isfinite(best_val) else None,
+                        saved_at=tuple(saved_at))
+
+    def save_resumable(position: Position, with_optimizer: bool = True) -> None:
+        path = checkpointer.save(position, model=c.model, optimizer=c.optimizer if with_optimizer else None,
+                                 scheduler=c.scheduler)
+        say(env, f"checkpoint: {path}")
+
+    preemption = PreemptionSignal(env).install()
+    step_saves = StepCheckpoints(checkpointer, every_n=t.save_every_n_steps, preemption=preemption,
+                                 position_of=position_after, save=save_resumable)
+    hooks.append(step_saves)
+    step = pos.step
+    for epoch in range(pos.epoch, t.num_epochs):
         remaining = t.max_train_step - step if t.max_train_step > 0 else None
-        if remaining is not None and remaining <= 0:
+        if (remaining is not None and remaining <= 0) or step_saves.stop_requested:
             break
-        c.train_loader.batch_sampler.set_epoch(epoch)  # a new order every epoch
+        start_batch = pos.batch if epoch == pos.epoch else 0
+        c.train_loader.batch_sampler.set_epoch(epoch, start_batch)  # a new order every epoch
         result = train_epoch(
             c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
             start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
-            max_steps=remaining, precision=c.precision, hooks=hooks,
+            max_steps=remaining, precision=c.precision, hooks=hooks, start_batch=start_batch,
             gradient_sync=lambda enabled: set_gradient_sync(c.model, enabled),
             progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
             total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch))
         step += result.steps
+        if result.steps == 0:
+            continue
         metrics.add_epoch(result)
+        last = step_saves.last_result
+        if step_saves.stop_requested:
+            break  # pre-empted: the checkpoint is written, skip validation and saving
         line = (f"Epoch {epoch + 1}/{t.num_epochs}: train_loss={result.loss:.4f} "
                 f"train_ppl={result.perplexity:.4f} {result.tokens_per_s:,.0f} tok/s "
                 f"{result.seconds:.1f}s")
@@ -215,13 +272,21 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
             wandb.log_epoch(step, result, val)
         # llama-recipes semantics: with validation, save only when the eval loss improves.
         if t.save_model and improved:
-            save_hf_model(c.model, c.tokenizer, t.output_dir, env=env)
             saved_at.append(step)
+            save_hf_model(c.model, c.tokenizer, t.output_dir, env=env, dtype=export_dtype(t),
+                          merge_lora=t.merge_lora)
             say(env, f"saved the {'adapter' if t.use_peft else 'model'} to {t.output_dir} (step {step})")
+            if writes_resumable_checkpoints(cfg) and step_saves.last_saved_step != step:
+                save_resumable(position_after(last), with_optimizer=t.save_optimizer or t.save_every_n_steps > 0
+                               or t.resume or bool(t.resume_from))
         if t.save_metrics and env.is_main:
             metrics.write(t.output_dir)
+    preemption.uninstall()
     for hook in hooks:
         getattr(hook, "close", lambda: None)()
+    if step_saves.stop_requested:
+        say(env, f"pre-empted ({preemption.received or 'signal on another rank'}): saved a checkpoint "
+                 f"at step {step} under {checkpointer.run}. Run the same command with --resume to continue.")
     results = {
         "avg_train_loss": _mean(metrics.train_epoch_loss),
         "avg_train_prep": _mean(metrics.train_epoch_perplexity),
@@ -232,10 +297,15 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
         "steps": step,
         "saved_at_steps": saved_at,
         "train_step_loss": metrics.train_step_loss,
+        "preempted": step_saves.stop_requested,
     }
     if t.save_metrics:
         results["metrics_filename"] = str(Path(t.output_dir) / "metrics.json")
     return results
+
+
+def export_dtype(t) -> Optional[torch.dtype]:
+    return DTYPES[t.export_dtype] if t.export_dtype else None
 
 
 def _mean(values: list[float]) -> Optional[float]:

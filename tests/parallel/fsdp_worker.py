@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 fsdp_worker.py CASES.json OUT.json
 
-CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits"}.
+CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits"} (plus
+"expect_error": true to record a ShardtuneError's message instead of failing); cases run in order.
 "train" runs the real recipe (setup + train, saving if the flags say so) and records the per-step
 losses, which parameters changed, how many tensors the optimizer holds and the trained model's
 logits on a fixed input; "logits" builds the model the way the recipe
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from shardtune.config import parse_args
+from shardtune.config import ShardtuneError, parse_args
 from shardtune.finetuning import setup, setup_model, train
 from shardtune.model.loading import load_tokenizer
 from shardtune.parallel.distributed import init_distributed, shutdown
@@ -74,6 +75,13 @@ def main() -> None:
         for name, case in cases.items():
             cfg = parse_args(case["args"]).config
             runner = run_logits if case.get("kind") == "logits" else run_train
+            if case.get("expect_error"):
+                try:
+                    runner(cfg, env)
+                    out[name] = {"error": None}
+                except ShardtuneError as exc:
+                    out[name] = {"error": str(exc)}
+                continue
             out[name] = runner(cfg, env)
             if env.is_main:
                 print(f"case {name}: done", flush=True)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..parallel.distributed import DistEnv
+from .hf_stream import merged_lora_tensors, model_tensors, write_safetensors
 
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json",
                        "config.json", "generation_config.json")
@@ -71,31 +72,71 @@ def _commit(tmp: Path, final: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, env: DistEnv,
-                  max_shard_size: str = "5GB") -> Optional[Path]:
-    """Save a full model or a PEFT adapter into ``output_dir`` (from rank 0). Returns the path on rank 0."""
-    output_dir = Path(output_dir)
-    peft = is_peft_model(model)
-    state_dict = None
-    if _is_sharded(model):
-        # Every rank takes part in the gather; only rank 0 writes. An adapter never needs the
-        # frozen base, so only the trainable parameters are gathered.
-        state_dict = _full_state_dict(model, trainable_only=peft)
-        if peft:
-            from peft import get_peft_model_state_dict
+def _write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+    """config.json (recording the dtype the weights are written in) and generation_config.json."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):  # transformers 5 / 4 spelling
+        if key in cfg:
+            cfg[key] = name
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    generation = getattr(base, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out)
 
-            state_dict = get_peft_model_state_dict(model, state_dict=state_dict)
+
+def export_full_model(tensors, model: torch.nn.Module, tokenizer, output_dir: str | Path, *,
+                      env: DistEnv, dtype: Optional[torch.dtype] = None,
+                      max_shard_size: str = "5GB") -> Optional[Path]:
+    """Stream ``tensors`` (name, tensor) into an HF model directory, atomically (rank 0 writes)."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / f".saving-{os.getpid()}"
     if env.is_main:
-        tmp = output_dir / f".saving-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if peft:
-            model.save_pretrained(tmp, state_dict=state_dict)
-        else:
-            kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-            model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True, **kwargs)
+    first_dtype = next(model.parameters()).dtype
+    write_safetensors(tensors, tmp, is_main=env.is_main, dtype=dtype, max_shard_size=max_shard_size)
+    if env.is_main:
+        _write_config(model, tmp, dtype or first_dtype)
         save_tokenizer(tokenizer, tmp)
         _commit(tmp, output_dir)
     if env.distributed:
         dist.barrier()
+    return output_dir if env.is_main else None
+
+
+def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, env: DistEnv,
+                  dtype: Optional[torch.dtype] = None, merge_lora: bool = False,
+                  max_shard_size: str = "5GB") -> Optional[Path]:
+    """Save a full model (streamed) or a PEFT adapter into ``output_dir``; returns it on rank 0.
+
+    ``dtype`` converts the written weights (default: the training dtype). With ``merge_lora`` a
+    LoRA model additionally gets ``output_dir/merged``: a full HF model with the adapter folded in.
+    """
+    output_dir = Path(output_dir)
+    if not is_peft_model(model):
+        return export_full_model(model_tensors(model), model, tokenizer, output_dir, env=env,
+                                 dtype=dtype, max_shard_size=max_shard_size)
+    state_dict = None
+    if _is_sharded(model):
+        # Every rank takes part in the gather; only rank 0 writes. An adapter never needs the
+        # frozen base, so only the trainable parameters are gathered.
+        from peft import get_peft_model_state_dict
+
+        state_dict = get_peft_model_state_dict(model, state_dict=_full_state_dict(model, trainable_only=True))
+    if env.is_main:
+        tmp = output_dir / f".saving-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, state_dict=state_dict)
+        save_tokenizer(tokenizer, tmp)
+        _commit(tmp, output_dir)
+    if env.distributed:
+        dist.barrier()
+    if merge_lora:
+        export_full_model(merged_lora_tensors(model), model, tokenizer, output_dir / "merged", env=env,
+                          dtype=dtype, max_shard_size=max_shard_size)
     return output_dir if env.is_main else None

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -69,8 +72,10 @@ def _barrier(env: DistEnv) -> None:
 
 
 def _options(model: torch.nn.Module) -> StateDictOptions:
-    # Frozen base weights (PEFT) are not saved: they come from --model_name on resume.
-    return StateDictOptions(ignore_frozen_params=any(not p.requires_grad for p in model.parameters()))
+    # Frozen base weights (PEFT) are not saved: they come from --model_name on resume, so the
+    # load is not strict about them (the fingerprint check guards against a different model).
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
 def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
@@ -88,6 +93,7 @@ def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    _injected_delay()
     if env.is_main:
         meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
                 "has_optimizer": optimizer is not None, "world_size": env.world_size,
@@ -100,6 +106,14 @@ def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
         layout.commit(tmp, final)
     _barrier(env)
     return final if env.is_main else None
+
+
+def _injected_delay() -> None:
+    """Crash-safety tests kill a run mid-save; this widens the window between writing the shards
+    and publishing the checkpoint (``SHARDTUNE_TEST_SAVE_DELAY_S``, unset in normal use)."""
+    delay = float(os.environ.get("SHARDTUNE_TEST_SAVE_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def read_train_state(path: Path) -> dict:
@@ -139,8 +153,13 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:  # DCP wraps per-rank failures (truncated shard, missing key) in CheckpointException
-        raise ShardtuneError(f"Could not read checkpoint {path}: {exc}") from None
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        # DCP wraps per-rank failures (truncated shard, missing key) in CheckpointException.
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ShardtuneError(
+            f"Could not read checkpoint {path}: a shard is truncated, corrupt or missing ({first[:300]}). "
+            "Its files were left untouched; resume from an earlier checkpoint (`shardtune checkpoints "
+            f"{path.parent}` lists them) with --resume_from.") from None
     set_model_state_dict(model, state["model"], options=options)
     if load_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
@@ -150,8 +169,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
         _set_rng_state(torch.load(rng_file, weights_only=False))
     elif env.is_main:
         warnings.warn(f"Checkpoint {path} was written by {meta.get('world_size')} ranks and is "
-                      f"resumed on {env.world_size}: model and optimizer are resharded, but the data "
-                      "order and random streams differ from the original run.", stacklevel=2)
+                      f"resumed on {env.world_size}: model and optimizer are resharded. The data "
+                      "order is the original one only if batch_size_training x ranks is unchanged, "
+                      "and random streams (dropout) differ.", stacklevel=2)
     return meta["position"]
 
 

@@ -224,12 +224,5 @@ SECTIONS = {
 # Fields that parse but whose feature has not landed yet. Setting one to a non-default value
 # is an error (llama-recipes would silently ignore it). Remove an entry when its feature lands.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "train_config.resume": "resumable checkpoints",
-    "train_config.resume_from": "resumable checkpoints",
-    "train_config.save_every_n_steps": "step-interval checkpoints",
-    "train_config.keep_last_n": "checkpoint retention",
-    "train_config.save_optimizer": "saving optimizer state needs resumable checkpoints",
-    "train_config.export_dtype": "export dtype selection",
-    "train_config.merge_lora": "merged LoRA export",
     "train_config.quantization": "bitsandbytes quantization",
 }

@@ -56,6 +56,7 @@ def validate(cfg) -> None:
         raise ConfigError("--use_wandb needs the wandb package: pip install 'shardtune[wandb]' "
                           "(or drop --use_wandb).")
     _check_fsdp_options(cfg)
+    _check_checkpoint_options(cfg)
     if t.from_peft_checkpoint and not t.use_peft:
         raise ConfigError("--from_peft_checkpoint needs --use_peft (it continues training an adapter).")
 
@@ -80,3 +81,19 @@ def _check_fsdp_options(cfg) -> None:
         raise ConfigError("--low_cpu_fsdp with PEFT supports a new LoRA adapter; LLaMA-Adapter "
                           "and --from_peft_checkpoint need the normal loading path. Drop "
                           "--low_cpu_fsdp (adapters are small; the base model is what is big).")
+
+
+def _check_checkpoint_options(cfg) -> None:
+    t = cfg.train
+    if t.save_every_n_steps < 0 or t.keep_last_n < 0:
+        raise ConfigError("--save_every_n_steps and --keep_last_n must be 0 (off) or positive.")
+    if t.export_dtype is not None and t.export_dtype not in ("bf16", "bfloat16", "fp16", "float16",
+                                                             "fp32", "float32"):
+        raise ConfigError(f"--export_dtype must be bf16, fp16 or fp32 (or unset for the training "
+                          f"dtype), got {t.export_dtype!r}.")
+    if t.merge_lora and not (t.use_peft and t.peft_method.value == "lora"):
+        raise ConfigError("--merge_lora folds a LoRA adapter into the base weights; it needs "
+                          "--use_peft --peft_method lora (LLaMA-Adapter cannot be merged).")
+    if t.resume and t.resume_from:
+        raise ConfigError("--resume (newest checkpoint of this run) and --resume_from PATH both "
+                          "choose where to resume; give one.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..config.configs import BatchingStrategy
@@ -43,7 +44,11 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
     sampler = GlobalBatchSampler(
         rows.lengths, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
         group_by_length=strategy is BatchingStrategy.padding, rank=rank, world_size=world_size)
-    return DataLoader(rows, batch_sampler=sampler, collate_fn=MaskFillers(inner), num_workers=num_workers)
+    # Its own generator: creating an epoch's iterator draws a worker base seed, which would
+    # otherwise consume the global RNG that dropout uses and break exact resume.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(rows, batch_sampler=sampler, collate_fn=MaskFillers(inner), num_workers=num_workers,
+                      generator=generator)
 
 
 def _length(sample: Any) -> int:

@@ -50,6 +50,7 @@ class StepResult:
     input_tokens: int  # non-pad tokens fed, summed over ranks
     seconds: float
     lr: float
+    epoch_batch: int = 0  # micro-batches of this epoch consumed so far (resume offset included)
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,6 +75,9 @@ class LoopResult:
 
 
 class StepHook(Protocol):
+    """Called around every optimizer step. A hook may set ``stop_requested`` to end the epoch
+    after the current step (pre-emption)."""
+
     def before_step(self, step: int) -> None: ...
     def after_step(self, result: StepResult) -> None: ...
 
@@ -135,14 +139,18 @@ def train_epoch(
     hooks: Iterable[StepHook] = (),
     progress_desc: str = "Training",
     total_steps_hint: Optional[int] = None,
+    start_batch: int = 0,
 ) -> LoopResult:
-    """One epoch of optimizer steps; stops early after ``max_steps`` steps (None = no limit)."""
+    """One epoch of optimizer steps; stops early after ``max_steps`` steps (None = no limit) or
+    when a hook sets ``stop_requested``. ``start_batch`` is how many micro-batches of the epoch
+    the loader skips (resume); it only offsets ``StepResult.epoch_batch``."""
     model.train()
     hooks = list(hooks)
     step = start_step
     run_loss_sum = run_label_tokens = run_input_tokens = 0.0
     epoch_start = time.perf_counter()
     steps_done = 0
+    batches_done = start_batch
     bar = tqdm(total=total_steps_hint, desc=progress_desc, disable=not env.is_main, dynamic_ncols=True)
     for group in _groups(loader, accumulation_steps):
         if max_steps is not None and steps_done >= max_steps:
@@ -178,9 +186,10 @@ def train_epoch(
         (step_loss_sum,) = _global_sums(env, float(local_loss))
         step += 1
         steps_done += 1
+        batches_done += len(group)
         result = StepResult(step=step, epoch=epoch, loss=step_loss_sum / max(global_labels, 1.0),
                             label_tokens=int(global_labels), input_tokens=int(global_inputs),
-                            seconds=time.perf_counter() - t0, lr=lr)
+                            seconds=time.perf_counter() - t0, lr=lr, epoch_batch=batches_done)
         run_loss_sum += step_loss_sum
         run_label_tokens += global_labels
         run_input_tokens += global_inputs
@@ -188,6 +197,8 @@ def train_epoch(
             hook.after_step(result)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+        if any(getattr(hook, "stop_requested", False) for hook in hooks):
+            break
     bar.close()
     return LoopResult(loss=run_loss_sum / max(run_label_tokens, 1.0), steps=steps_done,
                       label_tokens=int(run_label_tokens), input_tokens=int(run_input_tokens),

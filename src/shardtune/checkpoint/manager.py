@@ -1,0 +1,89 @@
+"""When and where the recipe writes resumable checkpoints, and how a run resumes from one.
+
+The recipe owns one ``Checkpointer``. Saves happen at llama-recipes' epoch save points, every
+``save_every_n_steps`` optimizer steps, and on pre-emption (``StepCheckpoints``, a step hook the
+train loop calls after each optimizer step); ``keep_last_n`` prunes older ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..config.errors import ShardtuneError
+from ..parallel.distributed import DistEnv
+from . import layout
+from .preemption import PreemptionSignal
+from .sharded import load_checkpoint, read_train_state, save_checkpoint
+
+
+@dataclass
+class Position:
+    """Where training is: the next epoch to run and how many of its micro-batches are done."""
+
+    epoch: int = 0
+    batch: int = 0  # micro-batches of ``epoch`` already trained
+    step: int = 0  # optimizer steps done in the whole run
+    best_val: Optional[float] = None
+    saved_at: tuple = ()
+
+
+class Checkpointer:
+    def __init__(self, run: Path, *, env: DistEnv, config_dict: dict, keep_last_n: int = 0) -> None:
+        self.run, self.env, self.config_dict, self.keep_last_n = run, env, config_dict, keep_last_n
+
+    def save(self, position: Position, *, model, optimizer, scheduler) -> Optional[Path]:
+        path = save_checkpoint(self.run, position.step, model=model, optimizer=optimizer,
+                               scheduler=scheduler, position=asdict(position),
+                               config_dict=self.config_dict, env=self.env)
+        if self.env.is_main:
+            layout.prune(self.run, self.keep_last_n)
+        return path
+
+    def find_resume_point(self, resume: bool, resume_from: str) -> Optional[Path]:
+        """The checkpoint to resume from, or None to start fresh (``--resume`` with none yet).
+
+        Leftovers of a save that was interrupted (``.tmp-step-N``) are removed first.
+        """
+        if self.env.is_main and self.run.is_dir():
+            layout.prune(self.run, keep_last_n=0)
+        if resume_from:
+            path = Path(resume_from)
+            read_train_state(path)  # exists, complete, readable: or a clear error
+            return path
+        if resume:
+            return layout.latest_checkpoint(self.run)
+        return None
+
+    def resume(self, path: Path, *, model, optimizer, scheduler) -> Position:
+        saved = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, env=self.env)
+        known = set(Position.__dataclass_fields__)
+        return Position(**{k: v for k, v in saved.items() if k in known})
+
+
+class StepCheckpoints:
+    """Step hook: save every ``every_n`` steps, and on pre-emption save and ask the loop to stop."""
+
+    def __init__(self, checkpointer: Checkpointer, *, every_n: int, preemption: PreemptionSignal,
+                 position_of: Callable[[Any], Position], save: Callable[[Position], Any]) -> None:
+        self.checkpointer, self.every_n, self.preemption = checkpointer, every_n, preemption
+        self.position_of, self._save = position_of, save
+        self.stop_requested = False
+        self.last_saved_step: Optional[int] = None
+        self.last_result = None  # the latest StepResult: where an epoch-end save resumes from
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, result) -> None:
+        self.last_result = result
+        preempted = self.preemption.requested()
+        if preempted or (self.every_n and result.step % self.every_n == 0):
+            self._save(self.position_of(result))
+            self.last_saved_step = result.step
+        if preempted:
+            self.stop_requested = True

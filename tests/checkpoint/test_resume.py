@@ -1,0 +1,204 @@
+"""Resumable sharded checkpoints with 2 real ranks: exact resume (full and LoRA), resharding to
+one process, refusal of a mismatched model, crash during a save, SIGTERM, listing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardtune.checkpoint import layout
+from shardtune.config.errors import ShardtuneError
+from shardtune.finetuning import main as finetune
+
+WORKER = Path(__file__).parents[1] / "parallel" / "fsdp_worker.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"instruction": f"Spell {i}.", "output": " ".join(str(i))} for i in range(n)]
+
+
+def _common(model: Path, data: Path, out: Path) -> list[str]:
+    return ["--model_name", str(model), "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path",
+            str(data), "--output_dir", str(out), "--device", "cpu", "--batching_strategy", "padding",
+            "--context_length", "64", "--lr", "2e-3", "--seed", "3", "--num_epochs", "2",
+            "--save_model", "False", "--run_validation", "False", "--gradient_accumulation_steps", "2"]
+
+
+def _close(a, b, rtol=1e-5) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rtol) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = root / "data.json"
+    data.write_text(json.dumps(_rows(48)))
+    cases, dirs = {}, {}
+    for kind, extra in (("full", []), ("lora", ["--use_peft", "--peft_method", "lora"])):
+        out = root / kind
+        dirs[kind] = out
+        base = [*_common(tiny_model_dir, data, out), "--enable_fsdp", "--batch_size_training", "2", *extra]
+        cases[f"{kind}_uninterrupted"] = {"args": [*base, "--output_dir", str(root / f"{kind}-ref")]}
+        cases[f"{kind}_first_part"] = {"args": [*base, "--save_every_n_steps", "2", "--max_train_step", "5"]}
+        cases[f"{kind}_resumed"] = {"args": [*base, "--resume"]}
+    # the full run's checkpoint resumed by a LoRA set-up: a different model, refused
+    cases["mismatch"] = {"expect_error": True,
+                         "args": [*_common(tiny_model_dir, data, root / "full"), "--enable_fsdp",
+                                  "--batch_size_training", "2", "--use_peft", "--resume"]}
+    (root / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29551", str(WORKER), str(root / "cases.json"),
+                           str(root / "results.json")], capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"results": json.loads((root / "results.json").read_text()), "dirs": dirs, "data": data,
+            "model": tiny_model_dir, "root": root}
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_resumed_run_continues_with_the_uninterrupted_losses(runs, kind):
+    r = runs["results"]
+    full = r[f"{kind}_uninterrupted"]["losses"]
+    first, resumed = r[f"{kind}_first_part"]["losses"], r[f"{kind}_resumed"]["losses"]
+    assert len(full) == 12 and len(first) == 5
+    assert _close(first, full[:5])
+    # the last checkpoint of the first part is step 4 (every 2 steps): resume redoes step 5
+    assert _close(resumed, full[4:]), (resumed, full[4:])
+
+
+def test_checkpoint_layout_and_contents(runs):
+    run = runs["dirs"]["full"] / "checkpoints" / "fine-tuned"
+    done = layout.complete_checkpoints(run)
+    assert [p.name for p in done][:2] == ["step-000002", "step-000004"]
+    ckpt = done[0]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_params.yaml", "train_state.json",
+            "COMPLETE"} <= {p.name for p in ckpt.iterdir()}
+    params = (ckpt / "train_params.yaml").read_text()
+    assert "lr: 0.002" in params and "torch:" in params and "transformers:" in params
+    assert (run / "latest").read_text().strip() == layout.latest_checkpoint(run).name
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(runs):
+    error = runs["results"]["mismatch"]["error"]
+    assert error and "different model" in error and "num_parameter_tensors" in error
+
+
+def test_two_rank_checkpoint_resumes_in_one_process_on_the_same_global_batch(runs):
+    r = runs["results"]
+    full = r["full_uninterrupted"]["losses"]
+    ckpt = runs["dirs"]["full"] / "checkpoints" / "fine-tuned" / "step-000004"
+    args = [*_common(runs["model"], runs["data"], runs["root"] / "single"), "--batch_size_training", "4",
+            "--resume_from", str(ckpt)]
+    with pytest.warns(UserWarning, match="resumed on 1"):
+        resumed = finetune(args)["train_step_loss"]
+    assert _close(resumed, full[4:], rtol=1e-4)
+
+
+def test_truncated_shard_is_a_clear_error_and_leaves_the_files(runs, tmp_path):
+    import shutil
+
+    src = runs["dirs"]["full"] / "checkpoints" / "fine-tuned" / "step-000002"
+    broken = tmp_path / "step-000002"
+    shutil.copytree(src, broken)
+    shard = broken / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    args = [*_common(runs["model"], runs["data"], tmp_path / "out"), "--batch_size_training", "4",
+            "--resume_from", str(broken)]
+    with pytest.raises(ShardtuneError, match="Could not read checkpoint"):
+        finetune(args)
+    assert shard.exists()
+
+
+def test_shardtune_checkpoints_lists_them(runs):
+    proc = subprocess.run([sys.executable, "-m", "shardtune", "checkpoints",
+                           str(runs["dirs"]["full"] / "checkpoints" / "fine-tuned")],
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0
+    assert "step-000004" in proc.stdout and "complete" in proc.stdout and "latest" in proc.stdout
+
+
+def _launch(args: list[str], port: int, extra_env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), "-m", "shardtune.finetuning", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, **(extra_env or {})}, start_new_session=True)
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """kill -9 the launcher and every rank (torchrun starts ranks in their own sessions)."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate()
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tiny_model_dir, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(_rows(48)))
+    out = tmp_path / "out"
+    args = [*_common(tiny_model_dir, data, out), "--enable_fsdp", "--batch_size_training", "2",
+            "--save_every_n_steps", "1"]
+    proc = _launch(args, 29552, {"SHARDTUNE_TEST_SAVE_DELAY_S": "1.5"})
+    run = out / "checkpoints" / "fine-tuned"
+    try:
+        assert _wait_for(lambda: (run / ".tmp-step-000002").is_dir(), 120), proc.communicate(timeout=5)
+        time.sleep(0.3)  # shards being written / waiting to be published
+    finally:
+        _kill_all(proc)
+    assert (run / "latest").read_text().strip() == "step-000001"
+    assert layout.latest_checkpoint(run) == run / "step-000001"
+    assert not (run / "step-000002").exists()
+    resumed = finetune([*_common(tiny_model_dir, data, out), "--batch_size_training", "4",
+                        "--save_every_n_steps", "100", "--resume", "--max_train_step", "2"])
+    assert len(resumed["train_step_loss"]) == 1  # continued after step 1
+    assert not list(run.glob(".tmp-step-*"))  # the interrupted save's leftovers are cleaned up
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
+    import psutil
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(_rows(48)))
+    out = tmp_path / "out"
+    args = [*_common(tiny_model_dir, data, out), "--enable_fsdp", "--batch_size_training", "2",
+            "--num_epochs", "500", "--save_metrics"]
+    proc = _launch(args, 29553)
+    try:
+        assert _wait_for(lambda: (out / "metrics.json").is_file(), 120)  # an epoch is done
+        for child in psutil.Process(proc.pid).children():  # the ranks, as a cluster would signal them
+            child.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_all(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "pre-empted (SIGTERM)" in stdout and "--resume" in stdout
+    ckpt = layout.latest_checkpoint(out / "checkpoints" / "fine-tuned")
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state["has_optimizer"] and state["step"] >= 6
+    resumed = finetune([*_common(tiny_model_dir, data, out), "--batch_size_training", "4", "--resume",
+                        "--num_epochs", "500", "--max_train_step", str(state["step"] + 1)])
+    assert resumed["steps"] == state["step"] + 1 and len(resumed["train_step_loss"]) == 1
