@@ -63,7 +63,7 @@ def two_rank_results(setting):
                                      "--fsdp_config.sharding_group_size", "1", "--fsdp_config.replica_group_size", "2")},
         "cpu_offload": {"args": _fsdp(c, "--fsdp_config.fsdp_cpu_offload")},
         "packing": {"args": _fsdp(c, "--batching_strategy", "packing")},
-        "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True",
+        "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True", "--merge_lora",
                                "--output_dir", str(setting["root"] / "lora-out"))},
         "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
         "freeze_layers": {"args": _fsdp(c, "--freeze_layers", "--num_freeze_layers", "1")},
@@ -183,3 +183,11 @@ def test_fsdp_saved_lora_adapter_loads_in_peft_with_the_trained_logits(two_rank_
     model = PeftModel.from_pretrained(base, out).eval()
     trained = torch.tensor(two_rank_results["lora"]["logits"])
     torch.testing.assert_close(_probe_logits(model, setting["model"]), trained, rtol=0, atol=1e-5)
+
+
+def test_fsdp_merged_lora_export_loads_as_a_plain_model_with_the_trained_logits(two_rank_results, setting):
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(setting["root"] / "lora-out" / "merged").eval()
+    trained = torch.tensor(two_rank_results["lora"]["logits"])
+    torch.testing.assert_close(_probe_logits(merged, setting["model"]), trained, rtol=1e-4, atol=1e-4)
