@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..parallel.distributed import DistEnv
+from .layout import fsync_path
 from .hf_stream import merged_lora_tensors, model_tensors, write_safetensors
 
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json",
@@ -68,8 +69,11 @@ def _commit(tmp: Path, final: Path) -> None:
             if old.name not in new:
                 old.unlink()
     for item in tmp.iterdir():
+        if item.is_file():
+            fsync_path(item)
         os.replace(item, final / item.name)
     shutil.rmtree(tmp, ignore_errors=True)
+    fsync_path(final)  # the directory entries of the renames
 
 
 def _write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:

@@ -14,6 +14,7 @@ memory. The files are ``model-0000k-of-0000n.safetensors`` plus ``model.safetens
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -23,6 +24,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..parallel.low_cpu import checkpoint_key
+from .layout import fsync_path
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -96,6 +98,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path
         nonlocal shard, shard_bytes
         path = out_dir / f".part-{len(written):05d}.safetensors"
         save_file(shard, str(path), metadata={"format": "pt"})
+        fsync_path(path)  # on disk before it is renamed into place (power loss, not just a kill)
         written.append((path, list(shard)))
         shard, shard_bytes = {}, 0
 

@@ -71,15 +71,15 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
 def commit(tmp: Path, final: Path) -> None:
     """Publish a fully written checkpoint: marker, rename into place, then move ``latest``."""
     (tmp / COMPLETE_MARKER).write_text("ok\n")
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():  # same step written again (e.g. the pre-emption save of a saved step)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     pointer_tmp = final.parent / f".{LATEST}.tmp"
     pointer_tmp.write_text(final.name + "\n")
     os.replace(pointer_tmp, final.parent / LATEST)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def prune(run: Path, keep_last_n: int) -> list[Path]:
@@ -95,7 +95,8 @@ def prune(run: Path, keep_last_n: int) -> list[Path]:
     return removed
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (after renames), to disk."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
