@@ -4,6 +4,8 @@
     shardtune demo [--output_dir DIR]
     shardtune generate MODEL_OR_ADAPTER_DIR --prompt "..."
     shardtune checkpoints CHECKPOINT_FOLDER
+    shardtune convert SRC DST [--model HF_DIR] [--dtype bf16] [--verify]
+    shardtune inspect PATH
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ commands:
   demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
   generate   generate text from an HF model directory or a PEFT adapter directory
   checkpoints  list a run's resumable checkpoints (step, epoch, eval loss, size, completeness)
+  convert    any FSDP checkpoint (shardtune, llama-recipes .distcp or .pt, PEFT adapter) -> HF model
+  inspect    what a checkpoint is, without loading its tensors
 
 run `shardtune <command> --help` for a command's options."""
 
@@ -120,7 +124,20 @@ def _checkpoints(argv: list[str]) -> None:
     listing_main(argv)
 
 
-COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate, "checkpoints": _checkpoints}
+def _convert(argv: list[str]) -> None:
+    from .convert.cli import convert_main
+
+    convert_main(argv)
+
+
+def _inspect(argv: list[str]) -> None:
+    from .convert.cli import inspect_main
+
+    inspect_main(argv)
+
+
+COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate, "checkpoints": _checkpoints,
+            "convert": _convert, "inspect": _inspect}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

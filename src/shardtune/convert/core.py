@@ -1,0 +1,339 @@
+"""``convert``: any FSDP checkpoint -> a Hugging Face model folder, streamed one output shard at a time.
+
+Memory: tensors are read for one output shard at a time (``--max_shard_size``, 5 GB by default)
+and handed to :func:`shardtune.checkpoint.hf_stream.write_safetensors`, which cuts its files at the
+same boundaries; peak host memory is about one output shard (two when ``--dtype`` converts), never
+the model or its optimizer state. The destination is written into a temporary folder next to it
+and renamed into place only when complete (and verified, with ``--verify``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..checkpoint.hf_stream import DTYPES, parse_size, write_safetensors
+from ..config.errors import ShardtuneError
+from .model import ModelSpec, build_meta_model, dominant_dtype, model_targets, resolve_model
+from .plan import LoraSpec, Plan, Ref, _human, build_plan, saved_names
+from .sources import Source, open_hf_model, open_source
+
+DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
+@dataclass
+class Conversion:
+    """Everything needed to write (and verify) one conversion."""
+
+    sources: list[Source]
+    spec: ModelSpec
+    meta: torch.nn.Module
+    plan: Plan
+    lora: Optional[LoraSpec]
+    out_dtype: Optional[torch.dtype]     # None: keep every tensor's dtype
+    log: Callable[[str], None] = print
+    save_names: dict[str, str] = field(default_factory=dict)   # model name -> name written on disk
+
+    def dtype_of(self, src_dtype: torch.dtype) -> torch.dtype:
+        if self.out_dtype is None or not src_dtype.is_floating_point:
+            return src_dtype
+        return self.out_dtype
+
+    @property
+    def config_dtype(self) -> torch.dtype:
+        if self.out_dtype is not None:
+            return self.out_dtype
+        sizes: dict[torch.dtype, int] = {}
+        for item in self.plan.items:
+            sizes[item.src_dtype] = sizes.get(item.src_dtype, 0) + item.entry.nbytes
+        for ref in self.plan.adapter.values():
+            e = self.sources[ref.src].entries[ref.key]
+            sizes[e.dtype] = sizes.get(e.dtype, 0) + e.nbytes
+        return dominant_dtype(sizes)
+
+
+def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
+    if text in (None, "", "keep"):
+        return None
+    if text not in DTYPES:
+        raise ShardtuneError(f"--dtype {text!r} is not one of {', '.join(DTYPE_CHOICES)}.")
+    return DTYPES[text]
+
+
+# ---------------------------------------------------------------- destination
+
+
+def check_destination(dst: Path, src: Path, overwrite: bool) -> None:
+    """Refuse a file, a non-empty folder (without --overwrite) or a folder holding the source."""
+    if dst.exists() and not dst.is_dir():
+        raise ShardtuneError(f"The destination {dst} is a file; pass a folder (it is created if missing).")
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or dst_r in src_r.parents:
+        raise ShardtuneError(f"The destination {dst} is (or contains) the source {src}; choose another folder.")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ShardtuneError(
+            f"The destination {dst} is not empty. Pass --overwrite to replace it (it is replaced only "
+            "once the new model is complete), or choose an empty or new folder.")
+
+
+def _temp_dir(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.converting-{os.getpid()}"
+
+
+def publish(tmp: Path, dst: Path) -> None:
+    """Move the finished folder into place; an existing (empty or --overwrite) one is replaced."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _lora_from_params(source: Source) -> Optional[LoraSpec]:
+    params = source.info.get("train_params") or {}
+    train = params.get("train_config") if isinstance(params.get("train_config"), dict) else params
+    lora_section = params.get("lora_config")
+    if str(train.get("use_peft")).lower() in ("true", "1") and str(train.get("peft_method", "lora")) == "lora" \
+            and isinstance(lora_section, dict):
+        return LoraSpec.from_dict({**lora_section, "peft_type": "LORA"})
+    return None
+
+
+def prepare(src: str | Path, *, model: Optional[str] = None, dtype: Optional[str] = "keep",
+            merge: bool = False, log: Callable[[str], None] = print) -> Conversion:
+    """Detect the source, resolve the model, and map every tensor (no tensor is read yet)."""
+    source = open_source(src)
+    log(f"found: {source.title} at {source.path}" + (f" ({source.note})" if source.note else ""))
+    out_dtype = parse_dtype(dtype)
+    if source.kind == "peft":
+        if not merge:
+            raise ShardtuneError(
+                f"{source.path} is a PEFT adapter, which transformers and peft already load "
+                "(PeftModel.from_pretrained). Pass --merge to fold it into its base model and write a "
+                "full Hugging Face model (the base comes from --model or the adapter's "
+                "base_model_name_or_path).")
+        lora = LoraSpec.from_dict(source.info["adapter_config"])
+        spec = resolve_model(source, model, base=True)
+        base = _open_base(spec)
+        sources = [base, source]
+    else:
+        spec = resolve_model(source, model)
+        lora = _lora_from_params(source)
+        sources = [source]
+    log(f"model: {spec.describe}")
+    meta = build_meta_model(spec)
+    targets = model_targets(meta)
+    # an adapter-only checkpoint is planned as an adapter first; --merge then adds its base model
+    plan = build_plan(sources, targets, meta, lora=lora, merge=merge and len(sources) > 1, model_desc=spec.describe)
+    if plan.adapter_only and merge and len(sources) == 1:
+        sources = [_open_base(spec), source]
+        plan = build_plan(sources, targets, meta, lora=lora, merge=True, model_desc=spec.describe)
+    conv = Conversion(sources=sources, spec=spec, meta=meta, plan=plan, lora=lora, out_dtype=out_dtype, log=log,
+                      save_names=saved_names(meta, [item.name for item in plan.items]))
+    renamed = sum(k != v for k, v in conv.save_names.items())
+    if renamed:
+        log(f"{renamed} weights are written under the names save_pretrained uses for {type(meta).__name__} "
+            "(transformers' checkpoint conversion mapping, reversed)")
+    if plan.adapter_only and not merge:
+        log(f"the checkpoint holds a LoRA adapter only ({len(plan.adapter)} tensors): writing a PEFT adapter "
+            "folder (pass --merge for a full model with the adapter folded in)")
+    elif plan.merged_modules:
+        log(f"merging LoRA into {plan.merged_modules} weights (W + scaling * B @ A)")
+    elif merge:
+        log("--merge: the checkpoint holds no LoRA weights; there is nothing to merge")
+    for line in plan.dropped_summary():
+        log(line)
+    return conv
+
+
+def _open_base(spec: ModelSpec) -> Source:
+    if spec.folder is None:
+        raise ShardtuneError(
+            f"Merging needs the base model's weights, but {spec.name!r} ({spec.origin}) is not a local "
+            "folder. Pass --model with the local Hugging Face model folder.")
+    return open_hf_model(spec.folder)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def shard_groups(conv: Conversion, limit: int) -> list[list]:
+    """Items cut into output shards exactly as write_safetensors cuts its files."""
+    groups, current, current_bytes = [], [], 0
+    for item in conv.plan.items:
+        size = item.entry.numel * conv.dtype_of(item.src_dtype).itemsize
+        if current and current_bytes + size > limit:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _read(conv: Conversion, refs: list[Ref]) -> dict[Ref, torch.Tensor]:
+    by_src: dict[int, dict[str, None]] = {}
+    for ref in refs:
+        by_src.setdefault(ref.src, {})[ref.key] = None
+    out: dict[Ref, torch.Tensor] = {}
+    for i, keys in by_src.items():
+        out.update({Ref(i, k): t for k, t in conv.sources[i].read(list(keys)).items()})
+    return out
+
+
+def _materialise(conv: Conversion, item, loaded: dict[Ref, torch.Tensor]) -> torch.Tensor:
+    base = loaded.pop(item.ref)
+    target = conv.dtype_of(item.src_dtype)
+    if not item.deltas:
+        return base if base.dtype == target else base.to(target)
+    weight = base.float()
+    for d in item.deltas:
+        delta = loaded.pop(d.b).float() @ loaded.pop(d.a).float()
+        weight += d.scaling * (delta.T if d.transpose else delta)
+    return weight.to(target)
+
+
+def _refs(items) -> list[Ref]:
+    return [r for item in items for r in (item.ref, *[x for d in item.deltas for x in (d.a, d.b)])]
+
+
+def stream(conv: Conversion, limit: int, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) in save order, reading one output shard's tensors at a time.
+
+    write_safetensors writes a shard when it receives the first tensor of the next one, so each
+    shard's first tensor is read and handed over alone; the rest of the shard is read only after
+    that, once the previous shard has been written and released. Peak: one shard + one tensor.
+    """
+    groups = shard_groups(conv, limit)
+    for n, group in enumerate(groups, 1):
+        loaded = _read(conv, _refs(group[:1]))
+        yield conv.save_names.get(group[0].name, group[0].name), _materialise(conv, group[0], loaded)
+        loaded.update(_read(conv, _refs(group[1:])))
+        if progress and len(groups) > 1:
+            size = sum(item.entry.numel * conv.dtype_of(item.src_dtype).itemsize for item in group)
+            conv.log(f"  shard {n}/{len(groups)}: {len(group)} tensors ({_human(size)})")
+        for item in group[1:]:
+            yield conv.save_names.get(item.name, item.name), _materialise(conv, item, loaded)
+        del loaded
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_model_files(conv: Conversion, tmp: Path) -> None:
+    from ..checkpoint.hf_export import _write_config
+
+    config = conv.meta.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(conv.meta).__name__]
+    with contextlib.suppress(Exception):
+        config.dtype = conv.config_dtype
+    _write_config(conv.meta, tmp, conv.config_dtype)
+
+
+def _write_adapter(conv: Conversion, tmp: Path) -> None:
+    import dataclasses
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    tensors = _read(conv, list(conv.plan.adapter.values()))
+    out = {name: tensors[ref].to(conv.dtype_of(tensors[ref].dtype)).contiguous()
+           for name, ref in conv.plan.adapter.items()}
+    save_file(out, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    cfg = {k: v for k, v in conv.lora.config.items() if k in fields and k != "peft_type"}
+    cfg["base_model_name_or_path"] = conv.spec.name
+    LoraConfig(**cfg).save_pretrained(str(tmp))
+
+
+def copy_tokenizer(conv: Conversion, tmp: Path, tokenizer: Optional[str] = None) -> Optional[str]:
+    """Tokenizer (via save_tokenizer, loadable by transformers 4 and 5) and processor files."""
+    from transformers import AutoTokenizer
+
+    from ..checkpoint.hf_export import save_tokenizer
+
+    folder = None
+    for candidate in (tokenizer, *(s.tokenizer_hint for s in conv.sources), conv.spec.folder):
+        if candidate and Path(candidate).is_dir():
+            folder = Path(candidate)
+            break
+    if folder is None and conv.spec.folder is None:
+        folder = conv.spec.name  # a hub id: the tokenizer may be in the local cache
+    if folder is None:
+        conv.log("note: no local tokenizer folder is known; the output has no tokenizer files")
+        return None
+    try:
+        save_tokenizer(AutoTokenizer.from_pretrained(folder), tmp)
+    except Exception as exc:  # noqa: BLE001 - a model without a tokenizer is still a model
+        conv.log(f"note: no tokenizer copied from {folder} ({type(exc).__name__}: {str(exc)[:120]})")
+    for name in PROCESSOR_FILES if isinstance(folder, Path) else ():
+        if (folder / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(folder / name, tmp / name)
+    return str(folder)
+
+
+def convert(src: str | Path, dst: str | Path, *, model: Optional[str] = None, dtype: Optional[str] = "keep",
+            max_shard_size: str | int = "5GB", verify: bool = False, overwrite: bool = False,
+            merge: bool = False, tokenizer: Optional[str] = None,
+            log: Callable[[str], None] = print) -> dict:
+    """Convert ``src`` into a Hugging Face folder ``dst``; returns a summary. See the module doc."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    try:
+        limit = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise ShardtuneError(f"--max_shard_size: {exc}") from None
+    if limit <= 0:
+        raise ShardtuneError("--max_shard_size must be positive.")
+    check_destination(dst, src, overwrite)
+    conv = prepare(src, model=model, dtype=dtype, merge=merge, log=log)
+    tmp = _temp_dir(dst)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if conv.plan.adapter_only and not merge:
+            _write_adapter(conv, tmp)
+            files, count = ["adapter_model.safetensors"], len(conv.plan.adapter)
+        else:
+            weight_map = write_safetensors(stream(conv, limit), tmp, is_main=True, max_shard_size=limit)
+            _write_model_files(conv, tmp)
+            files, count = sorted(set(weight_map.values())), len(weight_map)
+        copy_tokenizer(conv, tmp, tokenizer)
+        summary = {"kind": conv.sources[-1].kind, "source": str(conv.sources[-1].path), "destination": str(dst),
+                   "model": conv.spec.describe, "tensors": count, "files": files,
+                   "bytes": sum((tmp / f).stat().st_size for f in files),
+                   "dtype": str(conv.config_dtype).removeprefix("torch."),
+                   "dropped": {k: len(v) for k, v in conv.plan.dropped.items()},
+                   "adapter": conv.plan.adapter_only and not merge}
+        if verify:
+            from .verify import verify_output
+
+            summary["verify"] = verify_output(conv, tmp, limit)
+        publish(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for s in conv.sources:
+            s.close()
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    what = "PEFT adapter" if summary["adapter"] else "Hugging Face model"
+    log(f"wrote {what} to {dst}: {count} tensors in {len(files)} file(s), {_human(summary['bytes'])}, "
+        f"{summary['dtype']} ({summary['seconds']:.1f} s)")
+    return summary
+
+

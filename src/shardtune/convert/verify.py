@@ -1,0 +1,164 @@
+"""``--verify``: the written folder holds exactly the source's weights and gives the same logits.
+
+1. Every written tensor is read back and compared with the source tensor as read (converted to
+   the output dtype; merged weights recomputed): they must be identical.
+2. The written folder is loaded with ``from_pretrained`` (in fp32; no missing, unexpected or
+   mis-shaped keys allowed) and run on a fixed 16-token probe. The reference is a model built
+   from the config and loaded with the source weights as read, rounded to the output dtype
+   (LoRA: the base with the adapter applied by peft, unmerged). The max abs logits difference
+   must be within 1e-4 x max(1, max |logit|); for a merge into fp16/bf16 weights, where the merged
+   weight is rounded once more, 1e-2 (fp16) or 5e-2 (bf16) x that scale.
+
+It needs memory for two copies of the model in fp32; the conversion itself does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config.errors import ShardtuneError
+from .core import Conversion, _read, stream
+from .sources import hf_weight_files
+
+PROBE_TOKENS = 16
+MERGE_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _round(conv: Conversion, t: torch.Tensor) -> torch.Tensor:
+    if not t.dtype.is_floating_point:
+        return t
+    return t.to(conv.dtype_of(t.dtype)).float()
+
+
+def _lora_config(conv: Conversion):
+    from peft import LoraConfig
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{k: v for k, v in conv.lora.config.items() if k in fields and k != "peft_type"})
+
+
+def _apply_adapter(conv: Conversion, model: torch.nn.Module) -> torch.nn.Module:
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    refs = dict(conv.plan.adapter)
+    loaded = _read(conv, list(refs.values()))
+    state = {name: _round(conv, loaded[ref]) for name, ref in refs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, _lora_config(conv))
+        result = set_peft_model_state_dict(peft_model, state)
+    bad = list(getattr(result, "unexpected_keys", []) or [])
+    if bad:
+        raise ShardtuneError(f"--verify: peft did not accept the adapter weights {bad[:5]}.")
+    return peft_model
+
+
+def reference_model(conv: Conversion) -> torch.nn.Module:
+    """The model built from the config, loaded with the source weights as read (fp32)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = conv.spec.cls(conv.spec.config)
+    loaded = _read(conv, [item.ref for item in conv.plan.items])
+    state = {item.name: _round(conv, loaded.pop(item.ref)) for item in conv.plan.items}
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ShardtuneError(f"--verify: the reference model has weights the checkpoint did not fill: {left[:5]}")
+    if any(item.deltas for item in conv.plan.items):
+        model = _apply_adapter(conv, model)
+    return model.float().eval()
+
+
+def probe_ids(model: torch.nn.Module) -> torch.Tensor:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = min(getattr(text, "vocab_size", None) or 10**9, model.get_input_embeddings().weight.shape[0])
+    return torch.tensor([[(i * 7919 + 11) % vocab for i in range(PROBE_TOKENS)]])
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _compare_model_tensors(conv: Conversion, out: Path, limit: int) -> int:
+    from safetensors import safe_open
+
+    files = hf_weight_files(out)
+    handles = {f: safe_open(str(f), framework="pt") for f in files}
+    where = {k: f for f, h in handles.items() for k in h.keys()}
+    count = 0
+    for name, expected in stream(conv, limit, progress=False):
+        if name not in where:
+            raise ShardtuneError(f"--verify: {name} is missing from the written files.")
+        got = handles[where[name]].get_tensor(name)
+        if got.dtype != expected.dtype or not torch.equal(got, expected):
+            raise ShardtuneError(f"--verify: the written tensor {name} differs from the source tensor.")
+        count += 1
+    extra = set(where) - {conv.save_names.get(item.name, item.name) for item in conv.plan.items}
+    if extra:
+        raise ShardtuneError(f"--verify: unexpected tensors were written: {sorted(extra)[:5]}")
+    return count
+
+
+def _compare_adapter_tensors(conv: Conversion, out: Path) -> int:
+    from safetensors.torch import load_file
+
+    written = load_file(str(out / "adapter_model.safetensors"))
+    loaded = _read(conv, list(conv.plan.adapter.values()))
+    for name, ref in conv.plan.adapter.items():
+        want = loaded[ref].to(conv.dtype_of(loaded[ref].dtype))
+        if name not in written or not torch.equal(written[name], want):
+            raise ShardtuneError(f"--verify: the written adapter tensor {name} differs from the source.")
+    return len(written)
+
+
+def verify_output(conv: Conversion, out: Path, limit: int) -> dict:
+    """Check ``out`` (not yet published); raises ShardtuneError on any difference."""
+    log = conv.log
+    cls = conv.spec.cls
+    adapter = conv.plan.adapter_only and not conv.plan.items
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if adapter:
+            from peft import PeftModel
+
+            checked = _compare_adapter_tensors(conv, out)
+            ref = _apply_adapter(conv, cls.from_pretrained(conv.spec.folder, dtype=torch.float32)).eval()
+            ids = probe_ids(ref)
+            ref_logits = _logits(ref, ids)
+            del ref
+            base = cls.from_pretrained(conv.spec.folder, dtype=torch.float32)
+            dst = PeftModel.from_pretrained(base, str(out)).eval()
+        else:
+            checked = _compare_model_tensors(conv, out, limit)
+            ref = reference_model(conv)
+            ids = probe_ids(ref)
+            ref_logits = _logits(ref, ids)
+            del ref
+            dst, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+            problems = {k: sorted(info.get(k) or [])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                        if info.get(k)}
+            if problems:
+                raise ShardtuneError(f"--verify: from_pretrained reported {problems} for the written model.")
+            dst = dst.eval()
+        dst_logits = _logits(dst, ids)
+    diff = float((dst_logits - ref_logits).abs().max())
+    scale = max(1.0, float(ref_logits.abs().max()))
+    merged = any(item.deltas for item in conv.plan.items)
+    tolerance = (MERGE_TOLERANCE.get(conv.config_dtype, 1e-4) if merged else 1e-4) * scale
+    line = (f"verify: {checked} tensors identical to the source; logits max abs diff {diff:.3e} "
+            f"(tolerance {tolerance:.1e}, {PROBE_TOKENS}-token probe)")
+    if not diff <= tolerance:  # also catches NaN
+        raise ShardtuneError(
+            f"--verify failed: the converted model's logits differ from the source model's by {diff:.3e} "
+            f"(tolerance {tolerance:.1e}). The output was not kept; check --model and the checkpoint.")
+    log(line)
+    return {"tensors": checked, "max_abs_diff": diff, "tolerance": tolerance}
