@@ -48,3 +48,8 @@ def test_help_config_lists_every_section():
 def test_launch_options_are_split_from_recipe_options():
     launch, rest = split_launch_args(["--nproc_per_node", "2", "--lr", "1", "--nnodes=1", "--enable_fsdp"])
     assert launch == ["--nproc_per_node", "2", "--nnodes=1"] and rest == ["--lr", "1", "--enable_fsdp"]
+
+
+def test_valueless_launch_flags_are_split_too():
+    launch, rest = split_launch_args(["--standalone", "--nproc_per_node=2", "--lr", "1"])
+    assert launch == ["--standalone", "--nproc_per_node=2"] and rest == ["--lr", "1"]

@@ -33,6 +33,7 @@ run `shardtune <command> --help` for a command's options."""
 # torchrun options `shardtune finetune` forwards to the launcher instead of the recipe.
 _LAUNCH_OPTS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint",
                 "rdzv_id", "master_addr", "master_port", "max_restarts")
+_LAUNCH_FLAGS = ("standalone",)  # torchrun options without a value
 
 
 _RANK_ERROR_GRACE_S = 3.0
@@ -65,7 +66,9 @@ def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     while i < len(args):
         tok = args[i]
         name = tok[2:].partition("=")[0] if tok.startswith("--") else ""
-        if name in _LAUNCH_OPTS:
+        if name in _LAUNCH_FLAGS:
+            launch.append(tok)
+        elif name in _LAUNCH_OPTS:
             if "=" in tok:
                 launch.append(tok)
             else:
@@ -99,6 +102,9 @@ def _finetune(argv: list[str]) -> None:
         cfg = parse_args(rest).config
         check_model_source(cfg.train.model_name)
         check_world_size(cfg.train.enable_fsdp, nproc)
+        single_node = not any(t.startswith(("--nnodes", "--rdzv", "--master_", "--node_rank")) for t in launch)
+        if single_node and "--standalone" not in launch:
+            launch.append("--standalone")  # a free local port: two jobs on one machine never collide
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "shardtune.finetuning", *rest]
         os.execv(sys.executable, cmd)
     from .finetuning import main as finetune_main

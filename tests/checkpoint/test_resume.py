@@ -57,7 +57,7 @@ def runs(tiny_model_dir, tmp_path_factory):
                                   "--batch_size_training", "2", "--use_peft", "--resume"]}
     (root / "cases.json").write_text(json.dumps(cases))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29551", str(WORKER), str(root / "cases.json"),
+                           "--standalone", str(WORKER), str(root / "cases.json"),
                            str(root / "results.json")], capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"results": json.loads((root / "results.json").read_text()), "dirs": dirs, "data": data,
@@ -126,9 +126,9 @@ def test_shardtune_checkpoints_lists_them(runs):
     assert "step-000004" in proc.stdout and "complete" in proc.stdout and "latest" in proc.stdout
 
 
-def _launch(args: list[str], port: int, extra_env: dict | None = None) -> subprocess.Popen:
+def _launch(args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(port), "-m", "shardtune.finetuning", *args],
+                             "--standalone", "-m", "shardtune.finetuning", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**ENV, **(extra_env or {})}, start_new_session=True)
 
@@ -161,7 +161,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tiny_model_d
     out = tmp_path / "out"
     args = [*_common(tiny_model_dir, data, out), "--enable_fsdp", "--batch_size_training", "2",
             "--save_every_n_steps", "1"]
-    proc = _launch(args, 29552, {"SHARDTUNE_TEST_SAVE_DELAY_S": "1.5"})
+    proc = _launch(args, {"SHARDTUNE_TEST_SAVE_DELAY_S": "1.5"})
     run = out / "checkpoints" / "fine-tuned"
     try:
         assert _wait_for(lambda: (run / ".tmp-step-000002").is_dir(), 120), proc.communicate(timeout=5)
@@ -185,7 +185,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     args = [*_common(tiny_model_dir, data, out), "--enable_fsdp", "--batch_size_training", "2",
             "--num_epochs", "500", "--save_metrics"]
-    proc = _launch(args, 29553)
+    proc = _launch(args)
     try:
         assert _wait_for(lambda: (out / "metrics.json").is_file(), 120)  # an epoch is done
         for child in psutil.Process(proc.pid).children():  # the ranks, as a cluster would signal them

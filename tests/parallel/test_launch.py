@@ -54,7 +54,7 @@ def test_launcher_refuses_ranks_without_enable_fsdp(tiny_model_dir):
 
 def test_torchrun_with_a_bad_model_path_exits_nonzero_with_one_message(tmp_path):
     proc, seconds = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29541", "-m", "shardtune.finetuning", "--enable_fsdp",
+                          "--standalone", "-m", "shardtune.finetuning", "--enable_fsdp",
                           "--device", "cpu", "--model_name", str(tmp_path / "missing")], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("does not exist") == 1, proc.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path, tiny_model_dir):
         "        raise RuntimeError('rank one cannot read its data shard')\n"
         "    return [{'input_ids': [1, 5, 6, 7], 'labels': [1, 5, 6, 7], 'attention_mask': [1, 1, 1, 1]}] * 16\n")
     proc, seconds = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29542", "-m", "shardtune.finetuning", "--enable_fsdp",
+                          "--standalone", "-m", "shardtune.finetuning", "--enable_fsdp",
                           "--device", "cpu", "--model_name", str(tiny_model_dir),
                           "--dataset", "custom_dataset", "--custom_dataset.file", str(bad),
                           "--output_dir", str(tmp_path / "out")], timeout=180)
@@ -82,7 +82,7 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path, tiny_model_dir):
 def test_shardtune_finetune_launches_two_fsdp_ranks_end_to_end(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     proc, _ = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
-                    "--master_port", "29543", "--enable_fsdp", "--device", "cpu",
+                    "--enable_fsdp", "--device", "cpu",
                     "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
                     "--alpaca_dataset.data_path", str(_data(tmp_path)), "--batch_size_training", "4",
                     "--batching_strategy", "padding",
