@@ -212,6 +212,9 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
     if resume_path is not None:
         pos = checkpointer.resume(resume_path, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler)
         say(env, f"resumed from {resume_path}: epoch {pos.epoch + 1}, step {pos.step}")
+        if t.save_metrics:  # keep the curves of the steps before the checkpoint
+            metrics = MetricsLog.continued(t.output_dir, step=pos.step, epochs_done=pos.epoch)
+            hooks[0] = metrics
     elif t.resume:
         say(env, f"--resume: no complete checkpoint under {checkpointer.run} yet; starting from scratch")
     batches_per_epoch = len(c.train_loader)
@@ -229,6 +232,8 @@ def train(cfg: Config, env: DistEnv, c: Components) -> dict:
         path = checkpointer.save(position, model=c.model, optimizer=c.optimizer if with_optimizer else None,
                                  scheduler=c.scheduler)
         say(env, f"checkpoint: {path}")
+        if t.save_metrics and env.is_main:  # the curves always reach the newest checkpoint
+            metrics.write(t.output_dir)
 
     preemption = PreemptionSignal(env).install()
     step_saves = StepCheckpoints(checkpointer, every_n=t.save_every_n_steps, preemption=preemption,

@@ -200,5 +200,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
     state = json.loads((ckpt / "train_state.json").read_text())
     assert state["has_optimizer"] and state["step"] >= 6
     resumed = finetune([*_common(tiny_model_dir, data, out), "--batch_size_training", "4", "--resume",
-                        "--num_epochs", "500", "--max_train_step", str(state["step"] + 1)])
-    assert resumed["steps"] == state["step"] + 1 and len(resumed["train_step_loss"]) == 1
+                        "--num_epochs", "500", "--max_train_step", str(state["step"] + 1), "--save_metrics"])
+    assert resumed["steps"] == state["step"] + 1
+    # metrics.json keeps the history up to the checkpoint and adds the resumed step
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_step"] == list(range(1, state["step"] + 2))

@@ -20,3 +20,17 @@ def test_metrics_file_and_plots(tmp_path):
     assert data["val_step"] == [3] and data["epoch_time_s"] == [1.5]
     for png in ("loss.png", "perplexity.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_a_resumed_log_keeps_history_up_to_the_checkpoint(tmp_path):
+    import json
+
+    from shardtune.train.metrics import MetricsLog
+
+    saved = {"train_step": [1, 2, 3, 4], "train_step_loss": [4.0, 3.0, 2.0, 1.0],
+             "train_epoch_loss": [3.5, 1.5], "val_step": [2, 4], "val_epoch_loss": [3.4, 1.4]}
+    (tmp_path / "metrics.json").write_text(json.dumps(saved))
+    log = MetricsLog.continued(tmp_path, step=3, epochs_done=1)
+    assert log.train_step == [1, 2, 3] and log.train_step_loss == [4.0, 3.0, 2.0]
+    assert log.train_epoch_loss == [3.5] and log.val_step == [2] and log.val_epoch_loss == [3.4]
+    assert MetricsLog.continued(tmp_path / "none", step=3, epochs_done=1).train_step == []

@@ -55,6 +55,29 @@ class MetricsLog:
         self.val_epoch_loss.append(val.loss)
         self.val_epoch_perplexity.append(val.perplexity)
 
+    @classmethod
+    def continued(cls, output_dir: str | Path, *, step: int, epochs_done: int) -> "MetricsLog":
+        """The log of a resumed run: ``metrics.json``'s history up to the checkpoint's ``step``
+        (later entries were trained after the checkpoint and are redone), or an empty log."""
+        path = Path(output_dir) / "metrics.json"
+        log = cls()
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return log
+        keep = [i for i, s in enumerate(saved.get("train_step", [])) if s <= step]
+        for name in ("train_step", "train_step_loss", "train_step_perplexity", "train_step_lr",
+                     "train_step_tokens_per_s"):
+            values = saved.get(name, [])
+            getattr(log, name).extend(values[i] for i in keep if i < len(values))
+        for name in ("train_epoch_loss", "train_epoch_perplexity", "train_epoch_tokens_per_s", "epoch_time_s"):
+            getattr(log, name).extend(saved.get(name, [])[:epochs_done])
+        vals = [i for i, s in enumerate(saved.get("val_step", [])) if s <= step]
+        for name in ("val_step", "val_epoch_loss", "val_epoch_perplexity"):
+            values = saved.get(name, [])
+            getattr(log, name).extend(values[i] for i in vals if i < len(values))
+        return log
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
