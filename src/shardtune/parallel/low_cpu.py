@@ -108,20 +108,20 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device) -> N
     for buf_name, value in buffers.items():
         model.get_buffer(buf_name).copy_(value)
     missing: list[str] = []
-    with contextlib.ExitStack() as stack:
-        files: dict[Path, object] = {}
-        for param_name, param in model.named_parameters():
-            key = checkpoint_key(param_name)
-            path = index.get(key)
-            if path is None:
-                missing.append(param_name)
-                continue
-            if path not in files:
-                files[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            local, start = _local_rows(param)
-            if local.numel() == 0:
-                continue
-            piece = files[path].get_slice(key)
+    for param_name, param in model.named_parameters():
+        key = checkpoint_key(param_name)
+        path = index.get(key)
+        if path is None:
+            missing.append(param_name)
+            continue
+        local, start = _local_rows(param)
+        if local.numel() == 0:
+            continue
+        # One open per tensor: safetensors maps the file, and the pages a rank touched stay in
+        # its RSS while the file is open. Closing after each tensor keeps each rank's footprint
+        # to its own rows (measured: 2.3x -> 1.05x of one model summed over 2 ranks).
+        with safe_open(str(path), framework="pt") as f:
+            piece = f.get_slice(key)
             shape = tuple(piece.get_shape())
             if shape != tuple(param.shape):
                 raise ShardtuneError(
@@ -130,6 +130,7 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device) -> N
                     "and config do not belong together.")
             rows = piece[start:start + local.shape[0]] if local.dim() > 0 else piece[:]
             local.copy_(rows.to(local.dtype))
+            del rows, piece
     unknown = _init_new_adapter_weights(model, missing) if missing else []
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")

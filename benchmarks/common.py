@@ -1,0 +1,348 @@
+"""Helpers shared by the benchmark scripts: launching torchrun, machine facts, memory probes,
+a GEMM peak probe, CPU-contention accounting and plain-text tables.
+
+Nothing here is part of the shardtune package; the scripts import it as ``common`` (they put
+their own folder on ``sys.path``), also inside the torchrun workers they launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def torchrun(script: Path, nproc: int, args: Sequence[str], *, threads: Optional[int] = None,
+             log_path: Optional[Path] = None, result: Optional[Path] = None) -> Optional[str]:
+    """Run ``script args`` under ``torch.distributed.run --standalone`` with ``nproc`` ranks.
+
+    ``threads`` sets OMP_NUM_THREADS for every rank (torchrun would otherwise force 1 thread
+    per rank whenever nproc > 1). Output goes to ``log_path``. A failed launch raises, unless
+    ``result`` (written by rank 0 after all ranks finished their work) appeared during this
+    launch: then a rank died while exiting, the figures are complete, and a warning is returned.
+    """
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script), *args]
+    log_path = Path(log_path or os.devnull)
+    started = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode == 0:
+        return None
+    tail = log_path.read_text()[-6000:] if log_path != Path(os.devnull) else ""
+    if result is not None and result.is_file() and result.stat().st_mtime >= started:
+        first = next((ln for ln in tail.splitlines() if "terminate" in ln or "exitcode" in ln), "")
+        return (f"torchrun exited with {proc.returncode} after rank 0 had written the results "
+                f"(a rank died while shutting down: {first.strip()!r}; log: {log_path})")
+    raise RuntimeError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+# --------------------------------------------------------------------------- machine facts
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": cpu_model(),
+            "cpu_cores": os.cpu_count(), "ram_gib": round(_mem_total_kib() / 2**20, 1)}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _mem_total_kib() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def print_machine(info: dict) -> None:
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+
+# --------------------------------------------------------------------------- CPU contention
+
+
+def _busy_jiffies() -> Optional[int]:
+    """Non-idle CPU time of the whole machine (all cores), in clock ticks, from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of its children that have been waited for."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class ForeignLoad:
+    """How busy the machine was with *other* processes between ``start()`` and ``stop()``.
+
+    other cores = (all non-idle CPU time on the machine - CPU time of this process and the
+    children it waited for) / wall time. On a quiet machine it is ~0; 1.0 means another job kept
+    one core busy the whole time, and throughput figures taken meanwhile are not trustworthy.
+    """
+
+    def __init__(self) -> None:
+        self.other_cores: Optional[float] = None
+
+    def start(self) -> "ForeignLoad":
+        self._t, self._busy, self._own = time.perf_counter(), _busy_jiffies(), _own_cpu_seconds()
+        return self
+
+    def stop(self) -> Optional[float]:
+        busy = _busy_jiffies()
+        if busy is None or self._busy is None:
+            return None
+        wall = time.perf_counter() - self._t
+        total = (busy - self._busy) / os.sysconf("SC_CLK_TCK")
+        own = _own_cpu_seconds() - self._own
+        self.other_cores = max(0.0, total - own) / max(wall, 1e-9)
+        return self.other_cores
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 5.0) -> float:
+    """Wait (up to ``max_wait_s``) until other processes use < ``threshold`` cores over a
+    ``window_s`` window; returns the last measured load (in cores)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        load = ForeignLoad().start()
+        time.sleep(window_s)
+        other = load.stop() or 0.0
+        if other < threshold or time.monotonic() >= deadline:
+            return other
+        print(f"  waiting for a quiet machine: other processes use {other:.2f} cores", flush=True)
+
+
+def cpu_marks() -> tuple[Optional[int], float, float]:
+    """(machine busy ticks, wall time, this process's CPU seconds), for ``other_cores``."""
+    return _busy_jiffies(), time.perf_counter(), _own_cpu_seconds()
+
+
+def other_cores(start: tuple, end: tuple, own_cpu_s: float) -> Optional[float]:
+    """Cores used by other processes between two ``cpu_marks`` when the benchmark's own
+    processes used ``own_cpu_s`` CPU seconds in total meanwhile."""
+    if start[0] is None or end[0] is None:
+        return None
+    busy = (end[0] - start[0]) / os.sysconf("SC_CLK_TCK")
+    return max(0.0, busy - own_cpu_s) / max(end[1] - start[1], 1e-9)
+
+
+def other_processes_busy(threshold: float = 20.0) -> list[str]:
+    """Other processes using > ``threshold`` % CPU right now (one short psutil sample)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is in the venv
+        return []
+    me = os.getpid()
+    procs = [p for p in psutil.process_iter(["pid", "name", "cmdline"]) if p.pid != me]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(0.5)
+    busy = []
+    for p in procs:
+        try:
+            pct = p.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if pct > threshold:
+            cmd = " ".join(p.info.get("cmdline") or [p.info.get("name") or "?"])[:100]
+            busy.append(f"pid {p.pid} {pct:.0f}% {cmd}")
+    return busy
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kib(*keys: str) -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in keys:
+            out[name] = int(rest.split()[0])
+    return out
+
+
+def _rollup_kib(*keys: str) -> dict[str, int]:
+    out = {}
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        if name in keys:
+            out[name] = int(rest.split()[0])
+    return out
+
+
+def memory_now() -> dict[str, int]:
+    """This process's memory in bytes: rss, anon (RssAnon), file (RssFile), pss, hwm (peak rss).
+
+    ``hwm`` is the kernel's high-water mark of RSS (VmHWM, the same as ru_maxrss on Linux).
+    RSS counts file pages mapped into the process (shared libraries, mmap-ed safetensors) as
+    well as its private anonymous memory; PSS splits pages shared by several processes among them.
+    """
+    s = _status_kib("VmRSS", "RssAnon", "RssFile", "VmHWM")
+    r = _rollup_kib("Pss")
+    kib = {"rss": s.get("VmRSS", 0), "anon": s.get("RssAnon", 0), "file": s.get("RssFile", 0),
+           "hwm": s.get("VmHWM", 0), "pss": r.get("Pss", 0)}
+    if not kib["hwm"]:  # not Linux /proc: ru_maxrss (KiB on Linux, bytes on macOS)
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kib["hwm"] = ru // 1024 if sys.platform == "darwin" else ru
+    return {k: v * 1024 for k, v in kib.items()}
+
+
+class PeakSampler:
+    """Samples ``memory_now()`` in a background thread; keeps the peak of each field.
+
+    The kernel keeps an exact peak only for total RSS (``hwm``); the peaks of anon, file and PSS
+    are sampled every ``interval`` seconds, so a spike shorter than that can be missed.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for k, v in memory_now().items():
+            if v > self.peak.get(k, -1):
+                self.peak[k] = v
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+# --------------------------------------------------------------------------- GEMM peak
+
+
+def gemm_peak(device, dtype, n: int, reps: int = 6, barrier=None) -> dict:
+    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs) on ``device``: best and median of ``reps``.
+
+    On CPU it uses the current ``torch.get_num_threads()``; ``barrier`` (a callable) is called
+    before timing so that concurrently running ranks time their matmuls at the same time.
+    """
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(2):
+        torch.mm(a, b)
+    sync()
+    if barrier is not None:
+        barrier()
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        rates.append(2 * n**3 / (time.perf_counter() - t0))
+    rates.sort()
+    return {"best": rates[-1], "median": rates[len(rates) // 2], "n": n, "reps": reps}
+
+
+# --------------------------------------------------------------------------- models and tables
+
+
+def param_count(model_dir: Path) -> dict[str, int]:
+    """Parameter counts read from the safetensors headers (no tensors are loaded)."""
+    from safetensors import safe_open
+
+    total = embed = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+                if key.endswith("embed_tokens.weight"):
+                    embed += n
+    return {"total": total, "input_embedding": embed}
+
+
+def safetensors_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def read_model_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence], align: str = "") -> str:
+    """A GitHub-markdown table (also readable as plain text). ``align``: 'l'/'r' per column."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def fmt(cells):
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                                 for c, w, a in zip(cells, widths, align)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1))
+                         for w, a in zip(widths, align)) + "|"
+    return "\n".join([fmt(headers), sep, *(fmt(r) for r in rows)])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"

@@ -1,0 +1,489 @@
+"""Training throughput and model-FLOPs utilisation (MFU) of the recipe: 1 vs 2 ranks, padding vs packing.
+
+What it runs
+------------
+* A random-initialised Llama written by ``shardtune.demo.tiny.build_tiny_llama`` (its byte-level
+  BPE tokenizer, vocab 512). ``--size 35m`` (default, CPU): hidden 512, 11 layers, 8 heads
+  (8 kv heads), intermediate 1376 -> 35.3M parameters (8 layers would give only 25.8M).
+  ``--size 1b`` (GPU): hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192 ->
+  0.98B parameters, written in bf16 (the recipe loads fp32 master weights). build_tiny_llama takes
+  the vocabulary from its tokenizer, so the 1b model keeps vocab 512 instead of Llama 3's 128256:
+  it has the decoder blocks of Llama-3.2-1B but not its 2 x 263M embedding/LM-head parameters,
+  and its LM-head matmul and softmax are negligible (with 128k tokens they are ~20% of the FLOPs).
+* Generated alpaca-style data (``instruction`` / optional ``input`` / ``output`` of random
+  English words, log-normal output lengths; >= 1000 rows, 49-512 tokens per sample, the alpaca
+  prompt template alone being ~48; median ~130, p90 ~260, ~1.5% truncated to the context length),
+  read through the recipe's ``alpaca_dataset``.
+* The real recipe, ``shardtune.finetuning.setup`` + ``train``, inside ``torchrun --standalone
+  --nproc_per_node R`` with ``--enable_fsdp --fsdp_config.sharding_strategy FULL_SHARD`` for
+  R = 1 and R = 2 (gloo on CPU, NCCL on GPU), for each ``--batching_strategy`` (padding:
+  length-grouped batches padded to their longest sample; packing: best-fit chunks of exactly
+  ``--context_length`` tokens with per-document attention). ``--batch_size_training`` is per
+  rank, so 2 ranks process a twice larger global batch per step. Activation checkpointing is off
+  (``--activation_checkpointing`` turns it on: it recomputes the forward in the backward, which
+  costs ~1/3 more compute that MFU, by definition, does not credit). fp32 on CPU;
+  ``--dtype bf16`` (GPU) keeps fp32 master weights and computes in bf16 through FSDP's
+  mixed-precision policy (the recipe's default on GPU).
+
+What it measures (per run; steps 1..``--warmup`` are excluded)
+--------------------------------------------------------------
+* wall time: from the end of the last warm-up step to the end of the last step, taken in the
+  recipe's per-step hook (``MetricsLog.after_step``; the module-level ``MetricsLog`` of
+  ``shardtune.finetuning`` is replaced by a subclass that also timestamps each step). It covers
+  everything in those steps, data loading and collation included.
+* tokens: non-pad tokens (attention-mask ones for padding, non-pad ids for packing) and
+  processed tokens (every slot of the ``[batch, seq]`` tensors, pads included), summed over
+  ranks, counted by a thin wrapper around the recipe's DataLoader. pad fraction = 1 - non-pad /
+  processed. tok/s = tokens / wall time.
+* model FLOPs per step (PaLM's MFU convention, Chowdhery et al. 2022, appendix B):
+  ``6 * N * T + 12 * L * d * sum_docs(len^2)`` where N = parameters that take part in matmuls
+  (all but the input embedding), T = non-pad tokens, L = layers, d = hidden size (= heads x
+  head dim) and the sum runs over the documents in the step (each sample for padding; each packed
+  document, whose attention is block-diagonal, for packing). The second term is QK^T and AV,
+  forward + backward, without discounting the causal mask. Pads, recomputation and the optimizer
+  step are not credited.
+* GEMM peak: every rank times an ``n x n x n`` matmul in the training dtype (fp32 on CPU with the
+  same thread count as training, bf16 on GPU), all ranks at the same time (after a barrier),
+  before the first and after the last run of the launch; a rank's peak is its best rate over
+  both probes, and the launch's peak is the sum over ranks. MFU = model FLOP/s / that sum.
+* peak memory: GPU, ``torch.cuda.max_memory_allocated`` per run, max over ranks; CPU, the
+  run's peak private (anonymous) RSS sampled every 5 ms, max over ranks.
+* other cores: CPU time used by *other* processes on the machine during the run (set-up and
+  training; all non-idle time in /proc/stat minus the CPU time of the ranks), in cores. A run
+  with a noticeable value shared the cores with something else and its figures are low (a
+  2-thread rank loses far more than its share: its threads wait for each other).
+
+    python benchmarks/throughput.py                          # CPU, 35M model, ~4 min on 2 idle cores
+    python benchmarks/throughput.py --ranks 1 --strategies packing --timed_steps 2
+    python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1   # one GPU
+    python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1,2 # two GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+SIZES = {
+    "35m": dict(hidden_size=512, num_layers=11, num_heads=8, num_kv_heads=8, intermediate_size=1376),
+    "1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
+}
+# Per size: per-rank batch, GEMM probe size.
+DEFAULTS = {"35m": dict(batch_size=4, gemm_n=2048), "1b": dict(batch_size=8, gemm_n=8192)}
+
+
+# --------------------------------------------------------------------------- data
+
+
+_WORDS = (
+    "the a an of to and in is that for it as with was on be by this are or from at which have not "
+    "but had they you were their one all we can her has there been if more when will would who so "
+    "no she other its time people into only new some could these two may first then do any like my "
+    "now over such our man me even most made after also did many before must through back years "
+    "where much your way well down should because each just those how too little state good very "
+    "make world still own see men work long get here between both life being under never day same "
+    "another know while last might us great old year off come since against go came right used take "
+    "three summarize dialog correct english write response instruction task input request describe "
+    "explain list reverse sort count add copy quick brown fox jumps lazy dog hello today lovely "
+    "cookies school every water energy function number example question answer story poem recipe "
+    "computer language model science history music family friend city country market health").split()
+
+
+def _sentence(rng: random.Random, n_words: int) -> str:
+    words = [rng.choice(_WORDS) for _ in range(max(1, n_words))]
+    words[0] = words[0].capitalize()
+    text, out = [], []
+    for i, w in enumerate(words):
+        out.append(w)
+        if len(out) >= rng.randint(6, 18) or i == len(words) - 1:
+            text.append(" ".join(out) + rng.choice(".!?."))
+            out = []
+            if i + 1 < len(words):
+                words[i + 1] = words[i + 1].capitalize()
+    return " ".join(text)
+
+
+def alpaca_row(rng: random.Random) -> dict:
+    """One alpaca-style row: short instruction, optional input (40%), log-normal output length."""
+    out_words = int(min(200, max(1, rng.lognormvariate(math.log(14), 1.0))))
+    has_input = rng.random() < 0.4
+    return {"instruction": _sentence(rng, rng.randint(4, 16)),
+            "input": _sentence(rng, int(rng.lognormvariate(math.log(8), 0.8))) if has_input else "",
+            "output": _sentence(rng, out_words)}
+
+
+def write_data(path: Path, tokenizer, *, context_length: int, need_samples: int, need_chunks: int,
+               seed: int, eval_fraction: float = 0.05, min_rows: int = 1000) -> dict:
+    """Write enough rows for ``need_samples`` padded and ``need_chunks`` packed micro-batch rows."""
+    from shardtune.data.alpaca import encode
+    from shardtune.data.packing import assign
+
+    rng = random.Random(seed)
+    rows, lengths = [], []
+    while True:
+        for _ in range(200):
+            row = alpaca_row(rng)
+            rows.append(row)
+            lengths.append(min(len(encode(row, tokenizer)["input_ids"]), context_length))
+        n_train = len(rows) - max(1, int(len(rows) * eval_fraction))
+        train = lengths[-n_train:]
+        if (len(rows) >= min_rows and n_train >= 1.2 * need_samples
+                and len(assign(train, context_length)) >= 1.2 * need_chunks):
+            break
+    path.write_text(json.dumps(rows))
+    s = sorted(lengths)
+    return {"rows": len(rows), "min": s[0], "median": s[len(s) // 2], "mean": sum(s) / len(s),
+            "p90": s[int(0.9 * len(s))], "max": s[-1],
+            "truncated": sum(1 for n in lengths if n >= context_length)}
+
+
+# --------------------------------------------------------------------------- worker (per rank)
+
+
+class _MeteredLoader:
+    """Wraps the recipe's DataLoader; records per micro-batch: non-pad tokens, slots, sum(len^2)."""
+
+    def __init__(self, loader, pad_id: int, packed: bool) -> None:
+        self._loader, self._pad, self._packed = loader, pad_id, packed
+        self.stats: list[tuple[int, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __iter__(self):
+        for batch in self._loader:
+            self.stats.append(self._measure(batch))
+            yield batch
+
+    def _measure(self, batch: dict) -> tuple[int, int, int]:
+        ids = batch["input_ids"]
+        slots = ids.numel()
+        sq = 0
+        if self._packed:
+            nonpad = int((ids != self._pad).sum())
+            for row_ids, pos in zip(ids.tolist(), batch["position_ids"].tolist()):
+                starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+                for a, b in zip(starts, starts[1:]):
+                    if row_ids[a] != self._pad:  # the chunk's pad tail is a "document" of pads
+                        sq += (b - a) ** 2
+        else:
+            lens = batch["attention_mask"].sum(dim=1).tolist()
+            nonpad = int(sum(lens))
+            sq = int(sum(n * n for n in lens))
+        return nonpad, slots, sq
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    import torch.distributed as dist
+
+    import shardtune.finetuning as recipe
+    from shardtune.config import parse_args
+    from shardtune.parallel.distributed import init_distributed, shutdown
+    from shardtune.train.metrics import MetricsLog
+
+    class TimedMetricsLog(MetricsLog):
+        """The recipe's metrics hook, plus a wall-clock stamp at the end of every step."""
+
+        last = None
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.ends: list[float] = []
+            TimedMetricsLog.last = self
+
+        def after_step(self, r) -> None:
+            self.ends.append(time.perf_counter())
+            super().after_step(r)
+
+    recipe.MetricsLog = TimedMetricsLog  # train() builds its hook from this module-level name
+
+    env = init_distributed(spec["device"], need_group=True)
+    cuda = env.device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(spec["threads"])
+    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def probe() -> list[float]:
+        r = common.gemm_peak(env.device, dtype, spec["gemm_n"], reps=spec["gemm_reps"],
+                             barrier=dist.barrier)
+        return [r["best"], r["median"]]
+
+    probes = [probe()]
+    runs = []
+    for case in spec["cases"]:
+        cfg = parse_args(case["args"]).config
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        dist.barrier()
+        mark0 = common.cpu_marks()
+        with common.PeakSampler(interval=0.005) as mem:
+            c = recipe.setup(cfg, env)
+            pad_id = c.tokenizer.pad_token_id if c.tokenizer.pad_token_id is not None else -1
+            meter = _MeteredLoader(c.train_loader, pad_id, case["strategy"] == "packing")
+            c.train_loader = meter
+            dist.barrier()
+            sync()
+            results = recipe.train(cfg, env, c)
+        mark1 = common.cpu_marks()
+        own = torch.tensor([mark1[2] - mark0[2]], dtype=torch.float64, device=env.device)
+        dist.all_reduce(own)  # CPU seconds of all ranks during this run
+        other = common.other_cores(mark0, mark1, float(own))
+        log = TimedMetricsLog.last
+        steps = len(log.ends)
+        # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
+        stats = torch.tensor(meter.stats[:steps], dtype=torch.float64,
+                             device=env.device).reshape(steps, 3)
+        dist.all_reduce(stats)  # sum over ranks
+        peak_mem = torch.tensor([float(torch.cuda.max_memory_allocated()) if cuda
+                                 else float(mem.peak.get("anon", 0))], dtype=torch.float64,
+                                device=env.device)
+        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+        stats, peak_mem = stats.cpu(), peak_mem.cpu()
+        runs.append({"name": case["name"], "ranks": env.world_size, "strategy": case["strategy"],
+                     "step_ends": log.ends,
+                     "stats": stats.tolist(), "losses": results["train_step_loss"],
+                     "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.train_step_tokens_per_s,
+                     "other_cores": other})
+        del c, meter, results
+        gc.collect()
+    probes.append(probe())
+    rates = torch.tensor(probes, dtype=torch.float64)  # [probe, (best, median)]
+    peak = torch.tensor([float(rates[:, 0].max()), float(rates[:, 1].max())], dtype=torch.float64)
+    per_rank = [None] * env.world_size
+    dist.all_gather_object(per_rank, peak.tolist())
+    if env.is_main:
+        Path(out_path).write_text(json.dumps({"runs": runs, "gemm_per_rank": per_rank,
+                                              "threads": torch.get_num_threads()}))
+    shutdown()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def recipe_args(args, model_dir: Path, data: Path, strategy: str) -> list[str]:
+    a = ["--model_name", str(model_dir), "--dataset", "alpaca_dataset",
+         "--alpaca_dataset.data_path", str(data), "--enable_fsdp",
+         "--fsdp_config.sharding_strategy", "FULL_SHARD", "--batching_strategy", strategy,
+         "--context_length", str(args.context_length), "--batch_size_training", str(args.batch_size),
+         "--gradient_accumulation_steps", "1", "--num_epochs", "1",
+         "--max_train_step", str(args.warmup + args.timed_steps), "--device", args.device,
+         "--save_model", "False", "--run_validation", "False", "--num_workers_dataloader", "0",
+         "--fsdp_config.fsdp_activation_checkpointing", str(args.activation_checkpointing),
+         "--lr", "1e-4", "--seed", str(args.seed)]
+    if args.dtype == "fp32":
+        a += ["--mixed_precision", "False", "--fsdp_config.mixed_precision", "False"]
+    return a
+
+
+def analyse(run: dict, gemm_sum: float, warmup: int, n_params_mm: int, layers: int,
+            hidden: int) -> dict:
+    ends, stats = run["step_ends"], run["stats"]
+    timed = stats[warmup:]
+    wall = ends[-1] - ends[warmup - 1] if warmup > 0 else None
+    if wall is None or not timed:
+        raise SystemExit("need --warmup >= 1 and --timed_steps >= 1")
+    nonpad = sum(s[0] for s in timed)
+    slots = sum(s[1] for s in timed)
+    sq = sum(s[2] for s in timed)
+    flops = 6 * n_params_mm * nonpad + 12 * layers * hidden * sq
+    return {"timed_steps": len(timed), "wall_s": wall, "s_per_step": wall / len(timed),
+            "nonpad_tokens": nonpad, "slots": slots, "pad_fraction": 1 - nonpad / slots,
+            "nonpad_tok_s": nonpad / wall, "slot_tok_s": slots / wall,
+            "model_flops": flops, "attention_share": 12 * layers * hidden * sq / flops,
+            "model_flop_s": flops / wall, "gemm_peak_sum": gemm_sum, "mfu": flops / wall / gemm_sum,
+            "final_loss": run["losses"][-1], "peak_mem": run["peak_mem"]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Results and their interpretation: docs/benchmarks.md.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="compute dtype: fp32 (CPU default) or bf16 (GPU default; GPU only)")
+    p.add_argument("--size", choices=sorted(SIZES), default=None,
+                   help="35m (CPU default) or 1b (GPU default); see the docstring")
+    p.add_argument("--ranks", default=None,
+                   help="comma-separated world sizes (default: 1,2 on CPU, 1 on GPU)")
+    p.add_argument("--strategies", default="padding,packing")
+    p.add_argument("--batch_size", type=int, default=None, help="per rank (default 4 / 8 for 1b)")
+    p.add_argument("--context_length", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=2, help="steps excluded from timing (default 2)")
+    p.add_argument("--timed_steps", type=int, default=4, help="steps timed after warm-up (default 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU torch threads per rank (default: cores // ranks)")
+    p.add_argument("--gemm_n", type=int, default=None, help="GEMM probe size (2048 / 8192 for 1b)")
+    p.add_argument("--gemm_reps", type=int, default=None, help="GEMM probe repetitions (6 CPU, 20 GPU)")
+    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--wait_quiet", type=float, default=0, metavar="SECONDS",
+                   help="before each launch wait up to SECONDS for other processes to use < 0.25 "
+                        "cores (a shared machine); default 0: do not wait")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep model, data and rank logs here (default: a temporary folder)")
+    p.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
+    p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(*args.worker)
+        return {}
+
+    gpu = args.device == "cuda"
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.size = args.size or ("1b" if gpu else "35m")
+    if args.dtype == "bf16" and not gpu:
+        p.error("--dtype bf16 needs --device cuda: on CPU the recipe trains in fp32 "
+                "(shardtune.runtime.autocast_dtype)")
+    d = DEFAULTS[args.size]
+    args.batch_size = args.batch_size or d["batch_size"]
+    args.gemm_n = args.gemm_n or d["gemm_n"]
+    args.gemm_reps = args.gemm_reps or (20 if gpu else 6)
+    ranks = [int(r) for r in (args.ranks or ("1" if gpu else "1,2")).split(",")]
+    strategies = [s.strip() for s in args.strategies.split(",")]
+    cores = os.cpu_count() or 1
+
+    import torch
+
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA GPU is visible")
+    if gpu and max(ranks) > torch.cuda.device_count():
+        p.error(f"{max(ranks)} ranks need {max(ranks)} GPUs; {torch.cuda.device_count()} visible")
+    info = common.machine_info(args.device)
+    common.print_machine(info)
+    busy = common.other_processes_busy()
+    if busy:
+        print("WARNING: other processes are using the CPU now; throughput figures will be low:\n  "
+              + "\n  ".join(busy), flush=True)
+
+    from shardtune.demo.tiny import build_tiny_llama
+    from shardtune.model.loading import load_tokenizer
+
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="shardtune_tput_")
+        work = Path(tmp.name)
+    else:
+        work = args.workdir
+        work.mkdir(parents=True, exist_ok=True)
+    results, launches = [], []
+    try:
+        cfg = SIZES[args.size]
+        model_dir = work / f"llama_{args.size}_s{args.seed}"
+        if not (model_dir / "config.json").is_file():
+            print(f"building the {args.size} model in {model_dir} ...", flush=True)
+            build_tiny_llama(model_dir, seed=args.seed,
+                             dtype=torch.bfloat16 if args.size == "1b" else torch.float32,
+                             max_positions=max(512, args.context_length), **cfg)
+        counts = common.param_count(model_dir)
+        n_mm = counts["total"] - counts["input_embedding"]
+        layers, hidden = cfg["num_layers"], cfg["hidden_size"]
+        tokenizer = load_tokenizer(str(model_dir))
+        steps = args.warmup + args.timed_steps
+        need = steps * args.batch_size * max(ranks)
+        data = work / f"alpaca_{args.seed}.json"
+        lens = write_data(data, tokenizer, context_length=args.context_length, need_samples=need,
+                          need_chunks=need, seed=args.seed)
+        print(f"model: {counts['total'] / 1e6:.1f}M parameters ({n_mm / 1e6:.1f}M in matmuls), "
+              f"hidden {hidden}, {layers} layers, {cfg['num_heads']} heads / {cfg['num_kv_heads']} "
+              f"kv heads, intermediate {cfg['intermediate_size']}, vocab {len(tokenizer)}; "
+              f"{args.device} {args.dtype}")
+        print(f"data: {lens['rows']} alpaca-style rows; tokens per sample min {lens['min']}, median "
+              f"{lens['median']}, mean {lens['mean']:.0f}, p90 {lens['p90']}, max {lens['max']} "
+              f"({lens['truncated']} truncated to {args.context_length})")
+        print(f"per rank: batch {args.batch_size}, context {args.context_length}; {args.warmup} warm-up "
+              f"+ {args.timed_steps} timed steps; activation checkpointing "
+              f"{'on' if args.activation_checkpointing else 'off'}", flush=True)
+        for r in ranks:
+            threads = args.threads or max(1, cores // r)
+            if not gpu and r * threads > cores:
+                print(f"note: {r} ranks x {threads} threads > {cores} cores (oversubscribed)")
+            cases = [{"name": f"{r}x{s}", "strategy": s, "args": recipe_args(args, model_dir, data, s)}
+                     for s in strategies]
+            spec = {"device": args.device, "dtype": args.dtype, "threads": threads,
+                    "gemm_n": args.gemm_n, "gemm_reps": args.gemm_reps, "cases": cases}
+            spec_path, out_path = work / f"spec_{r}.json", work / f"out_{r}.json"
+            spec_path.write_text(json.dumps(spec))
+            out_path.unlink(missing_ok=True)
+            if args.wait_quiet > 0:
+                common.wait_for_quiet(args.wait_quiet)
+            load = common.ForeignLoad().start()
+            t0 = time.perf_counter()
+            warning = common.torchrun(Path(__file__), r, ["--worker", str(spec_path), str(out_path)],
+                                      threads=None if gpu else threads,
+                                      log_path=work / f"log_{r}.txt", result=out_path)
+            if warning:
+                print(f"  warning: {warning}", flush=True)
+            other = load.stop()
+            out = json.loads(out_path.read_text())
+            gemm = out["gemm_per_rank"]
+            gemm_sum = sum(g[0] for g in gemm)
+            launches.append({"ranks": r, "threads": None if gpu else threads, "seconds":
+                             time.perf_counter() - t0, "other_cores": other, "gemm_per_rank": gemm,
+                             "warning": warning})
+            for run in out["runs"]:
+                a = analyse(run, gemm_sum, args.warmup, n_mm, layers, hidden)
+                a.update(ranks=r, threads=None if gpu else threads, strategy=run["strategy"],
+                         losses=run["losses"], other_cores=run["other_cores"])
+                results.append(a)
+            print(f"  {r} rank(s): done in {time.perf_counter() - t0:.0f} s"
+                  + (f", other processes used {other:.2f} cores meanwhile" if other is not None else ""),
+                  flush=True)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
+    mem_name = "peak GPU mem GiB" if gpu else "peak anon RSS GiB"
+    rows = []
+    for a in results:
+        rows.append([
+            a["ranks"], "-" if a["threads"] is None else a["threads"], a["strategy"], a["timed_steps"],
+            f"{a['nonpad_tokens']:,.0f}", f"{a['nonpad_tok_s']:,.0f}", f"{a['slot_tok_s']:,.0f}",
+            f"{a['pad_fraction']:.1%}", f"{a['s_per_step']:.2f}", f"{a['model_flop_s'] / scale:,.1f}",
+            f"{a['attention_share']:.0%}", f"{a['gemm_peak_sum'] / scale:,.1f}", f"{a['mfu']:.1%}",
+            f"{a['peak_mem'] / 2**30:.2f}", f"{a['final_loss']:.3f}",
+            "?" if a["other_cores"] is None else f"{a['other_cores']:.2f}"])
+    print()
+    print(common.table(
+        ["ranks", "threads/rank", "batching", "timed steps", "non-pad tokens", "non-pad tok/s",
+         "processed tok/s", "pad fraction", "s/step", f"model {unit}", "attn share",
+         f"GEMM peak {unit}", "MFU", mem_name, "last loss", "other cores"], rows,
+        align="rrlrrrrrrrrrrrrr"))
+    print()
+    for ln in launches:
+        per = ", ".join(f"{g[0] / scale:,.1f}" for g in ln["gemm_per_rank"])
+        print(f"{ln['ranks']} rank(s): GEMM peak per rank {per} {unit} (n={args.gemm_n}, "
+              f"{args.dtype}, best of {args.gemm_reps} x 2 probes, ranks concurrent); other "
+              f"processes used {ln['other_cores'] if ln['other_cores'] is not None else float('nan'):.2f} "
+              f"cores during the launch")
+    print("model FLOPs per step = 6*N*T + 12*L*d*sum(doc_len^2); N = params minus input embedding "
+          f"= {n_mm:,}, L = {layers}, d = {hidden}; MFU = model FLOP/s / summed GEMM peak")
+    out = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                     for k, v in vars(args).items()},
+           "params": counts, "data": lens, "launches": launches, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
