@@ -28,8 +28,8 @@ What it runs
 What it measures (per run; steps 1..``--warmup`` are excluded)
 --------------------------------------------------------------
 * wall time: from the end of the last warm-up step to the end of the last step, taken in the
-  recipe's per-step hook (``MetricsLog.after_step``; the module-level ``MetricsLog`` of
-  ``shardtune.finetuning`` is replaced by a subclass that also timestamps each step). It covers
+  recipe's per-step hooks (a ``StepClock`` passed to ``train(..., extra_hooks=[...])`` stamps
+  the end of each step). It covers
   everything in those steps, data loading and collation included.
 * tokens: non-pad tokens (attention-mask ones for padding, non-pad ids for packing) and
   processed tokens (every slot of the ``[batch, seq]`` tensors, pads included), summed over
@@ -196,23 +196,20 @@ def worker(spec_path: str, out_path: str) -> None:
     import shardtune.finetuning as recipe
     from shardtune.config import parse_args
     from shardtune.parallel.distributed import init_distributed, shutdown
-    from shardtune.train.metrics import MetricsLog
 
-    class TimedMetricsLog(MetricsLog):
-        """The recipe's metrics hook, plus a wall-clock stamp at the end of every step."""
+    class StepClock:
+        """A step hook handed to the recipe's train(): a wall-clock stamp at the end of every step."""
 
-        last = None
-
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
+        def __init__(self) -> None:
             self.ends: list[float] = []
-            TimedMetricsLog.last = self
+            self.tokens_per_s: list[float] = []  # the recipe's own per-step figure
+
+        def before_step(self, step: int) -> None:
+            pass
 
         def after_step(self, r) -> None:
             self.ends.append(time.perf_counter())
-            super().after_step(r)
-
-    recipe.MetricsLog = TimedMetricsLog  # train() builds its hook from this module-level name
+            self.tokens_per_s.append(r.tokens_per_s)
 
     env = init_distributed(spec["device"], need_group=True)
     cuda = env.device.type == "cuda"
@@ -243,12 +240,12 @@ def worker(spec_path: str, out_path: str) -> None:
             c.train_loader = meter
             dist.barrier()
             sync()
-            results = recipe.train(cfg, env, c)
+            log = StepClock()
+            results = recipe.train(cfg, env, c, extra_hooks=[log])
         mark1 = common.cpu_marks()
         own = torch.tensor([mark1[2] - mark0[2]], dtype=torch.float64, device=env.device)
         dist.all_reduce(own)  # CPU seconds of all ranks during this run
         other = common.other_cores(mark0, mark1, float(own))
-        log = TimedMetricsLog.last
         steps = len(log.ends)
         # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
         stats = torch.tensor(meter.stats[:steps], dtype=torch.float64,
@@ -262,7 +259,7 @@ def worker(spec_path: str, out_path: str) -> None:
         runs.append({"name": case["name"], "ranks": env.world_size, "strategy": case["strategy"],
                      "step_ends": log.ends,
                      "stats": stats.tolist(), "losses": results["train_step_loss"],
-                     "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.train_step_tokens_per_s,
+                     "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.tokens_per_s,
                      "other_cores": other})
         del c, meter, results
         gc.collect()

@@ -187,10 +187,12 @@ def writes_resumable_checkpoints(cfg: Config) -> bool:
     return sharded or t.save_every_n_steps > 0 or t.resume or bool(t.resume_from)
 
 
-def train(cfg: Config, env: DistEnv, c: Components) -> dict:
+def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) -> dict:
+    """Epochs of training and validation with saving; ``extra_hooks`` are more step hooks
+    (``before_step`` / ``after_step``), e.g. a benchmark's timer."""
     t = cfg.train
     metrics = MetricsLog()
-    hooks: list = [metrics]
+    hooks: list = [metrics, *extra_hooks]
     if t.flop_counter:
         hooks.append(FlopMeasure(t.flop_counter_start, print_fn=lambda *a: say(env, *a)))
     if t.use_profiler:
