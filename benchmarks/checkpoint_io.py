@@ -332,28 +332,13 @@ def worker(spec_path: str, out_path: str) -> None:
         raise ValueError(method)
 
     record = {"rank": env.rank, "method": method, "ops": records, **extra}
-    gathered = [None] * env.world_size
-    dist.all_gather_object(gathered, record)
-    if env.is_main:
-        Path(out_path).write_text(json.dumps(gathered))
+    common.write_gathered(env, record, out_path)
     shutdown()
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def build_model(args, root: Path) -> Path:
-    import torch
-
-    from shardtune.demo.tiny import build_tiny_llama
-
-    path = root / f"llama_h{args.hidden}_l{args.layers}_i{args.intermediate}_s{args.seed}_fp32"
-    if not (path / "config.json").is_file():
-        print(f"building the model in {path} ...", flush=True)
-        build_tiny_llama(path, seed=args.seed, dtype=torch.float32, hidden_size=args.hidden,
-                         num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                         intermediate_size=args.intermediate, max_positions=512)
-    return path
 
 
 def recipe_args(model_dir: Path) -> list[str]:
@@ -412,10 +397,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max_shard_size", default="200MB", help="HF export shard size (default 200MB)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep the model, outputs and rank logs here (default: a temporary folder)")
-    p.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
-    p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    common.add_run_args(p)
     args = p.parse_args(argv)
     if args.worker:
         worker(*args.worker)
@@ -440,7 +422,7 @@ def main(argv=None) -> dict:
     results: dict[str, list[dict]] = {}
     foreign: dict[str, float] = {}
     try:
-        model_dir = build_model(args, work)
+        model_dir = common.build_llama(work, args, "fp32")
         counts = common.param_count(model_dir)
         model_bytes = counts["total"] * 4
         print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} "

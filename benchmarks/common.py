@@ -24,6 +24,43 @@ HERE = Path(__file__).resolve().parent
 # --------------------------------------------------------------------------- launching
 
 
+def add_run_args(p) -> None:
+    """The options every benchmark script shares: work folder, JSON output, worker entry."""
+    import argparse
+
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the model, outputs and rank logs here (default: a temporary folder)")
+    p.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
+    p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+
+
+def write_gathered(env, record, out_path: str) -> None:
+    """Gather every rank's ``record``; rank 0 writes the list as JSON to ``out_path``."""
+    import torch.distributed as dist
+
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, record)
+    if env.is_main:
+        Path(out_path).write_text(json.dumps(gathered))
+
+
+def build_llama(root: Path, args, dtype_name: str = "fp32") -> Path:
+    """A random Llama of ``args``' sizes (hidden, layers, heads, kv_heads, intermediate, seed),
+    written once under ``root`` and reused by later runs."""
+    import torch
+
+    from shardtune.demo.tiny import build_tiny_llama
+
+    path = root / f"llama_h{args.hidden}_l{args.layers}_i{args.intermediate}_s{args.seed}_{dtype_name}"
+    if not (path / "config.json").is_file():
+        print(f"building the model in {path} ...", flush=True)
+        dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+        build_tiny_llama(path, seed=args.seed, dtype=dtype, hidden_size=args.hidden,
+                         num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                         intermediate_size=args.intermediate, max_positions=512)
+    return path
+
+
 def torchrun(script: Path, nproc: int, args: Sequence[str], *, threads: Optional[int] = None,
              log_path: Optional[Path] = None, result: Optional[Path] = None) -> Optional[str]:
     """Run ``script args`` under ``torch.distributed.run --standalone`` with ``nproc`` ranks.

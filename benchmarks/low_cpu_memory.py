@@ -105,32 +105,13 @@ def worker(spec_path: str, out_path: str) -> None:
     record = {"rank": env.rank, "before": before, "after": after, "peak_sampled": sampler.peak,
               "hwm": after["hwm"], "seconds": seconds, "shard_bytes": shard_bytes,
               "checksum": checksum}
-    gathered = [None] * env.world_size
-    dist.all_gather_object(gathered, record)
-    if env.is_main:
-        Path(out_path).write_text(json.dumps(gathered))
+    common.write_gathered(env, record, out_path)
     shutdown()
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def build_model(args, root: Path) -> Path:
-    from shardtune.demo.tiny import build_tiny_llama
-
-    import torch
-
-    name = (f"llama_h{args.hidden}_l{args.layers}_i{args.intermediate}_s{args.seed}_"
-            f"{args.checkpoint_dtype}")
-    path = root / name
-    if not (path / "config.json").is_file():
-        print(f"building the model in {path} ...", flush=True)
-        dtype = torch.bfloat16 if args.checkpoint_dtype == "bf16" else torch.float32
-        build_tiny_llama(path, seed=args.seed, dtype=dtype, hidden_size=args.hidden,
-                         num_layers=args.layers,
-                         num_heads=args.heads, num_kv_heads=args.kv_heads,
-                         intermediate_size=args.intermediate, max_positions=512)
-    return path
 
 
 def recipe_args(model_dir: Path, mode: str) -> list[str]:
@@ -215,10 +196,7 @@ def main(argv=None) -> dict:
                    help="dtype of the weights on disk (default fp32). The recipe trains in fp32 "
                         "on CPU either way; bf16 (as Llama checkpoints ship) makes loading convert")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep the model, specs and rank logs here (default: a temporary folder)")
-    p.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
-    p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    common.add_run_args(p)
     args = p.parse_args(argv)
     if args.worker:
         worker(*args.worker)
@@ -238,7 +216,7 @@ def main(argv=None) -> dict:
         work = args.workdir
         work.mkdir(parents=True, exist_ok=True)
     try:
-        model_dir = build_model(args, work)
+        model_dir = common.build_llama(work, args, args.checkpoint_dtype)
         counts = common.param_count(model_dir)
         file_bytes = common.safetensors_bytes(model_dir)
         model_bytes = counts["total"] * 4  # one copy as the recipe holds it on CPU: fp32

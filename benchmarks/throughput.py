@@ -335,10 +335,7 @@ def main(argv=None) -> dict:
                    help="before each launch wait up to SECONDS for other processes to use < 0.25 "
                         "cores (a shared machine); default 0: do not wait")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep model, data and rank logs here (default: a temporary folder)")
-    p.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
-    p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    common.add_run_args(p)
     args = p.parse_args(argv)
     if args.worker:
         worker(*args.worker)

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from shardtune.cli import split_launch_args
 

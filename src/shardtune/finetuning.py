@@ -98,7 +98,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
         shard_model(model, mesh=mesh, strategy=f.sharding_strategy,
                     param_dtype=fsdp_compute_dtype(cfg, env), cpu_offload=f.fsdp_cpu_offload)
         if low_cpu:
-            materialize_and_load(model, t.model_name, env.device)
+            materialize_and_load(model, t.model_name, env.device,
+                                 param_device=torch.device("cpu") if f.fsdp_cpu_offload else None)
     else:
         model.to(env.device)
     say(env, trainable_summary(model))
@@ -242,53 +243,55 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                                  position_of=position_after, save=save_resumable)
     hooks.append(step_saves)
     step = pos.step
-    for epoch in range(pos.epoch, t.num_epochs):
-        remaining = t.max_train_step - step if t.max_train_step > 0 else None
-        if (remaining is not None and remaining <= 0) or step_saves.stop_requested:
-            break
-        start_batch = pos.batch if epoch == pos.epoch else 0
-        c.train_loader.batch_sampler.set_epoch(epoch, start_batch)  # a new order every epoch
-        result = train_epoch(
-            c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
-            start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
-            max_steps=remaining, precision=c.precision, hooks=hooks, start_batch=start_batch,
-            gradient_sync=lambda enabled: set_gradient_sync(c.model, enabled),
-            progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
-            total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch))
-        step += result.steps
-        if result.steps == 0:
-            continue
-        metrics.add_epoch(result)
-        last = step_saves.last_result
-        if step_saves.stop_requested:
-            break  # pre-empted: the checkpoint is written, skip validation and saving
-        line = (f"Epoch {epoch + 1}/{t.num_epochs}: train_loss={result.loss:.4f} "
-                f"train_ppl={result.perplexity:.4f} {result.tokens_per_s:,.0f} tok/s "
-                f"{result.seconds:.1f}s")
-        improved, val = True, None
-        if c.eval_loader is not None:
-            val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision,
-                           max_steps=t.max_eval_step or None)
-            reshard(c.model)
-            metrics.add_validation(step, val)
-            line += f" | val_loss={val.loss:.4f} val_ppl={val.perplexity:.4f}"
-            improved = val.loss < best_val
-            best_val = min(best_val, val.loss)
-        say(env, line)
-        if wandb:
-            wandb.log_epoch(step, result, val)
-        # llama-recipes semantics: with validation, save only when the eval loss improves.
-        if t.save_model and improved:
-            saved_at.append(step)
-            save_hf_model(c.model, c.tokenizer, t.output_dir, env=env, dtype=export_dtype(t),
-                          merge_lora=t.merge_lora)
-            say(env, f"saved the {'adapter' if t.use_peft else 'model'} to {t.output_dir} (step {step})")
-            if writes_resumable_checkpoints(cfg) and step_saves.last_saved_step != step:
-                save_resumable(position_after(last), with_optimizer=t.save_optimizer or t.save_every_n_steps > 0
-                               or t.resume or bool(t.resume_from))
-        if t.save_metrics and env.is_main:
-            metrics.write(t.output_dir)
-    preemption.uninstall()
+    try:
+        for epoch in range(pos.epoch, t.num_epochs):
+            remaining = t.max_train_step - step if t.max_train_step > 0 else None
+            if (remaining is not None and remaining <= 0) or step_saves.stop_requested:
+                break
+            start_batch = pos.batch if epoch == pos.epoch else 0
+            c.train_loader.batch_sampler.set_epoch(epoch, start_batch)  # a new order every epoch
+            result = train_epoch(
+                c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
+                start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
+                max_steps=remaining, precision=c.precision, hooks=hooks, start_batch=start_batch,
+                gradient_sync=lambda enabled: set_gradient_sync(c.model, enabled),
+                progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
+                total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch))
+            step += result.steps
+            if result.steps == 0:
+                continue
+            metrics.add_epoch(result)
+            last = step_saves.last_result
+            if step_saves.stop_requested:
+                break  # pre-empted: the checkpoint is written, skip validation and saving
+            line = (f"Epoch {epoch + 1}/{t.num_epochs}: train_loss={result.loss:.4f} "
+                    f"train_ppl={result.perplexity:.4f} {result.tokens_per_s:,.0f} tok/s "
+                    f"{result.seconds:.1f}s")
+            improved, val = True, None
+            if c.eval_loader is not None:
+                val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision,
+                               max_steps=t.max_eval_step or None)
+                reshard(c.model)
+                metrics.add_validation(step, val)
+                line += f" | val_loss={val.loss:.4f} val_ppl={val.perplexity:.4f}"
+                improved = val.loss < best_val
+                best_val = min(best_val, val.loss)
+            say(env, line)
+            if wandb:
+                wandb.log_epoch(step, result, val)
+            # llama-recipes semantics: with validation, save only when the eval loss improves.
+            if t.save_model and improved:
+                saved_at.append(step)
+                save_hf_model(c.model, c.tokenizer, t.output_dir, env=env, dtype=export_dtype(t),
+                              merge_lora=t.merge_lora)
+                say(env, f"saved the {'adapter' if t.use_peft else 'model'} to {t.output_dir} (step {step})")
+                if writes_resumable_checkpoints(cfg) and step_saves.last_saved_step != step:
+                    save_resumable(position_after(last), with_optimizer=t.save_optimizer or t.save_every_n_steps > 0
+                                   or t.resume or bool(t.resume_from))
+            if t.save_metrics and env.is_main:
+                metrics.write(t.output_dir)
+    finally:  # the signal handlers are the process's: restore them even on an error
+        preemption.uninstall()
     for hook in hooks:
         getattr(hook, "close", lambda: None)()
     if step_saves.stop_requested:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from shardtune.checkpoint import layout
 from shardtune.config.errors import ShardtuneError
@@ -205,3 +204,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
     # metrics.json keeps the history up to the checkpoint and adds the resumed step
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_step"] == list(range(1, state["step"] + 2))
+
+
+def test_resume_from_a_run_folder_takes_its_newest_checkpoint(runs):
+    from shardtune.checkpoint.manager import Checkpointer
+    from shardtune.parallel.distributed import DistEnv
+
+    run = runs["dirs"]["full"] / "checkpoints" / "fine-tuned"
+    found = Checkpointer(run, env=DistEnv(), config_dict={}).find_resume_point(False, str(run))
+    assert found == layout.latest_checkpoint(run)
+    with pytest.raises(ShardtuneError, match="does not exist"):
+        Checkpointer(run, env=DistEnv(), config_dict={}).find_resume_point(False, str(run / "nope"))

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from shardtune.config import ConfigError, ShardtuneError, parse_args

@@ -61,22 +61,26 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _commit(tmp: Path, final: Path) -> None:
-    """Move every file of ``tmp`` into ``final``; drop stale weight shards of an earlier save."""
+    """Move every file of ``tmp`` into ``final``, then drop stale weight shards of an earlier save.
+
+    New files go in first, so an interruption never leaves ``final`` with fewer weights than
+    before; stale shards (e.g. ``model-00003-of-00003`` after a save with fewer files) go last.
+    """
     final.mkdir(parents=True, exist_ok=True)
     new = {p.name for p in tmp.iterdir()}
-    for pattern in ("*.safetensors", "model.safetensors.index.json"):
-        for old in final.glob(pattern):
-            if old.name not in new:
-                old.unlink()
     for item in tmp.iterdir():
         if item.is_file():
             fsync_path(item)
         os.replace(item, final / item.name)
+    for pattern in ("*.safetensors", "model.safetensors.index.json"):
+        for old in final.glob(pattern):
+            if old.name not in new:
+                old.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     fsync_path(final)  # the directory entries of the renames
 
 
-def _write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
     """config.json (recording the dtype the weights are written in) and generation_config.json."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.save_pretrained(out)
@@ -104,7 +108,7 @@ def export_full_model(tensors, model: torch.nn.Module, tokenizer, output_dir: st
     first_dtype = next(model.parameters()).dtype
     write_safetensors(tensors, tmp, is_main=env.is_main, dtype=dtype, max_shard_size=max_shard_size)
     if env.is_main:
-        _write_config(model, tmp, dtype or first_dtype)
+        write_config(model, tmp, dtype or first_dtype)
         save_tokenizer(tokenizer, tmp)
         _commit(tmp, output_dir)
     if env.distributed:

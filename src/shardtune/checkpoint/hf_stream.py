@@ -14,7 +14,6 @@ memory. The files are ``model-0000k-of-0000n.safetensors`` plus ``model.safetens
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -41,6 +40,15 @@ def parse_size(text: str | int) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+
+
+def human_size(n: float) -> str:
+    """Bytes -> ``"1.5 GB"`` (decimal units, the inverse of :func:`parse_size`)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

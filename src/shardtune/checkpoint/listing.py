@@ -9,19 +9,12 @@ from typing import Optional, Sequence
 
 from ..config.errors import ShardtuneError
 from . import layout
+from .hf_stream import human_size
 from .sharded import TRAIN_STATE
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def describe(run: Path) -> list[dict]:
@@ -65,4 +58,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"{r['name']:<18} {r.get('step', '?')!s:>7} {'?' if epoch is None else epoch + 1!s:>6} "
               f"{r.get('batch', '?')!s:>6} {'-' if loss is None else f'{loss:.4f}':>10} "
               f"{r.get('ranks', '?')!s:>5} {'yes' if r.get('optimizer') else 'no':>5} "
-              f"{_human(r['size']):>9}  {state}")
+              f"{human_size(r['size']):>9}  {state}")

@@ -7,14 +7,11 @@ train loop calls after each optimizer step); ``keep_last_n`` prunes older ones.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 
-from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from . import layout
 from .preemption import PreemptionSignal
@@ -53,6 +50,9 @@ class Checkpointer:
             layout.prune(self.run, keep_last_n=0)
         if resume_from:
             path = Path(resume_from)
+            newest = layout.latest_checkpoint(path)  # a run folder was given: its newest checkpoint
+            if newest is not None:
+                path = newest
             read_train_state(path)  # exists, complete, readable: or a clear error
             return path
         if resume:

@@ -149,6 +149,10 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
     options = _options(model)
     state = {"model": get_model_state_dict(model, options=options)}
     load_optim = optimizer is not None and meta.get("has_optimizer")
+    if optimizer is not None and not load_optim and env.is_main:
+        warnings.warn(f"Checkpoint {path} holds no optimizer state (it was an epoch save point "
+                      "written without --save_optimizer): the optimizer starts afresh, so the "
+                      "resumed run is not an exact continuation.", stacklevel=2)
     if load_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     try:

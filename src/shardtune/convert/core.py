@@ -19,10 +19,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..checkpoint.hf_stream import DTYPES, parse_size, write_safetensors
+from ..checkpoint.hf_stream import DTYPES, human_size, parse_size, write_safetensors
 from ..config.errors import ShardtuneError
 from .model import ModelSpec, build_meta_model, dominant_dtype, model_targets, resolve_model
-from .plan import LoraSpec, Plan, Ref, _human, build_plan, saved_names
+from .plan import LoraSpec, Plan, Ref, build_plan, saved_names
 from .sources import Source, open_hf_model, open_source
 
 DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
@@ -226,7 +226,7 @@ def stream(conv: Conversion, limit: int, progress: bool = True) -> Iterator[tupl
         loaded.update(_read(conv, _refs(group[1:])))
         if progress and len(groups) > 1:
             size = sum(item.entry.numel * conv.dtype_of(item.src_dtype).itemsize for item in group)
-            conv.log(f"  shard {n}/{len(groups)}: {len(group)} tensors ({_human(size)})")
+            conv.log(f"  shard {n}/{len(groups)}: {len(group)} tensors ({human_size(size)})")
         for item in group[1:]:
             yield conv.save_names.get(item.name, item.name), _materialise(conv, item, loaded)
         del loaded
@@ -236,14 +236,14 @@ def stream(conv: Conversion, limit: int, progress: bool = True) -> Iterator[tupl
 
 
 def _write_model_files(conv: Conversion, tmp: Path) -> None:
-    from ..checkpoint.hf_export import _write_config
+    from ..checkpoint.hf_export import write_config
 
     config = conv.meta.config
     if not getattr(config, "architectures", None):
         config.architectures = [type(conv.meta).__name__]
     with contextlib.suppress(Exception):
         config.dtype = conv.config_dtype
-    _write_config(conv.meta, tmp, conv.config_dtype)
+    write_config(conv.meta, tmp, conv.config_dtype)
 
 
 def _write_adapter(conv: Conversion, tmp: Path) -> None:
@@ -332,7 +332,7 @@ def convert(src: str | Path, dst: str | Path, *, model: Optional[str] = None, dt
             s.close()
     summary["seconds"] = round(time.perf_counter() - start, 2)
     what = "PEFT adapter" if summary["adapter"] else "Hugging Face model"
-    log(f"wrote {what} to {dst}: {count} tensors in {len(files)} file(s), {_human(summary['bytes'])}, "
+    log(f"wrote {what} to {dst}: {count} tensors in {len(files)} file(s), {human_size(summary['bytes'])}, "
         f"{summary['dtype']} ({summary['seconds']:.1f} s)")
     return summary
 

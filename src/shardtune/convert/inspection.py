@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint.hf_stream import human_size
 from ..config.errors import ShardtuneError
-from .plan import _classify, _human
+from .plan import _classify
 from .sources import open_source
 
 
@@ -79,11 +80,11 @@ def format_report(r: dict) -> str:
     if "world_size" in r:
         lines.append(f"  written by:      {r['world_size']} ranks")
     dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(r["model_dtypes"].items())) or "-"
-    lines.append(f"  model tensors:   {r['model_tensors']} ({_human(r['model_bytes'])}; {dtypes})")
+    lines.append(f"  model tensors:   {r['model_tensors']} ({human_size(r['model_bytes'])}; {dtypes})")
     if r["lora_tensors"]:
         lines.append(f"  LoRA tensors:    {r['lora_tensors']}" + ("  (adapter only: the base model is not in it)"
                                                                if r["adapter_only"] else ""))
-    opt = (f"yes, {r['optimizer_tensors']} tensors ({_human(r['optimizer_bytes'])})" if r["optimizer_state"] else "no")
+    opt = (f"yes, {r['optimizer_tensors']} tensors ({human_size(r['optimizer_bytes'])})" if r["optimizer_state"] else "no")
     lines.append(f"  optimizer state: {opt}")
     if r["other_tensors"] or r["non_tensor_entries"]:
         lines.append(f"  other entries:   {r['other_tensors']} tensors, {r['non_tensor_entries']} non-tensor values")
@@ -91,5 +92,5 @@ def format_report(r: dict) -> str:
         a = r["adapter"]
         lines.append(f"  adapter:         {a.get('peft_type')} r={a.get('r')} alpha={a.get('lora_alpha')} "
                      f"targets={a.get('target_modules')} base={a.get('base_model_name_or_path')}")
-    lines.append(f"  total:           {r['tensors']} tensors, {_human(r['bytes'])}")
+    lines.append(f"  total:           {r['tensors']} tensors, {human_size(r['bytes'])}")
     return "\n".join(lines)

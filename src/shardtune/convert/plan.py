@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..checkpoint.hf_stream import human_size
 from ..config.errors import ShardtuneError
 from .model import Targets
 from .sources import Entry, Source
@@ -122,16 +123,8 @@ class Plan:
         for category, keys in self.dropped.items():
             size = sum(n for _, n in keys)
             shown = ", ".join(k for k, _ in keys[:3]) + (" ..." if len(keys) > 3 else "")
-            lines.append(f"dropped {len(keys)} {category} ({_human(size)}): {shown}")
+            lines.append(f"dropped {len(keys)} {category} ({human_size(size)}): {shown}")
         return lines
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 class Renamer:

@@ -100,13 +100,20 @@ def _init_new_adapter_weights(model: nn.Module, names: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def materialize_and_load(model: nn.Module, name: str, device: torch.device) -> None:
-    """Allocate this rank's shards on ``device`` and fill them from ``name``'s safetensors."""
+def materialize_and_load(model: nn.Module, name: str, device: torch.device,
+                         param_device: Optional[torch.device] = None) -> None:
+    """Allocate this rank's shards and fill them from ``name``'s safetensors.
+
+    Parameters go to ``param_device`` (host memory under FSDP CPU offload; default ``device``),
+    buffers to ``device``, where the forward runs.
+    """
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
     index = safetensors_index(name)
-    model.to_empty(device=device)
+    model.to_empty(device=param_device or device)
     for buf_name, value in buffers.items():
-        model.get_buffer(buf_name).copy_(value)
+        owner_name, _, leaf = buf_name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        setattr(owner, leaf, value.to(device))  # replaces the uninitialised buffer to_empty made
     missing: list[str] = []
     for param_name, param in model.named_parameters():
         key = checkpoint_key(param_name)
