@@ -28,3 +28,32 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+FSDP_WORKER = Path(__file__).parent / "parallel" / "fsdp_worker.py"
+
+
+@pytest.fixture(scope="session")
+def run_fsdp_cases():
+    """Run named recipe cases on 2 real gloo ranks in one torchrun launch (see fsdp_worker.py)."""
+    import json
+    import subprocess
+    import sys
+
+    def run(root: Path, cases: dict, timeout_s: int = 600) -> dict:
+        (root / "cases.json").write_text(json.dumps(cases))
+        out = root / "results.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               str(FSDP_WORKER), str(root / "cases.json"), str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired as exc:  # the worker's own watchdog should fire first
+            def tail(b):
+                return (b.decode(errors="replace") if isinstance(b, bytes) else (b or ""))[-6000:]
+
+            pytest.fail(f"2-rank run timed out after {timeout_s} s\n{tail(exc.stdout)}\n{tail(exc.stderr)}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+        return json.loads(out.read_text())
+
+    return run

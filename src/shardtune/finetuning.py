@@ -202,10 +202,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     if wandb:
         hooks.append(wandb)
     trainable = [p for p in c.model.parameters() if p.requires_grad]
-    clip = None
-    if t.gradient_clipping:
-        def clip() -> torch.Tensor:
-            return clip_grad_norm(trainable, t.gradient_clipping_threshold)
+    clip = (lambda: clip_grad_norm(trainable, t.gradient_clipping_threshold)) if t.gradient_clipping else None
 
     # Resume, then checkpoints every N steps and on pre-emption (a step hook).
     checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(),

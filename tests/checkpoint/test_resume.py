@@ -18,7 +18,6 @@ from shardtune.checkpoint import layout
 from shardtune.config.errors import ShardtuneError
 from shardtune.finetuning import main as finetune
 
-WORKER = Path(__file__).parents[1] / "parallel" / "fsdp_worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -38,7 +37,7 @@ def _close(a, b, rtol=1e-5) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
+def runs(tiny_model_dir, tmp_path_factory, run_fsdp_cases):
     root = tmp_path_factory.mktemp("resume")
     data = root / "data.json"
     data.write_text(json.dumps(_rows(48)))
@@ -54,12 +53,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     cases["mismatch"] = {"expect_error": True,
                          "args": [*_common(tiny_model_dir, data, root / "full"), "--enable_fsdp",
                                   "--batch_size_training", "2", "--use_peft", "--resume"]}
-    (root / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", str(WORKER), str(root / "cases.json"),
-                           str(root / "results.json")], capture_output=True, text=True, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {"results": json.loads((root / "results.json").read_text()), "dirs": dirs, "data": data,
+    return {"results": run_fsdp_cases(root, cases), "dirs": dirs, "data": data,
             "model": tiny_model_dir, "root": root}
 
 

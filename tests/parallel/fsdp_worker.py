@@ -12,7 +12,9 @@ does and records its logits on a fixed input. Rank 0 writes OUT.json.
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import sys
 
 import torch
@@ -24,6 +26,9 @@ from shardtune.parallel.distributed import init_distributed, shutdown
 
 
 PROBE = "The quick brown fox jumps over the lazy dog."
+# A rank stuck longer than this in one case (or in shutting down) prints every thread's stack to
+# stderr and exits, so a hang fails the test quickly and says where it was.
+CASE_TIMEOUT_S = float(os.environ.get("SHARDTUNE_TEST_CASE_TIMEOUT_S", "180"))
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -73,6 +78,8 @@ def main() -> None:
     out = {}
     try:
         for name, case in cases.items():
+            faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
+            print(f"rank {env.rank}: case {name}: start", file=sys.stderr, flush=True)
             cfg = parse_args(case["args"]).config
             runner = run_logits if case.get("kind") == "logits" else run_train
             if case.get("expect_error"):
@@ -89,6 +96,8 @@ def main() -> None:
         if env.is_main:
             with open(sys.argv[2], "w") as f:
                 json.dump(out, f)
+        faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
+        print(f"rank {env.rank}: shutting down", file=sys.stderr, flush=True)
         shutdown()
 
 

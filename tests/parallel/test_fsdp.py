@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from shardtune.finetuning import main as finetune
 
-WORKER = Path(__file__).with_name("fsdp_worker.py")
 RTOL = 1e-4
 
 
@@ -50,7 +45,7 @@ def _single(common: list[str], *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(setting):
+def two_rank_results(setting, run_fsdp_cases):
     c = setting["common"]
     cases = {
         "full_shard": {"args": _fsdp(c)},
@@ -75,16 +70,7 @@ def two_rank_results(setting):
                                                                  "--fsdp_config.sharding_group_size", "1")},
         "logits_low_cpu_lora": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--use_peft")},
     }
-    root = setting["root"]
-    (root / "cases.json").write_text(json.dumps(cases))
-    out = root / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(WORKER), str(root / "cases.json"), str(out)],
-        capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    return run_fsdp_cases(setting["root"], cases)
 
 
 def _close(a: list[float], b: list[float], rtol: float = RTOL) -> bool:

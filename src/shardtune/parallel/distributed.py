@@ -64,13 +64,11 @@ def init_distributed(device: Device | str = Device.auto, need_group: bool = Fals
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if (world_size > 1 or need_group) and not dist.is_initialized():
-        if not launched_by_torchrun():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29511")
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
+        # One process without torchrun: an in-memory store, so no port is claimed (two such
+        # runs on one machine must not meet) and the caller's environment is left as it was.
+        store = None if launched_by_torchrun() else dist.HashStore()
         dist.init_process_group(backend=dist_backend(dev), rank=rank, world_size=world_size,
-                                device_id=dev if dev.type == "cuda" else None)
+                                store=store, device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank, local_rank, world_size, local_world_size, dev)
 
 
