@@ -56,6 +56,24 @@ def test_csv_row_error_names_line(make_config, tiny_tokenizer, tmp_path):
         load_split(cfg, tiny_tokenizer, "train")
 
 
+def test_csv_line_numbers_count_multi_line_fields_and_blank_lines(make_config, tiny_tokenizer, tmp_path):
+    path = tmp_path / "g.csv"
+    path.write_text('input,target\n"she go\nto school",She goes to school.\n\nhe run,\n')
+    cfg = make_config("grammar_dataset")
+    cfg.dataset_config.train_split = str(path)
+    with pytest.raises(ShardtuneError, match=r"g.csv, row 1, line 5 .*'target' is empty"):
+        load_split(cfg, tiny_tokenizer, "train")
+
+
+def test_jsonl_line_numbers_skip_blank_lines(tmp_path):
+    from shardtune.data.files import read_records
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n\n{"a": 2}\n')
+    rows, where = read_records(path, flag="--x")
+    assert rows == [{"a": 1}, {"a": 2}] and where(1) == "row 1, line 4"
+
+
 def _lengths(cfg, tok):
     return [len(s["input_ids"]) for s in load_split(cfg, tok, "train").samples]
 

@@ -26,9 +26,9 @@ def read_records(path: str | Path, *, flag: str) -> tuple[list[Any], Callable[[i
     if suffix == ".json":
         return _read_json(p)
     if suffix == ".jsonl":
-        return _read_jsonl(p), lambda i: f"{row_name(i)}, line {i + 1}"
+        return _with_lines(*_read_jsonl(p))
     if suffix == ".csv":
-        return _read_csv(p), lambda i: f"{row_name(i)}, line {i + 2}"  # line 1 is the header
+        return _with_lines(*_read_csv(p))
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # a datasets dependency
 
@@ -43,7 +43,7 @@ def _read_json(p: Path) -> tuple[list[Any], Callable[[int], str]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several JSON values: a JSON-lines file named .json
-            return _read_jsonl(p), lambda i: f"{row_name(i)}, line {i + 1}"
+            return _with_lines(*_read_jsonl(p))
         raise ShardtuneError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). "
                              f"Fix the file; it must hold a JSON list of objects.") from None
     if not isinstance(data, list):
@@ -52,8 +52,13 @@ def _read_json(p: Path) -> tuple[list[Any], Callable[[int], str]]:
     return data, row_name
 
 
-def _read_jsonl(p: Path) -> list[Any]:
-    rows = []
+def _with_lines(rows: list[Any], lines: list[int]) -> tuple[list[Any], Callable[[int], str]]:
+    return rows, lambda i: f"{row_name(i)}, line {lines[i]}"
+
+
+def _read_jsonl(p: Path) -> tuple[list[Any], list[int]]:
+    """Records and the line each starts on (blank lines are skipped, so they differ from i + 1)."""
+    rows, lines = [], []
     with p.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -63,12 +68,21 @@ def _read_jsonl(p: Path) -> list[Any]:
             except json.JSONDecodeError as e:
                 raise ShardtuneError(f"{p}, line {n} is not valid JSON ({e.msg}). Fix the line; a "
                                      f"JSON-lines file holds one JSON object per line.") from None
-    return rows
+            lines.append(n)
+    return rows, lines
 
 
-def _read_csv(p: Path) -> list[dict]:
+def _read_csv(p: Path) -> tuple[list[dict], list[int]]:
+    """Records and the line each starts on (a quoted field may span lines; blank lines are skipped)."""
+    rows, lines = [], []
     with p.open(encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a BOM from spreadsheets
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        for row in reader:
+            values = [v for v in row.values() if isinstance(v, str)]
+            span = 1 + sum(v.count("\n") for v in values)  # physical lines this record took
+            rows.append(row)
+            lines.append(reader.line_num - span + 1)
+    return rows, lines
 
 
 def require_columns(rows: list[Any], columns: tuple[str, ...], source: Path | str, flag: str) -> None:
