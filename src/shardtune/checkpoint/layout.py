@@ -7,7 +7,9 @@
 
 A checkpoint is written under ``.tmp-step-N`` and renamed to ``step-N`` after every rank has
 finished writing and the ``COMPLETE`` marker is in place; ``latest`` is replaced last. A crash
-at any moment leaves the previous checkpoint intact and ``latest`` pointing at it.
+at any moment leaves the previous checkpoint intact and ``latest`` pointing at it. Writing a
+step that exists again moves the old folder to ``.replaced-step-N`` first; ``prune`` puts it
+back if a crash came before the new one was in place.
 """
 
 from __future__ import annotations
@@ -72,14 +74,23 @@ def commit(tmp: Path, final: Path) -> None:
     """Publish a fully written checkpoint: marker, rename into place, then move ``latest``."""
     (tmp / COMPLETE_MARKER).write_text("ok\n")
     fsync_path(tmp)
-    if final.exists():  # same step written again (e.g. the pre-emption save of a saved step)
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # same step written again (e.g. the pre-emption save of a saved step):
+        replaced = _replaced_dir(final)  # moved aside, not deleted, until the new one is in place
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(tmp, final)
     fsync_path(final.parent)
     pointer_tmp = final.parent / f".{LATEST}.tmp"
     pointer_tmp.write_text(final.name + "\n")
     os.replace(pointer_tmp, final.parent / LATEST)
     fsync_path(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _replaced_dir(final: Path) -> Path:
+    return final.parent / f".replaced-{final.name}"
 
 
 def prune(run: Path, keep_last_n: int) -> list[Path]:
@@ -88,6 +99,13 @@ def prune(run: Path, keep_last_n: int) -> list[Path]:
     for tmp in run.glob(".tmp-step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(tmp)
+    for aside in run.glob(".replaced-step-*"):  # a crash mid-commit: put it back if not superseded
+        final = run / aside.name[len(".replaced-"):]
+        if not final.exists() and is_complete(aside):
+            os.replace(aside, final)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+            removed.append(aside)
     if keep_last_n > 0:
         for old in complete_checkpoints(run)[:-keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)

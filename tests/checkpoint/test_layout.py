@@ -1,0 +1,65 @@
+"""Checkpoint folder publishing: atomic commit, re-saving a step, recovery after a crash, pruning."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shardtune.checkpoint import layout
+
+
+def _written(run: Path, step: int, content: str) -> Path:
+    """A fully written (not yet committed) checkpoint folder, as every rank leaves it."""
+    tmp = layout.temp_dir_for(run, step)
+    tmp.mkdir(parents=True)
+    (tmp / ".metadata").write_text(content)
+    return tmp
+
+
+def test_commit_publishes_and_moves_latest(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        layout.commit(_written(run, step, f"s{step}"), run / layout.step_dir_name(step))
+    assert [p.name for p in layout.complete_checkpoints(run)] == ["step-000002", "step-000004"]
+    assert layout.latest_checkpoint(run) == run / "step-000004"
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_saving_a_step_again_replaces_it_and_leaves_nothing_aside(tmp_path):
+    run = tmp_path / "run"
+    final = run / layout.step_dir_name(3)
+    layout.commit(_written(run, 3, "first"), final)
+    layout.commit(_written(run, 3, "second"), final)
+    assert (final / ".metadata").read_text() == "second"
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000003"]
+
+
+def test_a_crash_between_moving_aside_and_publishing_is_undone_by_prune(tmp_path):
+    run = tmp_path / "run"
+    final = run / layout.step_dir_name(3)
+    layout.commit(_written(run, 3, "first"), final)
+    _written(run, 3, "second")  # the re-save's shards are written...
+    os.replace(final, run / ".replaced-step-000003")  # ...the old one moved aside, then the crash
+    assert layout.latest_checkpoint(run) is None
+    layout.prune(run, keep_last_n=0)
+    assert (final / ".metadata").read_text() == "first" and layout.latest_checkpoint(run) == final
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000003"]
+
+
+def test_a_leftover_aside_copy_of_a_superseded_step_is_deleted(tmp_path):
+    run = tmp_path / "run"
+    final = run / layout.step_dir_name(3)
+    layout.commit(_written(run, 3, "new"), final)
+    aside = run / ".replaced-step-000003"
+    aside.mkdir()
+    (aside / ".metadata").write_text("old")
+    layout.prune(run, keep_last_n=0)
+    assert not aside.exists() and (final / ".metadata").read_text() == "new"
+
+
+def test_prune_keeps_the_newest_n(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        layout.commit(_written(run, step, "x"), run / layout.step_dir_name(step))
+    layout.prune(run, keep_last_n=2)
+    assert [p.name for p in layout.complete_checkpoints(run)] == ["step-000002", "step-000003"]
