@@ -118,6 +118,11 @@ def test_shardtune_demo_learns_and_writes_a_hugging_face_model(tmp_path):
     before, after, verdict = float(summary[1]), float(summary[2]), summary[3]
     assert verdict == "learned" and before <= 5.0 and after >= 80.0, summary[0]
     assert "fine-tuning on 2 FSDP ranks" in proc.stdout  # the default demo trains sharded
+    # ... and its sharded checkpoint, converted, is the same model as the recipe's HF output
+    converted = re.search(r"converted checkpoint vs saved model: max \|logit difference\| (\S+) \((.*?)\)",
+                          proc.stdout)
+    assert converted and float(converted[1]) <= 1e-5 and converted[2] == "the same model", proc.stdout[-2000:]
+    assert list((out_dir / "converted").glob("*.safetensors"))
 
     model_dir = out_dir / "model"
     assert list(model_dir.glob("*.safetensors")), sorted(p.name for p in model_dir.iterdir())

@@ -7,9 +7,12 @@
 3. score the untrained model on the held-out rows (greedy exact match);
 4. fine-tune with the real recipe (``shardtune.finetuning``) on ``alpaca_dataset``, on 2 FSDP ranks
    launched with torchrun by default (``--nproc_per_node 1``: in this process);
-5. load the saved Hugging Face directory back with plain ``transformers`` and score it again.
+5. load the saved Hugging Face directory back with plain ``transformers`` and score it again;
+6. convert the run's sharded (DCP) checkpoint into a second Hugging Face directory with
+   ``shardtune convert`` and check that it gives the same logits as the model of step 5.
 
-Exits with status 1 if the fine-tuned model did not learn the task.
+Exits with status 1 if the fine-tuned model did not learn the task or the converted checkpoint
+differs from it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ TRAIN_FLAGS = [
 ]
 # "learned": held-out exact match at least this, and at least 0.5 above the untrained model's.
 LEARNED_ACCURACY = 0.8
+# The converted checkpoint and the recipe's HF output hold the same fp32 weights.
+CONVERT_TOLERANCE = 1e-5
 # One intra-op thread: at this size a second thread saves only ~30% of a step on an idle machine,
 # and on a busy shared one (other work on the cores) two threads were 2-4x *slower* per step.
 NUM_THREADS = 1
@@ -75,6 +80,31 @@ def run_finetune(args: list[str], nproc: int, out: Path) -> dict:
     return {"best_eval_loss": min(val) if val else None, "steps": len(metrics["train_step_loss"])}
 
 
+def convert_checkpoint(ft_args: list[str], dst: Path, reference, tokenizer, rows: list[dict]) -> float:
+    """Convert the run's newest sharded checkpoint to ``dst`` (``shardtune convert``) and return the
+    largest logit difference to ``reference`` (the recipe's own HF output) on ``rows``' prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint.layout import latest_checkpoint
+    from ..config import parse_args
+    from ..convert.core import convert
+    from ..data.prompts import alpaca_prompt
+    from ..finetuning import checkpoint_run_dir
+
+    run = checkpoint_run_dir(parse_args(ft_args).config)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise ShardtuneError(f"the fine-tune left no complete sharded checkpoint under {run}.")
+    print(f"[6/6] converting the sharded checkpoint {ckpt} (DCP, one file per rank) to {dst}")
+    convert(ckpt, dst, overwrite=True, log=lambda line: print("     ", line))
+    converted = AutoModelForCausalLM.from_pretrained(dst).eval()
+    ids = tokenizer([alpaca_prompt(r) for r in rows], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = converted(**ids).logits
+        b = reference.eval()(**ids).logits
+    return float((a - b).abs().max())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="shardtune demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,24 +122,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     root = Path(args.output_dir)
     base_dir, model_out = root / "base-model", root / "model"
     started = time.perf_counter()
-    print(f"[1/5] building a tiny random Llama in {base_dir}")
+    print(f"[1/6] building a tiny random Llama in {base_dir}")
     build_tiny_llama(base_dir, seed=args.seed, max_positions=256, **MODEL_SIZE)
-    print(f"[2/5] writing the task data ({N_TRAIN} train / {N_EVAL} held-out rows) to {root / 'data'}")
+    print(f"[2/6] writing the task data ({N_TRAIN} train / {N_EVAL} held-out rows) to {root / 'data'}")
     train_json, eval_json = write_task_data(root / "data", N_TRAIN, N_EVAL, args.seed)
     eval_rows = json.loads(Path(eval_json).read_text())
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     before_model = AutoModelForCausalLM.from_pretrained(base_dir)
     before = task_accuracy(before_model, tokenizer, eval_rows)
-    print(f"[3/5] accuracy before fine-tuning: {before:.1%}")
+    print(f"[3/6] accuracy before fine-tuning: {before:.1%}")
     del before_model
 
     ft_args = finetune_args(base_dir, train_json, model_out, args.seed, args.nproc_per_node)
     where = f"{args.nproc_per_node} FSDP ranks (torchrun, gloo)" if args.nproc_per_node > 1 else "one process"
-    print(f"[4/5] fine-tuning on {where}: shardtune.finetuning " + " ".join(ft_args))
+    print(f"[4/6] fine-tuning on {where}: shardtune.finetuning " + " ".join(ft_args))
     results = run_finetune(ft_args, args.nproc_per_node, model_out)
 
-    print(f"[5/5] loading {model_out} with plain transformers")
+    print(f"[5/6] loading {model_out} with plain transformers")
     after_model = AutoModelForCausalLM.from_pretrained(model_out)
     after_tok = AutoTokenizer.from_pretrained(model_out)
     after = task_accuracy(after_model, after_tok, eval_rows)
@@ -129,4 +159,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"metrics: {model_out / 'metrics.json'}   loss plot: {model_out / 'loss.png'}")
     if not learned:
         raise SystemExit(1)
-    return {"before": before, "after": after, "results": results}
+
+    print()
+    converted_dir = root / "converted"
+    diff = convert_checkpoint(ft_args, converted_dir, after_model, after_tok, eval_rows[:8])
+    same = diff <= CONVERT_TOLERANCE
+    print(f"converted checkpoint vs saved model: max |logit difference| {diff:.2e} "
+          f"({'the same model' if same else 'DIFFERENT'}); from_pretrained({str(converted_dir)!r}) loads it")
+    if not same:
+        raise SystemExit(1)
+    return {"before": before, "after": after, "results": results, "convert_max_diff": diff}
