@@ -37,6 +37,24 @@ def test_several_ranks_without_fsdp_are_refused():
     check_world_size(False, 1)
 
 
+def test_one_process_group_without_torchrun_leaves_the_environment_alone(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from shardtune.parallel.distributed import init_distributed, shutdown
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    before = dict(os.environ)
+    for _ in range(2):  # and a second group after the first is shut down
+        env = init_distributed("cpu", need_group=True)
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        assert env.world_size == 1 and dist.get_world_size() == 1 and t.tolist() == [1.0] * 3
+        shutdown()
+    assert dict(os.environ) == before and not dist.is_initialized()
+
+
 def test_launcher_reports_a_bad_model_path_once_before_starting_ranks(tmp_path):
     proc, seconds = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
                           "--enable_fsdp", "--model_name", str(tmp_path / "missing")])
