@@ -18,7 +18,9 @@ method then runs in a fresh process:
 * ``dcp_to_torch_save + save_pretrained``: ``torch.distributed.checkpoint.format_utils.
   dcp_to_torch_save(CKPT, full.pt)``, ``torch.load(full.pt)``, a model built from the config on
   the meta device, ``load_state_dict(assign=True)`` (no random init, no copy), ``save_pretrained``;
-* ``cp -r``: copying the checkpoint folder (the I/O floor; not a conversion).
+* ``cp -r``: copying the checkpoint folder (the page-cache floor; not a conversion), and ``cp -r``
+  followed by ``sync`` of the copy (the disk floor for a writer that fsyncs, as the converter does);
+* ``python -c 'import torch, transformers'``: the start-up every Python conversion pays.
 
 A sampling thread reads the process tree's RSS and RssAnon (private memory: tensors, heaps) from
 /proc every 10 ms; peak RSS also counts file pages the process maps (shared libraries). Wall time
@@ -224,12 +226,19 @@ def main() -> None:
             "dcp_to_torch_save + save_pretrained": [py, "-c", BASELINE, str(ckpt), str(model_dir), str(work),
                                                     str(work / "out-dcp")],
             "cp -r": ["cp", "-r", str(ckpt), str(work / "copy")],
+            # the converter fsyncs what it writes (a finished conversion survives a power loss);
+            # the fair disk floor for it is a copy that is also flushed to disk
+            "cp -r + sync": ["sh", "-c", f'cp -r "{ckpt}" "{work / "copy-sync"}" && sync "{work / "copy-sync"}"/*'],
+            # what any Python conversion pays before reading a byte: interpreter, torch, transformers
+            "python -c 'import torch, transformers'": [py, "-c", "import torch, transformers"],
         }
+        for old in ("out-st", "out-st500", "out-dcp", "copy", "copy-sync", "full.pt"):  # a reused --work
+            shutil.rmtree(work / old, ignore_errors=True) if (work / old).is_dir() else (work / old).unlink(missing_ok=True)
         results = {}
         for name, cmd in methods.items():
             results[name] = measure(cmd, env)
             r = results[name]
-            print(f"{name:<38} wall {r['wall_s']:>6.1f} s   peak RSS {r['peak_rss_mib']:>7.0f} MiB   "
+            print(f"{name:<40} wall {r['wall_s']:>6.1f} s   peak RSS {r['peak_rss_mib']:>7.0f} MiB   "
                   f"peak RssAnon {r['peak_anon_mib']:>7.0f} MiB", flush=True)
         same = same_outputs(work / "out-st", work / "out-dcp") and same_outputs(work / "out-st500", work / "out-dcp")
         print(f"outputs identical (shardtune vs dcp_to_torch_save + save_pretrained): {same}")

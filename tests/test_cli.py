@@ -52,3 +52,51 @@ def test_launch_options_are_split_from_recipe_options():
 def test_valueless_launch_flags_are_split_too():
     launch, rest = split_launch_args(["--standalone", "--nproc_per_node=2", "--lr", "1"])
     assert launch == ["--standalone", "--nproc_per_node=2"] and rest == ["--lr", "1"]
+
+
+# A process that ran a process group ends without interpreter teardown (end_process): gloo's
+# threads can otherwise abort or hang it at exit. Its exit code and buffered output still come out.
+_RANK_SCRIPT = """
+import atexit, sys
+from shardtune.cli import run_with_clean_errors
+from shardtune.config.errors import ShardtuneError
+from shardtune.parallel.distributed import init_distributed, shutdown
+
+atexit.register(lambda: print("teardown ran", flush=True))
+
+def work():
+    if sys.argv[1] != "no-group":
+        init_distributed("cpu", need_group=True)
+        shutdown()
+    print("work done")  # block-buffered (stdout is a pipe): must still come out
+    if sys.argv[1] == "user-error":
+        raise ShardtuneError("the data file is missing")
+    if sys.argv[1] == "crash":
+        raise RuntimeError("boom")
+
+run_with_clean_errors(work)
+"""
+
+
+def _rank_script(mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _RANK_SCRIPT, mode], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_process_that_ran_a_group_exits_without_teardown_keeping_its_output():
+    ok = _rank_script("ok")
+    assert ok.returncode == 0, ok.stderr
+    assert "work done" in ok.stdout and "teardown ran" not in ok.stdout
+
+
+def test_a_rank_that_fails_still_reports_and_sets_its_exit_code():
+    user = _rank_script("user-error")
+    assert user.returncode == 2 and "error: the data file is missing" in user.stderr
+    assert "Traceback" not in user.stderr and "teardown ran" not in user.stdout
+    crash = _rank_script("crash")
+    assert crash.returncode == 1 and "RuntimeError: boom" in crash.stderr and "Traceback" in crash.stderr
+
+
+def test_a_process_without_a_group_exits_normally():
+    plain = _rank_script("no-group")
+    assert plain.returncode == 0 and "work done" in plain.stdout and "teardown ran" in plain.stdout

@@ -96,4 +96,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from shardtune.cli import run_with_clean_errors
+
+    run_with_clean_errors(main)  # a rank ends without interpreter teardown (see end_process)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,10 @@ class DistEnv:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+
+# Whether this process has started a process group (see ``end_process``).
+_started_group = False
 
 
 def launched_by_torchrun() -> bool:
@@ -69,9 +75,34 @@ def init_distributed(device: Device | str = Device.auto, need_group: bool = Fals
         store = None if launched_by_torchrun() else dist.HashStore()
         dist.init_process_group(backend=dist_backend(dev), rank=rank, world_size=world_size,
                                 store=store, device_id=dev if dev.type == "cuda" else None)
+        global _started_group
+        _started_group = True
     return DistEnv(rank, local_rank, world_size, local_world_size, dev)
 
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def started_a_process_group() -> bool:
+    return _started_group
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit now with ``code``, skipping interpreter teardown, once a process group has run here.
+
+    ``destroy_process_group`` does not stop gloo's worker threads while FSDP modules and device
+    meshes still reference the group, so they meet Python's finalisation: a thread that releases
+    a finished collective's tensor then needs the GIL, and Python ends it mid-C++ frame, which
+    aborts the process ("terminate called without an active exception", SIGABRT; seen here in
+    about 1 of 10 rank exits, pytorch/pytorch#190489 and #75097 report hangs of the same kind).
+    The job's work is complete and on disk by now (checkpoints and exports are fsynced), so the
+    only thing to keep is what sits in Python's stdout/stderr buffers.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more to keep
+            pass
+    os._exit(code)
