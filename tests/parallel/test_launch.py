@@ -38,7 +38,6 @@ def test_several_ranks_without_fsdp_are_refused():
 
 
 def test_one_process_group_without_torchrun_leaves_the_environment_alone(monkeypatch):
-    import torch
     import torch.distributed as dist
 
     from shardtune.parallel.distributed import init_distributed, shutdown
@@ -48,9 +47,7 @@ def test_one_process_group_without_torchrun_leaves_the_environment_alone(monkeyp
     before = dict(os.environ)
     for _ in range(2):  # and a second group after the first is shut down
         env = init_distributed("cpu", need_group=True)
-        t = torch.ones(3)
-        dist.all_reduce(t)
-        assert env.world_size == 1 and dist.get_world_size() == 1 and t.tolist() == [1.0] * 3
+        assert env.world_size == 1 and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
         shutdown()
     assert dict(os.environ) == before and not dist.is_initialized()
 
