@@ -42,6 +42,9 @@ def parse_spec(spec: str) -> tuple[Path, str]:
 
 
 _MODULES: dict[tuple[str, int], ModuleType] = {}  # train and test splits share one import
+# Custom dataset files are imported under this prefix; such a module exists only in the process
+# that loaded it (see data/workers.py).
+MODULE_PREFIX = "shardtune_custom_"
 
 
 def load_module(path: Path) -> ModuleType:
@@ -51,7 +54,7 @@ def load_module(path: Path) -> ModuleType:
     resolved = path.resolve()
     key = (str(resolved), resolved.stat().st_mtime_ns)
     if key not in _MODULES:
-        name = f"shardtune_custom_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+        name = f"{MODULE_PREFIX}{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
         spec = importlib.util.spec_from_file_location(name, resolved)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses and pickling look the module up by name

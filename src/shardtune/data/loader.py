@@ -12,6 +12,7 @@ from ..config.errors import ShardtuneError
 from .collate import MaskFillers, PackedCollator, PaddingCollator, Rows, pad_token_id
 from .packing import pack
 from .sampler import GlobalBatchSampler
+from .workers import worker_options
 
 
 def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrategy, batch_size: int,
@@ -47,8 +48,9 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
     # Its own generator: creating an epoch's iterator draws a worker base seed, which would
     # otherwise consume the global RNG that dropout uses and break exact resume.
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(rows, batch_sampler=sampler, collate_fn=MaskFillers(inner), num_workers=num_workers,
-                      generator=generator)
+    collate = MaskFillers(inner)
+    return DataLoader(rows, batch_sampler=sampler, collate_fn=collate, generator=generator,
+                      **worker_options(num_workers, rows.samples, collate))
 
 
 def _length(sample: Any) -> int:

@@ -1,0 +1,88 @@
+"""How DataLoader worker processes are started: from a fork server, never by forking a rank.
+
+A rank runs threads that touch Python's thread states (gloo's and NCCL's work threads take the
+GIL to release a finished collective's tensors). Forking the rank while one of them holds the
+interpreter's thread-state lock leaves that lock held forever in the child: CPython 3.11 takes it
+in ``PyOS_AfterFork_Child`` before re-initialising it, so the new DataLoader worker hangs before
+running a line, and the rank waits for its first batch forever. Seen here in the 2-rank tests
+(gdb: ``PyOS_AfterFork_Child -> _PyEval_ReInitThreads -> _PyThreadState_DeleteExcept`` waiting
+on that lock). Workers are therefore started by multiprocessing's fork server, a single-threaded
+process started once with torch already imported, and kept for the whole run
+(``persistent_workers``) so each is started and sent the dataset once, not every epoch. A
+fork-server worker's parent is the fork server, not the rank, so PyTorch's own check that the
+rank is alive never fires; each worker therefore watches the rank's pid and exits when the rank
+is gone (after ``end_process``, a crash or a kill), instead of lingering with its output pipes.
+
+Workers receive the dataset and collator by pickling. A collator or rows from a custom dataset
+file (imported under ``custom.MODULE_PREFIX``, a module no other process can import) cannot be
+sent; such a loader reads its batches in the training process instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+import warnings
+from typing import Any, Optional
+
+import psutil
+
+from .custom import MODULE_PREFIX
+
+START_METHOD = "forkserver"
+_PRELOAD = ["torch", "shardtune.data.collate"]
+_WATCH_INTERVAL_S = 1.0
+
+
+def worker_options(num_workers: int, rows: Any, collate_fn: Any) -> dict:
+    """DataLoader keyword arguments for ``num_workers`` worker processes (none when 0)."""
+    if num_workers <= 0:
+        return {"num_workers": 0}
+    reason = _why_not_sendable(rows, collate_fn)
+    if reason is not None:
+        warnings.warn(f"--num_workers_dataloader {num_workers}: {reason}, so batches are built in the "
+                      "training process (as with --num_workers_dataloader 0). Define the collator "
+                      "and row types in an importable module to use worker processes.", stacklevel=3)
+        return {"num_workers": 0}
+    if START_METHOD not in multiprocessing.get_all_start_methods():  # Windows: spawn is the default
+        return {"num_workers": num_workers, "persistent_workers": True}
+    context = multiprocessing.get_context(START_METHOD)
+    context.set_forkserver_preload(_PRELOAD)
+    return {"num_workers": num_workers, "persistent_workers": True, "multiprocessing_context": context,
+            "worker_init_fn": functools.partial(exit_with_parent, os.getpid(), psutil.Process().create_time())}
+
+
+def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> None:
+    """``worker_init_fn``: end this worker once the process that started it has gone."""
+    def watch() -> None:
+        while not _gone(parent_pid, parent_started):
+            time.sleep(_WATCH_INTERVAL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="shardtune-parent-watch", daemon=True).start()
+
+
+def _gone(pid: int, started: float) -> bool:
+    # A zombie counts as gone: a launcher that reads the rank's output to EOF before reaping it
+    # would otherwise wait on a worker that waits on the launcher.
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() != started or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _why_not_sendable(rows: Any, collate_fn: Any) -> Optional[str]:
+    probes = {"the data collator": collate_fn, "a row of the dataset": rows[0] if len(rows) else None}
+    for what, obj in probes.items():
+        try:
+            data = pickle.dumps(obj)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure means "cannot be sent"
+            return f"{what} cannot be sent to a worker process ({type(exc).__name__}: {exc})"
+        if MODULE_PREFIX.encode() in data:
+            return f"{what} is defined in the custom dataset file, which worker processes cannot import"
+    return None

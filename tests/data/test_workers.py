@@ -1,0 +1,89 @@
+"""DataLoader worker processes: started by the fork server (never forked from a rank), kept for
+the run, gone with the training process, and skipped with a warning when data cannot be sent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import types
+
+import psutil
+import pytest
+import torch
+
+from shardtune.data import build_dataloader
+from shardtune.data.custom import MODULE_PREFIX
+from shardtune.data.workers import worker_options
+
+
+def _samples(n: int = 24) -> list[dict]:
+    return [{"input_ids": list(range(1, 3 + i % 7)), "labels": list(range(1, 3 + i % 7))} for i in range(n)]
+
+
+def _loader(tokenizer, workers: int):
+    return build_dataloader(_samples(), tokenizer=tokenizer, strategy="padding", batch_size=4,
+                            context_length=64, shuffle=True, seed=1, num_workers=workers)
+
+
+def _epochs(loader, n: int = 2) -> list[list[torch.Tensor]]:
+    out = []
+    for epoch in range(n):
+        loader.batch_sampler.set_epoch(epoch)
+        out.append([b["input_ids"] for b in loader])
+    return out
+
+
+def test_workers_come_from_the_fork_server_and_give_the_same_batches(tiny_tokenizer):
+    loader = _loader(tiny_tokenizer, 1)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver" and loader.persistent_workers
+    with_workers, in_process = _epochs(loader), _epochs(_loader(tiny_tokenizer, 0))
+    for a, b in zip(with_workers, in_process):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    worker = psutil.Process(loader._iterator._workers[0].pid)  # private, but the only handle on it
+    assert worker.ppid() != psutil.Process().pid  # not a fork of this (threaded) process
+
+
+_ORPHAN_SCRIPT = """
+import json, os, sys
+from transformers import AutoTokenizer
+from shardtune.data import build_dataloader
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 8
+loader = build_dataloader(rows, tokenizer=tok, strategy="padding", batch_size=2, context_length=16,
+                          shuffle=False, seed=0, num_workers=1)
+next(iter(loader))
+print(json.dumps([w.pid for w in loader._iterator._workers]), flush=True)
+os._exit(0)  # as a rank ends (end_process): no DataLoader clean-up runs
+"""
+
+
+def test_workers_exit_when_the_training_process_is_gone(tiny_model_dir):
+    # The launcher reads the process's output to EOF: a worker left alive would hold the pipe open.
+    proc = subprocess.run([sys.executable, "-c", _ORPHAN_SCRIPT, str(tiny_model_dir)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pids = json.loads(proc.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, f"workers {pids} outlived the training process"
+        time.sleep(0.2)
+
+
+class _Collate:
+    def __call__(self, rows):
+        return rows
+
+
+def test_data_that_cannot_reach_a_worker_is_loaded_in_process_with_a_warning(monkeypatch):
+    with pytest.warns(UserWarning, match="data collator cannot be sent to a worker"):
+        assert worker_options(2, [{"a": 1}], lambda rows: rows) == {"num_workers": 0}
+    custom = types.ModuleType(f"{MODULE_PREFIX}mine_0000")  # a custom dataset file's module
+    custom_collate = type("Collator", (_Collate,), {"__module__": custom.__name__})
+    custom.Collator = custom_collate
+    monkeypatch.setitem(sys.modules, custom.__name__, custom)
+    with pytest.warns(UserWarning, match="defined in the custom dataset file"):
+        assert worker_options(1, [{"a": 1}], custom_collate()) == {"num_workers": 0}
+    assert worker_options(0, [{"a": 1}], None) == {"num_workers": 0}
+    assert worker_options(1, [{"a": 1}], _Collate())["persistent_workers"]
