@@ -468,7 +468,7 @@ def main(argv=None) -> dict:
                            "" if op.get("cached_before") is None else f"{op['cached_before']:.0%}"])
     r0 = sorted(next(iter(results.values())), key=lambda r: r["rank"])
     print()
-    print(f"Per rank after set-up + 1 step: param shards "
+    print("Per rank after set-up + 1 step: param shards "
           + " / ".join(common.mib(r["param_bytes"]) for r in r0) + " MiB, AdamW state "
           + " / ".join(common.mib(r["optim_bytes"]) for r in r0) + f" MiB. One fp32 model copy = "
           f"{common.mib(model_bytes)} MiB.")
