@@ -46,26 +46,20 @@ def test_workers_come_from_the_fork_server_and_give_the_same_batches(tiny_tokeni
 
 
 _ORPHAN_SCRIPT = """
-import json, os, signal, sys, time
+import json, os, sys
 from transformers import AutoTokenizer
 from shardtune.data import build_dataloader
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 8
 loader = build_dataloader(rows, tokenizer=tok, strategy="padding", batch_size=2, context_length=16,
                           shuffle=False, seed=0, num_workers=1)
-it = iter(loader)
-next(it)
-pids = [w.pid for w in loader._iterator._workers]
-for pid in pids:  # a cluster's pre-emption signal reaches every process: workers stay for the rank
-    os.kill(pid, signal.SIGTERM)
-time.sleep(0.5)
-next(it), next(it)
-print(json.dumps(pids), flush=True)
+next(iter(loader))
+print(json.dumps([w.pid for w in loader._iterator._workers]), flush=True)
 os._exit(0)  # as a rank ends (end_process): no DataLoader clean-up runs
 """
 
 
-def test_workers_outlive_a_sigterm_but_not_the_training_process(tiny_model_dir):
+def test_workers_exit_when_the_training_process_is_gone(tiny_model_dir):
     # The launcher reads the process's output to EOF: a worker left alive would hold the pipe open.
     proc = subprocess.run([sys.executable, "-c", _ORPHAN_SCRIPT, str(tiny_model_dir)], capture_output=True,
                           text=True, timeout=120)

@@ -24,7 +24,6 @@ import functools
 import multiprocessing
 import os
 import pickle
-import signal
 import threading
 import time
 import warnings
@@ -32,7 +31,6 @@ from typing import Any, Optional
 
 import psutil
 
-from ..checkpoint.preemption import SIGNALS as PREEMPTION_SIGNALS
 from .custom import MODULE_PREFIX
 
 START_METHOD = "forkserver"
@@ -65,14 +63,7 @@ def worker_options(num_workers: int, rows: Any, collate_fn: Any) -> dict:
 
 
 def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> None:
-    """``worker_init_fn``: end this worker once the process that started it has gone.
-
-    The pre-emption signals are ignored: a cluster that signals every process of the job must
-    not kill a worker while its rank finishes the step and saves; the worker leaves with the rank.
-    """
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
+    """``worker_init_fn``: end this worker once the process that started it has gone."""
     def watch() -> None:
         while not _gone(parent_pid, parent_started):
             time.sleep(_WATCH_INTERVAL_S)
