@@ -24,6 +24,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory) -> Path:
+    """The same tiny Llama with tied input/output embeddings (no lm_head.weight in its files)."""
+    from shardtune.demo.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-tied-llama"), seed=0, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

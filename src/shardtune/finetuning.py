@@ -98,7 +98,7 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
         shard_model(model, mesh=mesh, strategy=f.sharding_strategy,
                     param_dtype=fsdp_compute_dtype(cfg, env), cpu_offload=f.fsdp_cpu_offload)
         if low_cpu:
-            materialize_and_load(model, t.model_name, env.device,
+            materialize_and_load(model, t.model_name, env.device, seed=t.seed,
                                  param_device=torch.device("cpu") if f.fsdp_cpu_offload else None)
     else:
         model.to(env.device)

@@ -2,12 +2,13 @@
 
     torchrun --nproc_per_node 2 fsdp_worker.py CASES.json OUT.json
 
-CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits"} (plus
+CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits" | "adapter"} (plus
 "expect_error": true to record a ShardtuneError's message instead of failing); cases run in order.
 "train" runs the real recipe (setup + train, saving if the flags say so) and records the per-step
 losses, which parameters changed, how many tensors the optimizer holds and the trained model's
 logits on a fixed input; "logits" builds the model the way the recipe
-does and records its logits on a fixed input. Rank 0 writes OUT.json.
+does and records its logits on a fixed input (and whether its head is tied to the embeddings);
+"adapter" builds it and records the full values of its new LoRA weights. Rank 0 writes OUT.json.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def logits_of(model: torch.nn.Module, tokenizer, env) -> list:
     return logits
 
 
+def head_is_tied(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings().weight is base.get_input_embeddings().weight
+
+
 def run_train(cfg, env) -> dict:
     c = setup(cfg, env)
     before = snapshot(c.model)
@@ -62,14 +68,21 @@ def run_train(cfg, env) -> dict:
             "optimizer_tensors": sum(len(g["params"]) for g in c.optimizer.param_groups),
             "trainable": sorted(n for n, p in c.model.named_parameters() if p.requires_grad),
             "param_dtypes": sorted({str(p.dtype) for p in c.model.parameters()}),
-            "logits": trained_logits}
+            "logits": trained_logits, "tied": head_is_tied(c.model)}
 
 
 @torch.no_grad()
 def run_logits(cfg, env) -> dict:
     tokenizer = load_tokenizer(cfg.train.model_name)
     model = setup_model(cfg, env, tokenizer)
-    return {"logits": logits_of(model, tokenizer, env)}
+    return {"logits": logits_of(model, tokenizer, env), "tied": head_is_tied(model)}
+
+
+@torch.no_grad()
+def run_adapter(cfg, env) -> dict:
+    tokenizer = load_tokenizer(cfg.train.model_name)
+    model = setup_model(cfg, env, tokenizer)
+    return {n: full(p.detach()).tolist() for n, p in model.named_parameters() if ".lora_" in n}
 
 
 def main() -> None:
@@ -81,7 +94,7 @@ def main() -> None:
             faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
             print(f"rank {env.rank}: case {name}: start", file=sys.stderr, flush=True)
             cfg = parse_args(case["args"]).config
-            runner = run_logits if case.get("kind") == "logits" else run_train
+            runner = {"logits": run_logits, "adapter": run_adapter}.get(case.get("kind"), run_train)
             if case.get("expect_error"):
                 try:
                     runner(cfg, env)

@@ -36,6 +36,14 @@ def setting(tiny_model_dir, tmp_path_factory):
     return {"root": root, "common": common, "model": tiny_model_dir}
 
 
+@pytest.fixture(scope="module")
+def tied(setting, tiny_tied_model_dir):
+    """The common flags on the tied-embedding tiny model (no lm_head.weight in its files)."""
+    c = list(setting["common"])
+    c[c.index("--model_name") + 1] = str(tiny_tied_model_dir)
+    return {"common": c, "model": tiny_tied_model_dir, "out": setting["root"] / "tied-out"}
+
+
 def _fsdp(common: list[str], *extra: str) -> list[str]:
     return [*common, "--batch_size_training", "2", "--enable_fsdp", *extra]
 
@@ -45,8 +53,8 @@ def _single(common: list[str], *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(setting, run_fsdp_cases):
-    c = setting["common"]
+def two_rank_results(setting, tied, run_fsdp_cases):
+    c, tc = setting["common"], tied["common"]
     cases = {
         "full_shard": {"args": _fsdp(c)},
         "no_activation_checkpointing": {"args": _fsdp(c, "--fsdp_config.fsdp_activation_checkpointing", "False")},
@@ -69,6 +77,20 @@ def two_rank_results(setting, run_fsdp_cases):
         "logits_low_cpu_hybrid": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--fsdp_config.sharding_strategy", "HYBRID_SHARD",
                                                                  "--fsdp_config.sharding_group_size", "1")},
         "logits_low_cpu_lora": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--use_peft")},
+        "adapter_normal": {"kind": "adapter", "args": _fsdp(c, "--use_peft")},
+        "adapter_low_cpu": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp")},
+        "adapter_low_cpu_no_shard": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp",
+                                                                      "--fsdp_config.sharding_strategy", "NO_SHARD")},
+        # Tied input/output embeddings (Llama 3.2 1B/3B): every loading path and strategy.
+        "tied_logits_normal": {"kind": "logits", "args": _fsdp(tc)},
+        "tied_logits_low_cpu": {"kind": "logits", "args": _fsdp(tc, "--low_cpu_fsdp")},
+        "tied_logits_low_cpu_hybrid": {"kind": "logits", "args": _fsdp(tc, "--low_cpu_fsdp", "--fsdp_config.sharding_strategy",
+                                                                       "HYBRID_SHARD", "--fsdp_config.sharding_group_size", "1")},
+        "tied_logits_low_cpu_lora": {"kind": "logits", "args": _fsdp(tc, "--low_cpu_fsdp", "--use_peft")},
+        "tied_train_normal": {"args": _fsdp(tc)},
+        "tied_train_low_cpu_save": {"args": _fsdp(tc, "--low_cpu_fsdp", "--save_model", "True",
+                                                  "--output_dir", str(tied["out"]))},
+        "tied_train_no_shard": {"args": _fsdp(tc, "--low_cpu_fsdp", "--fsdp_config.sharding_strategy", "NO_SHARD")},
     }
     return run_fsdp_cases(setting["root"], cases)
 
@@ -85,6 +107,11 @@ def single_process(setting):
         "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
         "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
     }
+
+
+@pytest.fixture(scope="module")
+def tied_single_process(tied):
+    return finetune(_single(tied["common"]))["train_step_loss"]
 
 
 def test_two_ranks_equal_one_process_on_the_same_global_batch(two_rank_results, single_process):
@@ -177,3 +204,77 @@ def test_fsdp_merged_lora_export_loads_as_a_plain_model_with_the_trained_logits(
     merged = AutoModelForCausalLM.from_pretrained(setting["root"] / "lora-out" / "merged").eval()
     trained = torch.tensor(two_rank_results["lora"]["logits"])
     torch.testing.assert_close(_probe_logits(merged, setting["model"]), trained, rtol=1e-4, atol=1e-4)
+
+
+# --- new LoRA weights under --low_cpu_fsdp (each rank used to draw the same rows) ---
+
+def test_low_cpu_lora_starts_from_the_same_adapter_as_normal_loading(two_rank_results):
+    normal, low = two_rank_results["adapter_normal"], two_rank_results["adapter_low_cpu"]
+    assert normal and set(low) == set(normal)
+    for name, value in normal.items():
+        torch.testing.assert_close(torch.tensor(low[name]), torch.tensor(value), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(torch.tensor(two_rank_results["adapter_low_cpu_no_shard"][name]),
+                                   torch.tensor(value), rtol=0, atol=0, msg=name)
+    lora_a = [torch.tensor(v) for n, v in low.items() if ".lora_A." in n]
+    assert lora_a and all(a.abs().sum() > 0 for a in lora_a)
+    for a in lora_a:  # the two ranks' row blocks differ (the bug made them equal)
+        half = a.shape[0] // 2
+        assert not torch.equal(a[:half], a[half:2 * half])
+
+
+def test_new_lora_weights_depend_only_on_seed_and_name(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.model.lora_init import initialise_lora
+
+    def adapter(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1000 + seed)  # the global RNG must not matter
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        initialise_lora(model, seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+    a, b, other = adapter(7), adapter(7), adapter(8)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    a_weights = [n for n in a if ".lora_A." in n]
+    assert all(not torch.equal(a[n], other[n]) for n in a_weights)
+    assert all(a[n].abs().max() <= 1 / math.sqrt(a[n].shape[1]) for n in a_weights)  # peft's kaiming bound
+    assert all(not a[n].any() for n in a if ".lora_B." in n)
+
+
+# --- tied input/output embeddings ---
+
+@pytest.mark.parametrize("case", ["tied_logits_low_cpu", "tied_logits_low_cpu_hybrid", "tied_logits_low_cpu_lora"])
+def test_tied_model_loads_tied_on_every_path(two_rank_results, case):
+    normal = two_rank_results["tied_logits_normal"]
+    assert normal["tied"] and two_rank_results[case]["tied"]
+    torch.testing.assert_close(torch.tensor(two_rank_results[case]["logits"]), torch.tensor(normal["logits"]),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["tied_train_low_cpu_save", "tied_train_no_shard"])
+def test_tied_model_trains_tied_and_equals_one_process(two_rank_results, tied_single_process, case):
+    r = two_rank_results[case]
+    assert r["tied"] and "lm_head.weight" not in r["all_params"]
+    assert _close(r["losses"], two_rank_results["tied_train_normal"]["losses"])
+    assert _close(r["losses"], tied_single_process)
+
+
+def test_tied_model_export_and_conversion_keep_the_tie_and_the_logits(two_rank_results, tied, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.convert import convert
+
+    trained = torch.tensor(two_rank_results["tied_train_low_cpu_save"]["logits"])
+    converted = tmp_path / "converted"
+    convert(tied["out"] / "checkpoints" / "fine-tuned", converted)
+    for out in (tied["out"], converted):
+        files = list(out.glob("*.safetensors"))
+        keys = {k for f in files for k in safe_open(str(f), "pt").keys()}
+        assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+        torch.testing.assert_close(_probe_logits(model, tied["model"]), trained, rtol=0, atol=1e-5)

@@ -60,7 +60,10 @@ def build_tokenizer(vocab_size: int = 512, model_max_length: int = 2048) -> PreT
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64,
                       num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-                      intermediate_size: Optional[int] = None, max_positions: int = 512) -> LlamaConfig:
+                      intermediate_size: Optional[int] = None, max_positions: int = 512,
+                      tie_word_embeddings: bool = False) -> LlamaConfig:
+    """``tie_word_embeddings``: the head shares the embedding matrix and the saved files hold no
+    ``lm_head.weight`` (as Llama 3.2 1B/3B)."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -72,7 +75,7 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         rope_theta=10000.0,
     )
 

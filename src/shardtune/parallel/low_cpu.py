@@ -6,6 +6,9 @@ from the safetensors files (``safe_open(...).get_slice``). Summed over ranks, ho
 about one copy of the model instead of one copy per rank, and no rank ever holds the whole
 model (llama-recipes loads the full model on rank 0 and broadcasts it).
 
+Tied weights (``tie_word_embeddings``) are re-tied on the meta model before sharding; FSDP2 then
+manages the one shared parameter, which ``to_empty`` keeps shared.
+
 Non-persistent buffers (the rotary ``inv_freq``) are in no checkpoint and ``to_empty`` would
 leave them as garbage, so they are built for real at meta-init time (accelerate's
 ``init_empty_weights(include_buffers=False)``) and copied back after allocation.
@@ -26,6 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..config.errors import ShardtuneError
 from ..model.loading import load_config
+from ..model.lora_init import lora_initial_values
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -38,6 +42,10 @@ def build_meta_model(name: str, *, dtype: torch.dtype, attn: str) -> nn.Module:
     config = load_config(name)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    # init_empty_weights re-registers every parameter as a new meta tensor, which cuts the tie
+    # between lm_head and embed_tokens (tie_word_embeddings: Llama 3.2 1B/3B). Tie again here,
+    # outside the context, so FSDP shards one shared parameter and the head is never "missing".
+    model.tie_weights()
     with contextlib.suppress(OSError, ValueError):  # keep the source's generation settings
         model.generation_config = GenerationConfig.from_pretrained(name)
     model.name_or_path = name
@@ -84,28 +92,31 @@ def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     return local, start
 
 
-def _init_new_adapter_weights(model: nn.Module, names: list[str]) -> list[str]:
-    """Initialise fresh LoRA weights the way peft does; returns the names it could not handle."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return names
-    peft_configs = getattr(model, "peft_config", {})
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.lora_A:
-                init = getattr(peft_configs.get(adapter), "init_lora_weights", True)
-                module.reset_lora_parameters(adapter, init)
-    return [n for n in names if ".lora_A." not in n and ".lora_B." not in n]
+def _init_new_adapter_weights(model: nn.Module, names: list[str], seed: int) -> list[str]:
+    """Give new LoRA weights their seeded initial values (each rank its own rows); returns the
+    names of missing weights that are not new LoRA weights."""
+    values = {name: (param, value) for name, param, value in lora_initial_values(model, seed)}
+    unknown = []
+    for name in names:
+        if name not in values:
+            unknown.append(name)
+            continue
+        param, value = values[name]
+        local, start = _local_rows(param)
+        if local.numel():
+            rows = value[start:start + local.shape[0]] if local.dim() > 0 else value
+            local.copy_(rows.to(local.dtype))
+    return unknown
 
 
 @torch.no_grad()
-def materialize_and_load(model: nn.Module, name: str, device: torch.device,
+def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, seed: int,
                          param_device: Optional[torch.device] = None) -> None:
     """Allocate this rank's shards and fill them from ``name``'s safetensors.
 
     Parameters go to ``param_device`` (host memory under FSDP CPU offload; default ``device``),
-    buffers to ``device``, where the forward runs.
+    buffers to ``device``, where the forward runs. New LoRA weights (in no file) get the values
+    ``model.lora_init`` draws from ``seed``, as the normal loading path does.
     """
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
     index = safetensors_index(name)
@@ -138,7 +149,7 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device,
             rows = piece[start:start + local.shape[0]] if local.dim() > 0 else piece[:]
             local.copy_(rows.to(local.dtype))
             del rows, piece
-    unknown = _init_new_adapter_weights(model, missing) if missing else []
+    unknown = _init_new_adapter_weights(model, missing, seed) if missing else []
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ShardtuneError(
