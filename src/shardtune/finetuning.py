@@ -30,8 +30,8 @@ from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import StateDictType
 from .data import build_dataloader, load_split, pad_fraction
 from .model.freeze import freeze_first_layers, freeze_llm_only, trainable_summary
-from .model.loading import (attn_implementation, check_vocab_fits, load_model, load_tokenizer,
-                            match_vocab)
+from .model.attention import AttentionChoice, choose_attention
+from .model.loading import check_vocab_fits, load_model, load_tokenizer, match_vocab
 from .model.peft import apply_peft
 from .parallel.activation_checkpointing import enable_activation_checkpointing
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
@@ -76,7 +76,7 @@ def set_seed(seed: int) -> None:
 def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
     t, f = cfg.train, cfg.fsdp
     dtype = runtime.training_dtype(env.device, pure_bf16=f.pure_bf16)
-    attn = attn_implementation(t.use_fast_kernels, env.device)
+    attn = attention_for(cfg, env).implementation
     low_cpu = t.enable_fsdp and t.low_cpu_fsdp
     if low_cpu:  # weights arrive after sharding, each rank reading only its own slices
         model = build_meta_model(t.model_name, dtype=dtype, attn=attn)
@@ -106,6 +106,19 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
     return model
 
 
+def attention_for(cfg: Config, env: DistEnv) -> AttentionChoice:
+    return choose_attention(cfg.train.use_fast_kernels, env.device, compute_dtype(cfg, env))
+
+
+def compute_dtype(cfg: Config, env: DistEnv) -> torch.dtype:
+    """The dtype the matmuls run in: FSDP's mixed-precision dtype or autocast's, else the weights'."""
+    t, f = cfg.train, cfg.fsdp
+    weights = runtime.training_dtype(env.device, pure_bf16=f.pure_bf16)
+    if t.enable_fsdp:
+        return fsdp_compute_dtype(cfg, env) or weights
+    return runtime.autocast_dtype(env.device, t.mixed_precision, t.use_fp16 or f.use_fp16) or weights
+
+
 def fsdp_compute_dtype(cfg: Config, env: DistEnv) -> Optional[torch.dtype]:
     """Under FSDP the mixed-precision policy casts weights for compute (instead of autocast)."""
     t, f = cfg.train, cfg.fsdp
@@ -115,13 +128,14 @@ def fsdp_compute_dtype(cfg: Config, env: DistEnv) -> Optional[torch.dtype]:
 
 def setup_data(cfg: Config, tokenizer, env: DistEnv):
     t = cfg.train
+    varlen = attention_for(cfg, env).packed_needs_varlen  # flash-attn gets no mask for packed rows
     train_split = load_split(cfg, tokenizer, "train")
     say(env, f"train data: {train_split.report.summary()}")
     train_loader = build_dataloader(
         train_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
         batch_size=t.batch_size_training, context_length=t.context_length, shuffle=True,
         seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=True,
-        num_workers=t.num_workers_dataloader, collate_fn=train_split.collate_fn)
+        num_workers=t.num_workers_dataloader, collate_fn=train_split.collate_fn, packed_varlen=varlen)
     if len(train_loader) == 0:
         raise ShardtuneError(
             f"The training set gives no full batch: {len(train_split.samples)} samples (after "
@@ -137,7 +151,7 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv):
             eval_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
             batch_size=t.val_batch_size, context_length=t.context_length, shuffle=False,
             seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=False,
-            num_workers=t.num_workers_dataloader, collate_fn=eval_split.collate_fn)
+            num_workers=t.num_workers_dataloader, collate_fn=eval_split.collate_fn, packed_varlen=varlen)
     return train_loader, eval_loader
 
 
@@ -145,6 +159,7 @@ def setup(cfg: Config, env: DistEnv) -> Components:
     t = cfg.train
     set_seed(t.seed)
     tokenizer = load_tokenizer(t.tokenizer_name or t.model_name)
+    say(env, attention_for(cfg, env).describe())
     train_loader, eval_loader = setup_data(cfg, tokenizer, env)
     model = setup_model(cfg, env, tokenizer)
     optimizer = build_optimizer(model.parameters(), t, cfg.fsdp)

@@ -214,3 +214,77 @@ def test_start_batch_resumes_mid_epoch_and_workers_match(tiny_tokenizer):
     workers = loader(samples, tiny_tokenizer, shuffle=True, batch_size=2, num_workers=1)
     workers.batch_sampler.set_epoch(2)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(in_process, workers))
+
+
+# --- packed batches for flash-attn (no mask reaches it: cumulative lengths instead) ---
+
+def test_packed_varlen_inputs_mark_every_document_of_the_flattened_batch(tiny_tokenizer):
+    samples = make_samples([20, 7, 30, 1, 12, 40, 9])
+    plain = next(iter(loader(samples, tiny_tokenizer, strategy="packing", batch_size=2, drop_last=False)))
+    assert "cu_seq_lens_q" not in plain  # SDPA / eager: transformers masks from position_ids
+    dl = loader(samples, tiny_tokenizer, strategy="packing", batch_size=2, drop_last=False, packed_varlen=True)
+    for batch in dl:
+        rows, width = batch["input_ids"].shape
+        starts = [r * width + a for r in range(rows) for a, _ in _documents({k: batch[k][r] for k in ("position_ids",)})]
+        cu = batch["cu_seq_lens_q"]
+        assert cu.dtype == torch.int32 and cu.tolist() == starts + [rows * width]
+        assert torch.equal(batch["cu_seq_lens_k"], cu)
+        assert batch["max_length_q"] == batch["max_length_k"] == int(cu.diff().max())
+
+
+def _varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A flash-attn stand-in for CPU: no mask; with cu_seq_lens it attends within each segment of the
+    flattened batch (as flash_attn_varlen_func does), without them causally over each whole row."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    b, h, n, d = query.shape
+    key, value = repeat_kv(key, h // key.shape[1]), repeat_kv(value, h // value.shape[1])
+    cu = kwargs.get("cu_seq_lens_q")
+    _varlen_reference_attention.calls.append(cu is not None)
+    if cu is None:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    q, k, v = (t.transpose(1, 2).reshape(b * n, h, d) for t in (query, key, value))
+    out = torch.empty_like(q)
+    for a, e in zip(cu.tolist(), cu.tolist()[1:]):
+        seg = [t[a:e].transpose(0, 1)[None] for t in (q, k, v)]
+        out[a:e] = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=scaling)[0].transpose(0, 1)
+    return out.reshape(b, n, h, d), None
+
+
+_varlen_reference_attention.calls = []
+
+
+def test_packed_batch_with_varlen_inputs_attends_per_document_without_a_mask(tiny_model_dir, tiny_tokenizer):
+    """The inputs a flash model gets reach its attention layers and keep documents apart, with a
+    batch of several rows (transformers alone only finds document starts in a batch of one)."""
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
+    from transformers.masking_utils import flash_attention_mask
+
+    AttentionInterface.register("shardtune_test_varlen", _varlen_reference_attention)
+    AttentionMaskInterface.register("shardtune_test_varlen", flash_attention_mask)  # no mask, as for flash
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="shardtune_test_varlen").eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    samples = make_samples([20, 7, 30, 1, 12, 40, 9], vocab=len(tiny_tokenizer))
+    batch = next(iter(loader(samples, tiny_tokenizer, strategy="packing", batch_size=2, context_length=64,
+                             drop_last=False, packed_varlen=True)))
+    from shardtune.train.loop import _MODEL_INPUTS
+
+    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+    with torch.no_grad():
+        _varlen_reference_attention.calls.clear()
+        logits = model(**inputs, use_cache=False).logits
+        assert _varlen_reference_attention.calls and all(_varlen_reference_attention.calls)
+        without = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        checked = 0
+        for row in range(batch["input_ids"].shape[0]):
+            chunk = {k: batch[k][row] for k in ("input_ids", "position_ids")}
+            for a, b in _documents(chunk):
+                alone = reference(input_ids=chunk["input_ids"][None, a:b], use_cache=False).logits[0]
+                torch.testing.assert_close(logits[row, a:b], alone, atol=1e-5, rtol=0)
+                checked += 1
+        # what flash did before the fix: position_ids alone, batch of 2 -> attends across documents
+        (a, b) = _documents({"position_ids": batch["position_ids"][0]})[1]
+        assert not torch.allclose(without[0, a:b], logits[0, a:b], atol=1e-4)
+    assert checked >= 3

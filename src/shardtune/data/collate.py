@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.errors import ShardtuneError
+from .packing import varlen_lengths
 from .rows import IGNORE_INDEX
 
 
@@ -58,11 +59,21 @@ class PaddingCollator:
 
 
 class PackedCollator:
-    """Stacks packed chunks; no attention_mask, so the model masks per document from position_ids."""
+    """Stacks packed chunks; no attention_mask, so the model masks per document from position_ids.
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor([r[k] for r in rows], dtype=torch.long)
-                for k in ("input_ids", "labels", "position_ids")}
+    ``varlen``: also send the documents' cumulative lengths (flash-attn, which takes no mask and
+    would otherwise attend across documents in a batch of several rows; see model/attention.py).
+    """
+
+    def __init__(self, varlen: bool = False) -> None:
+        self.varlen = varlen
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        batch: dict[str, Any] = {k: torch.tensor([r[k] for r in rows], dtype=torch.long)
+                                 for k in ("input_ids", "labels", "position_ids")}
+        if self.varlen:
+            batch.update(varlen_lengths(batch["position_ids"]))
+        return batch
 
 
 class MaskFillers:

@@ -18,13 +18,14 @@ from .workers import worker_options
 def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrategy, batch_size: int,
                      context_length: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
                      drop_last: bool = True, num_workers: int = 0,
-                     collate_fn: Optional[Callable] = None) -> DataLoader:
+                     collate_fn: Optional[Callable] = None, packed_varlen: bool = False) -> DataLoader:
     """A loader of this rank's micro-batches; call ``loader.batch_sampler.set_epoch(e)`` each epoch.
 
     padding: length-grouped batches right-padded to their longest sample (input_ids, labels,
     attention_mask). packing: chunks of exactly ``context_length`` tokens (input_ids, labels,
-    position_ids; no attention_mask). ``collate_fn`` (a custom dataset's collator) replaces the
-    padding collator.
+    position_ids; no attention_mask; with ``packed_varlen`` also the documents' cumulative lengths
+    that flash-attn needs). ``collate_fn`` (a custom dataset's collator) replaces the padding
+    collator.
     """
     strategy = BatchingStrategy(strategy)
     pad_id = pad_token_id(tokenizer)
@@ -36,7 +37,7 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
                 "remove get_data_collator to let shardtune pack the tokenised rows.")
         chunks, pads = pack(samples, context_length, pad_id)
         rows = Rows(chunks, [context_length] * len(chunks), [context_length - p for p in pads], True)
-        inner: Callable = PackedCollator()
+        inner: Callable = PackedCollator(varlen=packed_varlen)
     else:
         lengths = [_length(s) for s in samples]
         attended = [_attended(s) for s in samples]

@@ -11,12 +11,17 @@ find_packed_sequence_indices) knows to build a block-diagonal causal mask when n
 is passed: tokens never attend across documents. The first label of each document is -100, so no
 document is trained to predict the next one's first token. A chunk's unused tail is pad tokens
 with labels -100 and positions 0, 1, ... as a document of its own.
+
+flash-attn receives no mask, so for it ``varlen_lengths`` turns the ``position_ids`` into the
+cumulative document lengths over the flattened batch that its varlen kernel takes.
 """
 
 from __future__ import annotations
 
 import bisect
 from typing import Sequence
+
+import torch
 
 from ..config.errors import ShardtuneError
 from .rows import IGNORE_INDEX
@@ -62,3 +67,19 @@ def pack(samples: Sequence[dict], context_length: int, pad_id: int) -> tuple[lis
                        "position_ids": positions + list(range(n_pad))})
         pads.append(n_pad)
     return chunks, pads
+
+
+def varlen_lengths(position_ids: torch.Tensor) -> dict:
+    """flash-attn varlen inputs for a packed batch: ``cu_seq_lens_q/k`` (int32 offsets of every
+    document in the batch flattened row after row, ending with the total) and ``max_length_q/k``.
+
+    A document starts wherever its position is 0, so every row starts one too (a row's pad tail
+    is a document of its own, with labels -100, as in ``pack``).
+    """
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    if flat.numel() and (starts.numel() == 0 or bool((position_ids[:, 0] != 0).any())):
+        raise ShardtuneError("Packed position_ids must start every row with a document at position 0.")
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max()) if cu.numel() > 1 else 0
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest}

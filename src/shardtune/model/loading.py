@@ -40,20 +40,6 @@ def check_model_source(name: str, what: str = "--model_name") -> None:
             "or a hub id such as meta-llama/Llama-3.1-8B.")
 
 
-def attn_implementation(use_fast_kernels: bool, device: torch.device) -> str:
-    """``use_fast_kernels``: flash-attention-2 on GPU when installed, else PyTorch SDPA.
-
-    Without it shardtune still uses SDPA (transformers' default), which already dispatches to
-    fused kernels; the flag additionally enables flash-attn-2 where available.
-    """
-    if use_fast_kernels and device.type == "cuda":
-        from transformers.utils import is_flash_attn_2_available
-
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-    return "sdpa"
-
-
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     check_model_source(name, "--tokenizer_name")
     try:

@@ -24,7 +24,9 @@ from ..parallel.distributed import DistEnv
 
 IGNORE_INDEX = -100
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values",
-                 "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+                 "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask",
+                 # packed batches for flash-attn's varlen kernel (data/packing.varlen_lengths)
+                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""The attention kernel a run uses (and why), from the flags, device and compute dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardtune.config import parse_args
+from shardtune.finetuning import attention_for, compute_dtype
+from shardtune.model.attention import FLASH_ATTENTION_2, SDPA, choose_attention
+from shardtune.parallel.distributed import DistEnv
+
+CUDA = torch.device("cuda", 0)
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("fast, device, dtype, installed, impl, why", [
+    (False, CUDA, torch.bfloat16, True, SDPA, "the default"),
+    (True, CPU, torch.float32, True, SDPA, "needs a CUDA GPU"),
+    (True, CUDA, torch.float32, True, SDPA, "computes in float32"),
+    (True, CUDA, torch.bfloat16, False, SDPA, "not installed"),
+    (True, CUDA, torch.bfloat16, True, FLASH_ATTENTION_2, "varlen"),
+    (True, CUDA, torch.float16, True, FLASH_ATTENTION_2, "float16"),
+])
+def test_kernel_choice_and_reason(fast, device, dtype, installed, impl, why):
+    choice = choose_attention(fast, device, dtype, flash_installed=installed)
+    assert choice.implementation == impl and why in choice.reason
+    assert choice.packed_needs_varlen == (impl == FLASH_ATTENTION_2)
+    assert choice.describe().startswith(f"attention: {impl} (")
+
+
+def _cfg(*flags: str):
+    return parse_args(["--model_name", "m", "--use_fast_kernels", *flags]).config
+
+
+def test_fp32_compute_on_a_gpu_never_selects_flash():
+    env = DistEnv(device=CUDA)
+    cfg = _cfg("--mixed_precision", "False")
+    assert compute_dtype(cfg, env) == torch.float32
+    assert attention_for(cfg, env).implementation == SDPA
+    fsdp = _cfg("--enable_fsdp", "--fsdp_config.mixed_precision", "False")
+    assert compute_dtype(fsdp, env) == torch.float32 and attention_for(fsdp, env).implementation == SDPA
+
+
+def test_compute_dtype_follows_the_precision_flags():
+    env = DistEnv(device=CPU)
+    assert compute_dtype(_cfg(), env) == torch.float32  # CPU: fp32 even with mixed_precision on
+    assert compute_dtype(_cfg("--use_fp16"), env) == torch.float16
+    assert compute_dtype(_cfg("--enable_fsdp", "--fsdp_config.pure_bf16"), env) == torch.bfloat16
+    assert compute_dtype(_cfg("--enable_fsdp", "--use_fp16"), DistEnv(device=CUDA)) == torch.float16
