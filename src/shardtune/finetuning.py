@@ -337,7 +337,9 @@ def _mean(values: list[float]) -> Optional[float]:
 def run(cfg: Config) -> dict:
     """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses)."""
     check_world_size(cfg.train.enable_fsdp, int(os.environ.get("WORLD_SIZE", 1)))
-    env = init_distributed(cfg.train.device, need_group=cfg.train.enable_fsdp)
+    t = cfg.train
+    env = init_distributed(t.device, need_group=t.enable_fsdp,
+                           cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)
     try:
         components = setup(cfg, env)
         return train(cfg, env, components)

@@ -19,8 +19,13 @@ def resolve_device(requested: Device | str = Device.auto, local_rank: int = 0) -
     return torch.device("cpu")
 
 
-def dist_backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def dist_backend(device: torch.device, cpu_collectives: bool = False) -> str:
+    """gloo on CPU; NCCL on GPU, plus gloo for CPU tensors when ``cpu_collectives`` (FSDP CPU
+    offload keeps shards and gradients in host memory, and NCCL cannot reduce those: gradient
+    clipping's norm, the HF export's gathers and the fp16 scaler's inf check run on them)."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
 
 
 def bf16_supported(device: torch.device) -> bool:

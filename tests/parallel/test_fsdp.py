@@ -66,6 +66,10 @@ def two_rank_results(setting, tied, run_fsdp_cases):
                                      "--fsdp_config.sharding_group_size", "1", "--fsdp_config.replica_group_size", "2")},
         "cpu_offload": {"args": _fsdp(c, "--fsdp_config.fsdp_cpu_offload")},
         "packing": {"args": _fsdp(c, "--batching_strategy", "packing")},
+        # offload with everything that runs collectives on host tensors: clipping (in common),
+        # the fp16 scaler's inf check and the HF export's gathers
+        "cpu_offload_fp16_export": {"args": _fsdp(c, "--fsdp_config.fsdp_cpu_offload", "--use_fp16", "--save_model", "True",
+                                                  "--output_dir", str(setting["root"] / "offload-out"))},
         "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True", "--merge_lora",
                                "--output_dir", str(setting["root"] / "lora-out"))},
         "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
@@ -184,6 +188,18 @@ def test_fsdp_saved_model_loads_in_transformers_with_the_trained_logits(two_rank
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     trained = torch.tensor(two_rank_results["save_full"]["logits"])
     torch.testing.assert_close(_probe_logits(model, out), trained, rtol=0, atol=1e-5)
+
+
+def test_cpu_offload_with_fp16_clipping_and_export(two_rank_results, setting):
+    from transformers import AutoModelForCausalLM
+
+    r = two_rank_results["cpu_offload_fp16_export"]
+    assert all(math.isfinite(x) for x in r["losses"]) and r["changed"]
+    assert _close(r["losses"][:1], two_rank_results["fp16"]["losses"][:1], rtol=1e-4)
+    out = setting["root"] / "offload-out"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    # the worker's logits ran with FSDP's fp16 compute, the reload computes in fp32
+    torch.testing.assert_close(_probe_logits(model, out), torch.tensor(r["logits"]), rtol=0, atol=2e-3)
 
 
 def test_fsdp_saved_lora_adapter_loads_in_peft_with_the_trained_logits(two_rank_results, setting):

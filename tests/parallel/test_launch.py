@@ -37,6 +37,16 @@ def test_several_ranks_without_fsdp_are_refused():
     check_world_size(False, 1)
 
 
+def test_backend_adds_gloo_for_host_tensors_only_when_offloading_on_gpu():
+    import torch
+
+    from shardtune.runtime import dist_backend
+
+    assert dist_backend(torch.device("cpu")) == dist_backend(torch.device("cpu"), True) == "gloo"
+    assert dist_backend(torch.device("cuda", 0)) == "nccl"
+    assert dist_backend(torch.device("cuda", 0), cpu_collectives=True) == "cuda:nccl,cpu:gloo"
+
+
 def test_one_process_group_without_torchrun_leaves_the_environment_alone(monkeypatch):
     import torch.distributed as dist
 

@@ -56,11 +56,13 @@ def check_world_size(enable_fsdp: bool, world_size: int) -> None:
             "process.")
 
 
-def init_distributed(device: Device | str = Device.auto, need_group: bool = False) -> DistEnv:
+def init_distributed(device: Device | str = Device.auto, need_group: bool = False,
+                     cpu_collectives: bool = False) -> DistEnv:
     """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE and start NCCL (GPU) or gloo (CPU).
 
     Without torchrun's variables this is a single process; a process group is only started
-    when ``need_group`` asks for one (FSDP with one rank).
+    when ``need_group`` asks for one (FSDP with one rank). ``cpu_collectives``: on a GPU the
+    group also gets a gloo backend for tensors in host memory (FSDP CPU offload).
     """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -73,7 +75,7 @@ def init_distributed(device: Device | str = Device.auto, need_group: bool = Fals
         # One process without torchrun: an in-memory store, so no port is claimed (two such
         # runs on one machine must not meet) and the caller's environment is left as it was.
         store = None if launched_by_torchrun() else dist.HashStore()
-        dist.init_process_group(backend=dist_backend(dev), rank=rank, world_size=world_size,
+        dist.init_process_group(backend=dist_backend(dev, cpu_collectives), rank=rank, world_size=world_size,
                                 store=store, device_id=dev if dev.type == "cuda" else None)
         global _started_group
         _started_group = True
