@@ -156,6 +156,30 @@ def test_samsum_offline_without_data_path_is_clear(make_config, tiny_tokenizer):
         load_split(cfg, tiny_tokenizer, "train")
 
 
+def test_samsum_hub_without_the_datasets_package_is_refused_clearly(make_config, tiny_tokenizer, tiny_model_dir,
+                                                                    tmp_path, monkeypatch, capsys):
+    import sys
+
+    from shardtune.cli import main as cli_main
+    from shardtune.data import check_data_source
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without it
+    cfg = make_config("samsum_dataset")
+    for call in (lambda: check_data_source(cfg), lambda: load_split(cfg, tiny_tokenizer, "train")):
+        with pytest.raises(ShardtuneError, match=r"needs the `datasets` package.*shardtune\[hub\].*--samsum_dataset.data_path"):
+            call()
+    # the launcher refuses it once, before starting any rank (llama-recipes' default dataset)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["finetune", "--nproc_per_node", "2", "--enable_fsdp", "--model_name", str(tiny_model_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("error:") == 1 and "`datasets` package" in err
+    assert "Traceback" not in err
+    # local files need no datasets package
+    cfg.dataset_config.data_path = str(_write_samsum(tmp_path / "samsum.jsonl", SAMSUM_ROWS))
+    check_data_source(cfg)
+    assert len(load_split(cfg, tiny_tokenizer, "train").samples) == 19
+
+
 # --- custom ---
 
 CUSTOM = '''
@@ -230,6 +254,8 @@ def test_custom_default_function_and_split_names(custom_cfg, tiny_tokenizer):
 
 @pytest.mark.parametrize("fn,n", [("myfn", 3), ("torch_ds", 5), ("hf_ds", 6)])
 def test_custom_named_function_and_return_types(custom_cfg, tiny_tokenizer, fn, n):
+    if fn == "hf_ds":
+        pytest.importorskip("datasets")  # optional (the hub extra)
     cfg = custom_cfg(f"my_data.py:{fn}")
     split = load_split(cfg, tiny_tokenizer, "train")
     assert len(split.samples) == n

@@ -30,7 +30,7 @@ def read_records(path: str | Path, *, flag: str) -> tuple[list[Any], Callable[[i
     if suffix == ".csv":
         return _with_lines(*_read_csv(p))
     if suffix == ".parquet":
-        import pyarrow.parquet as pq  # a datasets dependency
+        import pyarrow.parquet as pq
 
         return pq.read_table(p).to_pylist(), row_name
     raise ShardtuneError(f"Data file {p} has an unknown format {suffix!r}; {flag} accepts "

@@ -20,15 +20,31 @@ DATASETS: dict[str, Callable[..., RawSplit]] = {
 SPLITS = ("train", "test")
 
 
+# Cheap checks of a dataset's source that can run before any rank starts (no data is read).
+SOURCE_CHECKS: dict[str, Callable[..., None]] = {
+    "samsum_dataset": samsum.check_source,
+}
+
+
+def check_data_source(cfg: Config) -> None:
+    """Refuse a dataset that cannot load (e.g. a hub dataset without ``datasets`` installed)
+    before the model is loaded or ranks are launched."""
+    name = cfg.train.dataset
+    if name not in DATASETS:
+        raise ShardtuneError(f"Unknown dataset {name!r}. Choose one of {sorted(DATASETS)}; for your "
+                             f"own data use --dataset custom_dataset --custom_dataset.file file.py.")
+    check = SOURCE_CHECKS.get(name)
+    if check is not None:
+        check(cfg.dataset_config)
+
+
 def load_split(cfg: Config, tokenizer, split: str) -> TokenizedSplit:
     """Tokenised samples of ``cfg.train.dataset``'s ``split`` ("train" or "test"), with bad rows and
     overlong samples handled by ``skip_bad_rows`` / ``overlong`` and counted in the report."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_data_source(cfg)
     name = cfg.train.dataset
-    if name not in DATASETS:
-        raise ShardtuneError(f"Unknown dataset {name!r}. Choose one of {sorted(DATASETS)}; for your "
-                             f"own data use --dataset custom_dataset --custom_dataset.file file.py.")
     raw = DATASETS[name](cfg.dataset_config, tokenizer, split, cfg.train)
     return finalize(raw, split=split, context_length=cfg.train.context_length,
                     overlong=cfg.train.overlong, skip_bad_rows=cfg.train.skip_bad_rows)

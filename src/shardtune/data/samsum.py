@@ -7,11 +7,13 @@ Where the rows come from (``--samsum_dataset.data_path``):
 * a single file: it holds every row; as with alpaca, the first ``eval_fraction`` of its rows (at
   least one) is the test split and the rest the train split;
 * empty: ``datasets.load_dataset("Samsung/samsum", split=...)`` from the Hugging Face Hub (or its
-  local cache). Offline without a cached copy this fails with an error naming the flag above.
+  local cache). This needs the optional ``datasets`` package (``pip install 'shardtune[hub]'``);
+  without it, or offline without a cached copy, the error names the flag above.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,17 @@ from .rows import RawSplit, eval_count, text_field
 HUB_NAME = "Samsung/samsum"
 FLAG = "--samsum_dataset.data_path"
 COLUMNS = ("dialogue", "summary")
+
+
+def check_source(config: samsum_dataset) -> None:
+    """Refuse, before any work, a hub load that cannot start: ``datasets`` is not installed."""
+    if not config.data_path and importlib.util.find_spec("datasets") is None:
+        raise ShardtuneError(
+            f"--dataset samsum_dataset without {FLAG} loads {HUB_NAME!r} from the Hugging Face Hub, "
+            "which needs the `datasets` package, and it is not installed. Install it (pip install "
+            f"'shardtune[hub]', or pip install datasets), or download the data where you have access "
+            f"and pass {FLAG} pointing at a folder with train/validation .json, .jsonl, .parquet or "
+            "csv files, or at a single file with 'dialogue' and 'summary' fields.")
 
 
 def encode(row: Any, tokenizer) -> dict[str, list[int]]:
@@ -68,6 +81,7 @@ def _split_file(folder: Path, name: str) -> Path:
 def _load_hub(split: str, trust_remote_code: bool) -> list[dict]:
     import inspect
 
+    check_source(samsum_dataset(data_path=""))
     import datasets
 
     kwargs = {}
