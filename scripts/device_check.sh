@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, for a lent GPU machine (one H100/H200, offline image): about
+# 5 minutes, under 8. Logs go to $OUT (the device tool's output folder) or ./device_out.
+#
+#   bash scripts/device_check.sh
+#
+# 1. set-up on the offline image: scripts/setup.sh must succeed without a registry;
+# 2. llama-recipes' default dataset (samsum from the hub) without `datasets`: a clean error;
+# 3. the GPU tests (pytest -m gpu): NCCL + CPU offload with clipping/fp16/export, bf16/fp16 and
+#    the attention-kernel choice, packed per-document attention with SDPA and flash-attn;
+# 4. the throughput benchmark on a ~1B Llama in bf16, one GPU, padded and packed.
+# Each step's exit code is printed in the summary at the end; the script exits non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+declare -A status
+
+step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record the exit code
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: $*" | tee "$OUT/$name.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  status[$name]="${PIPESTATUS[0]} ($((SECONDS - t0)) s)"
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 --version; } \
+  > "$OUT/machine.log" 2>&1
+
+step setup 240 bash scripts/setup.sh
+PY=.venv/bin/python
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'transformers', transformers.__version__, 'peft', peft.__version__, 'gpu', torch.cuda.get_device_name())" \
+  >> "$OUT/machine.log" 2>&1
+
+default_dataset_check() {
+  local tiny
+  tiny=$(mktemp -d)
+  $PY -c "from shardtune.demo.tiny import build_tiny_llama; build_tiny_llama('$tiny')" >/dev/null 2>&1 || return 3
+  if $PY -c "import datasets" 2>/dev/null; then echo "datasets is installed here: nothing to check"; return 0; fi
+  local err code
+  err=$(.venv/bin/shardtune finetune --nproc_per_node 2 --enable_fsdp --model_name "$tiny" 2>&1); code=$?
+  echo "$err"
+  [ "$code" = 2 ] && grep -q "needs the \`datasets\` package" <<<"$err" && ! grep -q Traceback <<<"$err"
+}
+export -f default_dataset_check; export PY
+step default_dataset 120 bash -c default_dataset_check
+
+step gpu_tests 300 $PY -m pytest -m gpu -p no:cacheprovider -rs tests
+
+step throughput 240 $PY benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1 \
+  --strategies padding,packing --warmup 2 --timed_steps 4
+
+echo "=== summary (exit code, seconds)" | tee "$OUT/summary.log"
+failed=0
+for name in setup default_dataset gpu_tests throughput; do
+  echo "$name: ${status[$name]:-not run}" | tee -a "$OUT/summary.log"
+  [[ "${status[$name]:-1}" == 0* ]] || failed=1
+done
+exit $failed
