@@ -120,14 +120,9 @@ def _finetune(argv: list[str]) -> None:
     if launch and (nproc > 1 or any(t.startswith("--nnodes") for t in launch)):
         # Validate here first so a bad flag or path fails once, not once per rank.
         from .config import parse_args
-        from .data import check_data_source
-        from .model.loading import check_model_source
-        from .parallel.distributed import check_world_size
+        from .finetuning import preflight
 
-        cfg = parse_args(rest).config
-        check_model_source(cfg.train.model_name)
-        check_data_source(cfg)
-        check_world_size(cfg.train.enable_fsdp, nproc)
+        preflight(parse_args(rest).config, nproc)
         single_node = not any(t.startswith(("--nnodes", "--rdzv", "--master_", "--node_rank")) for t in launch)
         if single_node and "--standalone" not in launch:
             launch.append("--standalone")  # a free local port: two jobs on one machine never collide

@@ -28,14 +28,15 @@ from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
 from .checkpoint.preemption import PreemptionSignal
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import StateDictType
-from .data import build_dataloader, load_split, pad_fraction
+from .data import build_dataloader, check_data_source, load_split, pad_fraction
 from .model.freeze import freeze_first_layers, freeze_llm_only, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
-from .model.loading import check_vocab_fits, load_model, load_tokenizer, match_vocab
+from .model.loading import check_model_source, check_vocab_fits, load_model, load_tokenizer, match_vocab
+from .ownership import check_output_dir, record as record_owned
 from .model.peft import apply_peft
 from .parallel.activation_checkpointing import enable_activation_checkpointing
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
-from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model
+from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model, weights_finite
 from .parallel.low_cpu import build_meta_model, materialize_and_load
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
@@ -197,6 +198,15 @@ def checkpoint_run_dir(cfg: Config) -> Path:
     return checkpoint_layout.run_dir(root, t.dist_checkpoint_folder)
 
 
+def top_entry_under(directory: str, path: Path) -> Optional[str]:
+    """The top-level folder of ``directory`` that holds ``path`` (``"checkpoints/"``), or None."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(directory).resolve())
+    except ValueError:
+        return None
+    return rel.parts[0] + "/" if rel.parts else None
+
+
 def writes_resumable_checkpoints(cfg: Config) -> bool:
     t = cfg.train
     sharded = t.enable_fsdp and cfg.fsdp.checkpoint_type == StateDictType.SHARDED_STATE_DICT
@@ -217,11 +227,14 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     if wandb:
         hooks.append(wandb)
     trainable = [p for p in c.model.parameters() if p.requires_grad]
-    clip = (lambda: clip_grad_norm(trainable, t.gradient_clipping_threshold)) if t.gradient_clipping else None
+    # Clips with --gradient_clipping; always measures the norm (a NaN/inf one stops the step).
+    clip_to = t.gradient_clipping_threshold if t.gradient_clipping else None
+    clip = lambda: clip_grad_norm(trainable, clip_to)  # noqa: E731
 
     # Resume, then checkpoints every N steps and on pre-emption (a step hook).
     checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(),
                                 keep_last_n=t.keep_last_n)
+    inside_output = top_entry_under(t.output_dir, checkpointer.run)
     pos = Position()
     resume_path = checkpointer.find_resume_point(t.resume, t.resume_from)
     if resume_path is not None:
@@ -244,8 +257,11 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                         saved_at=tuple(saved_at))
 
     def save_resumable(position: Position, with_optimizer: bool = True) -> None:
+        refuse_non_finite(c.model, env, position.step, "checkpoint")
         path = checkpointer.save(position, model=c.model, optimizer=c.optimizer if with_optimizer else None,
                                  scheduler=c.scheduler)
+        if env.is_main and inside_output:  # the checkpoint folder under --output_dir is shardtune's
+            record_owned(t.output_dir, added=[inside_output])
         say(env, f"checkpoint: {path}")
         if t.save_metrics and env.is_main:  # the curves always reach the newest checkpoint
             metrics.write(t.output_dir)
@@ -267,6 +283,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
                 max_steps=remaining, precision=c.precision, hooks=hooks, start_batch=start_batch,
                 gradient_sync=lambda enabled: set_gradient_sync(c.model, enabled),
+                on_non_finite="skip" if t.skip_nonfinite_steps else "stop",
                 progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
                 total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch))
             step += result.steps
@@ -293,6 +310,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 wandb.log_epoch(step, result, val)
             # llama-recipes semantics: with validation, save only when the eval loss improves.
             if t.save_model and improved:
+                refuse_non_finite(c.model, env, step, "model")
                 saved_at.append(step)
                 save_hf_model(c.model, c.tokenizer, t.output_dir, env=env, dtype=export_dtype(t),
                               merge_lora=t.merge_lora)
@@ -326,6 +344,16 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     return results
 
 
+def refuse_non_finite(model: torch.nn.Module, env: DistEnv, step: int, what: str) -> None:
+    """A model with a NaN/inf weight is never saved: no export, no checkpoint over a good one."""
+    if not weights_finite(model, env.all_reduce_sum, env.device):
+        raise ShardtuneError(
+            f"After step {step} the model has non-finite (NaN or inf) weights, so the {what} was not "
+            "saved and the earlier checkpoints and outputs are untouched. The learning rate is "
+            "likely too high for this model (or fp16 overflowed); lower --lr or turn on "
+            "--gradient_clipping, and --resume from the last checkpoint.")
+
+
 def export_dtype(t) -> Optional[torch.dtype]:
     return DTYPES[t.export_dtype] if t.export_dtype else None
 
@@ -334,12 +362,32 @@ def _mean(values: list[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def preflight(cfg: Config, world_size: int) -> list[str]:
+    """Everything that can be refused before any work starts (and before ranks are launched):
+    the model path, the data source, the world size, and the output directory. Returns the
+    files of --output_dir that --overwrite_output_dir lets the run write beside."""
+    t = cfg.train
+    check_model_source(t.model_name)
+    if t.tokenizer_name:
+        check_model_source(t.tokenizer_name, "--tokenizer_name")
+    check_data_source(cfg)
+    check_world_size(t.enable_fsdp, world_size)
+    return check_output_dir(t.output_dir, flag="--output_dir", overwrite=t.overwrite_output_dir,
+                     overwrite_flag="--overwrite_output_dir",
+                     protected={"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
+                                "--from_peft_checkpoint": t.from_peft_checkpoint})
+
+
 def run(cfg: Config) -> dict:
     """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses)."""
-    check_world_size(cfg.train.enable_fsdp, int(os.environ.get("WORLD_SIZE", 1)))
+    foreign = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     t = cfg.train
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)
+    if foreign:
+        say(env, f"note: --overwrite_output_dir: {len(foreign)} entries shardtune did not write stay in "
+                 f"{t.output_dir} and are not touched ({', '.join(foreign[:8])}); from_pretrained may "
+                 "read some of them beside the new model.")
     try:
         components = setup(cfg, env)
         return train(cfg, env, components)

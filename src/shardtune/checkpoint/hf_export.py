@@ -8,6 +8,7 @@ only when complete, so an interrupted save never leaves a half-written model beh
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -19,9 +20,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..parallel.distributed import DistEnv
+from .. import ownership
 from .layout import fsync_path
 from .hf_stream import merged_lora_tensors, model_tensors, write_safetensors
 
+# Files of a saved model or adapter: an earlier save's ones that a new save did not rewrite are stale.
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json",
                        "config.json", "generation_config.json")
 
@@ -61,21 +64,25 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _commit(tmp: Path, final: Path) -> None:
-    """Move every file of ``tmp`` into ``final``, then drop stale weight shards of an earlier save.
+    """Move every file of ``tmp`` into ``final``, then drop stale model files of an earlier save.
 
     New files go in first, so an interruption never leaves ``final`` with fewer weights than
-    before; stale shards (e.g. ``model-00003-of-00003`` after a save with fewer files) go last.
+    before. Stale files (e.g. ``model-00003-of-00003`` after a save with fewer shards, or an
+    adapter's files after a full save) are removed only if shardtune's marker lists them as
+    written by an earlier save here; nothing else in ``final`` is touched.
     """
     final.mkdir(parents=True, exist_ok=True)
+    before = ownership.owned(final)
     new = {p.name for p in tmp.iterdir()}
     for item in tmp.iterdir():
         if item.is_file():
             fsync_path(item)
         os.replace(item, final / item.name)
-    for pattern in ("*.safetensors", "model.safetensors.index.json"):
-        for old in final.glob(pattern):
-            if old.name not in new:
-                old.unlink()
+    ownership.record(final, added=new)
+    stale = sorted(n for n in before - new if any(fnmatch.fnmatch(n, p) for p in MODEL_FILE_PATTERNS))
+    for name in stale:
+        (final / name).unlink(missing_ok=True)
+    ownership.record(final, removed=stale)
     shutil.rmtree(tmp, ignore_errors=True)
     fsync_path(final)  # the directory entries of the renames
 
@@ -147,4 +154,6 @@ def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, 
     if merge_lora:
         export_full_model(merged_lora_tensors(model), model, tokenizer, output_dir / "merged", env=env,
                           dtype=dtype, max_shard_size=max_shard_size)
+        if env.is_main:
+            ownership.record(output_dir, added=["merged/"])
     return output_dir if env.is_main else None

@@ -113,6 +113,10 @@ class train_config:
     resume_from: str = ""
     export_dtype: Optional[str] = None
     merge_lora: bool = False
+    # write into an output_dir holding files shardtune did not write (they are left in place)
+    overwrite_output_dir: bool = False
+    # a step with a NaN/inf loss or gradient norm: stop (default) or skip it without an update
+    skip_nonfinite_steps: bool = False
 
 
 @dataclass

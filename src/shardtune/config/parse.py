@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,9 +155,12 @@ def convert_value(raw: Any, typ: Any, flag: str) -> Any:
         if isinstance(raw, bool):
             raise ConfigError(f"{flag} expects a number, got {raw!r}.")
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"{flag} expects a number, got {raw!r}.") from None
+        if not math.isfinite(value):  # nan/inf train a model whose every weight is NaN
+            raise ConfigError(f"{flag} must be a finite number, got {raw!r}.")
+        return value
     if typ is str:
         if isinstance(raw, (dict, list)):
             raise ConfigError(f"{flag} expects a single value, got {raw!r}.")

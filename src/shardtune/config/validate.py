@@ -18,6 +18,29 @@ def _check_not_implemented(cfg) -> None:
                               "it would otherwise silently ignore.")
 
 
+# (section attribute, field, test, the rule in words). Non-finite floats are refused by the parser.
+_RANGES = (
+    ("train", "lr", lambda v: v > 0, "must be positive"),
+    ("train", "gamma", lambda v: v > 0, "must be positive (the learning rate is multiplied by it after "
+                                        "every epoch; 1 keeps it constant)"),
+    ("train", "weight_decay", lambda v: v >= 0, "must be 0 or more"),
+    ("train", "gradient_clipping_threshold", lambda v: v > 0, "must be positive (the largest gradient norm)"),
+    ("train", "eval_fraction", lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
+    ("lora", "r", lambda v: v >= 1, "must be at least 1"),
+    ("lora", "lora_alpha", lambda v: v > 0, "must be positive"),
+    ("lora", "lora_dropout", lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+    ("llama_adapter", "adapter_len", lambda v: v >= 1, "must be at least 1"),
+    ("llama_adapter", "adapter_layers", lambda v: v >= 1, "must be at least 1"),
+)
+
+
+def _check_ranges(cfg) -> None:
+    for section, name, ok, rule in _RANGES:
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"--{name} {rule}; got {value}.")
+
+
 def validate(cfg) -> None:
     t, f = cfg.train, cfg.fsdp
     _check_not_implemented(cfg)
@@ -33,12 +56,7 @@ def validate(cfg) -> None:
             raise ConfigError(f"--{name} must be 0 or more, got {getattr(t, name)}.")
     if t.context_length < 2:
         raise ConfigError(f"--context_length must be at least 2 tokens, got {t.context_length}.")
-    if t.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {t.lr}.")
-    if not 0 < t.eval_fraction < 1:
-        raise ConfigError(f"--eval_fraction must be between 0 and 1, got {t.eval_fraction}.")
-    if t.gradient_clipping and t.gradient_clipping_threshold <= 0:
-        raise ConfigError("--gradient_clipping_threshold must be positive when --gradient_clipping is on.")
+    _check_ranges(cfg)
     if t.flop_counter and t.use_profiler:
         raise ConfigError("--flop_counter and --use_profiler cannot be used together (each one "
                           "wraps the training steps); choose one.")

@@ -15,11 +15,12 @@ HYBRID_SHARD   (replicas, group)       resharded within the group, replicated ac
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..config.configs import ShardingStrategy
@@ -83,7 +84,27 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip by the global gradient norm; works for sharded (DTensor) and plain gradients."""
-    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+    """The global gradient norm, clipping to ``max_norm`` (None: measure only); works for sharded
+    (DTensor) and plain gradients."""
+    params = list(params)
+    if max_norm is None:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+@torch.no_grad()
+def weights_finite(model: nn.Module, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                   device: torch.device) -> bool:
+    """Whether every weight of ``model`` is finite on every rank (each rank checks its shards)."""
+    bad = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            bad = 1
+            break
+    flag = torch.tensor([float(bad)], device=device)
+    return float(all_reduce_sum(flag)[0]) == 0.0

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 
 IGNORE_INDEX = -100
@@ -118,6 +119,30 @@ def _groups(loader: Iterable, size: int) -> Iterator[list]:
         yield group
 
 
+class NonFiniteStep(ShardtuneError):
+    """A step's loss or gradient norm was NaN/inf; raised before the update, on every rank."""
+
+    def __init__(self, step: int, epoch: int, problem: str) -> None:
+        self.step = step
+        super().__init__(
+            f"Training stopped at step {step} (epoch {epoch + 1}): {problem}. This step made no update, "
+            f"so the model is still the one after step {step - 1}, and nothing non-finite was saved; "
+            "earlier checkpoints are kept. Lower --lr, turn on --gradient_clipping, check the data, "
+            "or use --fsdp_config.pure_bf16 / --use_fp16 with care; --resume continues from the last "
+            "checkpoint, and --skip_nonfinite_steps skips such steps instead of stopping.")
+
+
+def _non_finite(loss_sum: float, grad_norm: Optional[torch.Tensor], scaled: bool) -> str:
+    """What is wrong with a step ("" when its loss and gradient norm are finite)."""
+    if not math.isfinite(loss_sum):
+        return f"the loss is {loss_sum}"
+    if grad_norm is not None and not scaled:
+        norm = float(grad_norm)
+        if not math.isfinite(norm):
+            return f"the gradient norm is {norm}"
+    return ""
+
+
 def _global_sums(env: DistEnv, *values: float) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     env.all_reduce_sum(t)
@@ -142,10 +167,16 @@ def train_epoch(
     progress_desc: str = "Training",
     total_steps_hint: Optional[int] = None,
     start_batch: int = 0,
+    on_non_finite: str = "stop",
 ) -> LoopResult:
     """One epoch of optimizer steps; stops early after ``max_steps`` steps (None = no limit) or
     when a hook sets ``stop_requested``. ``start_batch`` is how many micro-batches of the epoch
-    the loader skips (resume); it only offsets ``StepResult.epoch_batch``."""
+    the loader skips (resume); it only offsets ``StepResult.epoch_batch``.
+
+    ``clip_grad`` clips and returns the global gradient norm. A step whose loss or gradient norm
+    is not finite makes no update: ``on_non_finite="stop"`` raises :class:`NonFiniteStep` (the
+    weights are still those of the step before), ``"skip"`` drops the step with a warning. With
+    an fp16 grad scaler an infinite gradient is an overflow the scaler handles itself."""
     model.train()
     hooks = list(hooks)
     step = start_step
@@ -175,8 +206,19 @@ def train_epoch(
             local_loss += summed.detach().double()
         if precision.scaler:
             precision.scaler.unscale_(optimizer)
-        if clip_grad is not None:
-            clip_grad()
+        grad_norm = clip_grad() if clip_grad is not None else None
+        (step_loss_sum,) = _global_sums(env, float(local_loss))
+        # Both are global (reduced over ranks), so every rank takes the same branch.
+        problem = _non_finite(step_loss_sum, grad_norm, scaled=precision.scaler is not None)
+        if problem:
+            optimizer.zero_grad(set_to_none=True)
+            if on_non_finite == "skip":
+                batches_done += len(group)
+                if env.is_main:
+                    bar.write(f"step {step + 1}: {problem}; skipped (--skip_nonfinite_steps): no update, "
+                              "the step is not counted")
+                continue
+            raise NonFiniteStep(step + 1, epoch, problem)
         if precision.scaler:
             precision.scaler.step(optimizer)
             precision.scaler.update()
@@ -185,7 +227,6 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        (step_loss_sum,) = _global_sums(env, float(local_loss))
         step += 1
         steps_done += 1
         batches_done += len(group)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import ownership
 from .loop import LoopResult, StepResult
 
 
@@ -89,7 +90,8 @@ class MetricsLog:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
         tmp.replace(path)
-        self.plot(out)
+        plots = self.plot(out)
+        ownership.record(out, added=[path.name, *(p.name for p in plots)])
         return path
 
     def plot(self, out: Path) -> list[Path]:

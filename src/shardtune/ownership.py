@@ -1,0 +1,102 @@
+"""What shardtune owns in an output directory, and the rule for writing into one.
+
+shardtune writes only into a directory that does not exist, is empty, or holds only what an
+earlier shardtune run wrote there. A marker file (``.shardtune-files.json``) lists the top-level
+entries shardtune wrote (a trailing ``/`` marks a folder it owns whole, such as ``merged/`` or
+``checkpoints/``); a rerun or ``--resume`` into its own output is therefore allowed, and anything
+else is refused *before* any work, naming the foreign files. With the overwrite flag shardtune
+still replaces and removes only entries it owns: foreign files are left where they are (and
+named, since ``from_pretrained`` may read them). The directories a run reads from
+(``--model_name``, ``--tokenizer_name``, ``--from_peft_checkpoint``) are never an output.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+from .config.errors import ShardtuneError
+
+MARKER = ".shardtune-files.json"
+# Names only shardtune uses for its in-progress writes (left behind by a crash mid-save).
+_TEMP_PATTERNS = (".saving-*", "*.json.tmp", MARKER + ".tmp")
+
+
+def owned(directory: str | Path) -> set[str]:
+    """Top-level entries shardtune recorded writing in ``directory`` (empty without a marker)."""
+    path = Path(directory) / MARKER
+    if not path.is_file():
+        return set()
+    try:
+        data = json.loads(path.read_text())
+        return {str(name) for name in data["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ShardtuneError(
+            f"{path} (the list of files shardtune wrote in {directory}) is damaged, so it is unknown "
+            "which files there are shardtune's. Move the directory's files you want to keep, or "
+            "delete the marker and pass the overwrite option.") from None
+
+
+def _is_owned(entry: Path, names: set[str]) -> bool:
+    name = entry.name
+    if name == MARKER or any(fnmatch.fnmatch(name, p) for p in _TEMP_PATTERNS):
+        return True
+    return (name + "/" if entry.is_dir() else name) in names
+
+
+def foreign_entries(directory: str | Path) -> list[str]:
+    """Top-level entries of ``directory`` that shardtune did not write (sorted)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    names = owned(directory)
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in directory.iterdir() if not _is_owned(e, names))
+
+
+def record(directory: str | Path, added: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
+    """Update the marker of ``directory`` (atomically): ``added`` entries are shardtune's now,
+    ``removed`` ones are gone. Folder entries end with ``/``."""
+    directory = Path(directory)
+    names = (owned(directory) | set(added)) - set(removed)
+    tmp = directory / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"written_by": "shardtune", "entries": sorted(names)}, indent=1) + "\n")
+    os.replace(tmp, directory / MARKER)
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_flag: str,
+                     protected: Mapping[str, Optional[str]] = {}) -> list[str]:
+    """Refuse an output directory shardtune may not write into; returns the foreign entries
+    that ``overwrite`` lets it write beside (empty when there are none).
+
+    ``protected`` maps flags to the directories the command reads from, which are never an
+    output, whatever ``overwrite`` says.
+    """
+    out = Path(path)
+    for other_flag, other in protected.items():
+        if other and Path(other).exists() and _same_place(out, Path(other)):
+            raise ShardtuneError(
+                f"{flag} {str(path)!r} is the directory {other_flag} reads from; writing there would "
+                f"replace the files this command reads. Choose another {flag}.")
+    if out.exists() and not out.is_dir():
+        raise ShardtuneError(f"{flag} {str(path)!r} is a file, but a directory is needed (it is created "
+                             f"if missing). Choose another {flag}.")
+    foreign = foreign_entries(out)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise ShardtuneError(
+            f"{flag} {str(path)!r} holds files shardtune did not write ({shown}). shardtune writes only "
+            "into a new or empty directory, or one holding only an earlier shardtune run's files, so "
+            f"that nothing of yours is replaced or mixed into its output. Choose another {flag}, or "
+            f"pass {overwrite_flag} to write beside them (shardtune then replaces only files it "
+            "writes itself and leaves the others in place).")
+    return foreign
