@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardtune.config import parse_args
+from shardtune.config import ShardtuneError, parse_args
 from shardtune.finetuning import main as finetune
 from shardtune.finetuning import setup, train
 from shardtune.parallel.distributed import init_distributed
@@ -123,3 +123,104 @@ def test_profiler_writes_a_trace(tiny_model_dir, tmp_path):
     finetune(_args(tiny_model_dir, tmp_path, "--use_profiler", "--profiler_dir", str(prof),
                    "--max_train_step", "6", "--save_model", "False", "--run_validation", "False"))
     assert list(prof.rglob("*.json")) or list(prof.rglob("*.pt.trace.json*"))
+
+
+# --- output directories: no run destroys or mixes into a user's files ---
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _quick(model_dir: Path, tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    args = _args(model_dir, tmp_path, "--num_epochs", "1", "--max_train_step", "1", "--run_validation", "False",
+                 *extra)
+    args[args.index("--output_dir") + 1] = str(out)
+    return args
+
+
+def test_output_dir_with_another_models_files_is_refused_and_left_byte_identical(tiny_model_dir, tmp_path):
+    other = _copy_model(tiny_model_dir, tmp_path / "other-model")
+    (other / "special_tokens_map.json").write_text('{"eos_token": "<|other|>"}')
+    before = _snapshot(other)
+    with pytest.raises(ShardtuneError, match=r"holds files shardtune did not write \(.*special_tokens_map\.json"):
+        finetune(_quick(tiny_model_dir, tmp_path, other))
+    assert _snapshot(other) == before
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_output_dir_equal_to_the_model_is_always_refused(tiny_model_dir, tmp_path, peft):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    before = _snapshot(model)
+    extra = ["--use_peft", "--overwrite_output_dir"] if peft else ["--overwrite_output_dir"]
+    with pytest.raises(ShardtuneError, match="is the directory --model_name reads from"):
+        finetune(_quick(model, tmp_path, model, *extra))
+    assert _snapshot(model) == before
+
+
+def test_overwrite_writes_beside_foreign_files_and_never_removes_them(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out-dir"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"someone else's weights")
+    (out / "notes.txt").write_text("keep")
+    finetune(_quick(tiny_model_dir, tmp_path, out, "--use_peft", "--overwrite_output_dir"))
+    assert "2 entries shardtune did not write stay" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == b"someone else's weights"  # the PEFT save left it
+    assert (out / "notes.txt").read_text() == "keep" and (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_rerun_into_its_own_output_needs_no_flag_and_replaces_its_files(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune(_quick(tiny_model_dir, tmp_path, out, "--save_metrics"))
+    first = _snapshot(out)
+    finetune(_quick(tiny_model_dir, tmp_path, out, "--save_metrics", "--use_peft"))  # full -> adapter
+    names = {p.name for p in out.iterdir()}
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names  # its own stale file went
+    assert "metrics.json" in names and set(first) - {"model.safetensors", "config.json"} <= names | {
+        "generation_config.json", ".shardtune-files.json"}
+
+
+def test_output_dir_that_is_a_file_is_refused_before_training(tiny_model_dir, tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    with pytest.raises(ShardtuneError, match="is a file"):
+        finetune(_quick(tiny_model_dir, tmp_path, path))
+    assert path.read_text() == "x"
+
+
+# --- non-finite training never becomes a saved model ---
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tiny_model_dir, tmp_path):
+    from shardtune.train.loop import NonFiniteStep
+
+    out = tmp_path / "nan"
+    # lr 1e30: step 1 is finite and checkpointed; its update makes the logits overflow at step 2
+    args = _quick(tiny_model_dir, tmp_path, out, "--lr", "1e30", "--max_train_step", "3",
+                  "--save_every_n_steps", "1")
+    with pytest.raises(NonFiniteStep, match=r"stopped at step 2 .*the loss is nan.*--skip_nonfinite_steps") as e:
+        finetune(args)
+    assert e.value.step == 2
+    ckpts = sorted(p.name for p in (out / "checkpoints" / "fine-tuned").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-000001"] and not list(out.glob("*.safetensors"))
+    results = finetune(args + ["--skip_nonfinite_steps", "--save_every_n_steps", "0"])
+    assert results["steps"] == 1  # steps 2 and 3 skipped, not counted
+
+
+def test_a_model_with_non_finite_weights_is_never_saved(tiny_model_dir, tmp_path):
+    from shardtune.finetuning import refuse_non_finite
+    from shardtune.parallel.distributed import DistEnv
+
+    cfg = parse_args(_quick(tiny_model_dir, tmp_path, tmp_path / "o")).config
+    env = DistEnv()
+    c = setup(cfg, env)
+    refuse_non_finite(c.model, env, 1, "model")  # finite: fine
+    with torch.no_grad():
+        next(c.model.parameters())[0, 0] = float("nan")
+    with pytest.raises(ShardtuneError, match="non-finite .* was not saved"):
+        refuse_non_finite(c.model, env, 1, "model")

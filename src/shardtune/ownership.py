@@ -15,9 +15,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+from .checkpoint.layout import fsync_path
 from .config.errors import ShardtuneError
 
 MARKER = ".shardtune-files.json"
@@ -100,3 +102,36 @@ def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_
             f"pass {overwrite_flag} to write beside them (shardtune then replaces only files it "
             "writes itself and leaves the others in place).")
     return foreign
+
+
+def commit_files(tmp: Path, final: Path, stale_patterns: Iterable[str]) -> None:
+    """Move every entry of ``tmp`` into ``final`` and record them as shardtune's; then remove the
+    entries an earlier shardtune write left in ``final`` that match ``stale_patterns`` and were
+    not rewritten (e.g. ``model-00003-of-00003`` after a save with fewer shards).
+
+    New files go in first, so an interruption never leaves ``final`` with fewer weights than
+    before; only entries the marker lists are ever removed, so nothing else in ``final`` is
+    touched.
+    """
+    final.mkdir(parents=True, exist_ok=True)
+    before = owned(final)
+    new = {p.name + ("/" if p.is_dir() else "") for p in tmp.iterdir()}
+    for item in tmp.iterdir():
+        if item.is_file():
+            fsync_path(item)
+        target = final / item.name
+        if item.is_dir() and target.is_dir():
+            shutil.rmtree(target)  # a folder entry of ours (new names it as ours)
+        os.replace(item, target)
+    record(final, added=new)
+    patterns = tuple(stale_patterns)
+    stale = sorted(n for n in before - new if any(fnmatch.fnmatch(n.rstrip("/"), p) for p in patterns))
+    for name in stale:
+        path = final / name.rstrip("/")
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    record(final, removed=stale)
+    shutil.rmtree(tmp, ignore_errors=True)
+    fsync_path(final)  # the directory entries of the renames

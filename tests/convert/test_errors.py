@@ -107,8 +107,10 @@ def test_non_empty_destination_needs_overwrite(ranks, tmp_path, same_weights):
     with pytest.raises(ShardtuneError, match=r"is not empty\. Pass --overwrite"):
         convert(ranks / "llama-recipes", dst)
     assert (dst / "old.txt").read_text() == "keep me"
-    convert(ranks / "llama-recipes", dst, overwrite=True)
-    assert not (dst / "old.txt").exists() and (dst / "model.safetensors").is_file()
+    convert(ranks / "llama-recipes", dst, overwrite=True)  # beside a file it did not write: kept
+    assert (dst / "old.txt").read_text() == "keep me" and (dst / "model.safetensors").is_file()
+    convert(ranks / "llama-recipes", dst, overwrite=True, dtype="bf16")  # again: its own files replaced
+    assert (dst / "old.txt").read_text() == "keep me" and len(list(dst.glob("*.safetensors"))) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     (tmp_path / "empty").mkdir()
     convert(ranks / "llama-recipes", tmp_path / "empty")  # an empty folder is fine without --overwrite

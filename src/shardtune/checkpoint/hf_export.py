@@ -8,7 +8,6 @@ only when complete, so an interrupted save never leaves a half-written model beh
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ from torch.distributed.tensor import DTensor
 
 from ..parallel.distributed import DistEnv
 from .. import ownership
-from .layout import fsync_path
 from .hf_stream import merged_lora_tensors, model_tensors, write_safetensors
 
 # Files of a saved model or adapter: an earlier save's ones that a new save did not rewrite are stale.
@@ -64,27 +62,9 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _commit(tmp: Path, final: Path) -> None:
-    """Move every file of ``tmp`` into ``final``, then drop stale model files of an earlier save.
-
-    New files go in first, so an interruption never leaves ``final`` with fewer weights than
-    before. Stale files (e.g. ``model-00003-of-00003`` after a save with fewer shards, or an
-    adapter's files after a full save) are removed only if shardtune's marker lists them as
-    written by an earlier save here; nothing else in ``final`` is touched.
-    """
-    final.mkdir(parents=True, exist_ok=True)
-    before = ownership.owned(final)
-    new = {p.name for p in tmp.iterdir()}
-    for item in tmp.iterdir():
-        if item.is_file():
-            fsync_path(item)
-        os.replace(item, final / item.name)
-    ownership.record(final, added=new)
-    stale = sorted(n for n in before - new if any(fnmatch.fnmatch(n, p) for p in MODEL_FILE_PATTERNS))
-    for name in stale:
-        (final / name).unlink(missing_ok=True)
-    ownership.record(final, removed=stale)
-    shutil.rmtree(tmp, ignore_errors=True)
-    fsync_path(final)  # the directory entries of the renames
+    """Move the saved files into ``final``; stale model files of an earlier shardtune save there
+    (and only those) are removed (see ``ownership.commit_files``)."""
+    ownership.commit_files(tmp, final, MODEL_FILE_PATTERNS)
 
 
 def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:

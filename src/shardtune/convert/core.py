@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .. import ownership
 from ..checkpoint.hf_stream import DTYPES, human_size, parse_size, write_safetensors
 from ..config.errors import ShardtuneError
 from .model import ModelSpec, build_meta_model, dominant_dtype, model_targets, resolve_model
@@ -72,25 +73,38 @@ def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
 # ---------------------------------------------------------------- destination
 
 
-def check_destination(dst: Path, src: Path, overwrite: bool) -> None:
-    """Refuse a file, a non-empty folder (without --overwrite) or a folder holding the source."""
+def check_destination(dst: Path, src: Path, overwrite: bool, protected: Optional[dict] = None) -> None:
+    """Refuse a file, a folder holding the source or another input (``protected``: flag -> path),
+    and a non-empty folder without --overwrite."""
     if dst.exists() and not dst.is_dir():
         raise ShardtuneError(f"The destination {dst} is a file; pass a folder (it is created if missing).")
     src_r, dst_r = src.resolve(), dst.resolve()
     if dst_r == src_r or dst_r in src_r.parents:
         raise ShardtuneError(f"The destination {dst} is (or contains) the source {src}; choose another folder.")
+    for flag, other in (protected or {}).items():
+        if other and Path(other).is_dir() and dst_r == Path(other).resolve():
+            raise ShardtuneError(f"The destination {dst} is the folder {flag} reads from; writing there would "
+                                 "replace its files. Choose another folder.")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ShardtuneError(
-            f"The destination {dst} is not empty. Pass --overwrite to replace it (it is replaced only "
-            "once the new model is complete), or choose an empty or new folder.")
+            f"The destination {dst} is not empty. Pass --overwrite to replace what an earlier conversion "
+            "wrote there (files shardtune did not write are left in place), or choose an empty or new folder.")
 
 
 def _temp_dir(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.converting-{os.getpid()}"
 
 
-def publish(tmp: Path, dst: Path) -> None:
-    """Move the finished folder into place; an existing (empty or --overwrite) one is replaced."""
+def publish(tmp: Path, dst: Path, log: Callable[[str], None] = print) -> None:
+    """Move the finished folder into place. A new, empty or shardtune-only ``dst`` is replaced
+    whole (one rename); one that also holds foreign files gets the new files moved in, loses only
+    what an earlier shardtune write put there, and keeps the rest."""
+    ownership.record(tmp, added=[p.name + ("/" if p.is_dir() else "") for p in tmp.iterdir()])
+    foreign = ownership.foreign_entries(dst)
+    if foreign:
+        ownership.commit_files(tmp, dst, stale_patterns=("*",))
+        log(f"note: {len(foreign)} entries shardtune did not write stay in {dst}: {', '.join(foreign[:8])}")
+        return
     old = None
     if dst.exists():
         old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
@@ -301,7 +315,7 @@ def convert(src: str | Path, dst: str | Path, *, model: Optional[str] = None, dt
         raise ShardtuneError(f"--max_shard_size: {exc}") from None
     if limit <= 0:
         raise ShardtuneError("--max_shard_size must be positive.")
-    check_destination(dst, src, overwrite)
+    check_destination(dst, src, overwrite, protected={"--model": model, "--tokenizer": tokenizer})
     conv = prepare(src, model=model, dtype=dtype, merge=merge, log=log)
     tmp = _temp_dir(dst)
     try:
@@ -325,7 +339,7 @@ def convert(src: str | Path, dst: str | Path, *, model: Optional[str] = None, dt
             from .verify import verify_output
 
             summary["verify"] = verify_output(conv, tmp, limit)
-        publish(tmp, dst)
+        publish(tmp, dst, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for s in conv.sources:
