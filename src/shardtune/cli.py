@@ -126,8 +126,15 @@ def _finetune(argv: list[str]) -> None:
         single_node = not any(t.startswith(("--nnodes", "--rdzv", "--master_", "--node_rank")) for t in launch)
         if single_node and "--standalone" not in launch:
             launch.append("--standalone")  # a free local port: two jobs on one machine never collide
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "shardtune.finetuning", *rest]
-        os.execv(sys.executable, cmd)
+        from .parallel.launch import run_torchrun
+
+        code = run_torchrun([*launch, "-m", "shardtune.finetuning", *rest])
+        if code:
+            raise SystemExit(code)
+        return
+    from .config import parse_args
+
+    parse_args(rest)  # flag errors before the heavy imports below (a second instead of four)
     from .finetuning import main as finetune_main
 
     finetune_main(rest)

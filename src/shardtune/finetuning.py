@@ -159,7 +159,8 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv):
 def setup(cfg: Config, env: DistEnv) -> Components:
     t = cfg.train
     set_seed(t.seed)
-    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name)
+    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
+                               "--tokenizer_name" if t.tokenizer_name else "--model_name")
     say(env, attention_for(cfg, env).describe())
     train_loader, eval_loader = setup_data(cfg, tokenizer, env)
     model = setup_model(cfg, env, tokenizer)
@@ -240,6 +241,11 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     if resume_path is not None:
         pos = checkpointer.resume(resume_path, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler)
         say(env, f"resumed from {resume_path}: epoch {pos.epoch + 1}, step {pos.step}")
+        if 0 < t.max_train_step <= pos.step or pos.epoch >= t.num_epochs:
+            limit = (f"--max_train_step is {t.max_train_step}" if 0 < t.max_train_step <= pos.step
+                     else f"all {t.num_epochs} epochs (--num_epochs) are done")
+            say(env, f"nothing to train: the checkpoint is at step {pos.step} and {limit}. Raise "
+                     "--max_train_step or --num_epochs to train further.")
         if t.save_metrics:  # keep the curves of the steps before the checkpoint
             metrics = MetricsLog.continued(t.output_dir, step=pos.step, epochs_done=pos.epoch)
             hooks[0] = metrics

@@ -136,3 +136,27 @@ def test_two_node_launch_line_with_hybrid_shard(tmp_path, tiny_model_dir):
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     assert "Epoch 1/1" in outputs[0][0]  # the global rank 0 reports
+
+
+def test_ctrl_c_under_the_launcher_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
+    import signal
+
+    rows = [{"instruction": f"Say {i}.", "output": " ".join(["word"] * 40)} for i in range(4000)]
+    data = tmp_path / "big.json"
+    data.write_text(json.dumps(rows))
+    cmd = [sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2", "--enable_fsdp",
+           "--device", "cpu", "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+           "--alpaca_dataset.data_path", str(data), "--batching_strategy", "padding",
+           "--batch_size_training", "2", "--num_epochs", "1", "--output_dir", str(tmp_path / "out")]
+    # its own process group, so the signal reaches launcher and ranks together, as a terminal's Ctrl-C does
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    for line in proc.stdout:  # wait until the ranks train (the model is built, the loader's workers started)
+        if line.startswith("trainable params"):
+            break
+    time.sleep(5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-4000:]
+    assert "interrupted (SIGINT)" in err, err[-4000:]

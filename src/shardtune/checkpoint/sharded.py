@@ -120,6 +120,14 @@ def read_train_state(path: Path) -> dict:
     if not path.is_dir():
         raise ShardtuneError(f"Checkpoint {path} does not exist or is not a folder.")
     if not layout.is_complete(path):
+        started = layout.step_of(path) is not None or any(path.glob("*.distcp")) or (path / ".metadata").exists()
+        if not started:
+            raise ShardtuneError(
+                f"{path} is not a shardtune checkpoint: it has no DCP files (.metadata, *.distcp), no "
+                f"{layout.COMPLETE_MARKER} marker and no step-N checkpoints. Pass a run's checkpoint "
+                "folder (<dist_checkpoint_root_folder>/<dist_checkpoint_folder>, by default "
+                "<output_dir>/checkpoints/fine-tuned) or one of its step-N folders; `shardtune "
+                "checkpoints FOLDER` lists them.")
         raise ShardtuneError(
             f"Checkpoint {path} is incomplete (no {layout.COMPLETE_MARKER} marker or no DCP "
             ".metadata): its save was interrupted. Resume from an earlier checkpoint instead.")

@@ -290,6 +290,17 @@ class SafetensorsSource(Source):
         return out
 
 
+def _why_chosen(run: Path, chosen: Path) -> str:
+    """How ``layout.latest_checkpoint`` picked ``chosen``: what ``latest`` says, or why it was passed over."""
+    pointer = run / layout.LATEST
+    if not pointer.is_file():
+        return " (the newest complete one)"
+    named = pointer.read_text().strip()
+    if named == chosen.name:
+        return " (named by `latest`)"
+    return (f" (the newest complete one: `latest` names {named!r}, which is missing or incomplete)")
+
+
 def hf_weight_files(folder: Path) -> list[Path]:
     """The safetensors files of an HF model folder (index or single file); [] when there are none."""
     index = folder / "model.safetensors.index.json"
@@ -435,8 +446,7 @@ def open_source(path: str | Path) -> Source:
                 f"{path} looks like a shardtune run folder but has no complete checkpoint (every "
                 "step-N folder lacks its COMPLETE marker or .metadata).")
         src = _dcp_source(chosen)
-        src.note = f"run folder {path}: took {chosen.name}" + (
-            " (named by `latest`)" if (path / layout.LATEST).is_file() else " (the newest complete one)")
+        src.note = f"run folder {path}: took {chosen.name}" + _why_chosen(path, chosen)
         return src
     if "adapter_config.json" in names:
         return _peft_source(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config.errors import ShardtuneError
+from ..model.loading import from_pretrained_checked
 from .core import Conversion, _read, stream
 from .sources import hf_weight_files
 
@@ -131,11 +132,11 @@ def verify_output(conv: Conversion, out: Path, limit: int) -> dict:
             from peft import PeftModel
 
             checked = _compare_adapter_tensors(conv, out)
-            ref = _apply_adapter(conv, cls.from_pretrained(conv.spec.folder, dtype=torch.float32)).eval()
+            ref = _apply_adapter(conv, from_pretrained_checked(cls, conv.spec.folder, "--model", dtype=torch.float32)).eval()
             ids = probe_ids(ref)
             ref_logits = _logits(ref, ids)
             del ref
-            base = cls.from_pretrained(conv.spec.folder, dtype=torch.float32)
+            base = from_pretrained_checked(cls, conv.spec.folder, "--model", dtype=torch.float32)
             dst = PeftModel.from_pretrained(base, str(out)).eval()
         else:
             checked = _compare_model_tensors(conv, out, limit)

@@ -23,18 +23,35 @@ def read_records(path: str | Path, *, flag: str) -> tuple[list[Any], Callable[[i
         what = "is a folder, expected a file" if p.is_dir() else "does not exist"
         raise ShardtuneError(f"Data file {p} {what}. Point {flag} at a {'/'.join(FORMATS)} file.")
     suffix = p.suffix.lower()
-    if suffix == ".json":
-        return _read_json(p)
-    if suffix == ".jsonl":
-        return _with_lines(*_read_jsonl(p))
-    if suffix == ".csv":
-        return _with_lines(*_read_csv(p))
+    try:
+        if suffix == ".json":
+            return _read_json(p)
+        if suffix == ".jsonl":
+            return _with_lines(*_read_jsonl(p))
+        if suffix == ".csv":
+            return _with_lines(*_read_csv(p))
+    except UnicodeDecodeError:
+        raise ShardtuneError(_not_utf8(p)) from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(p).to_pylist(), row_name
     raise ShardtuneError(f"Data file {p} has an unknown format {suffix!r}; {flag} accepts "
                          f"{', '.join(FORMATS)} files.")
+
+
+def _not_utf8(p: Path) -> str:
+    """Where the first byte that is not UTF-8 is (line, column and byte offset), for the message."""
+    raw = p.read_bytes()
+    try:
+        raw.decode("utf-8")
+        return f"{p} could not be read as UTF-8 text."  # pragma: no cover - the reader said otherwise
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        return (f"{p} is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column {column} (byte "
+                f"offset {e.start} in the file) is not valid UTF-8. Save the file as UTF-8 (for example "
+                "`iconv -f latin1 -t utf-8`), or fix that line.")
 
 
 def _read_json(p: Path) -> tuple[list[Any], Callable[[int], str]]:

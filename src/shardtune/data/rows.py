@@ -50,6 +50,8 @@ def text_field(row: Any, name: str, *, optional: bool = False) -> str:
     if value is None:
         if optional:
             return ""
+        if name in row:
+            raise BadRow(f"field {name!r} is null, expected a string")
         raise BadRow(f"has no field {name!r} (fields: {sorted(map(str, row))})")
     if not isinstance(value, str):
         raise BadRow(f"field {name!r} is a {type(value).__name__}, expected a string")

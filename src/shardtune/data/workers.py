@@ -24,6 +24,7 @@ import functools
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 import warnings
@@ -58,8 +59,28 @@ def worker_options(num_workers: int, rows: Any, collate_fn: Any) -> dict:
         return {"num_workers": num_workers, "persistent_workers": True}
     context = multiprocessing.get_context(START_METHOD)
     context.set_forkserver_preload(_PRELOAD)
+    _start_fork_server()
     return {"num_workers": num_workers, "persistent_workers": True, "multiprocessing_context": context,
             "worker_init_fn": functools.partial(exit_with_parent, os.getpid(), psutil.Process().create_time())}
+
+
+def _start_fork_server() -> None:
+    """Start the fork server now, with SIGINT ignored (a disposition that survives its exec).
+
+    It spends seconds importing torch and the recipe before it installs its own SIGINT handling,
+    and a Ctrl-C meant for the job would otherwise end it mid-import with a KeyboardInterrupt
+    traceback. Its workers inherit the same: they stop with their rank, not on SIGINT.
+    """
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal needs the main thread
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> None:

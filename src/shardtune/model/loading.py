@@ -40,8 +40,9 @@ def check_model_source(name: str, what: str = "--model_name") -> None:
             "or a hub id such as meta-llama/Llama-3.1-8B.")
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    check_model_source(name, "--tokenizer_name")
+def load_tokenizer(name: str, what: str = "--tokenizer_name") -> PreTrainedTokenizerBase:
+    """The tokenizer of ``name``; ``what`` is the flag that named it (for error messages)."""
+    check_model_source(name, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
@@ -59,13 +60,42 @@ def load_config(name: str):
         raise ShardtuneError(f"Could not read the model config of {name!r}: {exc}") from None
 
 
+def damaged_weight_files(name: str | Path) -> list[str]:
+    """``"FILE is damaged (reason)"`` for each safetensors file of a local model folder that cannot be opened
+    (a truncated file fails its header check)."""
+    from safetensors import safe_open
+
+    path = Path(name)
+    damaged = []
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors' own error type, OSError for unreadable files
+            damaged.append(f"{file} is damaged ({str(exc)[:160]})")
+    return damaged
+
+
+def from_pretrained_checked(cls, name: str, what: str = "--model_name", **kwargs):
+    """``cls.from_pretrained(name, **kwargs)``; a damaged weight file or an unloadable folder is a
+    clear error naming the file instead of a traceback from safetensors or transformers."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        damaged = damaged_weight_files(name)
+        if damaged:
+            raise ShardtuneError(
+                f"{what} {name!r}: the weight file {damaged[0]}: it is truncated or corrupt. "
+                "Copy or download it again (or convert the checkpoint it came from again).") from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise ShardtuneError(f"Could not load the model from {what} {name!r}: {exc}") from None
+        raise
+
+
 def load_model(name: str, *, dtype: torch.dtype, attn: str, device: Optional[torch.device] = None):
     """Load the model with real weights on the host, then move it to ``device``."""
     check_model_source(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn)
-    except (OSError, ValueError) as exc:
-        raise ShardtuneError(f"Could not load the model from {name!r}: {exc}") from None
+    model = from_pretrained_checked(AutoModelForCausalLM, name, dtype=dtype, attn_implementation=attn)
     if device is not None:
         model.to(device)
     return model

@@ -60,6 +60,18 @@ def checkpoint_key(param_name: str) -> str:
     return param_name.replace(".base_layer.", ".")
 
 
+@contextlib.contextmanager
+def _open_weights(path: Path):
+    """``safe_open`` with a damaged (truncated, corrupt) file as a clear error naming it."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors' own error type
+        raise ShardtuneError(f"The weight file {path} is damaged ({str(exc)[:160]}): it is truncated or "
+                             "corrupt. Copy or download it again.") from None
+    with handle as f:
+        yield f
+
+
 def safetensors_index(name: str) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it, for a local HF model directory."""
     root = Path(name)
@@ -69,7 +81,7 @@ def safetensors_index(name: str) -> dict[str, Path]:
         return {key: root / file for key, file in weight_map.items()}
     single = root / "model.safetensors"
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with _open_weights(single) as f:
             return {key: single for key in f.keys()}
     raise ShardtuneError(
         f"--low_cpu_fsdp reads weights slice by slice from safetensors files, but {name!r} has "
@@ -138,7 +150,7 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
         # One open per tensor: safetensors maps the file, and the pages a rank touched stay in
         # its RSS while the file is open. Closing after each tensor keeps each rank's footprint
         # to its own rows (measured: 2.3x -> 1.05x of one model summed over 2 ranks).
-        with safe_open(str(path), framework="pt") as f:
+        with _open_weights(path) as f:
             piece = f.get_slice(key)
             shape = tuple(piece.get_shape())
             if shape != tuple(param.shape):
