@@ -42,7 +42,7 @@ def test_inputs_are_never_an_output_and_a_file_is_refused(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     for overwrite in (False, True):
-        with pytest.raises(ShardtuneError, match="is the directory --model_name reads from"):
+        with pytest.raises(ShardtuneError, match="is the path --model_name reads from"):
             _check(model, overwrite, **{"--model_name": str(model)})
     (tmp_path / "file").write_text("x")
     with pytest.raises(ShardtuneError, match="is a file"):
@@ -68,3 +68,17 @@ def test_commit_removes_only_stale_files_shardtune_wrote(tmp_path):
     assert sorted(p.name for p in final.iterdir() if p.name != MARKER) == ["mine.safetensors", "model.safetensors"]
     assert (final / "mine.safetensors").read_bytes() == b"old mine.safetensors"
     assert owned(final) == {"model.safetensors"} and foreign_entries(final) == ["mine.safetensors"]
+
+
+def test_inputs_inside_the_output_and_foreign_whole_folders_are_refused_even_with_the_flag(tmp_path):
+    out = tmp_path / "out"
+    (out / "merged").mkdir(parents=True)
+    record(out, added=["merged/"])
+    with pytest.raises(ShardtuneError, match="holds the path --model_name reads from"):
+        _check(out, True, **{"--model_name": str(out / "merged")})  # a base model inside its own output
+    (out / "checkpoints").mkdir()  # the user's folder, not shardtune's
+    with pytest.raises(ShardtuneError, match="holds a folder checkpoints/ that shardtune did not write"):
+        check_output_dir(out, flag="--output_dir", overwrite=True, overwrite_flag="--overwrite_output_dir",
+                         replaced_whole=["checkpoints/", "merged/"])
+    assert check_output_dir(out, flag="--output_dir", overwrite=True, overwrite_flag="--x",
+                            replaced_whole=["merged/"]) == ["checkpoints/"]

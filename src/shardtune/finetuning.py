@@ -264,10 +264,11 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
 
     def save_resumable(position: Position, with_optimizer: bool = True) -> None:
         refuse_non_finite(c.model, env, position.step, "checkpoint")
+        if env.is_main and inside_output:  # the checkpoint folder under --output_dir is shardtune's,
+            Path(t.output_dir).mkdir(parents=True, exist_ok=True)  # recorded before the first write
+            record_owned(t.output_dir, added=[inside_output])
         path = checkpointer.save(position, model=c.model, optimizer=c.optimizer if with_optimizer else None,
                                  scheduler=c.scheduler)
-        if env.is_main and inside_output:  # the checkpoint folder under --output_dir is shardtune's
-            record_owned(t.output_dir, added=[inside_output])
         say(env, f"checkpoint: {path}")
         if t.save_metrics and env.is_main:  # the curves always reach the newest checkpoint
             metrics.write(t.output_dir)
@@ -378,10 +379,12 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
         check_model_source(t.tokenizer_name, "--tokenizer_name")
     check_data_source(cfg)
     check_world_size(t.enable_fsdp, world_size)
+    whole = [entry for entry in (top_entry_under(t.output_dir, checkpoint_run_dir(cfg)),
+                                 "merged/" if t.merge_lora else None) if entry]
     return check_output_dir(t.output_dir, flag="--output_dir", overwrite=t.overwrite_output_dir,
-                     overwrite_flag="--overwrite_output_dir",
-                     protected={"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
-                                "--from_peft_checkpoint": t.from_peft_checkpoint})
+                            overwrite_flag="--overwrite_output_dir", replaced_whole=whole,
+                            protected={"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
+                                       "--from_peft_checkpoint": t.from_peft_checkpoint})
 
 
 def run(cfg: Config) -> dict:
@@ -391,9 +394,9 @@ def run(cfg: Config) -> dict:
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)
     if foreign:
-        say(env, f"note: --overwrite_output_dir: {len(foreign)} entries shardtune did not write stay in "
-                 f"{t.output_dir} and are not touched ({', '.join(foreign[:8])}); from_pretrained may "
-                 "read some of them beside the new model.")
+        say(env, f"note: --overwrite_output_dir: {len(foreign)} entries shardtune did not write are in "
+                 f"{t.output_dir} ({', '.join(foreign[:8])}); those with the names of files this run "
+                 "writes will be replaced, the others stay and from_pretrained may read some of them.")
     try:
         components = setup(cfg, env)
         return train(cfg, env, components)

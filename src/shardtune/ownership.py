@@ -75,32 +75,49 @@ def _same_place(a: Path, b: Path) -> bool:
         return False
 
 
+def _inside(inner: Path, outer: Path) -> bool:
+    try:
+        inner, outer = inner.resolve(), outer.resolve()
+    except OSError:
+        return False
+    return inner == outer or outer in inner.parents
+
+
 def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_flag: str,
-                     protected: Mapping[str, Optional[str]] = {}) -> list[str]:
+                     protected: Mapping[str, Optional[str]] = {},
+                     replaced_whole: Iterable[str] = ()) -> list[str]:
     """Refuse an output directory shardtune may not write into; returns the foreign entries
     that ``overwrite`` lets it write beside (empty when there are none).
 
-    ``protected`` maps flags to the directories the command reads from, which are never an
-    output, whatever ``overwrite`` says.
+    ``protected`` maps flags to the paths the command reads from: they are never the output or
+    inside it, whatever ``overwrite`` says. ``replaced_whole`` names the folders the command
+    writes as a whole (``merged/``, ``checkpoints/``): a foreign one is refused even with
+    ``overwrite``, since writing it would replace the user's folder.
     """
     out = Path(path)
     for other_flag, other in protected.items():
-        if other and Path(other).exists() and _same_place(out, Path(other)):
+        if other and Path(other).exists() and _inside(Path(other), out):
+            where = "is" if _same_place(out, Path(other)) else "holds"
             raise ShardtuneError(
-                f"{flag} {str(path)!r} is the directory {other_flag} reads from; writing there would "
-                f"replace the files this command reads. Choose another {flag}.")
+                f"{flag} {str(path)!r} {where} the path {other_flag} reads from ({other}); writing there "
+                f"could replace the files this command reads. Choose another {flag}.")
     if out.exists() and not out.is_dir():
         raise ShardtuneError(f"{flag} {str(path)!r} is a file, but a directory is needed (it is created "
                              f"if missing). Choose another {flag}.")
     foreign = foreign_entries(out)
+    clash = sorted(set(foreign) & set(replaced_whole))
+    if clash:
+        raise ShardtuneError(
+            f"{flag} {str(path)!r} holds a folder {clash[0]} that shardtune did not write, and this run "
+            f"writes a folder of that name (whole). Move it, or choose another {flag}.")
     if foreign and not overwrite:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         raise ShardtuneError(
             f"{flag} {str(path)!r} holds files shardtune did not write ({shown}). shardtune writes only "
             "into a new or empty directory, or one holding only an earlier shardtune run's files, so "
             f"that nothing of yours is replaced or mixed into its output. Choose another {flag}, or "
-            f"pass {overwrite_flag} to write beside them (shardtune then replaces only files it "
-            "writes itself and leaves the others in place).")
+            f"pass {overwrite_flag} to write beside them (shardtune then replaces the files whose "
+            "names it writes, such as config.json or the weights, and leaves the others in place).")
     return foreign
 
 

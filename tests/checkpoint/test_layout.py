@@ -63,3 +63,21 @@ def test_prune_keeps_the_newest_n(tmp_path):
         layout.commit(_written(run, step, "x"), run / layout.step_dir_name(step))
     layout.prune(run, keep_last_n=2)
     assert [p.name for p in layout.complete_checkpoints(run)] == ["step-000002", "step-000003"]
+
+
+def test_resume_messages_tell_a_non_checkpoint_from_interrupted_saves(tmp_path):
+    import pytest
+
+    from shardtune.checkpoint.sharded import read_train_state
+    from shardtune.config.errors import ShardtuneError
+
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ShardtuneError, match="is not a shardtune checkpoint"):
+        read_train_state(tmp_path / "notes")
+    run = tmp_path / "run"
+    (run / "step-000004").mkdir(parents=True)
+    (run / "step-000004" / "__0_0.distcp").write_bytes(b"x")
+    with pytest.raises(ShardtuneError, match=r"none of its checkpoints \(step-000004\) is complete"):
+        read_train_state(run)
+    with pytest.raises(ShardtuneError, match="is incomplete .*its save was interrupted"):
+        read_train_state(run / "step-000004")

@@ -209,3 +209,16 @@ def test_resume_from_a_run_folder_takes_its_newest_checkpoint(runs):
     assert found == layout.latest_checkpoint(run)
     with pytest.raises(ShardtuneError, match="does not exist"):
         Checkpointer(run, env=DistEnv(), config_dict={}).find_resume_point(False, str(run / "nope"))
+
+
+def test_resume_with_nothing_left_to_train_says_so(runs, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "done"
+    shutil.copytree(runs["dirs"]["full"], out)
+    step = json.loads((layout.latest_checkpoint(out / "checkpoints" / "fine-tuned") / "train_state.json")
+                      .read_text())["step"]
+    results = finetune([*_common(runs["model"], runs["data"], out), "--batch_size_training", "4", "--resume",
+                        "--max_train_step", str(step)])
+    assert results["steps"] == step
+    assert f"nothing to train: the checkpoint is at step {step} and --max_train_step is {step}" in capsys.readouterr().out

@@ -142,3 +142,13 @@ def test_inspect_command(ranks, capsys, as_json):
         assert json.loads(out)["step"] == 2
     else:
         assert "shardtune sharded checkpoint" in out and "step:            2" in out and "optimizer state: yes" in out
+
+
+def test_run_folder_whose_latest_names_a_missing_step_says_what_it_took(ranks, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(fine_tuned(ranks, "full"), tmp_path / "run")
+    (run / "latest").write_text("step-000009\n")
+    convert(run, tmp_path / "hf")
+    out = capsys.readouterr().out
+    assert "took step-000002 (the newest complete one: `latest` names 'step-000009', which is missing" in out

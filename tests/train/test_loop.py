@@ -111,3 +111,31 @@ def test_gradient_clipping_is_applied(model):
 
     run(model, batch, accumulation=1, clip_grad=clip)
     assert float(norms[0]) == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_non_finite_steps_stop_before_the_update_or_are_skipped(model, fp16):
+    from shardtune.train.loop import NonFiniteStep, Precision
+
+    batches = make_batches(3, 2, model.config.vocab_size)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # every logit NaN: a non-finite loss
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    precision = Precision("cpu", torch.float16 if fp16 else None, torch.amp.GradScaler("cpu") if fp16 else None)
+    with pytest.raises(NonFiniteStep, match="stopped at step 1 .*the loss is nan"):
+        run(model, batches, accumulation=1, precision=precision)
+    assert all(torch.allclose(before[n], p, rtol=0, atol=0, equal_nan=True) for n, p in model.named_parameters())
+    seen = []
+
+    class Hook:
+        def before_step(self, step):
+            pass
+
+        def after_step(self, result):
+            seen.append((result.step, result.skipped))
+
+    log = MetricsLog()
+    result = run(model, batches, accumulation=1, precision=precision, on_non_finite="skip", hooks=[log, Hook()])
+    assert result.steps == 3 and seen == [(1, True), (2, True), (3, True)]  # hooks see every step
+    assert log.train_step_loss == []  # skipped steps stay out of the curves
+    assert all(torch.allclose(before[n], p, rtol=0, atol=0, equal_nan=True) for n, p in model.named_parameters())

@@ -132,8 +132,8 @@ def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, 
     if env.distributed:
         dist.barrier()
     if merge_lora:
+        if env.is_main:  # recorded before it is written, so an interrupted export stays shardtune's
+            ownership.record(output_dir, added=["merged/"])
         export_full_model(merged_lora_tensors(model), model, tokenizer, output_dir / "merged", env=env,
                           dtype=dtype, max_shard_size=max_shard_size)
-        if env.is_main:
-            ownership.record(output_dir, added=["merged/"])
     return output_dir if env.is_main else None

@@ -121,6 +121,12 @@ def read_train_state(path: Path) -> dict:
         raise ShardtuneError(f"Checkpoint {path} does not exist or is not a folder.")
     if not layout.is_complete(path):
         started = layout.step_of(path) is not None or any(path.glob("*.distcp")) or (path / ".metadata").exists()
+        steps = [p.name for p in path.iterdir() if layout.step_of(p) is not None] if path.is_dir() else []
+        if steps:
+            raise ShardtuneError(
+                f"{path} is a run's checkpoint folder, but none of its checkpoints ({', '.join(sorted(steps)[:5])}) "
+                f"is complete (each lacks its {layout.COMPLETE_MARKER} marker or DCP .metadata: their saves were "
+                "interrupted). There is nothing to resume from; start without --resume_from.")
         if not started:
             raise ShardtuneError(
                 f"{path} is not a shardtune checkpoint: it has no DCP files (.metadata, *.distcp), no "

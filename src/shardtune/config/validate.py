@@ -24,7 +24,6 @@ _RANGES = (
     ("train", "gamma", lambda v: v > 0, "must be positive (the learning rate is multiplied by it after "
                                         "every epoch; 1 keeps it constant)"),
     ("train", "weight_decay", lambda v: v >= 0, "must be 0 or more"),
-    ("train", "gradient_clipping_threshold", lambda v: v > 0, "must be positive (the largest gradient norm)"),
     ("train", "eval_fraction", lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
     ("lora", "r", lambda v: v >= 1, "must be at least 1"),
     ("lora", "lora_alpha", lambda v: v > 0, "must be positive"),
@@ -35,6 +34,9 @@ _RANGES = (
 
 
 def _check_ranges(cfg) -> None:
+    if cfg.train.gradient_clipping and cfg.train.gradient_clipping_threshold <= 0:
+        raise ConfigError("--gradient_clipping_threshold must be positive when --gradient_clipping is on; "
+                          f"got {cfg.train.gradient_clipping_threshold}.")
     for section, name, ok, rule in _RANGES:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .. import ownership
+from ..checkpoint.hf_export import MODEL_FILE_PATTERNS
 from ..checkpoint.hf_stream import DTYPES, human_size, parse_size, write_safetensors
 from ..config.errors import ShardtuneError
 from .model import ModelSpec, build_meta_model, dominant_dtype, model_targets, resolve_model
@@ -82,9 +83,10 @@ def check_destination(dst: Path, src: Path, overwrite: bool, protected: Optional
     if dst_r == src_r or dst_r in src_r.parents:
         raise ShardtuneError(f"The destination {dst} is (or contains) the source {src}; choose another folder.")
     for flag, other in (protected or {}).items():
-        if other and Path(other).is_dir() and dst_r == Path(other).resolve():
-            raise ShardtuneError(f"The destination {dst} is the folder {flag} reads from; writing there would "
-                                 "replace its files. Choose another folder.")
+        other_r = Path(other).resolve() if other and Path(other).exists() else None
+        if other_r is not None and (other_r == dst_r or dst_r in other_r.parents):
+            raise ShardtuneError(f"The destination {dst} is (or holds) {other}, which {flag} reads from; "
+                                 "writing there could replace its files. Choose another folder.")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ShardtuneError(
             f"The destination {dst} is not empty. Pass --overwrite to replace what an earlier conversion "
@@ -96,22 +98,19 @@ def _temp_dir(dst: Path) -> Path:
 
 
 def publish(tmp: Path, dst: Path, log: Callable[[str], None] = print) -> None:
-    """Move the finished folder into place. A new, empty or shardtune-only ``dst`` is replaced
-    whole (one rename); one that also holds foreign files gets the new files moved in, loses only
-    what an earlier shardtune write put there, and keeps the rest."""
+    """Move the finished folder into place: a new or empty ``dst`` in one rename. Into a non-empty
+    one (``--overwrite``) the new files are moved; the model files an earlier shardtune write left
+    there are replaced or removed, and everything else (other files, a run's checkpoints) stays."""
     ownership.record(tmp, added=[p.name + ("/" if p.is_dir() else "") for p in tmp.iterdir()])
-    foreign = ownership.foreign_entries(dst)
-    if foreign:
-        ownership.commit_files(tmp, dst, stale_patterns=("*",))
-        log(f"note: {len(foreign)} entries shardtune did not write stay in {dst}: {', '.join(foreign[:8])}")
+    if dst.is_dir() and any(dst.iterdir()):
+        foreign = ownership.foreign_entries(dst)
+        ownership.commit_files(tmp, dst, stale_patterns=MODEL_FILE_PATTERNS)
+        if foreign:
+            log(f"note: {len(foreign)} entries shardtune did not write stay in {dst}: {', '.join(foreign[:8])}")
         return
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
-        os.replace(dst, old)
+    if dst.is_dir():
+        dst.rmdir()
     os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- planning

@@ -72,7 +72,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise ShardtuneError("--top_p only applies when sampling; add --temperature (e.g. 0.7) or drop --top_p.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ShardtuneError(f"--device {args.device} was given but no CUDA GPU is visible. Use --device cpu.")
-    if args.device != "cpu" and not args.device.startswith(("cuda", "mps", "xpu")):
+    if args.device != "cpu" and not args.device.startswith("cuda"):
         raise ShardtuneError(f"--device must be cpu or cuda (or cuda:N), got {args.device!r}.")
 
 

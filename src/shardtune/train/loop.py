@@ -54,6 +54,7 @@ class StepResult:
     seconds: float
     lr: float
     epoch_batch: int = 0  # micro-batches of this epoch consumed so far (resume offset included)
+    skipped: bool = False  # non-finite and skipped (--skip_nonfinite_steps): no update, loss is NaN/inf
 
     @property
     def tokens_per_s(self) -> float:
@@ -175,7 +176,8 @@ def train_epoch(
 
     ``clip_grad`` clips and returns the global gradient norm. A step whose loss or gradient norm
     is not finite makes no update: ``on_non_finite="stop"`` raises :class:`NonFiniteStep` (the
-    weights are still those of the step before), ``"skip"`` drops the step with a warning. With
+    weights are still those of the step before); ``"skip"`` warns and goes on (the step counts
+    for the schedule and the hooks, with ``StepResult.skipped``, but not in the epoch loss). With
     an fp16 grad scaler an infinite gradient is an overflow the scaler handles itself."""
     model.train()
     hooks = list(hooks)
@@ -210,16 +212,15 @@ def train_epoch(
         (step_loss_sum,) = _global_sums(env, float(local_loss))
         # Both are global (reduced over ranks), so every rank takes the same branch.
         problem = _non_finite(step_loss_sum, grad_norm, scaled=precision.scaler is not None)
-        if problem:
+        if problem and on_non_finite != "skip":
             optimizer.zero_grad(set_to_none=True)
-            if on_non_finite == "skip":
-                batches_done += len(group)
-                if env.is_main:
-                    bar.write(f"step {step + 1}: {problem}; skipped (--skip_nonfinite_steps): no update, "
-                              "the step is not counted")
-                continue
             raise NonFiniteStep(step + 1, epoch, problem)
-        if precision.scaler:
+        if problem:  # --skip_nonfinite_steps: the step happens (schedule, hooks, position) without an update
+            if env.is_main:
+                bar.write(f"step {step + 1}: {problem}; skipped (--skip_nonfinite_steps): no update")
+            if precision.scaler:
+                precision.scaler.update()  # unscale_ was called; update() ends the step (and lowers the scale)
+        elif precision.scaler:
             precision.scaler.step(optimizer)
             precision.scaler.update()
         else:
@@ -232,10 +233,12 @@ def train_epoch(
         batches_done += len(group)
         result = StepResult(step=step, epoch=epoch, loss=step_loss_sum / max(global_labels, 1.0),
                             label_tokens=int(global_labels), input_tokens=int(global_inputs),
-                            seconds=time.perf_counter() - t0, lr=lr, epoch_batch=batches_done)
-        run_loss_sum += step_loss_sum
-        run_label_tokens += global_labels
-        run_input_tokens += global_inputs
+                            seconds=time.perf_counter() - t0, lr=lr, epoch_batch=batches_done,
+                            skipped=bool(problem))
+        if not problem:  # a skipped step's NaN stays out of the epoch's loss
+            run_loss_sum += step_loss_sum
+            run_label_tokens += global_labels
+            run_input_tokens += global_inputs
         for hook in hooks:
             hook.after_step(result)
         bar.update(1)

@@ -39,6 +39,8 @@ class MetricsLog:
         pass
 
     def after_step(self, r: StepResult) -> None:
+        if r.skipped:  # no update and a NaN loss: not a point of the curves
+            return
         self.train_step.append(r.step)
         self.train_step_loss.append(r.loss)
         self.train_step_perplexity.append(_ppl(r.loss))

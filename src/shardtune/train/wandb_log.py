@@ -23,6 +23,8 @@ class WandbLogger:
         pass
 
     def after_step(self, r: StepResult) -> None:
+        if r.skipped:
+            return
         self.run.log({"train/loss": r.loss, "train/lr": r.lr, "train/tokens_per_s": r.tokens_per_s,
                       "train/epoch": r.epoch}, step=r.step)
 
