@@ -23,7 +23,7 @@ import yaml
 from . import runtime
 from .checkpoint import layout as checkpoint_layout
 from .checkpoint.hf_export import save_hf_model
-from .checkpoint.hf_stream import DTYPES
+from .checkpoint.hf_stream import DTYPES, check_mergeable
 from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
 from .checkpoint.preemption import PreemptionSignal
 from .config import Config, ShardtuneError, describe_options, parse_args
@@ -91,6 +91,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
         freeze_llm_only(model)
     if t.use_peft:
         model = apply_peft(model, cfg)
+        if t.merge_lora:
+            check_mergeable(model)  # refused now rather than after training
     if t.enable_fsdp and f.fsdp_activation_checkpointing:  # an FSDP option, as in llama-recipes
         enable_activation_checkpointing(model)
     if t.enable_fsdp:
