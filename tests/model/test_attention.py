@@ -48,3 +48,18 @@ def test_compute_dtype_follows_the_precision_flags():
     assert compute_dtype(_cfg("--use_fp16"), env) == torch.float16
     assert compute_dtype(_cfg("--enable_fsdp", "--fsdp_config.pure_bf16"), env) == torch.bfloat16
     assert compute_dtype(_cfg("--enable_fsdp", "--use_fp16"), DistEnv(device=CUDA)) == torch.float16
+
+
+def test_precision_line_says_each_dtype_and_why():
+    from shardtune.finetuning import describe_precision
+
+    cpu = DistEnv(device=CPU)
+    (line,) = describe_precision(_cfg(), cpu)
+    assert "parameters float32, compute float32, gradient reduction none" in line and "CPU: --mixed_precision" in line
+    lines = describe_precision(_cfg("--enable_fsdp", "--fsdp_config.pure_bf16"), cpu)
+    assert "parameters bfloat16, compute bfloat16, gradient reduction fp32" in lines[0] and "pure_bf16" in lines[0]
+    assert lines[1].startswith("warning: bfloat16 compute on a CPU is much slower")
+    (line,) = describe_precision(_cfg("--enable_fsdp", "--fsdp_config.optimizer", "anyprecision"), cpu)
+    assert "optimizer state bfloat16 moments" in line
+    (line,) = describe_precision(_cfg("--mixed_precision", "False"), DistEnv(device=CUDA))
+    assert "compute float32" in line and "full fp32" in line
