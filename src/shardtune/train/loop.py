@@ -214,6 +214,7 @@ def train_epoch(
         problem = _non_finite(step_loss_sum, grad_norm, scaled=precision.scaler is not None)
         if problem and on_non_finite != "skip":
             optimizer.zero_grad(set_to_none=True)
+            bar.close()
             raise NonFiniteStep(step + 1, epoch, problem)
         if problem:  # --skip_nonfinite_steps: the step happens (schedule, hooks, position) without an update
             if env.is_main:
