@@ -480,6 +480,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from shardtune.cli import run_with_clean_errors
+    from shardtune.exits import run_with_clean_errors
 
     run_with_clean_errors(main)  # a rank ends without interpreter teardown (see end_process)

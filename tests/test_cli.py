@@ -58,7 +58,7 @@ def test_valueless_launch_flags_are_split_too():
 # threads can otherwise abort or hang it at exit. Its exit code and buffered output still come out.
 _RANK_SCRIPT = """
 import atexit, sys
-from shardtune.cli import run_with_clean_errors
+from shardtune.exits import run_with_clean_errors
 from shardtune.config.errors import ShardtuneError
 from shardtune.parallel.distributed import init_distributed, shutdown
 

@@ -10,13 +10,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-import traceback
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from .config.errors import ShardtuneError
+from .exits import run_with_clean_errors
 
 USAGE = """usage: shardtune <command> [options]
 
@@ -35,51 +33,6 @@ run `shardtune <command> --help` for a command's options."""
 _LAUNCH_OPTS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint",
                 "rdzv_id", "master_addr", "master_port", "max_restarts")
 _LAUNCH_FLAGS = ("standalone",)  # torchrun options without a value
-
-
-_RANK_ERROR_GRACE_S = 3.0
-
-
-def run_with_clean_errors(fn: Callable[[], object]) -> None:
-    """Run ``fn``; a user error prints its one-paragraph message (no traceback) and exits 2.
-
-    A process that ran a process group (an FSDP rank) ends through ``end_process``, which skips
-    the interpreter teardown that can abort or hang such a process after its work is done.
-    """
-    try:
-        fn()
-        code = 0
-    except ShardtuneError as exc:
-        rank = os.environ.get("RANK", "0")
-        if rank != "0":
-            # A user error (bad flag, path, data) is usually raised on every rank alike. Rank 0
-            # reports it and torchrun then stops the other ranks; a rank > 0 speaks only if it
-            # is still alive after a grace period, i.e. when the error was its own.
-            time.sleep(_RANK_ERROR_GRACE_S)
-        prefix = f"[rank {rank}] " if rank != "0" else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    except Exception:
-        if not _started_a_process_group():
-            raise
-        traceback.print_exc()
-        code = 1
-    if _started_a_process_group():
-        from .parallel.distributed import end_process
-
-        end_process(code)
-    if code:
-        sys.exit(code)
-
-
-def _started_a_process_group() -> bool:
-    # Looked up, not imported: a command that never touched torch.distributed started none, and
-    # importing it here would cost every command the torch import.
-    module = sys.modules.get(f"{__package__}.parallel.distributed")
-    return module is not None and module.started_a_process_group()
 
 
 def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

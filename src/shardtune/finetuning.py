@@ -452,6 +452,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .cli import run_with_clean_errors
+    from .exits import run_with_clean_errors
 
     run_with_clean_errors(main)

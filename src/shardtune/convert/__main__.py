@@ -3,7 +3,7 @@
 
 import sys
 
-from ..cli import run_with_clean_errors
+from ..exits import run_with_clean_errors
 from .cli import convert_main, inspect_main
 
 if __name__ == "__main__":

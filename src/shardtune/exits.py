@@ -1,0 +1,57 @@
+"""How a shardtune process ends: a user error as one paragraph and exit 2, and a process that ran
+a process group through ``end_process``. Lives below the CLI so that the recipe, ``convert`` and
+workers use it without importing ``cli`` (which imports them)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from typing import Callable
+
+from .config.errors import ShardtuneError
+
+_RANK_ERROR_GRACE_S = 3.0
+
+
+def run_with_clean_errors(fn: Callable[[], object]) -> None:
+    """Run ``fn``; a user error prints its one-paragraph message (no traceback) and exits 2.
+
+    A process that ran a process group (an FSDP rank) ends through ``end_process``, which skips
+    the interpreter teardown that can abort or hang such a process after its work is done.
+    """
+    try:
+        fn()
+        code = 0
+    except ShardtuneError as exc:
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            # A user error (bad flag, path, data) is usually raised on every rank alike. Rank 0
+            # reports it and torchrun then stops the other ranks; a rank > 0 speaks only if it
+            # is still alive after a grace period, i.e. when the error was its own.
+            time.sleep(_RANK_ERROR_GRACE_S)
+        prefix = f"[rank {rank}] " if rank != "0" else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except Exception:
+        if not _started_a_process_group():
+            raise
+        traceback.print_exc()
+        code = 1
+    if _started_a_process_group():
+        from .parallel.distributed import end_process
+
+        end_process(code)
+    if code:
+        sys.exit(code)
+
+
+def _started_a_process_group() -> bool:
+    # Looked up, not imported: a command that never touched torch.distributed started none, and
+    # importing it here would cost every command the torch import.
+    module = sys.modules.get(f"{__package__}.parallel.distributed")
+    return module is not None and module.started_a_process_group()
