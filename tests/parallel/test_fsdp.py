@@ -44,6 +44,16 @@ def tied(setting, tiny_tied_model_dir):
     return {"common": c, "model": tiny_tied_model_dir, "out": setting["root"] / "tied-out"}
 
 
+LLAMA_ADAPTER = ("--use_peft", "--peft_method", "llama_adapter", "--llama_adapter_config.adapter_layers", "2",
+                 "--llama_adapter_config.adapter_len", "4")
+STRATEGIES = {
+    "full_shard": (),
+    "shard_grad_op": ("--fsdp_config.sharding_strategy", "SHARD_GRAD_OP"),
+    "no_shard": ("--fsdp_config.sharding_strategy", "NO_SHARD"),
+    "hybrid": ("--fsdp_config.sharding_strategy", "HYBRID_SHARD", "--fsdp_config.sharding_group_size", "1"),
+}
+
+
 def _fsdp(common: list[str], *extra: str) -> list[str]:
     return [*common, "--batch_size_training", "2", "--enable_fsdp", *extra]
 
@@ -81,6 +91,7 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "logits_low_cpu_hybrid": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--fsdp_config.sharding_strategy", "HYBRID_SHARD",
                                                                  "--fsdp_config.sharding_group_size", "1")},
         "logits_low_cpu_lora": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--use_peft")},
+        **{f"llama_adapter_{name}": {"args": _fsdp(c, *LLAMA_ADAPTER, *flags)} for name, flags in STRATEGIES.items()},
         "adapter_normal": {"kind": "adapter", "args": _fsdp(c, "--use_peft")},
         "adapter_low_cpu": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp")},
         "adapter_low_cpu_no_shard": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp",
@@ -110,6 +121,7 @@ def single_process(setting):
         "full": finetune(_single(c))["train_step_loss"],
         "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
         "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
+        "llama_adapter": finetune(_single(c, *LLAMA_ADAPTER))["train_step_loss"],
     }
 
 
@@ -140,6 +152,13 @@ def test_lora_under_fsdp_trains_only_adapters_and_matches_one_process(two_rank_r
     assert set(r["changed"]) == set(r["trainable"])
     assert r["optimizer_tensors"] == len(r["trainable"]) < len(r["all_params"])
     assert _close(r["losses"], single_process["lora"])
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_llama_adapter_under_every_strategy_matches_one_process(two_rank_results, single_process, strategy):
+    r = two_rank_results[f"llama_adapter_{strategy}"]
+    assert r["changed"] and all("adaption_" in n for n in r["changed"])  # only the adapter trains
+    assert _close(r["losses"], single_process["llama_adapter"]), (r["losses"], single_process["llama_adapter"])
 
 
 def test_freeze_layers_freezes_exactly_the_first_layers(two_rank_results):
