@@ -8,7 +8,7 @@ CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logit
 losses, which parameters changed, how many tensors the optimizer holds and the trained model's
 logits on a fixed input; "logits" builds the model the way the recipe
 does and records its logits on a fixed input (and whether its head is tied to the embeddings);
-"adapter" builds it and records the full values of its new LoRA weights. Rank 0 writes OUT.json.
+"adapter" builds it and records the full values of its new adapter weights. Rank 0 writes OUT.json.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run_logits(cfg, env) -> dict:
 def run_adapter(cfg, env) -> dict:
     tokenizer = load_tokenizer(cfg.train.model_name)
     model = setup_model(cfg, env, tokenizer)
-    return {n: full(p.detach()).tolist() for n, p in model.named_parameters() if ".lora_" in n}
+    return {n: full(p.detach()).tolist() for n, p in model.named_parameters() if ".lora_" in n or ".adaption_" in n}
 
 
 def main() -> None:

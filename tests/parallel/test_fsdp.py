@@ -96,6 +96,9 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "adapter_low_cpu": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp")},
         "adapter_low_cpu_no_shard": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp",
                                                                       "--fsdp_config.sharding_strategy", "NO_SHARD")},
+        "llama_adapter_weights_normal": {"kind": "adapter", "args": _fsdp(c, *LLAMA_ADAPTER)},
+        "llama_adapter_weights_low_cpu": {"kind": "adapter", "args": _fsdp(c, *LLAMA_ADAPTER, "--low_cpu_fsdp")},
+        "llama_adapter_low_cpu": {"args": _fsdp(c, *LLAMA_ADAPTER, "--low_cpu_fsdp")},
         # Tied input/output embeddings (Llama 3.2 1B/3B): every loading path and strategy.
         "tied_logits_normal": {"kind": "logits", "args": _fsdp(tc)},
         "tied_logits_low_cpu": {"kind": "logits", "args": _fsdp(tc, "--low_cpu_fsdp")},
@@ -257,17 +260,26 @@ def test_low_cpu_lora_starts_from_the_same_adapter_as_normal_loading(two_rank_re
         assert not torch.equal(a[:half], a[half:2 * half])
 
 
+def test_low_cpu_llama_adapter_starts_like_normal_loading_and_trains_like_one_process(two_rank_results,
+                                                                                    single_process):
+    normal, low = two_rank_results["llama_adapter_weights_normal"], two_rank_results["llama_adapter_weights_low_cpu"]
+    assert normal and set(low) == set(normal) and all(".adaption_" in n for n in normal)
+    for name, value in normal.items():
+        torch.testing.assert_close(torch.tensor(low[name]), torch.tensor(value), rtol=0, atol=0, msg=name)
+    assert _close(two_rank_results["llama_adapter_low_cpu"]["losses"], single_process["llama_adapter"])
+
+
 def test_new_lora_weights_depend_only_on_seed_and_name(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from shardtune.model.lora_init import initialise_lora
+    from shardtune.model.adapter_init import initialise_adapter
 
     def adapter(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(1000 + seed)  # the global RNG must not matter
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-        initialise_lora(model, seed)
+        initialise_adapter(model, seed)
         return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
 
     a, b, other = adapter(7), adapter(7), adapter(8)

@@ -97,10 +97,10 @@ def _check_fsdp_options(cfg) -> None:
     if f.sharding_group_size < 0 or f.replica_group_size < 0:
         raise ConfigError("--fsdp_config.sharding_group_size and replica_group_size must be 0 "
                           "(automatic) or positive.")
-    if t.low_cpu_fsdp and t.use_peft and (t.peft_method.value != "lora" or t.from_peft_checkpoint):
-        raise ConfigError("--low_cpu_fsdp with PEFT supports a new LoRA adapter; LLaMA-Adapter "
-                          "and --from_peft_checkpoint need the normal loading path. Drop "
-                          "--low_cpu_fsdp (adapters are small; the base model is what is big).")
+    if t.low_cpu_fsdp and t.use_peft and t.from_peft_checkpoint:
+        raise ConfigError("--low_cpu_fsdp with PEFT supports a new adapter (LoRA or LLaMA-Adapter); "
+                          "--from_peft_checkpoint needs the normal loading path. Drop --low_cpu_fsdp "
+                          "(adapters are small; the base model is what is big).")
 
 
 def _check_checkpoint_options(cfg) -> None:

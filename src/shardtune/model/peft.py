@@ -11,7 +11,7 @@ from peft import AdaptionPromptConfig, LoraConfig, PeftModel, get_peft_model
 from ..config.configs import PeftMethod
 from ..config.errors import ConfigError, ShardtuneError
 from .family import family_of
-from .lora_init import initialise_lora
+from .adapter_init import initialise_adapter
 
 
 def peft_config_for(cfg, model: nn.Module):
@@ -39,8 +39,8 @@ def apply_peft(model: nn.Module, cfg) -> nn.Module:
                 "adapter_config.json). Pass the folder written by a PEFT fine-tune's output_dir.")
         return PeftModel.from_pretrained(model, str(path), is_trainable=True)
     model = get_peft_model(model, peft_config_for(cfg, model))
-    # New LoRA weights get values that depend only on the seed and their names, so a model
+    # New adapter weights get values that depend only on the seed and their names, so a model
     # built on the meta device (--low_cpu_fsdp, initialised after sharding) starts the same.
-    if cfg.train.peft_method == PeftMethod.lora and not any(p.is_meta for p in model.parameters()):
-        initialise_lora(model, cfg.train.seed)
+    if not any(p.is_meta for p in model.parameters()):
+        initialise_adapter(model, cfg.train.seed)
     return model

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..config.errors import ShardtuneError
 from ..model.loading import load_config
-from ..model.lora_init import lora_initial_values
+from ..model.adapter_init import adapter_initial_values
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -105,9 +105,9 @@ def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _init_new_adapter_weights(model: nn.Module, names: list[str], seed: int) -> list[str]:
-    """Give new LoRA weights their seeded initial values (each rank its own rows); returns the
-    names of missing weights that are not new LoRA weights."""
-    values = {name: (param, value) for name, param, value in lora_initial_values(model, seed)}
+    """Give new adapter weights their seeded initial values (each rank its own rows); returns the
+    names of missing weights that are not new adapter weights."""
+    values = {name: (param, value) for name, param, value in adapter_initial_values(model, seed)}
     unknown = []
     for name in names:
         if name not in values:
@@ -121,6 +121,21 @@ def _init_new_adapter_weights(model: nn.Module, names: list[str], seed: int) -> 
     return unknown
 
 
+def _wrapped_attention(model: nn.Module) -> list[str]:
+    """Module names of attention blocks LLaMA-Adapter wrapped: the original block sits at
+    ``<name>.model`` inside peft's ``AdaptedAttention``."""
+    from peft.tuners.adaption_prompt.layer import AdaptedAttention
+
+    return [name for name, m in model.named_modules() if isinstance(m, AdaptedAttention)]
+
+
+def _unwrap(param_name: str, wrapped: list[str]) -> str:
+    for prefix in wrapped:
+        if param_name.startswith(prefix + ".model."):
+            return prefix + "." + param_name[len(prefix) + len(".model."):]
+    return param_name
+
+
 @torch.no_grad()
 def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, seed: int,
                          param_device: Optional[torch.device] = None) -> None:
@@ -128,7 +143,7 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
 
     Parameters go to ``param_device`` (host memory under FSDP CPU offload; default ``device``),
     buffers to ``device``, where the forward runs. New LoRA weights (in no file) get the values
-    ``model.lora_init`` draws from ``seed``, as the normal loading path does.
+    ``model.adapter_init`` draws from ``seed``, as the normal loading path does.
     """
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
     index = safetensors_index(name)
@@ -138,8 +153,9 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
         owner = model.get_submodule(owner_name)
         setattr(owner, leaf, value.to(device))  # replaces the uninitialised buffer to_empty made
     missing: list[str] = []
+    wrapped = _wrapped_attention(model)
     for param_name, param in model.named_parameters():
-        key = checkpoint_key(param_name)
+        key = checkpoint_key(_unwrap(param_name, wrapped))
         path = index.get(key)
         if path is None:
             missing.append(param_name)
@@ -166,6 +182,6 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ShardtuneError(
             f"--low_cpu_fsdp: {len(unknown)} model weights are not in the safetensors files of "
-            f"{name!r} ({shown}). The files do not match the model's config.json, or this PEFT "
-            "method cannot be initialised on the meta device (LLaMA-Adapter and "
-            "--from_peft_checkpoint need the normal loading path: drop --low_cpu_fsdp).")
+            f"{name!r} ({shown}). The files do not match the model's config.json, or these adapter "
+            "weights cannot be initialised on the meta device (--from_peft_checkpoint and LoRA "
+            "options such as modules_to_save need the normal loading path: drop --low_cpu_fsdp).")

@@ -1,4 +1,4 @@
-"""Initial values of new LoRA weights, drawn from (seed, parameter name) alone.
+"""Initial values of new adapter weights (LoRA, LLaMA-Adapter), drawn from (seed, parameter name) alone.
 
 peft initialises ``lora_A`` from the global RNG, module by module, on whatever tensor the layer
 holds. That is fine for a whole model in one process, but under ``--low_cpu_fsdp`` each rank
@@ -7,7 +7,8 @@ rank drew the same rows: with 8 ranks the adapter started with rank r/8. Here ev
 weight gets the full tensor peft would draw (same distribution), from a generator seeded by the
 run's seed and the parameter's name, so the value does not depend on how the model is loaded,
 sharded or ordered; each rank then keeps its own rows. Both loading paths use it, so the
-adapter at step 0 is the same with and without ``--low_cpu_fsdp``.
+adapter at step 0 is the same with and without ``--low_cpu_fsdp``. LLaMA-Adapter (peft's
+AdaptionPrompt) gets the same treatment: its prompt standard-normal, its gate zero, as peft.
 """
 
 from __future__ import annotations
@@ -37,17 +38,23 @@ def _value(shape: torch.Size, kind: str, seed: int, name: str, r: int) -> torch.
         return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=g)
     if kind == "gaussian":  # init_lora_weights="gaussian"
         return nn.init.normal_(out, std=1 / r, generator=g)
-    if kind == "normal":  # lora_embedding_B
+    if kind == "normal":  # lora_embedding_B, LLaMA-Adapter's prompt
         return nn.init.normal_(out, generator=g)
     raise AssertionError(kind)  # pragma: no cover
 
 
-def lora_initial_values(model: nn.Module, seed: int) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
-    """(parameter name, parameter, full initial value) for every LoRA weight of ``model``."""
+def adapter_initial_values(model: nn.Module, seed: int) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+    """(parameter name, parameter, full initial value) for every new adapter weight of ``model``."""
+    from peft.tuners.adaption_prompt.layer import AdaptedAttention
     from peft.tuners.lora import LoraLayer
 
     configs = getattr(model, "peft_config", {})
     for mod_name, module in model.named_modules():
+        if isinstance(module, AdaptedAttention):
+            prompt, gate = f"{mod_name}.adaption_prompt", f"{mod_name}.adaption_gate"
+            yield prompt, module.adaption_prompt, _value(module.adaption_prompt.shape, "normal", seed, prompt, 0)
+            yield gate, module.adaption_gate, _value(module.adaption_gate.shape, "zeros", seed, gate, 0)
+            continue
         if not isinstance(module, LoraLayer):
             continue
         for adapter in module.lora_A:
@@ -74,9 +81,9 @@ def lora_initial_values(model: nn.Module, seed: int) -> Iterator[tuple[str, nn.P
 
 
 @torch.no_grad()
-def initialise_lora(model: nn.Module, seed: int) -> None:
-    """Set every LoRA weight of an unsharded, materialised model to its initial value."""
-    for name, param, value in lora_initial_values(model, seed):
+def initialise_adapter(model: nn.Module, seed: int) -> None:
+    """Set every new adapter weight of an unsharded, materialised model to its initial value."""
+    for name, param, value in adapter_initial_values(model, seed):
         if param.is_meta:
             raise ShardtuneError(f"{name} is on the meta device; initialise it after loading.")
         param.copy_(value.to(param.dtype))
