@@ -224,3 +224,44 @@ def test_a_model_with_non_finite_weights_is_never_saved(tiny_model_dir, tmp_path
         next(c.model.parameters())[0, 0] = float("nan")
     with pytest.raises(ShardtuneError, match="non-finite .* was not saved"):
         refuse_non_finite(c.model, env, 1, "model")
+
+
+# --- every LoRA option: the saved adapter (and the merged model) give the trained model's logits ---
+
+@pytest.mark.parametrize("option", [
+    ["--lora_config.use_rslora", "--merge_lora"],
+    ["--lora_config.modules_to_save", "lm_head", "--merge_lora"],
+    ["--lora_config.target_modules", "all-linear", "--lora_config.r", "4", "--merge_lora"],
+    ["--lora_config.use_dora"],
+    ["--lora_config.bias", "lora_only", "--lora_config.lora_dropout", "0.0"],
+])
+def test_lora_options_train_and_save_what_was_trained(tiny_model_dir, tmp_path, option):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = parse_args(_args(tiny_model_dir, tmp_path, "--use_peft", "--num_epochs", "1", "--max_train_step", "3",
+                           "--run_validation", "False", "--lr", "2e-2", *option)).config
+    env = init_distributed("cpu")
+    c = setup(cfg, env)
+    base = {n: p.detach().clone() for n, p in c.model.named_parameters() if not p.requires_grad}
+    train(cfg, env, c)
+    assert all(torch.equal(base[n], p) for n, p in c.model.named_parameters() if n in base)  # base untouched
+    trained = _probe(c.model, c.tokenizer)
+    out = tmp_path / "out"
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    torch.testing.assert_close(_probe(adapter, c.tokenizer), trained, rtol=0, atol=1e-5)
+    untrained = _probe(AutoModelForCausalLM.from_pretrained(tiny_model_dir), c.tokenizer)
+    assert (trained - untrained).abs().max() > 1e-3  # the options did train something
+    if "--merge_lora" in option:
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+        torch.testing.assert_close(_probe(merged, c.tokenizer), trained, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_options_that_cannot_work_are_refused_up_front():
+    from shardtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="use_dora and --lora_config.modules_to_save with --low_cpu_fsdp"):
+        parse_args(["--enable_fsdp", "--low_cpu_fsdp", "--use_peft", "--lora_config.use_dora",
+                    "--lora_config.modules_to_save", "lm_head"])
+    with pytest.raises(ConfigError, match="cannot merge DoRA"):
+        parse_args(["--use_peft", "--lora_config.use_dora", "--merge_lora"])

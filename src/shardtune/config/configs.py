@@ -143,6 +143,10 @@ class lora_config:
     task_type: str = "CAUSAL_LM"
     lora_dropout: float = 0.05
     inference_mode: bool = False
+    # --- peft options llama-recipes' lora_config lacks (shardtune additions) ---
+    modules_to_save: Optional[List[str]] = None  # modules trained in full next to the adapter (e.g. lm_head)
+    use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
+    use_dora: bool = False  # weight-decomposed LoRA (not with --low_cpu_fsdp or --merge_lora)
 
 
 @dataclass

@@ -97,6 +97,12 @@ def _check_fsdp_options(cfg) -> None:
     if f.sharding_group_size < 0 or f.replica_group_size < 0:
         raise ConfigError("--fsdp_config.sharding_group_size and replica_group_size must be 0 "
                           "(automatic) or positive.")
+    lora_extras = [name for name, on in (("--lora_config.use_dora", cfg.lora.use_dora),
+                                         ("--lora_config.modules_to_save", bool(cfg.lora.modules_to_save))) if on]
+    if t.low_cpu_fsdp and t.use_peft and t.peft_method.value == "lora" and lora_extras:
+        raise ConfigError(f"{' and '.join(lora_extras)} with --low_cpu_fsdp: their weights are computed from, "
+                          "or copied from, the loaded base weights, which the meta-device path does not have "
+                          "when the adapter is created. Drop --low_cpu_fsdp for this run.")
     if t.low_cpu_fsdp and t.use_peft and t.from_peft_checkpoint:
         raise ConfigError("--low_cpu_fsdp with PEFT supports a new adapter (LoRA or LLaMA-Adapter); "
                           "--from_peft_checkpoint needs the normal loading path. Drop --low_cpu_fsdp "
@@ -111,6 +117,9 @@ def _check_checkpoint_options(cfg) -> None:
                                                              "fp32", "float32"):
         raise ConfigError(f"--export_dtype must be bf16, fp16 or fp32 (or unset for the training "
                           f"dtype), got {t.export_dtype!r}.")
+    if t.merge_lora and cfg.lora.use_dora:
+        raise ConfigError("--merge_lora cannot merge DoRA (--lora_config.use_dora) exactly; save the adapter "
+                          "and load it with PeftModel.from_pretrained, or train plain LoRA.")
     if t.merge_lora and not (t.use_peft and t.peft_method.value == "lora"):
         raise ConfigError("--merge_lora folds a LoRA adapter into the base weights; it needs "
                           "--use_peft --peft_method lora (LLaMA-Adapter cannot be merged).")

@@ -18,7 +18,10 @@ def peft_config_for(cfg, model: nn.Module):
     """Build the peft config for ``cfg.train.peft_method`` from its llama-recipes section."""
     method = cfg.train.peft_method
     if method == PeftMethod.lora:
-        return LoraConfig(**dataclasses.asdict(cfg.lora))
+        fields = dataclasses.asdict(cfg.lora)
+        if [m.lower() for m in fields["target_modules"]] == ["all-linear"]:
+            fields["target_modules"] = "all-linear"  # peft's keyword: every linear layer but the head
+        return LoraConfig(**fields)
     if method == PeftMethod.llama_adapter:
         n_layers = len(family_of(model).text_layers(model))
         if cfg.llama_adapter.adapter_layers > n_layers:
