@@ -102,7 +102,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
                     param_dtype=fsdp_compute_dtype(cfg, env), cpu_offload=f.fsdp_cpu_offload)
         if low_cpu:
             materialize_and_load(model, t.model_name, env.device, seed=t.seed,
-                                 param_device=torch.device("cpu") if f.fsdp_cpu_offload else None)
+                                 param_device=torch.device("cpu") if f.fsdp_cpu_offload else None,
+                                 adapter_dir=(t.from_peft_checkpoint or None) if t.use_peft else None)
     else:
         model.to(env.device)
     say(env, trainable_summary(model))

@@ -166,8 +166,7 @@ def test_unimplemented_options_are_refused_not_ignored(key):
     (["--low_cpu_fsdp"], "--low_cpu_fsdp only applies with --enable_fsdp"),
     (["--fsdp_config.sharding_strategy", "NO_SHARD"], "only applies with --enable_fsdp"),
     (["--fsdp_config.fsdp_cpu_offload"], "only applies with --enable_fsdp"),
-    (["--enable_fsdp", "--low_cpu_fsdp", "--use_peft", "--from_peft_checkpoint", "adapter-dir"],
-     "--from_peft_checkpoint needs the normal loading path"),
+    (["--enable_fsdp", "--low_cpu_fsdp", "--use_peft", "--lora_config.use_dora"], "with --low_cpu_fsdp"),
     (["--enable_fsdp", "--fsdp_config.sharding_group_size", "-1"], "must be 0"),
 ])
 def test_fsdp_options_are_refused_where_they_would_be_ignored(flags, message):

@@ -99,6 +99,11 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "llama_adapter_weights_normal": {"kind": "adapter", "args": _fsdp(c, *LLAMA_ADAPTER)},
         "llama_adapter_weights_low_cpu": {"kind": "adapter", "args": _fsdp(c, *LLAMA_ADAPTER, "--low_cpu_fsdp")},
         "llama_adapter_low_cpu": {"args": _fsdp(c, *LLAMA_ADAPTER, "--low_cpu_fsdp")},
+        # continuing the adapter the "lora" case saved (it runs earlier in the same launch)
+        "from_adapter_normal": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--from_peft_checkpoint",
+                                                                 str(setting["root"] / "lora-out"))},
+        "from_adapter_low_cpu": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp", "--from_peft_checkpoint",
+                                                                  str(setting["root"] / "lora-out"))},
         # Tied input/output embeddings (Llama 3.2 1B/3B): every loading path and strategy.
         "tied_logits_normal": {"kind": "logits", "args": _fsdp(tc)},
         "tied_logits_low_cpu": {"kind": "logits", "args": _fsdp(tc, "--low_cpu_fsdp")},
@@ -267,6 +272,19 @@ def test_low_cpu_llama_adapter_starts_like_normal_loading_and_trains_like_one_pr
     for name, value in normal.items():
         torch.testing.assert_close(torch.tensor(low[name]), torch.tensor(value), rtol=0, atol=0, msg=name)
     assert _close(two_rank_results["llama_adapter_low_cpu"]["losses"], single_process["llama_adapter"])
+
+
+def test_from_peft_checkpoint_loads_the_saved_adapter_with_and_without_low_cpu(two_rank_results, setting):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(setting["root"] / "lora-out" / "adapter_model.safetensors"))
+    normal, low = two_rank_results["from_adapter_normal"], two_rank_results["from_adapter_low_cpu"]
+    assert normal and set(low) == set(normal) and len(saved) == len(normal)
+    for name, value in normal.items():
+        expected = saved[name.replace(".default", "")]
+        torch.testing.assert_close(torch.tensor(value), expected, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(torch.tensor(low[name]), expected, rtol=0, atol=0, msg=name)
+    assert any(".lora_B." in n and saved[n.replace(".default", "")].abs().sum() > 0 for n in normal)  # trained
 
 
 def test_new_lora_weights_depend_only_on_seed_and_name(tiny_model_dir):

@@ -103,10 +103,6 @@ def _check_fsdp_options(cfg) -> None:
         raise ConfigError(f"{' and '.join(lora_extras)} with --low_cpu_fsdp: their weights are computed from, "
                           "or copied from, the loaded base weights, which the meta-device path does not have "
                           "when the adapter is created. Drop --low_cpu_fsdp for this run.")
-    if t.low_cpu_fsdp and t.use_peft and t.from_peft_checkpoint:
-        raise ConfigError("--low_cpu_fsdp with PEFT supports a new adapter (LoRA or LLaMA-Adapter); "
-                          "--from_peft_checkpoint needs the normal loading path. Drop --low_cpu_fsdp "
-                          "(adapters are small; the base model is what is big).")
 
 
 def _check_checkpoint_options(cfg) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch.nn as nn
@@ -40,6 +41,10 @@ def apply_peft(model: nn.Module, cfg) -> nn.Module:
             raise ShardtuneError(
                 f"--from_peft_checkpoint {str(path)!r} is not a PEFT adapter directory (no "
                 "adapter_config.json). Pass the folder written by a PEFT fine-tune's output_dir.")
+        if any(p.is_meta for p in model.parameters()):  # --low_cpu_fsdp: the weights are read after sharding
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+                return PeftModel.from_pretrained(model, str(path), is_trainable=True)
         return PeftModel.from_pretrained(model, str(path), is_trainable=True)
     model = get_peft_model(model, peft_config_for(cfg, model))
     # New adapter weights get values that depend only on the seed and their names, so a model

@@ -121,6 +121,53 @@ def _init_new_adapter_weights(model: nn.Module, names: list[str], seed: int) -> 
     return unknown
 
 
+def _copy_rows(param: torch.Tensor, path: Path, key: str, source: str) -> None:
+    """Fill this rank's rows of ``param`` from tensor ``key`` of the safetensors file ``path``."""
+    local, start = _local_rows(param)
+    if local.numel() == 0:
+        return
+    # One open per tensor: safetensors maps the file, and the pages a rank touched stay in its
+    # RSS while the file is open. Closing after each tensor keeps each rank's footprint to its
+    # own rows (measured: 2.3x -> 1.05x of one model summed over 2 ranks).
+    with _open_weights(path) as f:
+        piece = f.get_slice(key)
+        shape = tuple(piece.get_shape())
+        if shape != tuple(param.shape):
+            raise ShardtuneError(
+                f"{source!r}: tensor {key} has shape {shape} in {path.name} but {tuple(param.shape)} in the "
+                "model built from the config; the weights and the model do not belong together.")
+        rows = piece[start:start + local.shape[0]] if local.dim() > 0 else piece[:]
+        local.copy_(rows.to(local.dtype))
+
+
+def _load_saved_adapter(model: nn.Module, params: dict, missing: list[str], adapter_dir: Path) -> list[str]:
+    """Fill the adapter weights ``--from_peft_checkpoint`` names from its adapter_model.safetensors
+    (peft saves them without the adapter's name); returns what is still missing. An adapter
+    weight the file lacks is an error: a continued adapter must never restart from scratch."""
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ShardtuneError(
+            f"--from_peft_checkpoint {str(adapter_dir)!r} has no adapter_model.safetensors (an older .bin "
+            "adapter?), which --low_cpu_fsdp reads slice by slice. Load and re-save it with peft, or drop "
+            "--low_cpu_fsdp.")
+    with _open_weights(file) as f:
+        saved = set(f.keys())
+    adapter = getattr(model, "active_adapter", "default")
+    still = []
+    for param_name in missing:
+        key = param_name.replace(f".{adapter}", "")
+        if key in saved:
+            _copy_rows(params[param_name], file, key, str(adapter_dir))
+        elif ".lora_" in param_name or ".adaption_" in param_name:
+            raise ShardtuneError(
+                f"--from_peft_checkpoint {str(adapter_dir)!r}: its adapter_model.safetensors has no {key}, "
+                "which this run's adapter has. The adapter was saved with other options (target modules, "
+                "layers); pass the lora_config / llama_adapter_config it was trained with.")
+        else:
+            still.append(param_name)
+    return still
+
+
 def _wrapped_attention(model: nn.Module) -> list[str]:
     """Module names of attention blocks LLaMA-Adapter wrapped: the original block sits at
     ``<name>.model`` inside peft's ``AdaptedAttention``."""
@@ -138,12 +185,14 @@ def _unwrap(param_name: str, wrapped: list[str]) -> str:
 
 @torch.no_grad()
 def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, seed: int,
-                         param_device: Optional[torch.device] = None) -> None:
+                         param_device: Optional[torch.device] = None,
+                         adapter_dir: Optional[str] = None) -> None:
     """Allocate this rank's shards and fill them from ``name``'s safetensors.
 
     Parameters go to ``param_device`` (host memory under FSDP CPU offload; default ``device``),
-    buffers to ``device``, where the forward runs. New LoRA weights (in no file) get the values
-    ``model.adapter_init`` draws from ``seed``, as the normal loading path does.
+    buffers to ``device``, where the forward runs. The adapter of ``adapter_dir``
+    (``--from_peft_checkpoint``) is read from its file the same way; new adapter weights (in no
+    file) get the values ``model.adapter_init`` draws from ``seed``, as the normal loading path does.
     """
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
     index = safetensors_index(name)
@@ -154,29 +203,16 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
         setattr(owner, leaf, value.to(device))  # replaces the uninitialised buffer to_empty made
     missing: list[str] = []
     wrapped = _wrapped_attention(model)
-    for param_name, param in model.named_parameters():
+    params = dict(model.named_parameters())
+    for param_name, param in params.items():
         key = checkpoint_key(_unwrap(param_name, wrapped))
         path = index.get(key)
         if path is None:
             missing.append(param_name)
             continue
-        local, start = _local_rows(param)
-        if local.numel() == 0:
-            continue
-        # One open per tensor: safetensors maps the file, and the pages a rank touched stay in
-        # its RSS while the file is open. Closing after each tensor keeps each rank's footprint
-        # to its own rows (measured: 2.3x -> 1.05x of one model summed over 2 ranks).
-        with _open_weights(path) as f:
-            piece = f.get_slice(key)
-            shape = tuple(piece.get_shape())
-            if shape != tuple(param.shape):
-                raise ShardtuneError(
-                    f"{name!r}: tensor {key} has shape {shape} in the checkpoint but "
-                    f"{tuple(param.shape)} in the model built from its config.json; the weights "
-                    "and config do not belong together.")
-            rows = piece[start:start + local.shape[0]] if local.dim() > 0 else piece[:]
-            local.copy_(rows.to(local.dtype))
-            del rows, piece
+        _copy_rows(param, path, key, name)
+    if adapter_dir is not None and missing:
+        missing = _load_saved_adapter(model, params, missing, Path(adapter_dir))
     unknown = _init_new_adapter_weights(model, missing, seed) if missing else []
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
