@@ -54,6 +54,16 @@ STRATEGIES = {
 }
 
 
+LORA_OPTIONS = {
+    "dora": ("--lora_config.use_dora",),
+    "modules_to_save": ("--lora_config.modules_to_save", "lm_head"),
+    # dropout off: with rsLoRA's larger scaling on every linear layer, the ranks' dropout masks
+    # (other RNG streams than one process's) would show in the losses
+    "rslora_all_linear": ("--lora_config.use_rslora", "--lora_config.target_modules", "all-linear",
+                          "--lora_config.lora_dropout", "0"),
+}
+
+
 def _fsdp(common: list[str], *extra: str) -> list[str]:
     return [*common, "--batch_size_training", "2", "--enable_fsdp", *extra]
 
@@ -92,6 +102,7 @@ def two_rank_results(setting, tied, run_fsdp_cases):
                                                                  "--fsdp_config.sharding_group_size", "1")},
         "logits_low_cpu_lora": {"kind": "logits", "args": _fsdp(c, "--low_cpu_fsdp", "--use_peft")},
         **{f"llama_adapter_{name}": {"args": _fsdp(c, *LLAMA_ADAPTER, *flags)} for name, flags in STRATEGIES.items()},
+        **{f"lora_{name}": {"args": _fsdp(c, "--use_peft", *flags)} for name, flags in LORA_OPTIONS.items()},
         "adapter_normal": {"kind": "adapter", "args": _fsdp(c, "--use_peft")},
         "adapter_low_cpu": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp")},
         "adapter_low_cpu_no_shard": {"kind": "adapter", "args": _fsdp(c, "--use_peft", "--low_cpu_fsdp",
@@ -130,6 +141,8 @@ def single_process(setting):
         "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
         "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
         "llama_adapter": finetune(_single(c, *LLAMA_ADAPTER))["train_step_loss"],
+        **{f"lora_{name}": finetune(_single(c, "--use_peft", *flags))["train_step_loss"]
+           for name, flags in LORA_OPTIONS.items()},
     }
 
 
@@ -160,6 +173,14 @@ def test_lora_under_fsdp_trains_only_adapters_and_matches_one_process(two_rank_r
     assert set(r["changed"]) == set(r["trainable"])
     assert r["optimizer_tensors"] == len(r["trainable"]) < len(r["all_params"])
     assert _close(r["losses"], single_process["lora"])
+
+
+@pytest.mark.parametrize("option", list(LORA_OPTIONS))
+def test_lora_options_under_fsdp_match_one_process(two_rank_results, single_process, option):
+    r = two_rank_results[f"lora_{option}"]
+    assert r["changed"] and set(r["changed"]) <= set(r["trainable"])
+    assert all(".lora_" in n or ".modules_to_save." in n for n in r["trainable"])
+    assert _close(r["losses"], single_process[f"lora_{option}"]), (r["losses"], single_process[f"lora_{option}"])
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
