@@ -7,8 +7,8 @@
 #   that environment (a .pth file puts its site-packages after .venv's own), so its torch and
 #   every other package it has are used as they are, and nothing already satisfied is
 #   downloaded. The install is tried with --no-index first, so it works on a machine without a
-#   package registry when everything shardtune needs is there (the optional `datasets` too, if
-#   present: it is only needed for hub datasets).
+#   package registry when everything shardtune needs is there (the optional `datasets` and
+#   `bitsandbytes` too, if present: they are only needed for hub datasets and QLoRA).
 # - otherwise: a plain .venv; a machine with an NVIDIA GPU gets pip's default (CUDA) torch, one
 #   without gets torch==$SHARDTUNE_TORCH_VERSION, from $TORCH_INDEX_URL when set (for example
 #   PyTorch's CPU wheel index) so that pip does not download a multi-GB CUDA build it cannot use.
@@ -54,6 +54,8 @@ link_source() {
 if python -c "import torch" 2>/dev/null && { offline_install dev || link_source; }; then
   offline_install dev,hub || python -c "import datasets" 2>/dev/null ||
     echo "note: 'datasets' is not installed (only needed for hub datasets: pip install 'shardtune[hub]')"
+  offline_install dev,qlora || python -c "import bitsandbytes" 2>/dev/null ||
+    echo "note: 'bitsandbytes' is not installed (only needed for --quantization: pip install 'shardtune[qlora]')"
 else
   python -m pip install -q --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
@@ -65,7 +67,7 @@ else
       python -m pip install -q "torch==$TORCH_VERSION"
     fi
   fi
-  python -m pip install -q -e ".[dev,hub]"
+  python -m pip install -q -e ".[dev,hub,qlora]"
 fi
 echo "$want" > "$stamp"
 echo "shardtune installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

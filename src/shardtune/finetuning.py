@@ -34,6 +34,7 @@ from .model.attention import AttentionChoice, choose_attention
 from .model.loading import check_model_source, check_vocab_fits, load_model, load_tokenizer, match_vocab
 from .ownership import check_output_dir, record as record_owned
 from .model.peft import apply_peft
+from .model.quantization import bnb_config, prepare_for_training
 from .parallel.activation_checkpointing import enable_activation_checkpointing
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
 from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model, weights_finite
@@ -82,6 +83,11 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
     if low_cpu:  # weights arrive after sharding, each rank reading only its own slices
         model = build_meta_model(t.model_name, dtype=dtype, attn=attn)
         check_vocab_fits(model, tokenizer)
+    elif t.quantization:  # QLoRA: quantized as it loads, onto the device; the base stays frozen
+        model = load_model(t.model_name, dtype=dtype, attn=attn, device=env.device,
+                           quantization=bnb_config(t.quantization, cfg.quantization))
+        check_vocab_fits(model, tokenizer, "--quantization")
+        model = prepare_for_training(model)
     else:
         model = load_model(t.model_name, dtype=dtype, attn=attn)
         match_vocab(model, tokenizer)
@@ -104,7 +110,7 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
             materialize_and_load(model, t.model_name, env.device, seed=t.seed,
                                  param_device=torch.device("cpu") if f.fsdp_cpu_offload else None,
                                  adapter_dir=(t.from_peft_checkpoint or None) if t.use_peft else None)
-    else:
+    elif not t.quantization:  # a quantized model was loaded onto its device
         model.to(env.device)
     say(env, trainable_summary(model))
     return model

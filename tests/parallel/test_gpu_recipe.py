@@ -107,3 +107,10 @@ def test_packed_batches_attend_per_document_on_gpu(tiny_model_dir, attn):
                 crossing_err = max(crossing_err, float((crossing[a:b].float() - alone).abs().max()))
     # bf16 noise is far below what attending across documents changes
     assert crossing_err > 0 and packed_err < 0.2 * crossing_err, (packed_err, crossing_err)
+
+
+def test_qlora_4bit_bf16_on_gpu(tmp_path, tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    _, run = _finetune(tmp_path, tiny_model_dir, "--use_peft", "--quantization", "4bit",
+                       "--quantization_config.quant_type", "nf4", "--quantization_config.use_double_quant")
+    assert (run["out"] / "adapter_model.safetensors").is_file()

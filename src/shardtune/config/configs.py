@@ -87,7 +87,7 @@ class train_config:
     freeze_layers: bool = False
     num_freeze_layers: int = 1
     freeze_LLM_only: bool = False
-    quantization: Optional[str] = None
+    quantization: Optional[str] = None  # "4bit" | "8bit": QLoRA base through bitsandbytes (needs --use_peft)
     one_gpu: bool = False
     save_model: bool = True
     dist_checkpoint_root_folder: str = "PATH/to/save/FSDP/model"
@@ -231,6 +231,4 @@ SECTIONS = {
 
 # Fields that parse but whose feature has not landed yet. Setting one to a non-default value
 # is an error (llama-recipes would silently ignore it). Remove an entry when its feature lands.
-NOT_IMPLEMENTED: dict[str, str] = {
-    "train_config.quantization": "bitsandbytes quantization",
-}
+NOT_IMPLEMENTED: dict[str, str] = {}

@@ -75,6 +75,7 @@ def validate(cfg) -> None:
     if t.use_wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--use_wandb needs the wandb package: pip install 'shardtune[wandb]' "
                           "(or drop --use_wandb).")
+    _check_quantization(cfg)
     _check_fsdp_options(cfg)
     _check_checkpoint_options(cfg)
     if t.from_peft_checkpoint and not t.use_peft:
@@ -122,3 +123,35 @@ def _check_checkpoint_options(cfg) -> None:
     if t.resume and t.resume_from:
         raise ConfigError("--resume (newest checkpoint of this run) and --resume_from PATH both "
                           "choose where to resume; give one.")
+
+
+_QUANT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check_quantization(cfg) -> None:
+    """QLoRA (--quantization 4bit|8bit): what this version supports, refused clearly otherwise."""
+    t, q = cfg.train, cfg.quantization
+    if t.quantization is None:
+        return
+    if t.quantization not in ("4bit", "8bit"):
+        raise ConfigError(f"--quantization must be 4bit or 8bit, got {t.quantization!r}.")
+    if not t.use_peft:
+        raise ConfigError("--quantization trains an adapter on a frozen quantized base (QLoRA): add "
+                          "--use_peft --peft_method lora.")
+    if t.enable_fsdp:
+        raise ConfigError("--quantization with --enable_fsdp (QLoRA under FSDP) is not supported in this "
+                          "version; run QLoRA in one process (one GPU), or train LoRA without "
+                          "--quantization under FSDP.")
+    if t.merge_lora:
+        raise ConfigError("--merge_lora with --quantization would fold the adapter into quantized weights. "
+                          "Merge onto the unquantized base instead: shardtune convert OUTPUT_DIR MERGED "
+                          "--merge --model BASE_MODEL.")
+    if q.quant_type not in ("fp4", "nf4"):
+        raise ConfigError(f"--quantization_config.quant_type must be fp4 or nf4, got {q.quant_type!r}.")
+    for name in ("compute_dtype", "quant_storage"):
+        if getattr(q, name) not in _QUANT_DTYPES:
+            raise ConfigError(f"--quantization_config.{name} must be one of {', '.join(_QUANT_DTYPES)}; "
+                              f"got {getattr(q, name)!r}.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--quantization needs the bitsandbytes package: pip install 'shardtune[qlora]' "
+                          "(the official bitsandbytes; it runs 4-bit and 8-bit layers on CUDA and on CPUs).")

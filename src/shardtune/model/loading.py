@@ -92,9 +92,18 @@ def from_pretrained_checked(cls, name: str, what: str = "--model_name", **kwargs
         raise
 
 
-def load_model(name: str, *, dtype: torch.dtype, attn: str, device: Optional[torch.device] = None):
-    """Load the model with real weights on the host, then move it to ``device``."""
+def load_model(name: str, *, dtype: torch.dtype, attn: str, device: Optional[torch.device] = None,
+               quantization=None):
+    """Load the model with real weights on the host, then move it to ``device``.
+
+    With a bitsandbytes ``quantization`` config the weights are quantized as they are loaded,
+    straight onto ``device`` (a quantized model cannot be moved afterwards).
+    """
     check_model_source(name)
+    if quantization is not None:
+        return from_pretrained_checked(AutoModelForCausalLM, name, dtype=dtype, attn_implementation=attn,
+                                       quantization_config=quantization,
+                                       device_map={"": str(device or torch.device("cpu"))})
     model = from_pretrained_checked(AutoModelForCausalLM, name, dtype=dtype, attn_implementation=attn)
     if device is not None:
         model.to(device)
@@ -108,11 +117,12 @@ def match_vocab(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
-def check_vocab_fits(model, tokenizer) -> None:
-    """With weights loaded later slice by slice (low-CPU path), the embeddings cannot grow."""
+def check_vocab_fits(model, tokenizer, flag: str = "--low_cpu_fsdp") -> None:
+    """Where the embeddings cannot grow (weights loaded later slice by slice, or a quantized
+    model), a tokenizer larger than them is refused; ``flag`` is the option responsible."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ShardtuneError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows; "
-            "--low_cpu_fsdp cannot resize embeddings. Use the model's own tokenizer, or drop "
-            "--low_cpu_fsdp so the embeddings can be resized.")
+            f"{flag} cannot resize embeddings. Use the model's own tokenizer, or drop {flag} so the "
+            "embeddings can be resized.")

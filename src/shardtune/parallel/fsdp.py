@@ -99,9 +99,13 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: Optional[float]) ->
 @torch.no_grad()
 def weights_finite(model: nn.Module, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
                    device: torch.device) -> bool:
-    """Whether every weight of ``model`` is finite on every rank (each rank checks its shards)."""
+    """Whether every trainable weight of ``model`` is finite on every rank (each rank checks its
+    shards). Frozen weights are not updated, so training cannot make them non-finite, and a
+    quantized base stores packed bits in a float dtype (``quant_storage``) that are no numbers."""
     bad = 0
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         local = p.to_local() if isinstance(p, DTensor) else p
         if local.numel() and not bool(torch.isfinite(local).all()):
             bad = 1
