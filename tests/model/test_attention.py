@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shardtune.config import parse_args
-from shardtune.finetuning import attention_for, compute_dtype
+from shardtune.finetuning import attention_for
+from shardtune.precision import compute_dtype
 from shardtune.model.attention import FLASH_ATTENTION_2, SDPA, choose_attention
 from shardtune.parallel.distributed import DistEnv
 
@@ -51,7 +52,7 @@ def test_compute_dtype_follows_the_precision_flags():
 
 
 def test_precision_line_says_each_dtype_and_why():
-    from shardtune.finetuning import describe_precision
+    from shardtune.precision import describe_precision
 
     cpu = DistEnv(device=CPU)
     (line,) = describe_precision(_cfg(), cpu)
