@@ -233,7 +233,6 @@ def test_a_model_with_non_finite_weights_is_never_saved(tiny_model_dir, tmp_path
     ["--lora_config.modules_to_save", "lm_head", "--merge_lora"],
     ["--lora_config.target_modules", "all-linear", "--lora_config.r", "4", "--merge_lora"],
     ["--lora_config.use_dora"],
-    ["--lora_config.bias", "lora_only", "--lora_config.lora_dropout", "0.0"],
 ])
 def test_lora_options_train_and_save_what_was_trained(tiny_model_dir, tmp_path, option):
     from peft import PeftModel
@@ -265,6 +264,14 @@ def test_lora_options_that_cannot_work_are_refused_up_front():
                     "--lora_config.modules_to_save", "lm_head"])
     with pytest.raises(ConfigError, match="cannot merge DoRA"):
         parse_args(["--use_peft", "--lora_config.use_dora", "--merge_lora"])
+
+
+def test_low_cpu_refuses_a_saved_dora_adapter_up_front(tmp_path):
+    from shardtune.config import ConfigError
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(ConfigError, match="a DoRA adapter \\(--from_peft_checkpoint\\) with --low_cpu_fsdp"):
+        parse_args(["--enable_fsdp", "--low_cpu_fsdp", "--use_peft", "--from_peft_checkpoint", str(tmp_path)])
 
 
 # --- QLoRA (bitsandbytes runs 4-bit and 8-bit layers on this CPU) ---
@@ -313,6 +320,8 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
     (["--quantization", "4bit", "--use_peft", "--merge_lora"], "shardtune convert OUTPUT_DIR MERGED --merge"),
     (["--quantization", "2bit", "--use_peft"], "must be 4bit or 8bit"),
     (["--quantization", "4bit", "--use_peft", "--quantization_config.quant_type", "int4"], "fp4 or nf4"),
+    (["--quantization", "4bit", "--use_peft", "--peft_method", "llama_adapter"], "needs --peft_method lora"),
+    (["--quantization", "8bit", "--use_peft", "--save_every_n_steps", "2"], "step checkpoints"),
 ])
 def test_qlora_combinations_that_cannot_work_are_refused(flags, message):
     from shardtune.config import ConfigError

@@ -39,12 +39,18 @@ def describe_precision(cfg: Config, env: DistEnv) -> list[str]:
     reduce = "fp32 (FSDP reduce dtype)" if t.enable_fsdp else "none (one process)"
     if f.optimizer.lower() == "anyprecision":
         optim = "bfloat16 moments (anyprecision AdamW, Kahan-compensated)"
+    elif t.use_peft and params != torch.float32:
+        optim = "float32 (peft keeps the adapter's weights in fp32; AdamW moments follow them)"
     else:
         optim = f"{name(params)} (AdamW moments in the parameters' dtype)"
+    params_text = name(params)
+    if t.quantization:
+        params_text = (f"{t.quantization} base (bitsandbytes, {cfg.quantization.compute_dtype} dequantized "
+                       "matmuls) + float32 adapter")
     if t.use_fp16 or f.use_fp16:
         why = "--use_fp16: fp16 compute with a grad scaler"
     elif f.pure_bf16:
-        why = "--fsdp_config.pure_bf16: weights, compute and optimizer in bf16"
+        why = "--fsdp_config.pure_bf16: weights and compute in bf16"
     elif compute != params:
         why = f"mixed precision: {name(compute)} compute on fp32 master weights"
     elif env.device.type != "cuda" and t.mixed_precision:
@@ -53,7 +59,7 @@ def describe_precision(cfg: Config, env: DistEnv) -> list[str]:
         why = "this GPU has no bf16, so fp32"
     else:
         why = "--mixed_precision False: full fp32"
-    lines = [f"precision: parameters {name(params)}, compute {name(compute)}, gradient reduction {reduce}, "
+    lines = [f"precision: parameters {params_text}, compute {name(compute)}, gradient reduction {reduce}, "
              f"optimizer state {optim} ({why})"]
     if env.device.type != "cuda" and compute in (torch.bfloat16, torch.float16):
         lines.append(f"warning: {name(compute)} compute on a CPU is much slower than fp32 (measured ~10x "

@@ -115,3 +115,6 @@ def test_merge_refuses_what_it_cannot_merge_exactly(tiny_model_dir, tiny_tied_mo
     tied = _perturbed_peft(tiny_tied_model_dir, target_modules=["q_proj", "embed_tokens"])
     with pytest.raises(ShardtuneError, match="layer model.embed_tokens .*tied"):
         list(merged_lora_tensors(tied))
+    saved_head = _perturbed_peft(tiny_tied_model_dir, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(ShardtuneError, match="trained copy of lm_head .*tied"):
+        check_mergeable(saved_head)

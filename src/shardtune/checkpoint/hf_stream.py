@@ -139,6 +139,16 @@ def check_mergeable(model: nn.Module) -> None:
                 f"--merge_lora cannot merge the LoRA layer {checkpoint_key(name)} ({', '.join(kinds)}); "
                 "the merged model would differ from the trained one. Save the adapter without "
                 "--merge_lora and load it with PeftModel.from_pretrained.")
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, wrapper in model.named_modules():
+        if isinstance(wrapper, ModulesToSaveWrapper) and any(
+                f"{name}.original_module.{leaf}" in tied for leaf, _ in wrapper.original_module.named_parameters()):
+            raise ShardtuneError(
+                f"--merge_lora cannot write the trained copy of {checkpoint_key(name)} (modules_to_save): "
+                "its weight is tied to another (tie_word_embeddings), and a merged model would tie the "
+                "trained copy to the untrained one again. Save the adapter without --merge_lora and load "
+                "it with PeftModel.from_pretrained.")
 
 
 def _tied_groups(model: nn.Module) -> set[str]:

@@ -100,10 +100,29 @@ def _check_fsdp_options(cfg) -> None:
                           "(automatic) or positive.")
     lora_extras = [name for name, on in (("--lora_config.use_dora", cfg.lora.use_dora),
                                          ("--lora_config.modules_to_save", bool(cfg.lora.modules_to_save))) if on]
-    if t.low_cpu_fsdp and t.use_peft and t.peft_method.value == "lora" and lora_extras:
+    saved = _saved_adapter_config(t.from_peft_checkpoint) if t.use_peft else {}
+    if saved.get("use_dora"):
+        lora_extras.append("a DoRA adapter (--from_peft_checkpoint)")
+    if saved.get("modules_to_save"):
+        lora_extras.append("an adapter with modules_to_save (--from_peft_checkpoint)")
+    if t.low_cpu_fsdp and t.use_peft and (t.peft_method.value == "lora" or saved) and lora_extras:
         raise ConfigError(f"{' and '.join(lora_extras)} with --low_cpu_fsdp: their weights are computed from, "
                           "or copied from, the loaded base weights, which the meta-device path does not have "
                           "when the adapter is created. Drop --low_cpu_fsdp for this run.")
+
+
+def _saved_adapter_config(path: str) -> dict:
+    """The adapter_config.json of ``--from_peft_checkpoint`` (empty when there is none to read)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path) / "adapter_config.json" if path else None
+    if file is None or not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}  # apply_peft reports an unreadable adapter with its own message
 
 
 def _check_checkpoint_options(cfg) -> None:
@@ -142,10 +161,18 @@ def _check_quantization(cfg) -> None:
         raise ConfigError("--quantization with --enable_fsdp (QLoRA under FSDP) is not supported in this "
                           "version; run QLoRA in one process (one GPU), or train LoRA without "
                           "--quantization under FSDP.")
+    if t.peft_method.value != "lora":
+        raise ConfigError("--quantization (QLoRA) needs --peft_method lora.")
     if t.merge_lora:
         raise ConfigError("--merge_lora with --quantization would fold the adapter into quantized weights. "
                           "Merge onto the unquantized base instead: shardtune convert OUTPUT_DIR MERGED "
-                          "--merge --model BASE_MODEL.")
+                          "--merge --model BASE_MODEL (its logits differ from the trained QLoRA model's by "
+                          "the quantization error of the base).")
+    if t.save_every_n_steps > 0 or t.resume or t.resume_from:
+        raise ConfigError("--quantization with step checkpoints (--save_every_n_steps, --resume, --resume_from) "
+                          "is not supported in this version: a quantized base's state dict is not a plain "
+                          "one. The adapter is saved at every save point; continue it with "
+                          "--from_peft_checkpoint.")
     if q.quant_type not in ("fp4", "nf4"):
         raise ConfigError(f"--quantization_config.quant_type must be fp4 or nf4, got {q.quant_type!r}.")
     for name in ("compute_dtype", "quant_storage"):

@@ -219,5 +219,5 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
         raise ShardtuneError(
             f"--low_cpu_fsdp: {len(unknown)} model weights are not in the safetensors files of "
             f"{name!r} ({shown}). The files do not match the model's config.json, or these adapter "
-            "weights cannot be initialised on the meta device (--from_peft_checkpoint and LoRA "
-            "options such as modules_to_save need the normal loading path: drop --low_cpu_fsdp).")
+            "weights cannot be initialised on the meta device (DoRA and modules_to_save need the "
+            "normal loading path: drop --low_cpu_fsdp).")
