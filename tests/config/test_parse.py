@@ -175,3 +175,9 @@ def test_every_sharding_strategy_is_selectable_from_the_command_line():
     for name in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
         cfg = parse_args(["--enable_fsdp", "--fsdp_config.sharding_strategy", name]).config
         assert cfg.fsdp.sharding_strategy.value == name
+
+
+def test_adapter_options_ignored_by_from_peft_checkpoint_are_refused():
+    with pytest.raises(ConfigError, match="--lora_config.r was set, but --from_peft_checkpoint"):
+        parse("--use_peft --from_peft_checkpoint adapter-dir --lora_config.r 16")
+    assert parse("--use_peft --from_peft_checkpoint adapter-dir").train.from_peft_checkpoint == "adapter-dir"

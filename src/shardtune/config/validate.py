@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 from .configs import NOT_IMPLEMENTED, SECTIONS, ShardingStrategy
@@ -80,6 +81,15 @@ def validate(cfg) -> None:
     _check_checkpoint_options(cfg)
     if t.from_peft_checkpoint and not t.use_peft:
         raise ConfigError("--from_peft_checkpoint needs --use_peft (it continues training an adapter).")
+    if t.from_peft_checkpoint:
+        section = "lora_config" if t.peft_method.value == "lora" else "llama_adapter_config"
+        current, defaults = cfg.section(section), SECTIONS[section]()
+        changed = [f.name for f in dataclasses.fields(current) if getattr(current, f.name) != getattr(defaults, f.name)]
+        if changed:
+            raise ConfigError(
+                f"--{section}.{changed[0]} was set, but --from_peft_checkpoint continues the adapter with the "
+                "settings of its own adapter_config.json, so it would be ignored. Remove the option, or "
+                "train a new adapter without --from_peft_checkpoint.")
 
 
 def _check_fsdp_options(cfg) -> None:
