@@ -38,7 +38,7 @@ from .model.quantization import bnb_config, prepare_for_training
 from .parallel.activation_checkpointing import enable_activation_checkpointing
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
 from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model, weights_finite
-from .parallel.low_cpu import build_meta_model, materialize_and_load
+from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure

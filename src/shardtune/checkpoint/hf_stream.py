@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..parallel.low_cpu import checkpoint_key
+from ..model.names import checkpoint_key
 from .layout import fsync_path
 
 INDEX = "model.safetensors.index.json"

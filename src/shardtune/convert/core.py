@@ -24,7 +24,8 @@ from ..checkpoint.hf_export import MODEL_FILE_PATTERNS
 from ..checkpoint.hf_stream import DTYPES, human_size, parse_size, write_safetensors
 from ..config.errors import ShardtuneError
 from .model import ModelSpec, build_meta_model, dominant_dtype, model_targets, resolve_model
-from .plan import LoraSpec, Plan, Ref, build_plan, saved_names
+from ..model.names import saved_names
+from .plan import LoraSpec, Plan, Ref, build_plan
 from .sources import Source, open_hf_model, open_source
 
 DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")

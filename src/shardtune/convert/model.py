@@ -99,16 +99,10 @@ def resolve_model(source: Source, model_arg: Optional[str], *, base: bool = Fals
 
 
 def build_meta_model(spec: ModelSpec) -> nn.Module:
-    """The model with parameters on the meta device (no memory) and real non-persistent buffers."""
-    from accelerate import init_empty_weights
-    from transformers import GenerationConfig
+    """The target model with parameters on the meta device (no memory) and real non-persistent buffers."""
+    from ..model.meta import build_meta_model as build_meta
 
-    with init_empty_weights(include_buffers=False):
-        model = spec.cls(spec.config)
-    if spec.folder is not None and (spec.folder / "generation_config.json").is_file():
-        with contextlib.suppress(OSError, ValueError):
-            model.generation_config = GenerationConfig.from_pretrained(spec.folder)
-    return model
+    return build_meta(spec.config, cls=spec.cls, generation_from=spec.folder)
 
 
 @dataclass

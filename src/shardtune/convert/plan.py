@@ -12,9 +12,9 @@ A raw checkpoint key goes through, in order:
 3. a leading ``module.`` (DDP) and the PEFT prefix ``base_model.model.``; ``.base_layer.`` -> ``.``;
 4. LoRA parts (``lora_A``/``lora_B``[``.<adapter>``], ``lora_embedding_A/B``) become merge deltas;
    ``modules_to_save.<adapter>.`` replaces the base weight; ``original_module.`` is dropped;
-5. names the model does not have are renamed with transformers' own checkpoint conversion
-   mapping (e.g. Mllama's pre-v5 ``language_model.model.layers...``), or a small built-in table
-   on transformers versions without it.
+5. names the model does not have are renamed by ``model/names.Renamer`` (transformers' own
+   checkpoint conversion mapping, e.g. Mllama's pre-v5 ``language_model.model.layers...``, or
+   the family table's legacy names on transformers versions without it).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..checkpoint.hf_stream import human_size
 from ..config.errors import ShardtuneError
+from ..model.names import PEFT_PREFIX, Renamer
 from .model import Targets
 from .sources import Entry, Source
 
@@ -37,21 +38,11 @@ OPTIMIZER_HEADS = {"optim", "optimizer", "optimizers", "optimizer_state", "optim
 EXTRA_HEADS = {"lr_scheduler", "scheduler", "schedulers", "rng", "rng_state", "rng_states", "extra_state",
                "step", "epoch", "global_step", "args", "train_state", "dataloader", "sampler",
                "metrics", "scaler", "grad_scaler", "loss"}
-PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _LORA_EMB = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?$")
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>[^.]+)$")
 _OTHER_PEFT = ("lora_magnitude_vector", "adaption_prompt", "adaption_gate", "prompt_encoder",
                "lora_dropout", "ia3_l", "vera_lambda", "hada_w", "lokr_w", "oft_r", "boft_R")
-
-# Used only where transformers has no conversion mapping (4.x): pre-v5 Mllama layout.
-_LEGACY_RENAMES = {
-    "mllama": [(r"^language_model\.lm_head\.", "lm_head."),
-               (r"^language_model\.model\.", "model.language_model."),
-               (r"^vision_model\.", "model.vision_model."),
-               (r"^multi_modal_projector\.", "model.multi_modal_projector.")],
-}
-
 
 @dataclass(frozen=True)
 class Ref:
@@ -125,70 +116,6 @@ class Plan:
             shown = ", ".join(k for k, _ in keys[:3]) + (" ..." if len(keys) > 3 else "")
             lines.append(f"dropped {len(keys)} {category} ({human_size(size)}): {shown}")
         return lines
-
-
-class Renamer:
-    """Old checkpoint names -> this transformers version's names (its own conversion mapping)."""
-
-    def __init__(self, model: torch.nn.Module, known: set[str]):
-        self._targets = known
-        self._apply: Optional[Callable[[str], str]] = None
-        try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-            renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-            prefix = getattr(model, "base_model_prefix", None) or None
-            meta = dict.fromkeys(known, True)
-
-            def apply(key: str) -> str:
-                return rename_source_key(key, renamings, [], base_model_prefix=prefix, meta_state_dict=meta)[0]
-
-            self._apply = apply
-        except Exception:  # transformers 4.x: no conversion_mapping module
-            rules = list((getattr(model, "_checkpoint_conversion_mapping", None) or {}).items())
-            rules += _LEGACY_RENAMES.get(getattr(model.config, "model_type", ""), [])
-            compiled = [(re.compile(p), r) for p, r in rules]
-
-            def apply(key: str) -> str:
-                for pattern, repl in compiled:
-                    new = pattern.sub(repl, key, count=1)
-                    if new in self._targets:
-                        return new
-                return key
-
-            self._apply = apply
-
-    def __call__(self, name: str) -> Optional[str]:
-        if name in self._targets:
-            return name
-        try:
-            new = self._apply(name)
-        except Exception:
-            return None
-        return new if new in self._targets else None
-
-
-def saved_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
-    """The names ``save_pretrained`` writes for ``names``: transformers 5 reverts its load-time renames
-    on save (Mllama is saved as ``language_model.model.layers...``, readable by transformers 4 too).
-    Identity when there is nothing to revert, or when a rename does not round-trip."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, apply_renamings
-
-        forward = [x for x in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(x, PrefixChange)]
-        reverse = [x.reverse_transform() for x in forward[::-1]]
-        renamings = [x for x in reverse if isinstance(x, WeightRenaming)]
-        if not renamings or any(isinstance(x, WeightConverter) for x in reverse):
-            return {n: n for n in names}
-        out = {n: apply_renamings(n, renamings) for n in sorted(names)}
-    except Exception:
-        return {n: n for n in names}
-    back = Renamer(model, set(names))
-    if len(set(out.values())) != len(out) or any(back(v) != k for k, v in out.items()):
-        return {n: n for n in names}
-    return out
 
 
 @dataclass

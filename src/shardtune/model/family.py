@@ -1,28 +1,62 @@
-"""The one model-family table: which module classes are the decoder layers to shard and checkpoint.
+"""One adapter per model family: everything that differs between Llama text models and Llama 3.2
+Vision (Mllama) lives here, and nowhere else tests ``model_type``.
 
-Everything that needs to know a model's structure (FSDP wrapping, activation checkpointing,
-layer freezing) asks this table instead of testing ``model_type`` itself.
+A family knows:
+
+* the model class to load and build (``AutoModelForCausalLM`` / ``MllamaForConditionalGeneration``)
+  and whether its inputs come from a processor (image processor + tokenizer) or a tokenizer;
+* its FSDP units and activation-checkpointing units (the decoder blocks of every tower);
+* its language-model decoder layers (what ``--num_freeze_layers`` counts) and its freeze groups
+  (``--freeze_LLM_only``: the whole language model but its cross-attention layers;
+  ``--freeze_vision_tower``: the vision encoder and projector);
+* its default LoRA targets (the language model's attention projections);
+* its Hugging Face state-dict names across versions (``legacy_renames``: names older
+  transformers releases wrote, used where this version has no conversion mapping). The names
+  that do not depend on the family (PEFT's ``base_model.model.`` / ``.base_layer.``) are in
+  ``model/names.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
 
-from ..config.errors import ShardtuneError
+from ..config.errors import ConfigError, ShardtuneError
 
 
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
     model_types: tuple[str, ...]
-    decoder_layer_classes: tuple[str, ...]  # class names of the blocks to shard / checkpoint
-    # Returns the list of language-model decoder layers, in order (what num_freeze_layers counts).
+    # Class names of the blocks that are FSDP units and activation-checkpointing units.
+    decoder_layer_classes: tuple[str, ...]
+    # The language model's decoder layers, in order (what num_freeze_layers counts).
     text_layers: Callable[[nn.Module], list[nn.Module]]
-    # Module name prefixes that freeze_LLM_only leaves trainable (vision tower, projector, ...).
-    trainable_when_llm_frozen: tuple[str, ...] = ()
+    # ``transformers`` class that loads a checkpoint of this family; None: AutoModelForCausalLM.
+    model_class_name: str | None = None
+    # Inputs come from an AutoProcessor (images + text) rather than a tokenizer.
+    uses_processor: bool = False
+    # freeze group name -> the parameters it holds (by parameter name).
+    freeze_groups: dict[str, Callable[[nn.Module], set[str]]] = field(default_factory=dict)
+    # (pattern, replacement) from older transformers names to this version's (4.x fallback).
+    legacy_renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_vision(self) -> bool:
+        return self.uses_processor
+
+    def model_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.model_class_name or "AutoModelForCausalLM")
+
+    def params_of(self, model: nn.Module, group: str) -> set[str]:
+        if group not in self.freeze_groups:
+            raise ConfigError(f"{self.name} models have no {group!r} part to freeze.")
+        return self.freeze_groups[group](model)
 
 
 def _llama_layers(model: nn.Module) -> list[nn.Module]:
@@ -48,6 +82,27 @@ def _find_submodule(model: nn.Module, name: str) -> nn.Module:
     raise ShardtuneError(f"Could not find submodule {name!r} in {type(model).__name__}.")
 
 
+def _params_under(model: nn.Module, keep: Callable[[str, nn.Module], bool]) -> set[str]:
+    """Names of parameters (full names, as ``named_parameters`` gives them) of modules ``keep`` picks."""
+    out: set[str] = set()
+    for mod_name, module in model.named_modules():
+        if keep(mod_name, module):
+            out.update(f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters())
+    return out
+
+
+def _mllama_language_model(model: nn.Module) -> set[str]:
+    """llama-recipes' freeze_LLM_only: every language-model weight (embeddings, self-attention
+    decoder layers, final norm, LM head) except the cross-attention decoder layers."""
+    cross = _params_under(model, lambda _, m: type(m).__name__ == "MllamaCrossAttentionDecoderLayer")
+    text = _params_under(model, lambda n, _: n.split(".")[-1] in ("language_model", "lm_head"))
+    return text - cross
+
+
+def _mllama_vision_tower(model: nn.Module) -> set[str]:
+    return _params_under(model, lambda n, _: n.split(".")[-1] in ("vision_model", "multi_modal_projector"))
+
+
 FAMILIES = (
     ModelFamily(
         name="llama",
@@ -59,19 +114,23 @@ FAMILIES = (
     ModelFamily(
         name="mllama",
         model_types=("mllama",),
+        # Vision encoder layers (local and global transformer) and both kinds of text layers.
         decoder_layer_classes=("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer",
                                "MllamaVisionEncoderLayer"),
         text_layers=_mllama_text_layers,
-        trainable_when_llm_frozen=("vision_model", "multi_modal_projector", "cross_attn"),
+        model_class_name="MllamaForConditionalGeneration",
+        uses_processor=True,
+        freeze_groups={"language_model": _mllama_language_model, "vision_tower": _mllama_vision_tower},
+        # transformers < 5 layout (what llama-recipes checkpoints of 2024/25 hold).
+        legacy_renames=((r"^language_model\.lm_head\.", "lm_head."),
+                        (r"^language_model\.model\.", "model.language_model."),
+                        (r"^vision_model\.", "model.vision_model."),
+                        (r"^multi_modal_projector\.", "model.multi_modal_projector.")),
     ),
 )
 
 
-def family_of(model: nn.Module) -> ModelFamily:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    base = getattr(model, "get_base_model", None)  # PEFT wrappers keep the HF config on the base
-    if model_type is None and base is not None:
-        model_type = getattr(base().config, "model_type", None)
+def family_for_type(model_type: str | None) -> ModelFamily:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
@@ -79,7 +138,28 @@ def family_of(model: nn.Module) -> ModelFamily:
     raise ShardtuneError(f"Model type {model_type!r} is not supported; supported types: {supported}.")
 
 
+def family_for_config(config) -> ModelFamily:
+    return family_for_type(getattr(config, "model_type", None))
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base = getattr(model, "get_base_model", None)  # PEFT wrappers keep the HF config on the base
+    if model_type is None and base is not None:
+        model_type = getattr(base().config, "model_type", None)
+    return family_for_type(model_type)
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Every module whose class the family table lists as a decoder block, outermost first."""
     classes = family_of(model).decoder_layer_classes
     return [m for m in model.modules() if type(m).__name__ in classes]
+
+
+def legacy_rename_rules(model_type: str) -> list[tuple[re.Pattern, str]]:
+    """Compiled (pattern, replacement) rules from a family's older transformers names."""
+    try:
+        family = family_for_type(model_type)
+    except ShardtuneError:
+        return []
+    return [(re.compile(p), r) for p, r in family.legacy_renames]

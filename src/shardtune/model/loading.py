@@ -1,4 +1,6 @@
-"""Load a local (or, when online, hub) Hugging Face Llama model and its tokenizer."""
+"""Load a local (or, when online, hub) Hugging Face model and what feeds it: the tokenizer of a
+text model, the processor (image processor + tokenizer) of a vision model. The model class comes
+from the family table (``model/family.py``)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config.errors import ShardtuneError
+from .family import family_for_config
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,45 @@ def load_tokenizer(name: str, what: str = "--tokenizer_name") -> PreTrainedToken
     if tokenizer.pad_token_id is None:  # Llama ships without a pad token (llama-recipes does the same)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def text_tokenizer(tokenizer_or_processor):
+    """The tokenizer inside a processor, or the tokenizer itself."""
+    return getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+
+
+def load_processor(name: str, what: str = "--model_name"):
+    """A vision model's ``AutoProcessor`` (image processor, tokenizer, chat template), with the
+    tokenizer padding on the right and a pad token, as training needs."""
+    from transformers import AutoProcessor
+
+    check_model_source(name, what)
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ShardtuneError(
+            f"Could not load the processor (image processor + tokenizer) of the vision model {what} "
+            f"{name!r}: {str(exc)[:300]}. The folder needs processor_config.json (or "
+            "preprocessor_config.json) and the tokenizer files, as AutoProcessor.save_pretrained writes.") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or getattr(processor, "image_processor", None) is None:
+        raise ShardtuneError(
+            f"{what} {name!r} is a vision model but its processor ({type(processor).__name__}) has no image "
+            "processor and tokenizer. Save the model's AutoProcessor into that folder.")
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def load_inputs(model_name: str, tokenizer_name: Optional[str] = None):
+    """What feeds the model: its processor for a vision family, else the tokenizer
+    (``tokenizer_name`` when given). The recipe passes it wherever data meets the model."""
+    config = load_config(model_name)
+    source, what = (tokenizer_name, "--tokenizer_name") if tokenizer_name else (model_name, "--model_name")
+    if family_for_config(config).uses_processor:
+        return load_processor(source, what)
+    return load_tokenizer(source, what)
 
 
 def load_config(name: str):
@@ -100,11 +142,12 @@ def load_model(name: str, *, dtype: torch.dtype, attn: str, device: Optional[tor
     straight onto ``device`` (a quantized model cannot be moved afterwards).
     """
     check_model_source(name)
+    cls = family_for_config(load_config(name)).model_class()
     if quantization is not None:
-        return from_pretrained_checked(AutoModelForCausalLM, name, dtype=dtype, attn_implementation=attn,
+        return from_pretrained_checked(cls, name, dtype=dtype, attn_implementation=attn,
                                        quantization_config=quantization,
                                        device_map={"": str(device or torch.device("cpu"))})
-    model = from_pretrained_checked(AutoModelForCausalLM, name, dtype=dtype, attn_implementation=attn)
+    model = from_pretrained_checked(cls, name, dtype=dtype, attn_implementation=attn)
     if device is not None:
         model.to(device)
     return model
@@ -112,6 +155,7 @@ def load_model(name: str, *, dtype: torch.dtype, attn: str, device: Optional[tor
 
 def match_vocab(model, tokenizer) -> None:
     """Grow the embeddings when the tokenizer has more tokens than the model (llama-recipes does too)."""
+    tokenizer = text_tokenizer(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         log.warning("Resizing the token embeddings to the tokenizer's %d tokens.", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
@@ -121,6 +165,7 @@ def check_vocab_fits(model, tokenizer, flag: str = "--low_cpu_fsdp") -> None:
     """Where the embeddings cannot grow (weights loaded later slice by slice, or a quantized
     model), a tokenizer larger than them is refused; ``flag`` is the option responsible."""
     rows = model.get_input_embeddings().weight.shape[0]
+    tokenizer = text_tokenizer(tokenizer)
     if len(tokenizer) > rows:
         raise ShardtuneError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows; "

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from shardtune.config.errors import ShardtuneError
-from shardtune.parallel.low_cpu import checkpoint_key, safetensors_index
+from shardtune.model.low_cpu import safetensors_index
+from shardtune.model.names import checkpoint_key
 
 
 def test_checkpoint_key_undoes_peft_renames():

@@ -28,36 +28,18 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor, Shard
 
 from ..config.errors import ShardtuneError
-from ..model.loading import load_config
-from ..model.adapter_init import adapter_initial_values
-
-_PEFT_PREFIX = "base_model.model."
+from .adapter_init import adapter_initial_values
+from .loading import load_config
+from .meta import build_meta_model as build_meta
+from .names import Renamer, checkpoint_key
 
 
 def build_meta_model(name: str, *, dtype: torch.dtype, attn: str) -> nn.Module:
-    """The model with parameters on the meta device and real (small) buffers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    config = load_config(name)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    # init_empty_weights re-registers every parameter as a new meta tensor, which cuts the tie
-    # between lm_head and embed_tokens (tie_word_embeddings: Llama 3.2 1B/3B). Tie again here,
-    # outside the context, so FSDP shards one shared parameter and the head is never "missing".
-    model.tie_weights()
-    with contextlib.suppress(OSError, ValueError):  # keep the source's generation settings
-        model.generation_config = GenerationConfig.from_pretrained(name)
+    """The model of ``name`` (its family's class) with parameters on the meta device."""
+    model = build_meta(load_config(name), dtype=dtype, attn=attn, generation_from=name)
     model.name_or_path = name
     model.config.name_or_path = name
     return model
-
-
-def checkpoint_key(param_name: str) -> str:
-    """The name a (possibly PEFT-wrapped) parameter has in the original HF checkpoint."""
-    if param_name.startswith(_PEFT_PREFIX):
-        param_name = param_name[len(_PEFT_PREFIX):]
-    return param_name.replace(".base_layer.", ".")
 
 
 @contextlib.contextmanager
@@ -87,6 +69,15 @@ def safetensors_index(name: str) -> dict[str, Path]:
         f"--low_cpu_fsdp reads weights slice by slice from safetensors files, but {name!r} has "
         "no model.safetensors or model.safetensors.index.json (a local HF directory is needed; "
         "convert .bin weights with transformers' save_pretrained, or drop --low_cpu_fsdp).")
+
+
+def _by_model_name(model: nn.Module, index: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+    """The files' tensor names (``save_pretrained``'s, or an older transformers' layout) keyed by
+    the base model's parameter names: model name -> (file, name in the file)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    known = {checkpoint_key(n) for n, _ in model.named_parameters()} | {n for n, _ in base.named_buffers()}
+    rename = Renamer(base, known)
+    return {(rename(key) or key): (path, key) for key, path in index.items()}
 
 
 def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -195,7 +186,7 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
     file) get the values ``model.adapter_init`` draws from ``seed``, as the normal loading path does.
     """
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
-    index = safetensors_index(name)
+    index = _by_model_name(model, safetensors_index(name))
     model.to_empty(device=param_device or device)
     for buf_name, value in buffers.items():
         owner_name, _, leaf = buf_name.rpartition(".")
@@ -205,12 +196,12 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
     wrapped = _wrapped_attention(model)
     params = dict(model.named_parameters())
     for param_name, param in params.items():
-        key = checkpoint_key(_unwrap(param_name, wrapped))
-        path = index.get(key)
-        if path is None:
+        found = index.get(checkpoint_key(_unwrap(param_name, wrapped)))
+        if found is None:
             missing.append(param_name)
             continue
-        _copy_rows(param, path, key, name)
+        path, file_key = found
+        _copy_rows(param, path, file_key, name)
     if adapter_dir is not None and missing:
         missing = _load_saved_adapter(model, params, missing, Path(adapter_dir))
     unknown = _init_new_adapter_weights(model, missing, seed) if missing else []
