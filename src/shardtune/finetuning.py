@@ -29,9 +29,10 @@ from .checkpoint.preemption import PreemptionSignal
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import StateDictType
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
-from .model.freeze import freeze_first_layers, freeze_llm_only, trainable_summary
+from .model.family import ModelFamily, family_for_config
+from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
-from .model.loading import check_model_source, check_vocab_fits, load_model, load_tokenizer, match_vocab
+from .model.loading import check_model_source, check_vocab_fits, load_config, load_inputs, load_model, match_vocab
 from .ownership import check_output_dir, record as record_owned
 from .model.peft import apply_peft
 from .model.quantization import bnb_config, prepare_for_training
@@ -52,7 +53,7 @@ from .train.wandb_log import WandbLogger
 @dataclass
 class Components:
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: object  # a vision model's processor (image processor + tokenizer)
     train_loader: object
     eval_loader: Optional[object]
     optimizer: torch.optim.Optimizer
@@ -96,6 +97,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
         freeze_first_layers(model, t.num_freeze_layers)
     if t.freeze_LLM_only:
         freeze_llm_only(model)
+    if t.freeze_vision_tower:
+        freeze_vision_tower(model)
     if t.use_peft:
         model = apply_peft(model, cfg)
         if t.merge_lora:
@@ -153,8 +156,8 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv):
 def setup(cfg: Config, env: DistEnv) -> Components:
     t = cfg.train
     set_seed(t.seed)
-    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
-                               "--tokenizer_name" if t.tokenizer_name else "--model_name")
+    check_family_options(cfg, family_for_config(load_config(t.model_name)))
+    tokenizer = load_inputs(t.model_name, t.tokenizer_name)  # the processor of a vision model
     for line in describe_precision(cfg, env):
         say(env, line)
     say(env, attention_for(cfg, env).describe())
@@ -365,12 +368,36 @@ def _mean(values: list[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def check_family_options(cfg: Config, family: ModelFamily) -> None:
+    """Options that this model family cannot honour are refused, never silently ignored."""
+    t = cfg.train
+    if family.is_vision and t.batching_strategy.value == "packing":
+        raise ShardtuneError(
+            f"--batching_strategy packing is not available for vision models ({family.name}): a packed row "
+            "would join several samples' images and text, and each image must stay with its own "
+            "text. Pass --batching_strategy padding (as llama-recipes' vision examples do).")
+    if family.is_vision and t.quantization:
+        raise ShardtuneError(
+            f"--quantization (QLoRA) is not supported for vision models ({family.name}) yet. Use LoRA "
+            "without --quantization (--use_peft --peft_method lora), or --freeze_LLM_only.")
+    if family.is_vision and t.use_peft and t.peft_method.value == "llama_adapter":
+        raise ShardtuneError(
+            "--peft_method llama_adapter is for text models: peft's LLaMA-Adapter wraps Llama's "
+            "self-attention and does not know Llama 3.2 Vision's. Use --peft_method lora.")
+    if t.freeze_vision_tower and not family.is_vision:
+        raise ShardtuneError(
+            "--freeze_vision_tower is for vision models (Llama 3.2 Vision / Mllama); this model has no "
+            "vision tower. Drop the flag.")
+
+
 def preflight(cfg: Config, world_size: int) -> list[str]:
     """Everything that can be refused before any work starts (and before ranks are launched):
     the model path, the data source, the world size, and the output directory. Returns the
     files of --output_dir that --overwrite_output_dir lets the run write beside."""
     t = cfg.train
     check_model_source(t.model_name)
+    if (Path(t.model_name) / "config.json").is_file():  # a hub id's config is read once ranks start
+        check_family_options(cfg, family_for_config(load_config(t.model_name)))
     if t.tokenizer_name:
         check_model_source(t.tokenizer_name, "--tokenizer_name")
     check_data_source(cfg)

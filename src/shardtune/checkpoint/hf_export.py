@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from ..parallel.distributed import DistEnv
 from .. import ownership
+from ..model.names import checkpoint_key, saved_names
 from .hf_stream import merged_lora_tensors, model_tensors, write_safetensors
 
 # Files of a saved model or adapter: an earlier save's ones that a new save did not rewrite are stale.
@@ -34,7 +35,8 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 
 
 def save_tokenizer(tokenizer, path: str | Path) -> None:
-    """Save the tokenizer so transformers 4.x and 5.x both load it.
+    """Save the tokenizer, or a vision model's processor (image processor, tokenizer and chat
+    template: what ``AutoProcessor.from_pretrained`` reads), so transformers 4.x and 5.x both load it.
 
     transformers 5 records ``"tokenizer_class": "TokenizersBackend"``, which 4.x refuses;
     ``PreTrainedTokenizerFast`` is the same fast tokenizer under a name both versions know.
@@ -83,6 +85,17 @@ def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
         generation.save_pretrained(out)
 
 
+def _as_saved(model: torch.nn.Module, tensors):
+    """``tensors`` under the names ``save_pretrained`` writes (``model/names.saved_names``), the same
+    names ``shardtune convert`` writes (Mllama: transformers 5 saves its pre-v5 layout)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plain = {checkpoint_key(n.replace(".original_module.", ".")) for n, _ in model_tensors(base)
+             if ".lora_" not in n and ".modules_to_save." not in n}  # the base model's own weights
+    names = saved_names(base, sorted(plain))
+    for name, tensor in tensors:
+        yield names.get(name, name), tensor
+
+
 def export_full_model(tensors, model: torch.nn.Module, tokenizer, output_dir: str | Path, *,
                       env: DistEnv, dtype: Optional[torch.dtype] = None,
                       max_shard_size: str = "5GB") -> Optional[Path]:
@@ -93,7 +106,8 @@ def export_full_model(tensors, model: torch.nn.Module, tokenizer, output_dir: st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     first_dtype = next(model.parameters()).dtype
-    write_safetensors(tensors, tmp, is_main=env.is_main, dtype=dtype, max_shard_size=max_shard_size)
+    write_safetensors(_as_saved(model, tensors), tmp, is_main=env.is_main, dtype=dtype,
+                      max_shard_size=max_shard_size)
     if env.is_main:
         write_config(model, tmp, dtype or first_dtype)
         save_tokenizer(tokenizer, tmp)

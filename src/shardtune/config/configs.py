@@ -87,6 +87,7 @@ class train_config:
     freeze_layers: bool = False
     num_freeze_layers: int = 1
     freeze_LLM_only: bool = False
+    freeze_vision_tower: bool = False  # vision models: freeze the vision encoder and projector, train the LLM
     quantization: Optional[str] = None  # "4bit" | "8bit": QLoRA base through bitsandbytes (needs --use_peft)
     one_gpu: bool = False
     save_model: bool = True
@@ -211,11 +212,25 @@ class custom_dataset:
     data_path: str = ""
 
 
+@dataclass
+class ocrvqa_dataset:
+    """the_cauldron-style image + conversation rows (llama-recipes' OCR-VQA vision example)."""
+    dataset: str = "ocrvqa_dataset"
+    data_path: str = ""  # a local .jsonl/.json/.parquet file or a saved `datasets` folder; empty: the hub
+    hub_name: str = "HuggingFaceM4/the_cauldron"
+    subset: str = "ocrvqa"
+    train_split: str = "train"
+    test_split: str = "test"
+    split_ratio: float = 0.9  # share of the rows in the train split when the source has one split
+    max_rows: int = 0  # use only the first N rows of the source (0: all)
+
+
 DATASET_CONFIGS = {
     "samsum_dataset": samsum_dataset,
     "grammar_dataset": grammar_dataset,
     "alpaca_dataset": alpaca_dataset,
     "custom_dataset": custom_dataset,
+    "ocrvqa_dataset": ocrvqa_dataset,
 }
 
 # Sections addressable as ``--<section>.<field>`` / YAML sub-mappings.

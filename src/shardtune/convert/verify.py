@@ -3,7 +3,8 @@
 1. Every written tensor is read back and compared with the source tensor as read (converted to
    the output dtype; merged weights recomputed): they must be identical.
 2. The written folder is loaded with ``from_pretrained`` (in fp32; no missing, unexpected or
-   mis-shaped keys allowed) and run on a fixed 16-token probe. The reference is a model built
+   mis-shaped keys allowed) and run on a fixed 16-token probe (with an image for a vision model,
+   so the vision tower and cross-attention layers are checked too: ``model/probes.py``). The reference is a model built
    from the config and loaded with the source weights as read, rounded to the output dtype
    (LoRA: the base with the adapter applied by peft, unmerged). The max abs logits difference
    must be within 1e-4 x max(1, max |logit|); for a merge into fp16/bf16 weights, where the merged
@@ -22,10 +23,10 @@ import torch
 
 from ..config.errors import ShardtuneError
 from ..model.loading import from_pretrained_checked
+from ..model.probes import PROBE_TOKENS, probe_inputs, probe_logits
 from .core import Conversion, _read, stream
 from .sources import hf_weight_files
 
-PROBE_TOKENS = 16
 MERGE_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -77,18 +78,6 @@ def reference_model(conv: Conversion) -> torch.nn.Module:
     return model.float().eval()
 
 
-def probe_ids(model: torch.nn.Module) -> torch.Tensor:
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = min(getattr(text, "vocab_size", None) or 10**9, model.get_input_embeddings().weight.shape[0])
-    return torch.tensor([[(i * 7919 + 11) % vocab for i in range(PROBE_TOKENS)]])
-
-
-@torch.no_grad()
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits.float()
-
-
 def _compare_model_tensors(conv: Conversion, out: Path, limit: int) -> int:
     from safetensors import safe_open
 
@@ -133,16 +122,16 @@ def verify_output(conv: Conversion, out: Path, limit: int) -> dict:
 
             checked = _compare_adapter_tensors(conv, out)
             ref = _apply_adapter(conv, from_pretrained_checked(cls, conv.spec.folder, "--model", dtype=torch.float32)).eval()
-            ids = probe_ids(ref)
-            ref_logits = _logits(ref, ids)
+            ids = probe_inputs(ref)
+            ref_logits = probe_logits(ref, ids)
             del ref
             base = from_pretrained_checked(cls, conv.spec.folder, "--model", dtype=torch.float32)
             dst = PeftModel.from_pretrained(base, str(out)).eval()
         else:
             checked = _compare_model_tensors(conv, out, limit)
             ref = reference_model(conv)
-            ids = probe_ids(ref)
-            ref_logits = _logits(ref, ids)
+            ids = probe_inputs(ref)
+            ref_logits = probe_logits(ref, ids)
             del ref
             dst, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
             problems = {k: sorted(info.get(k) or [])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
@@ -150,13 +139,13 @@ def verify_output(conv: Conversion, out: Path, limit: int) -> dict:
             if problems:
                 raise ShardtuneError(f"--verify: from_pretrained reported {problems} for the written model.")
             dst = dst.eval()
-        dst_logits = _logits(dst, ids)
+        dst_logits = probe_logits(dst, ids)
     diff = float((dst_logits - ref_logits).abs().max())
     scale = max(1.0, float(ref_logits.abs().max()))
     merged = any(item.deltas for item in conv.plan.items)
     tolerance = (MERGE_TOLERANCE.get(conv.config_dtype, 1e-4) if merged else 1e-4) * scale
     line = (f"verify: {checked} tensors identical to the source; logits max abs diff {diff:.3e} "
-            f"(tolerance {tolerance:.1e}, {PROBE_TOKENS}-token probe)")
+            f"(tolerance {tolerance:.1e}, {PROBE_TOKENS}-token probe{' with an image' if 'pixel_values' in ids else ''})")
     if not diff <= tolerance:  # also catches NaN
         raise ShardtuneError(
             f"--verify failed: the converted model's logits differ from the source model's by {diff:.3e} "

@@ -43,6 +43,8 @@ class ModelFamily:
     freeze_groups: dict[str, Callable[[nn.Module], set[str]]] = field(default_factory=dict)
     # (pattern, replacement) from older transformers names to this version's (4.x fallback).
     legacy_renames: tuple[tuple[str, str], ...] = ()
+    # Module holding the language model: plain LoRA target names (q_proj) apply inside it only.
+    language_model_module: str | None = None
 
     @property
     def is_vision(self) -> bool:
@@ -52,6 +54,16 @@ class ModelFamily:
         import transformers
 
         return getattr(transformers, self.model_class_name or "AutoModelForCausalLM")
+
+    def lora_targets(self, names):
+        """peft ``target_modules`` for the user's names: plain names (``q_proj``) target the language
+        model only (a vision tower has ``q_proj`` layers too); ``all-linear``, a regex string or a
+        list with dotted names (``self_attn.q_proj``) go to peft as given, over the whole model."""
+        scope = self.language_model_module
+        if scope is None or isinstance(names, str) or any("." in n for n in names):
+            return names
+        alternatives = "|".join(re.escape(n) for n in names)
+        return rf"(?:.*\.)?{re.escape(scope)}\..*\.({alternatives})"
 
     def params_of(self, model: nn.Module, group: str) -> set[str]:
         if group not in self.freeze_groups:
@@ -121,6 +133,7 @@ FAMILIES = (
         model_class_name="MllamaForConditionalGeneration",
         uses_processor=True,
         freeze_groups={"language_model": _mllama_language_model, "vision_tower": _mllama_vision_tower},
+        language_model_module="language_model",
         # transformers < 5 layout (what llama-recipes checkpoints of 2024/25 hold).
         legacy_renames=((r"^language_model\.lm_head\.", "lm_head."),
                         (r"^language_model\.model\.", "model.language_model."),
