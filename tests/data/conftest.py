@@ -54,3 +54,31 @@ def alpaca_cfg(tmp_path):
         return cfg
 
     return build
+
+
+# --- vision (Llama 3.2 Vision / Mllama) ---
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    """The tiny MllamaProcessor (BPE tokenizer + <|image|> + Llama 3 chat template, 28x28 tiles)."""
+    from shardtune.demo.tiny import build_tiny_processor
+
+    return build_tiny_processor()
+
+
+@pytest.fixture
+def write_images(tmp_path):
+    """write_images(n, folder=tmp_path) -> PNG file names (distinct sizes and colours) in folder."""
+    import numpy as np
+    from PIL import Image
+
+    def write(n: int, folder=None) -> list[str]:
+        folder = folder or tmp_path
+        names = []
+        for i in range(n):
+            pixels = np.random.RandomState(i).randint(0, 256, size=(20 + 7 * (i % 4), 30 + 5 * (i % 3), 3))
+            Image.fromarray(pixels.astype("uint8")).save(folder / f"img{i}.png")
+            names.append(f"img{i}.png")
+        return names
+
+    return write

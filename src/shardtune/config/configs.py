@@ -214,15 +214,16 @@ class custom_dataset:
 
 @dataclass
 class ocrvqa_dataset:
-    """the_cauldron-style image + conversation rows (llama-recipes' OCR-VQA vision example)."""
+    """the_cauldron-style image + conversation rows (llama-recipes' OCR-VQA vision example);
+    see data/vision.py. Needs a vision model's processor and --batching_strategy padding."""
     dataset: str = "ocrvqa_dataset"
     data_path: str = ""  # a local .jsonl/.json/.parquet file or a saved `datasets` folder; empty: the hub
     hub_name: str = "HuggingFaceM4/the_cauldron"
     subset: str = "ocrvqa"
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = "train"  # a DatasetDict's split to train on; divided by split_ratio if alone
+    test_split: str = "test"  # used as it is when the DatasetDict has both splits
     split_ratio: float = 0.9  # share of the rows in the train split when the source has one split
-    max_rows: int = 0  # use only the first N rows of the source (0: all)
+    max_rows: int = 0  # use only the first N rows of the source (of each split), before splitting (0: all)
 
 
 DATASET_CONFIGS = {

@@ -7,6 +7,14 @@ Face Dataset). If the module defines ``get_data_collator(processor)``, it is cal
 tokenizer and its result collates the batches; the rows then go to it as returned (they are only
 checked when they carry both ``input_ids`` and ``labels``). Unlike llama-recipes, the ``:function``
 name is never used to look up the collator.
+
+For a vision model (Llama 3.2 Vision) the model's **processor** (image processor + tokenizer +
+chat template) is passed wherever a text model gets its tokenizer, as in llama-recipes: the file
+defines ``get_custom_dataset(dataset_config, processor, split, split_ratio=0.9)`` returning raw
+rows (e.g. ``{"images": [...], "texts": [...]}``) and ``get_data_collator(processor)`` returning a
+collator that runs the processor and returns ``input_ids``, ``attention_mask``, ``labels``,
+``pixel_values``, ``aspect_ratio_ids``, ``aspect_ratio_mask`` and ``cross_attention_mask``. Such
+batches cannot be packed: use ``--batching_strategy padding``.
 """
 
 from __future__ import annotations

@@ -24,12 +24,18 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
     padding: length-grouped batches right-padded to their longest sample (input_ids, labels,
     attention_mask). packing: chunks of exactly ``context_length`` tokens (input_ids, labels,
     position_ids; no attention_mask; with ``packed_varlen`` also the documents' cumulative lengths
-    that flash-attn needs). ``collate_fn`` (a custom dataset's collator) replaces the padding
-    collator.
+    that flash-attn needs). ``collate_fn`` (a custom dataset's collator, or a vision dataset's)
+    replaces the padding collator; packing is refused with one. ``tokenizer`` may be a processor.
     """
     strategy = BatchingStrategy(strategy)
-    pad_id = pad_token_id(tokenizer)
+    pad_id = pad_token_id(getattr(tokenizer, "tokenizer", tokenizer))  # a processor holds its tokenizer
     if strategy is BatchingStrategy.packing:
+        if getattr(collate_fn, "packable", True) is False or (
+                collate_fn is not None and getattr(tokenizer, "image_processor", None) is not None):
+            raise ShardtuneError(
+                "Vision datasets cannot be packed: each sample carries its images, and a packed chunk "
+                "would mix the images and cross-attention of several samples. Use --batching_strategy "
+                "padding.")
         if collate_fn is not None:
             raise ShardtuneError(
                 "This custom dataset brings its own data collator (get_data_collator), which cannot "
@@ -41,7 +47,10 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
     else:
         lengths = [_length(s) for s in samples]
         attended = [_attended(s) for s in samples]
-        rows = Rows(samples, lengths, attended, slots_known=collate_fn is None)
+        # A collator that pads to the batch's longest sample (attribute ``pads_to_longest``, e.g.
+        # VisionCollator) lets pad_fraction count from the lengths instead of building batches.
+        slots_known = collate_fn is None or getattr(collate_fn, "pads_to_longest", False) is True
+        rows = Rows(samples, lengths, attended, slots_known=slots_known)
         inner = collate_fn or PaddingCollator(pad_id)
     sampler = GlobalBatchSampler(
         rows.lengths, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,

@@ -6,7 +6,7 @@ from typing import Callable
 
 from ..config.errors import ShardtuneError
 from ..config.parse import Config
-from . import alpaca, custom, grammar, samsum
+from . import alpaca, custom, grammar, samsum, vision
 from .rows import RawSplit, finalize
 from .split import TokenizedSplit
 
@@ -16,6 +16,7 @@ DATASETS: dict[str, Callable[..., RawSplit]] = {
     "grammar_dataset": grammar.load,
     "samsum_dataset": samsum.load,
     "custom_dataset": custom.load,
+    "ocrvqa_dataset": vision.load,  # Llama 3.2 Vision: pass the processor as the tokenizer
 }
 SPLITS = ("train", "test")
 
@@ -23,6 +24,7 @@ SPLITS = ("train", "test")
 # Cheap checks of a dataset's source that can run before any rank starts (no data is read).
 SOURCE_CHECKS: dict[str, Callable[..., None]] = {
     "samsum_dataset": samsum.check_source,
+    "ocrvqa_dataset": vision.check_source,
 }
 
 

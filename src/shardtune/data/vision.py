@@ -1,0 +1,168 @@
+"""``--dataset ocrvqa_dataset``: the_cauldron-style image + conversation rows for Llama 3.2 Vision.
+
+A row is ``{"images": [image, ...], "texts": [{"user": str, "assistant": str}, ...]}`` (other
+keys, such as the_cauldron's ``source``, are ignored). Where rows come from
+(``--ocrvqa_dataset.data_path``):
+
+* a ``.jsonl`` / ``.json`` / ``.parquet`` file; images are file paths (relative to the data file's
+  folder, or absolute), ``data:image/...;base64,`` URLs, raw bytes, or ``{"bytes", "path"}`` dicts
+  as Hugging Face ``Image`` features are stored in parquet;
+* a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset`` or ``DatasetDict``);
+* empty: ``datasets.load_dataset(hub_name, name=subset)`` from the Hugging Face Hub.
+  Folders and the hub need the optional ``datasets`` package (``pip install 'shardtune[hub]'``).
+
+Splits: a ``DatasetDict`` with both ``train_split`` and ``test_split`` is used as it is. Any other
+source is one split (a ``DatasetDict``'s ``train_split``, or its only split), divided as
+llama-recipes' ``train_test_split(test_size=1 - split_ratio, shuffle=True, seed=42)`` does:
+``ceil((1 - split_ratio) * n)`` rows, the first of a permutation drawn from
+``numpy.random.default_rng(42)``, are the test split and the rest the train split, in that order.
+The split is fixed (it does not follow ``--seed``), so evaluations of different runs compare.
+``max_rows`` keeps the first N rows of the source before it is split.
+
+Each row is encoded at load time with the processor's chat template (images as ``{"type":
+"image"}`` parts at the start of the first user turn) into ``input_ids``, ``labels`` and
+``attention_mask`` plus its image references; labels are -100 except on each assistant answer and
+the end-of-turn token that closes it. Images are checked to open at load time;
+:class:`~shardtune.data.images.VisionCollator` decodes them per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config.configs import ocrvqa_dataset, train_config
+from ..config.errors import ShardtuneError
+from .images import IMAGE_TOKEN, VisionCollator, check_image, image_ref
+from .rows import IGNORE_INDEX, BadRow, RawSplit
+from .vision_sources import FLAG, SPLIT_SEED, check_source, read_source, split_indices
+
+__all__ = ["FLAG", "SPLIT_SEED", "VisionCollator", "check_source", "encode", "load", "messages",
+           "split_indices"]
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+def _turns(row: Any) -> list[tuple[str, str]]:
+    if not isinstance(row, Mapping):
+        raise BadRow(f"is a {type(row).__name__}, expected an object with 'images' and 'texts'")
+    texts = row.get("texts")
+    if not texts:
+        raise BadRow("has no text: 'texts' is missing or empty (expected a list of "
+                     "{\"user\": ..., \"assistant\": ...} turns)")
+    if not isinstance(texts, (list, tuple)):
+        raise BadRow(f"field 'texts' is a {type(texts).__name__}, expected a list of turns")
+    turns = []
+    for t, turn in enumerate(texts):
+        if not isinstance(turn, Mapping):
+            raise BadRow(f"texts[{t}] is a {type(turn).__name__}, expected "
+                         "{\"user\": ..., \"assistant\": ...}")
+        pair = []
+        for key in ("user", "assistant"):
+            value = turn.get(key)
+            if value is not None and not isinstance(value, str):
+                raise BadRow(f"texts[{t}][{key!r}] is a {type(value).__name__}, expected a string")
+            if not (value or "").strip():
+                raise BadRow(f"texts[{t}] has an empty or missing {key!r} turn")
+            pair.append(value.strip())  # as llama-recipes' collator does
+        turns.append(tuple(pair))
+    return turns
+
+
+def _images(row: Mapping, base: Optional[Path]) -> list:
+    images = row.get("images")
+    if images is None or (isinstance(images, (list, tuple)) and not images):
+        raise BadRow("has no images ('images' is missing or empty); each row needs at least one")
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    refs = [image_ref(v, k, base) for k, v in enumerate(images)]
+    for k, ref in enumerate(refs):
+        check_image(ref, k)
+    return refs
+
+
+def messages(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
+    """Chat messages: the images as parts at the start of the first user turn, then its text."""
+    out = []
+    for t, (user, assistant) in enumerate(turns):
+        images = [{"type": "image"}] * (n_images if t == 0 else 0)
+        out.append({"role": "user", "content": images + [{"type": "text", "text": user}]})
+        out.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    return out
+
+
+def _render(processor, template: str, msgs: list[dict], generation_prompt: bool = False) -> str:
+    try:
+        return processor.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja's TemplateError and the template's raise_exception
+        raise BadRow(f"cannot be rendered with the chat template ({type(e).__name__}: {e})") from None
+
+
+def encode(row: Any, processor, template: str, base: Optional[Path]) -> dict[str, Any]:
+    """One row -> ``input_ids``, ``labels``, ``attention_mask`` and ``images`` (references)."""
+    from transformers.models.mllama.processing_mllama import build_string_from_input
+
+    from ..model.loading import text_tokenizer
+
+    turns = _turns(row)
+    refs = _images(row, base)
+    msgs = messages(turns, len(refs))
+    full = _render(processor, template, msgs)
+    spans = []  # [start, end) characters of each answer + its end-of-turn, in `full`
+    for t in range(len(turns)):
+        before = _render(processor, template, msgs[:2 * t + 1], generation_prompt=True)
+        after = _render(processor, template, msgs[:2 * t + 2])
+        if not (full.startswith(before) and full.startswith(after) and len(before) < len(after)):
+            raise ShardtuneError(
+                "The chat template does not render a conversation as the concatenation of its turns "
+                "(the rendering up to an assistant answer is not a prefix of the whole), so the "
+                "answers cannot be located for the labels. Use the model's own chat template.")
+        spans.append((len(before), len(after)))
+    tokenizer = text_tokenizer(processor)
+    # As MllamaProcessor does: a BOS is added if the text has none (after leading image tokens).
+    text = build_string_from_input(full, tokenizer.bos_token, IMAGE_TOKEN) if tokenizer.bos_token else full
+    shift = len(text) - len(full)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(a + shift <= start < b + shift for a, b in spans):
+            labels[i] = ids[i]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    n_tokens = sum(t == image_id for t in ids)
+    if n_tokens != len(refs):
+        raise BadRow(f"has {len(refs)} image(s) but its text renders {n_tokens} {IMAGE_TOKEN} tokens "
+                     f"(does a turn contain the literal {IMAGE_TOKEN!r}?)")
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids), "images": refs}
+
+
+def chat_template(processor) -> str:
+    """The processor's chat template, or a clear error for a processor that cannot be used."""
+    from ..model.loading import text_tokenizer
+
+    if getattr(processor, "image_processor", None) is None:
+        raise ShardtuneError(
+            "--dataset ocrvqa_dataset needs a vision model's processor (image processor + tokenizer), "
+            f"but was given a {type(processor).__name__}. Use a Llama 3.2 Vision model as --model_name.")
+    tokenizer = text_tokenizer(processor)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ShardtuneError(
+            "The model's processor has no chat template, which --dataset ocrvqa_dataset needs to turn "
+            "conversations into tokens. Use an Instruct model (e.g. Llama-3.2-11B-Vision-Instruct), or "
+            "add its chat_template.jinja to the model folder.")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ShardtuneError("--dataset ocrvqa_dataset needs a fast tokenizer (tokenizer.json) to locate "
+                             "the answers for the labels; the model folder has only a slow one.")
+    return template
+
+
+def load(config: ocrvqa_dataset, processor, split: str, train: train_config) -> RawSplit:
+    template = chat_template(processor)
+    rows, where, base, source = read_source(config, split)
+    return RawSplit(source=source, rows=rows, where=where,
+                    encode=partial(encode, processor=processor, template=template, base=base),
+                    collate_fn=VisionCollator(processor))
