@@ -42,6 +42,46 @@ def tiny_tied_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vision_model_dir(tmp_path_factory) -> Path:
+    """A random-initialised tiny Llama 3.2 Vision (Mllama, ~110k params) + its processor."""
+    from shardtune.demo.tiny import build_tiny_mllama
+
+    return build_tiny_mllama(tmp_path_factory.mktemp("tiny-vision"), seed=0)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+
+
+def write_colour_rows(folder: Path, n: int, seed: int = 0) -> Path:
+    """``n`` the_cauldron-style rows (one PNG each, a block of colour on grey; the answer is the
+    colour) as ``folder/data.jsonl`` with image paths relative to it."""
+    import json
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = rng.choice(sorted(COLOURS))
+        image = Image.new("RGB", (rng.randint(24, 40), rng.randint(24, 40)), (128, 128, 128))
+        image.paste(COLOURS[name], (4, 4, image.width - 4, image.height - 4))
+        image.save(folder / "images" / f"{i}.png")
+        rows.append({"images": [f"images/{i}.png"],
+                     "texts": [{"user": "What colour is the block?", "assistant": name}]})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def colour_rows(tmp_path_factory) -> Path:
+    """40 image + question + answer rows for ``--dataset ocrvqa_dataset`` (a JSONL file)."""
+    return write_colour_rows(tmp_path_factory.mktemp("colour-rows"), 40)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -6,7 +6,8 @@ CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logit
 "expect_error": true to record a ShardtuneError's message instead of failing); cases run in order.
 "train" runs the real recipe (setup + train, saving if the flags say so) and records the per-step
 losses, which parameters changed, how many tensors the optimizer holds and the trained model's
-logits on a fixed input; "logits" builds the model the way the recipe
+logits on a fixed input (an image + text probe for a vision model), and with "record_weights": true
+the trained weights; "logits" builds the model the way the recipe
 does and records its logits on a fixed input (and whether its head is tied to the embeddings);
 "adapter" builds it and records the full values of its new adapter weights. Rank 0 writes OUT.json.
 """
@@ -22,7 +23,9 @@ import torch
 
 from shardtune.config import ShardtuneError, parse_args
 from shardtune.finetuning import setup, setup_model, train
-from shardtune.model.loading import load_tokenizer
+from shardtune.model.family import family_of
+from shardtune.model.loading import load_inputs
+from shardtune.model.probes import probe_inputs, probe_logits
 from shardtune.parallel.distributed import init_distributed, shutdown
 
 
@@ -45,8 +48,11 @@ def logits_of(model: torch.nn.Module, tokenizer, env) -> list:
     from shardtune.parallel.fsdp import reshard
 
     model.eval()
-    ids = torch.tensor([tokenizer.encode(PROBE)], device=env.device)
-    logits = model(input_ids=ids, use_cache=False).logits.float().cpu().tolist()
+    if family_of(model).is_vision:  # an image batch: the vision tower and cross-attention count
+        logits = probe_logits(model, probe_inputs(model)).tolist()
+    else:
+        ids = torch.tensor([tokenizer.encode(PROBE)], device=env.device)
+        logits = model(input_ids=ids, use_cache=False).logits.float().cpu().tolist()
     reshard(model)
     return logits
 
@@ -56,14 +62,15 @@ def head_is_tied(model: torch.nn.Module) -> bool:
     return base.get_output_embeddings().weight is base.get_input_embeddings().weight
 
 
-def run_train(cfg, env) -> dict:
+def run_train(cfg, env, record_weights: bool = False) -> dict:
     c = setup(cfg, env)
     before = snapshot(c.model)
     results = train(cfg, env, c)
     after = snapshot(c.model)
     trained_logits = logits_of(c.model, c.tokenizer, env)
     changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
-    return {"losses": results["train_step_loss"], "eval_loss": results["best_eval_loss"],
+    weights = {n: t.tolist() for n, t in after.items()} if record_weights else None
+    return {"weights": weights, "losses": results["train_step_loss"], "eval_loss": results["best_eval_loss"],
             "changed": changed, "all_params": sorted(before),
             "optimizer_tensors": sum(len(g["params"]) for g in c.optimizer.param_groups),
             "trainable": sorted(n for n, p in c.model.named_parameters() if p.requires_grad),
@@ -73,14 +80,14 @@ def run_train(cfg, env) -> dict:
 
 @torch.no_grad()
 def run_logits(cfg, env) -> dict:
-    tokenizer = load_tokenizer(cfg.train.model_name)
+    tokenizer = load_inputs(cfg.train.model_name)
     model = setup_model(cfg, env, tokenizer)
     return {"logits": logits_of(model, tokenizer, env), "tied": head_is_tied(model)}
 
 
 @torch.no_grad()
 def run_adapter(cfg, env) -> dict:
-    tokenizer = load_tokenizer(cfg.train.model_name)
+    tokenizer = load_inputs(cfg.train.model_name)
     model = setup_model(cfg, env, tokenizer)
     return {n: full(p.detach()).tolist() for n, p in model.named_parameters() if ".lora_" in n or ".adaption_" in n}
 
@@ -102,7 +109,8 @@ def main() -> None:
                 except ShardtuneError as exc:
                     out[name] = {"error": str(exc)}
                 continue
-            out[name] = runner(cfg, env)
+            out[name] = (run_train(cfg, env, record_weights=True) if case.get("record_weights")
+                         else runner(cfg, env))
             if env.is_main:
                 print(f"case {name}: done", flush=True)
     finally:

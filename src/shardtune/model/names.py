@@ -29,10 +29,25 @@ def checkpoint_key(param_name: str) -> str:
     return param_name.replace(".base_layer.", ".")
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a meta-device copy of its class when FSDP wrapped it: transformers
+    looks up a model's rename rules by class name, which FSDP's wrapper class
+    (``FSDPMllamaForConditionalGeneration``) hides, and would then apply only part of them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    from .meta import build_meta_model
+
+    cls = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+    return build_meta_model(model.config, cls=cls)
+
+
 class Renamer:
     """Old checkpoint names -> this transformers version's names (its own conversion mapping)."""
 
     def __init__(self, model: nn.Module, known: set[str]):
+        model = unwrapped(model)
         self._targets = known
         self._apply: Optional[Callable[[str], str]] = None
         try:
@@ -77,6 +92,7 @@ def saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     """The names ``save_pretrained`` writes for ``names``: transformers 5 reverts its load-time renames
     on save (Mllama is saved as ``language_model.model.layers...``, readable by transformers 4 too).
     Identity when there is nothing to revert, or when a rename does not round-trip."""
+    model = unwrapped(model)
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, apply_renamings
