@@ -118,10 +118,16 @@ def _run(tmp_path, model_dir, data, *extra):
                      "--run_validation", "False", "--num_workers_dataloader", "0", "--device", "cpu", *extra])
 
 
-def test_single_process_freeze_llm_only_keeps_the_language_model_bit_identical(tmp_path, tiny_vision_model_dir, colour_rows):
+def test_single_process_freeze_llm_only_keeps_the_language_model_bit_identical(tmp_path, tiny_vision_model_dir,
+                                                                               colour_rows, capsys):
+    import json
+
     from safetensors.torch import load_file
 
-    result = _run(tmp_path, tiny_vision_model_dir, colour_rows, "--freeze_LLM_only", "True")
+    result = _run(tmp_path, tiny_vision_model_dir, colour_rows, "--freeze_LLM_only", "True", "--flop_counter",
+                  "--flop_counter_start", "1", "--save_metrics")
+    assert "FLOP counter (step 2)" in capsys.readouterr().out  # the counter sees the vision model's step
+    assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())["train_step_loss"]) == 3
     before = load_file(str(tiny_vision_model_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(before) == set(after)
