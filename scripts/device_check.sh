@@ -7,7 +7,8 @@
 # 1. set-up on the offline image: scripts/setup.sh must succeed without a registry;
 # 2. llama-recipes' default dataset (samsum from the hub) without `datasets`: a clean error;
 # 3. the GPU tests (pytest -m gpu): NCCL + CPU offload with clipping/fp16/export, bf16/fp16 and
-#    the attention-kernel choice, packed per-document attention with SDPA and flash-attn;
+#    the attention-kernel choice, packed per-document attention with SDPA and flash-attn, a tiny
+#    Llama 3.2 Vision in pure bf16 under NCCL with its export reloaded;
 # 4. the throughput benchmark on a ~1B Llama in bf16, one GPU, padded and packed.
 # Each step's exit code is printed in the summary at the end; the script exits non-zero if any failed.
 set -uo pipefail

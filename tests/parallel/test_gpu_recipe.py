@@ -114,3 +114,24 @@ def test_qlora_4bit_bf16_on_gpu(tmp_path, tiny_model_dir):
     _, run = _finetune(tmp_path, tiny_model_dir, "--use_peft", "--quantization", "4bit",
                        "--quantization_config.quant_type", "nf4", "--quantization_config.use_double_quant")
     assert (run["out"] / "adapter_model.safetensors").is_file()
+
+
+def test_vision_model_trains_in_bf16_under_nccl_and_exports(tmp_path, tiny_vision_model_dir, colour_rows):
+    """Llama 3.2 Vision (tiny Mllama): pure bf16 FSDP on a GPU, activation checkpointing of both
+    towers, the export reloads and gives finite image logits."""
+    from transformers import MllamaForConditionalGeneration
+
+    from shardtune.model.probes import probe_inputs, probe_logits
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "shardtune", "finetune", "--model_name", str(tiny_vision_model_dir),
+           "--dataset", "ocrvqa_dataset", "--ocrvqa_dataset.data_path", str(colour_rows),
+           "--batching_strategy", "padding", "--output_dir", str(out), "--device", "cuda", "--num_epochs", "1",
+           "--max_train_step", "4", "--batch_size_training", "4", "--lr", "1e-3", "--save_metrics",
+           "--enable_fsdp", "--fsdp_config.pure_bf16", "--use_fast_kernels"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    losses = json.loads((out / "metrics.json").read_text())["train_step_loss"]
+    assert all(math.isfinite(x) for x in losses)
+    model = MllamaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).cuda().eval()
+    assert torch.isfinite(probe_logits(model, probe_inputs(model))).all()
