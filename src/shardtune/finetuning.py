@@ -121,7 +121,10 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
 
 
 def attention_for(cfg: Config, env: DistEnv) -> AttentionChoice:
-    return choose_attention(cfg.train.use_fast_kernels, env.device, compute_dtype(cfg, env))
+    cls = family_for_config(load_config(cfg.train.model_name)).model_class()
+    supports_flash = getattr(cls, "_supports_flash_attn", True)  # an Auto class: decided per model
+    return choose_attention(cfg.train.use_fast_kernels, env.device, compute_dtype(cfg, env),
+                            model_supports_flash=supports_flash is not False, model_name=cls.__name__)
 
 
 def setup_data(cfg: Config, tokenizer, env: DistEnv):

@@ -13,6 +13,7 @@ from shardtune.parallel.distributed import DistEnv
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
+MODEL = ""
 
 
 @pytest.mark.parametrize("fast, device, dtype, installed, impl, why", [
@@ -30,8 +31,14 @@ def test_kernel_choice_and_reason(fast, device, dtype, installed, impl, why):
     assert choice.describe().startswith(f"attention: {impl} (")
 
 
+@pytest.fixture(autouse=True)
+def _model_dir(tiny_model_dir):
+    global MODEL
+    MODEL = str(tiny_model_dir)  # attention_for asks the model's class whether it has a flash path
+
+
 def _cfg(*flags: str):
-    return parse_args(["--model_name", "m", "--use_fast_kernels", *flags]).config
+    return parse_args(["--model_name", MODEL, "--use_fast_kernels", *flags]).config
 
 
 def test_fp32_compute_on_a_gpu_never_selects_flash():
@@ -64,3 +71,20 @@ def test_precision_line_says_each_dtype_and_why():
     assert "optimizer state bfloat16 moments" in line
     (line,) = describe_precision(_cfg("--mixed_precision", "False"), DistEnv(device=CUDA))
     assert "compute float32" in line and "full fp32" in line
+
+
+def test_a_model_without_a_flash_path_keeps_sdpa_on_a_gpu():
+    """Llama 3.2 Vision (Mllama) has no flash-attn path: --use_fast_kernels must not ask for it."""
+    from transformers import MllamaForConditionalGeneration
+
+    assert MllamaForConditionalGeneration._supports_flash_attn is False
+    choice = choose_attention(True, torch.device("cuda"), torch.bfloat16, flash_installed=True,
+                              model_supports_flash=False, model_name="MllamaForConditionalGeneration")
+    assert choice.implementation == "sdpa" and "MllamaForConditionalGeneration" in choice.describe()
+
+
+def test_the_recipe_asks_the_vision_model_class(tiny_vision_model_dir):
+    cfg = parse_args(["--model_name", str(tiny_vision_model_dir), "--use_fast_kernels", "--enable_fsdp",
+                      "--fsdp_config.pure_bf16"]).config
+    choice = attention_for(cfg, DistEnv(device=CUDA))
+    assert choice.implementation == SDPA and "has no flash-attn path" in choice.reason

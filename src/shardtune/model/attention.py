@@ -49,14 +49,21 @@ def flash_attn_installed() -> bool:
 
 
 def choose_attention(use_fast_kernels: bool, device: torch.device, compute_dtype: torch.dtype,
-                     flash_installed: Optional[bool] = None) -> AttentionChoice:
+                     flash_installed: Optional[bool] = None, model_supports_flash: bool = True,
+                     model_name: str = "") -> AttentionChoice:
     """The kernel for a run on ``device`` whose matmuls run in ``compute_dtype``.
 
-    ``flash_installed`` defaults to asking transformers whether flash-attn 2 can be imported.
+    ``flash_installed`` defaults to asking transformers whether flash-attn 2 can be imported;
+    ``model_supports_flash``: whether the model class has a flash-attn path (Mllama has none:
+    it builds 4-D cross-attention masks).
     """
     if not use_fast_kernels:
         return AttentionChoice(SDPA, "PyTorch scaled_dot_product_attention, the default; "
                                      "--use_fast_kernels asks for flash-attn where it can run")
+    if not model_supports_flash:
+        return AttentionChoice(SDPA, f"--use_fast_kernels: {model_name or 'this model'} has no flash-attn "
+                                     "path in transformers, so PyTorch SDPA (its flash and memory-efficient "
+                                     "backends are the fast path on CUDA)")
     if device.type != "cuda":
         return AttentionChoice(SDPA, f"--use_fast_kernels: flash-attn needs a CUDA GPU, this run is on "
                                      f"{device.type}, so PyTorch SDPA")
