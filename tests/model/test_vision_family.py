@@ -154,3 +154,18 @@ def test_vision_options_that_cannot_work_are_refused_before_any_work(tmp_path, t
         finetune(["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset", "--freeze_vision_tower",
                   "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_vision_lora_merge_loads_and_equals_the_adapter_model(tmp_path, tiny_vision_model_dir, colour_rows):
+    from peft import PeftModel
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    _run(tmp_path, tiny_vision_model_dir, colour_rows, "--use_peft", "--merge_lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = MllamaForConditionalGeneration.from_pretrained(tiny_vision_model_dir, dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
+        merged = MllamaForConditionalGeneration.from_pretrained(tmp_path / "out" / "merged", dtype=torch.float32).eval()
+    inputs = probe_inputs(merged)
+    torch.testing.assert_close(probe_logits(merged, inputs), probe_logits(adapted, inputs), rtol=1e-5, atol=1e-5)
+    assert AutoProcessor.from_pretrained(tmp_path / "out" / "merged").chat_template
