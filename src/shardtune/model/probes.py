@@ -26,7 +26,8 @@ def probe_inputs(model: nn.Module, tokens: int = PROBE_TOKENS, seed: int = 0) ->
     if not family_for_config(config).is_vision:
         return {"input_ids": torch.tensor([ids])}
     vision = config.vision_config
-    ids[0] = config.image_token_index
+    if config.image_token_index < base.get_input_embeddings().weight.shape[0]:
+        ids[0] = config.image_token_index  # (a config may name a token its embeddings lack)
     tiles, size = vision.max_num_tiles, vision.image_size
     g = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(1, 1, tiles, vision.num_channels, size, size, generator=g)
