@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint.hf_stream import human_size
 from ..config.errors import ShardtuneError
-from ..model.names import PEFT_PREFIX, Renamer
+from ..model.names import PEFT_PREFIX, Renamer, strip_peft_prefix, unwrap_base_layer
 from .model import Targets
 from .sources import Entry, Source
 
@@ -142,8 +142,7 @@ def _classify(raw: str, strip: int, container: bool) -> _Key:
         key = ".".join(parts[strip:])
     while key.startswith("module."):
         key = key[len("module."):]
-    if key.startswith(PEFT_PREFIX):
-        key = key[len(PEFT_PREFIX):]
+    key = strip_peft_prefix(key)
     if ".original_module." in key:
         return _Key(raw, "original", key)
     m = _SAVED.match(key)
@@ -151,11 +150,11 @@ def _classify(raw: str, strip: int, container: bool) -> _Key:
         return _Key(raw, "saved", f"{m['module']}.{m['param']}", adapter=m["adapter"])
     m = _LORA.match(key) or _LORA_EMB.match(key)
     if m:
-        return _Key(raw, "lora", m["module"].replace(".base_layer", ""), ab=m["ab"], adapter=m["adapter"],
+        return _Key(raw, "lora", unwrap_base_layer(m["module"]), ab=m["ab"], adapter=m["adapter"],
                     embedding=".lora_embedding_" in key)
     if any(f".{p}" in f".{key}" for p in _OTHER_PEFT):
         return _Key(raw, "peft-other", key)
-    return _Key(raw, "weight", key.replace(".base_layer.", "."))
+    return _Key(raw, "weight", unwrap_base_layer(key))
 
 
 def _resolve(k: _Key, rename: Renamer) -> Optional[str]:

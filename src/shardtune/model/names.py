@@ -22,11 +22,21 @@ from .family import legacy_rename_rules
 PEFT_PREFIX = "base_model.model."
 
 
+def strip_peft_prefix(name: str) -> str:
+    """``base_model.model.X`` (how peft names the wrapped model's weights) -> ``X``."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def unwrap_base_layer(name: str) -> str:
+    """``...q_proj.base_layer.weight`` (the layer a LoRA wraps) -> ``...q_proj.weight``; also a
+    module name ending in ``.base_layer``."""
+    name = name.replace(".base_layer.", ".")
+    return name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+
+
 def checkpoint_key(param_name: str) -> str:
     """The name a (possibly PEFT-wrapped) parameter has in the original HF checkpoint."""
-    if param_name.startswith(PEFT_PREFIX):
-        param_name = param_name[len(PEFT_PREFIX):]
-    return param_name.replace(".base_layer.", ".")
+    return unwrap_base_layer(strip_peft_prefix(param_name))
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
