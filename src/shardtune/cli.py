@@ -1,8 +1,8 @@
 """The ``shardtune`` command: finetune, demo, generate.
 
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
-    shardtune demo [--output_dir DIR]
-    shardtune generate MODEL_OR_ADAPTER_DIR --prompt "..."
+    shardtune demo [--vision] [--output_dir DIR] [--nproc_per_node N] [--seed S]
+    shardtune generate MODEL_OR_ADAPTER_DIR --prompt "..." [--image IMG]
     shardtune checkpoints CHECKPOINT_FOLDER
     shardtune convert SRC DST [--model HF_DIR] [--dtype bf16] [--verify]
     shardtune inspect PATH
@@ -22,7 +22,9 @@ commands:
   finetune   fine-tune a model (llama-recipes flags; --help-config lists them, --print-config
              shows the resolved config); --nproc_per_node N launches N ranks with torchrun
   demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
+             (--vision: a tiny Llama 3.2 Vision model on an image question)
   generate   generate text from an HF model directory or a PEFT adapter directory
+             (--image IMG: ask a vision model about an image)
   checkpoints  list a run's resumable checkpoints (step, epoch, eval loss, size, completeness)
   convert    any FSDP checkpoint (shardtune, llama-recipes .distcp or .pt, PEFT adapter) -> HF model
   inspect    what a checkpoint is, without loading its tensors

@@ -14,6 +14,9 @@
 
 Exits with status 1 if the fine-tuned model did not learn the task or the converted checkpoint
 differs from it.
+
+``--vision`` runs the same six steps for a tiny Llama 3.2 Vision model on an image task
+(``shardtune.demo.vision``).
 """
 
 from __future__ import annotations
@@ -109,18 +112,25 @@ def convert_checkpoint(ft_args: list[str], dst: Path, reference, tokenizer, rows
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="shardtune demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output_dir", default="demo_out", help="where everything is written (default: demo_out)")
+    ap.add_argument("--vision", action="store_true",
+                    help="the vision demo: a tiny Llama 3.2 Vision model learns to name a shape's colour")
+    ap.add_argument("--output_dir", help="where everything is written (default: demo_out, or "
+                                         "demo_vision_out with --vision)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nproc_per_node", type=int, default=2,
                     help="FSDP ranks to train with (default 2, on gloo); 1 trains in this process")
     args = ap.parse_args(argv)
+    if args.vision:
+        from .vision import run_vision_demo
+
+        return run_vision_demo(args.output_dir or "demo_vision_out", args.seed, args.nproc_per_node)
     if not 1 <= args.nproc_per_node <= GLOBAL_BATCH or GLOBAL_BATCH % args.nproc_per_node:
         ap.error(f"--nproc_per_node must divide the global batch of {GLOBAL_BATCH}")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(NUM_THREADS)
-    root = Path(args.output_dir)
+    root = Path(args.output_dir or "demo_out")
     base_dir, model_out = root / "base-model", root / "model"
     started = time.perf_counter()
     print(f"[1/6] building a tiny random Llama in {base_dir}")

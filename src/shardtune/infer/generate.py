@@ -1,4 +1,10 @@
-"""``shardtune generate``: text generation from an HF model directory or a PEFT adapter directory."""
+"""``shardtune generate``: generation from an HF model directory or a PEFT adapter directory.
+
+A text model completes ``--prompt`` as plain text. A vision model (Llama 3.2 Vision) is fed by its
+processor: ``--prompt`` becomes a user turn of the processor's chat template, with ``--image`` at
+its start, and the answer is the assistant's turn. A vision model without ``--image`` answers
+from the text alone (Mllama then skips its cross-attention layers), as transformers allows.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +17,48 @@ from typing import Optional, Sequence
 import torch
 
 from ..config.errors import ShardtuneError
-from ..model.loading import check_model_source, from_pretrained_checked, load_tokenizer
+from ..model.family import ModelFamily, family_for_config
+from ..model.loading import (check_model_source, from_pretrained_checked, load_config, load_processor,
+                             load_tokenizer, text_tokenizer)
+
+# Llama 3's end-of-turn marker: a chat answer ends there (the model's EOS may come only later).
+END_OF_TURN = "<|eot_id|>"
+# Files AutoProcessor.save_pretrained writes besides the tokenizer's.
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _adapter_base(path: Path, base: Optional[str]) -> Optional[str]:
+    """The base model of an adapter directory (``base`` if given); None for a full model directory."""
+    adapter_cfg = path / "adapter_config.json"
+    if not adapter_cfg.is_file():
+        return None
+    base = base or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ShardtuneError(f"{path} is a PEFT adapter without a recorded base model; pass --base.")
+    check_model_source(base, "--base")
+    return base
+
+
+def model_family(path: str, base: Optional[str] = None) -> ModelFamily:
+    """The family of the model at ``path``, or of an adapter's base model (reads config only)."""
+    adapter_base = _adapter_base(Path(path), base)
+    return family_for_config(load_config(adapter_base or path))
 
 
 def load_for_inference(path: str, base: Optional[str] = None, device: str = "cpu",
                        dtype: Optional[torch.dtype] = None):
-    """(model, tokenizer) from a full HF dir, or from an adapter dir on top of its base model."""
-    from transformers import AutoModelForCausalLM
-
+    """(model, tokenizer or processor) from a full HF dir, or from an adapter dir on top of its base
+    model. The model class and whether a processor feeds it come from the family table."""
     p = Path(path)
-    adapter_cfg = p / "adapter_config.json"
-    if adapter_cfg.is_file():
+    base = _adapter_base(p, base)
+    if base is None:
+        check_model_source(path, "MODEL")
+    family = family_for_config(load_config(base or path))
+    cls = family.model_class()
+    if base is not None:
         from peft import PeftModel
 
-        base = base or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ShardtuneError(f"{path} is a PEFT adapter without a recorded base model; pass --base.")
-        check_model_source(base, "--base")
-        model = from_pretrained_checked(AutoModelForCausalLM, base, "--base", dtype=dtype)
+        model = from_pretrained_checked(cls, base, "--base", dtype=dtype)
         try:
             model = PeftModel.from_pretrained(model, str(p))
         except RuntimeError as exc:  # torch's "size mismatch for ...lora_A..." from load_state_dict
@@ -39,24 +69,98 @@ def load_for_inference(path: str, base: Optional[str] = None, device: str = "cpu
                 f"The adapter {path} does not fit the base model {base!r}: its weights have other shapes "
                 f"({first[:200]}). It was trained on a different base model; pass that one with --base "
                 "(the adapter records it in adapter_config.json as base_model_name_or_path).") from None
-        tok_src = str(p) if (p / "tokenizer_config.json").is_file() else base
+        # An adapter dir may carry its own tokenizer/processor (the recipe saves it there); else the base's.
+        own = _PROCESSOR_FILES if family.uses_processor else ("tokenizer_config.json",)
+        if any((p / f).is_file() for f in own):
+            return model.to(device).eval(), _load_adapter_inputs(p, family)
+        src, what = base, "--base"
     else:
-        check_model_source(path, "MODEL")
-        model = from_pretrained_checked(AutoModelForCausalLM, path, "MODEL", dtype=dtype)
-        tok_src = path
-    return model.to(device).eval(), load_tokenizer(tok_src, "--base" if tok_src == base else "MODEL")
+        model = from_pretrained_checked(cls, path, "MODEL", dtype=dtype)
+        src, what = path, "MODEL"
+    inputs = load_processor(src, what) if family.uses_processor else load_tokenizer(src, what)
+    return model.to(device).eval(), inputs
+
+
+def _load_adapter_inputs(path: Path, family: ModelFamily):
+    """The processor or tokenizer saved in an adapter directory (which has no config.json, so the
+    model-directory loaders refuse it)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    kind = "processor" if family.uses_processor else "tokenizer"
+    try:
+        inputs = (AutoProcessor if family.uses_processor else AutoTokenizer).from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ShardtuneError(f"Could not load the {kind} saved in the adapter directory {path}: {exc}") from None
+    tokenizer = text_tokenizer(inputs)
+    if tokenizer.pad_token_id is None:  # as load_tokenizer: Llama ships without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return inputs
+
+
+def load_image(path: str):
+    """The RGB image at ``path``; a missing or unreadable file is a clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ShardtuneError(f"--image {path!r} does not exist (or is not a file). Pass a PNG or JPEG file.")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ShardtuneError(f"--image {path!r} could not be read as an image ({exc}). Pass a PNG or JPEG "
+                             "file that an image viewer opens.") from None
+
+
+def vision_prompt(processor, prompt: str, with_image: bool) -> tuple[str, bool]:
+    """``(text, add_special_tokens)`` for ``prompt`` as a user turn of the processor's chat template
+    (the image, if any, at its start) followed by the assistant's header, as ``ocrvqa_dataset``
+    trains. A processor without a chat template gets the plain prompt after the image token, as
+    base (non-instruct) vision models expect."""
+    if getattr(processor, "chat_template", None):
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return text, False  # the template already starts with BOS; the tokenizer would add a second
+    return (processor.image_token if with_image else "") + prompt, True
+
+
+def vision_inputs(processor, prompt: str, image=None):
+    """The processor's tensors for one prompt, about ``image`` if given (see :func:`vision_prompt`)."""
+    text, add_special = vision_prompt(processor, prompt, image is not None)
+    images = [image] if image is not None else None
+    return processor(images=images, text=text, add_special_tokens=add_special, return_tensors="pt")
+
+
+def chat_stop_ids(model, tokenizer) -> list[int]:
+    """Where a chat answer ends: the model's EOS ids, the tokenizer's, and Llama 3's end-of-turn."""
+    configured = model.generation_config.eos_token_id
+    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids.append(tokenizer.eos_token_id)
+    if END_OF_TURN in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids(END_OF_TURN))
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0) -> str:
-    """Complete ``prompt``; greedy when ``temperature`` is 0. Returns the new text only."""
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+             top_p: float = 1.0, image=None) -> str:
+    """Complete ``prompt``; greedy when ``temperature`` is 0. Returns the new text only.
+
+    ``tokenizer`` is a text model's tokenizer (plain completion) or a vision model's processor (a
+    chat turn, about ``image`` if given)."""
+    tok = text_tokenizer(tokenizer)
+    stop = {}
+    if tok is tokenizer:
+        if image is not None:
+            raise ShardtuneError("--image needs a vision model (e.g. Llama 3.2 Vision); this one is a text model.")
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    else:  # pixel values in the model's dtype (the processor gives fp32)
+        inputs = vision_inputs(tokenizer, prompt, image).to(model.device, dtype=model.dtype)
+        stop = {"eos_token_id": chat_stop_ids(model, tok)}
     sample = temperature > 0
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample,
                              temperature=temperature if sample else None,
-                             top_p=top_p if sample else None, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                             top_p=top_p if sample else None, pad_token_id=tok.pad_token_id, **stop)
+    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -77,9 +181,11 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="shardtune generate", description=__doc__)
+    ap = argparse.ArgumentParser(prog="shardtune generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="HF model directory, or PEFT adapter directory")
     ap.add_argument("--prompt", required=True)
+    ap.add_argument("--image", help="an image file (PNG, JPEG...) for a vision model; the prompt is asked about it")
     ap.add_argument("--base", help="base model for an adapter (default: the one it records)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
@@ -87,5 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     check_options(args)
-    model, tokenizer = load_for_inference(args.model, args.base, args.device)
-    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p))
+    image = None
+    if args.image is not None:  # refused before the model is loaded
+        family = model_family(args.model, args.base)
+        if not family.uses_processor:
+            raise ShardtuneError(
+                f"--image needs a vision model (e.g. Llama 3.2 Vision), but {args.model} is a text model "
+                f"({family.name} family). Drop --image, or pass a vision model or an adapter trained on one.")
+        image = load_image(args.image)
+    model, inputs = load_for_inference(args.model, args.base, args.device)
+    print(generate(model, inputs, args.prompt, args.max_new_tokens, args.temperature, args.top_p, image))
