@@ -78,7 +78,7 @@ class Setting:
     sep: str = ","  # task format: items joined by this
     kinds: int = 0  # 0 = all of shardtune.demo.task.KINDS, else its first `kinds`
     members: int = 0  # 0 = every member of each kind, else only its first `members`
-    threads: int = 1  # torch intra-op threads (shardtune.demo.run.NUM_THREADS)
+    threads: int = 1  # torch intra-op threads (shardtune.demo.driver.NUM_THREADS)
 
 
 # The search: the demo's setting over a few seeds, then the alternatives that did worse; each

@@ -127,8 +127,9 @@ def attention_for(cfg: Config, env: DistEnv) -> AttentionChoice:
                             model_supports_flash=supports_flash is not False, model_name=cls.__name__)
 
 
-def setup_data(cfg: Config, tokenizer, env: DistEnv):
+def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily):
     t = cfg.train
+    required = family.required_batch_keys  # a vision model's batches must all carry images
     varlen = attention_for(cfg, env).packed_needs_varlen  # flash-attn gets no mask for packed rows
     train_split = load_split(cfg, tokenizer, "train")
     say(env, f"train data: {train_split.report.summary()}")
@@ -136,7 +137,8 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv):
         train_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
         batch_size=t.batch_size_training, context_length=t.context_length, shuffle=True,
         seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=True,
-        num_workers=t.num_workers_dataloader, collate_fn=train_split.collate_fn, packed_varlen=varlen)
+        num_workers=t.num_workers_dataloader, collate_fn=train_split.collate_fn, packed_varlen=varlen,
+        required_keys=required)
     if len(train_loader) == 0:
         raise ShardtuneError(
             f"The training set gives no full batch: {len(train_split.samples)} samples (after "
@@ -152,19 +154,21 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv):
             eval_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
             batch_size=t.val_batch_size, context_length=t.context_length, shuffle=False,
             seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=False,
-            num_workers=t.num_workers_dataloader, collate_fn=eval_split.collate_fn, packed_varlen=varlen)
+            num_workers=t.num_workers_dataloader, collate_fn=eval_split.collate_fn, packed_varlen=varlen,
+            required_keys=required)
     return train_loader, eval_loader
 
 
 def setup(cfg: Config, env: DistEnv) -> Components:
     t = cfg.train
     set_seed(t.seed)
-    check_family_options(cfg, family_for_config(load_config(t.model_name)))
+    family = family_for_config(load_config(t.model_name))
+    check_family_options(cfg, family)
     tokenizer = load_inputs(t.model_name, t.tokenizer_name)  # the processor of a vision model
     for line in describe_precision(cfg, env):
         say(env, line)
     say(env, attention_for(cfg, env).describe())
-    train_loader, eval_loader = setup_data(cfg, tokenizer, env)
+    train_loader, eval_loader = setup_data(cfg, tokenizer, env, family)
     model = setup_model(cfg, env, tokenizer)
     optimizer = build_optimizer(model.parameters(), t, cfg.fsdp)
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
@@ -387,10 +391,16 @@ def check_family_options(cfg: Config, family: ModelFamily) -> None:
         raise ShardtuneError(
             "--peft_method llama_adapter is for text models: peft's LLaMA-Adapter wraps Llama's "
             "self-attention and does not know Llama 3.2 Vision's. Use --peft_method lora.")
-    if t.freeze_vision_tower and not family.is_vision:
-        raise ShardtuneError(
-            "--freeze_vision_tower is for vision models (Llama 3.2 Vision / Mllama); this model has no "
-            "vision tower. Drop the flag.")
+    for flag, on in (("--freeze_LLM_only", t.freeze_LLM_only), ("--freeze_vision_tower", t.freeze_vision_tower)):
+        if on and not family.is_vision:
+            raise ShardtuneError(
+                f"{flag} is for vision models (Llama 3.2 Vision / Mllama), which have a language model and a "
+                "vision tower to freeze separately; this model has none. Use --freeze_layers or --use_peft.")
+        if on and t.use_peft:  # peft freezes every base weight: the parts the flag keeps would not train
+            raise ShardtuneError(
+                f"{flag} chooses which base weights train, but --use_peft freezes all of them and trains only "
+                "the adapter, so the flag would change nothing. Use one or the other (a LoRA can reach "
+                "the vision tower through --lora_config.target_modules with dotted names: docs/vision.md).")
 
 
 def preflight(cfg: Config, world_size: int) -> list[str]:

@@ -90,6 +90,17 @@ def test_plain_lora_targets_stay_in_the_language_model_and_dotted_ones_reach_the
     assert any("cross_attn.q_proj" in n for n in adapted) and any("self_attn.v_proj" in n for n in adapted)
 
 
+def test_a_plain_lora_target_the_language_model_lacks_is_refused_not_dropped(vision):
+    from shardtune.config.errors import ConfigError
+
+    cfg = parse_args(["--use_peft", "--lora_config.target_modules", "q_proj,fc1"]).config
+    with pytest.raises(ConfigError, match=r"'fc1'.*outside the language model.*mlp\.fc1"):
+        apply_peft(vision, cfg)  # fc1 is the vision MLP's: q_proj alone must not silently train
+    cfg = parse_args(["--use_peft", "--lora_config.target_modules", "q_projj"]).config
+    with pytest.raises(ConfigError, match="no module has that name"):
+        apply_peft(vision, cfg)
+
+
 def test_dotted_lora_targets_reach_the_vision_tower(tiny_vision_model_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -139,6 +150,35 @@ def test_single_process_freeze_llm_only_keeps_the_language_model_bit_identical(t
     assert result["train_step_loss"][-1] < result["train_step_loss"][0]
 
 
+def test_single_process_freeze_vision_tower_trains_exactly_the_language_model(tmp_path, tiny_vision_model_dir,
+                                                                               colour_rows):
+    from safetensors.torch import load_file
+
+    _run(tmp_path, tiny_vision_model_dir, colour_rows, "--freeze_vision_tower")
+    before = load_file(str(tiny_vision_model_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    tower = {n for n in before if n.startswith(("vision_model.", "multi_modal_projector."))}
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert tower and not changed & tower
+    assert changed == set(before) - tower  # every language-model weight trained
+
+
+def test_a_vision_batch_without_images_is_an_error_not_a_silent_text_run(tmp_path, tiny_vision_model_dir):
+    """A custom dataset of text rows for a vision model: Mllama would skip its vision side (and
+    under FSDP ranks with and without images would run different collectives)."""
+    from shardtune.finetuning import main as finetune
+
+    data = tmp_path / "text.py"
+    data.write_text("def get_custom_dataset(dataset_config, processor, split):\n"
+                    "    ids = processor.tokenizer('a short text row').input_ids\n"
+                    "    return [{'input_ids': ids, 'labels': ids} for _ in range(8)]\n")
+    with pytest.raises(ShardtuneError, match="A batch has no pixel_values"):
+        finetune(["--model_name", str(tiny_vision_model_dir), "--dataset", "custom_dataset", "--custom_dataset.file",
+                  str(data), "--batching_strategy", "padding", "--output_dir", str(tmp_path / "o"),
+                  "--batch_size_training", "2", "--run_validation", "False", "--num_workers_dataloader", "0",
+                  "--device", "cpu", "--custom_dataset.test_split", "test"])
+
+
 def test_vision_options_that_cannot_work_are_refused_before_any_work(tmp_path, tiny_vision_model_dir, tiny_model_dir,
                                                                       colour_rows):
     from shardtune.finetuning import main as finetune
@@ -150,9 +190,13 @@ def test_vision_options_that_cannot_work_are_refused_before_any_work(tmp_path, t
     with pytest.raises(ShardtuneError, match="llama_adapter is for text models"):
         finetune(["--model_name", str(tiny_vision_model_dir), *base, "--batching_strategy", "padding", "--use_peft",
                   "--peft_method", "llama_adapter"])
-    with pytest.raises(ShardtuneError, match="no vision tower"):
-        finetune(["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset", "--freeze_vision_tower",
-                  "--output_dir", str(tmp_path / "o")])
+    for flag in ("--freeze_vision_tower", "--freeze_LLM_only"):
+        with pytest.raises(ShardtuneError, match="this model has none"):
+            finetune(["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset", flag,
+                      "--output_dir", str(tmp_path / "o")])
+        with pytest.raises(ShardtuneError, match="--use_peft freezes all of them"):
+            finetune(["--model_name", str(tiny_vision_model_dir), *base, "--batching_strategy", "padding",
+                      flag, "--use_peft"])
     assert not (tmp_path / "o").exists()
 
 

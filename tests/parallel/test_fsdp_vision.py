@@ -147,8 +147,9 @@ def test_freeze_llm_only_trains_cross_attention_and_vision_and_nothing_else(resu
 
 def test_freeze_vision_tower_trains_the_language_model_only(results):
     r = results["freeze_vision"]
-    assert not any("vision_model" in n or "multi_modal_projector" in n for n in r["trainable"])
-    assert set(r["changed"]) <= set(r["trainable"]) and r["changed"]
+    tower = {n for n in r["all_params"] if "vision_model" in n or "multi_modal_projector" in n}
+    assert tower and set(r["trainable"]) == set(r["all_params"]) - tower
+    assert set(r["changed"]) == set(r["trainable"])
 
 
 def test_lora_targets_the_language_model_and_matches_one_process(results, single, setting):
@@ -214,3 +215,43 @@ def test_resume_equals_the_uninterrupted_run(results):
     assert len(full) == 5 and _close(first, full[:2]) and _close(resumed, full[2:]), (full, first, resumed)
     torch.testing.assert_close(torch.tensor(results["resumed"]["logits"]), torch.tensor(results["uninterrupted"]["logits"]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_sigterm_saves_a_vision_checkpoint_that_resumes(setting, tmp_path):
+    """Pre-emption as for text: SIGTERM to the ranks -> a checkpoint at the step reached, exit 0,
+    and --resume continues from it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from shardtune.checkpoint import layout
+
+    out = tmp_path / "out"
+    args = _fsdp(_with(_with(setting["common"], "--output_dir", str(out)), "--max_train_step", "0"),
+                 "--num_epochs", "500", "--save_metrics")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             "-m", "shardtune.finetuning", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        end = time.monotonic() + 120
+        while not (out / "metrics.json").is_file() and time.monotonic() < end:  # an epoch is done
+            time.sleep(0.05)
+        for child in psutil.Process(proc.pid).children():  # the ranks, as a cluster would signal them
+            child.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                p.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "pre-empted (SIGTERM)" in stdout
+    state = json.loads((layout.latest_checkpoint(out / "checkpoints" / "fine-tuned") / "train_state.json").read_text())
+    assert state["has_optimizer"] and state["step"] >= 9  # at least the first epoch's 9 steps
+    resumed = finetune(_single(_with(_with(setting["common"], "--output_dir", str(out)), "--max_train_step",
+                                     str(state["step"] + 1)), "--num_epochs", "500", "--resume"))
+    assert resumed["steps"] == state["step"] + 1 and len(resumed["train_step_loss"]) == 1

@@ -78,13 +78,25 @@ class PackedCollator:
 
 class MaskFillers:
     """Runs ``inner`` on the rows, then sets the labels of filler rows to -100 so they add no loss
-    and no label tokens (they exist only to keep ranks in step)."""
+    and no label tokens (they exist only to keep ranks in step).
 
-    def __init__(self, inner: Callable[[list], Any]) -> None:
+    ``required``: keys every batch must carry (a vision model's ``pixel_values``: Mllama skips its
+    vision tower and cross-attention layers for a batch without images, so under FSDP ranks would
+    run different collectives, and a text-only dataset would silently train only the text side)."""
+
+    def __init__(self, inner: Callable[[list], Any], required: Sequence[str] = ()) -> None:
         self.inner = inner
+        self.required = tuple(required)
 
     def __call__(self, items: list[tuple[Any, bool]]) -> Any:
         batch = self.inner([row for row, _ in items])
+        missing = [k for k in self.required if not isinstance(batch, dict) or batch.get(k) is None]
+        if missing:
+            raise ShardtuneError(
+                f"A batch has no {', '.join(missing)}, which every batch for this vision model needs: "
+                "without images the model skips its vision tower and cross-attention layers (under FSDP "
+                "the ranks would then disagree). Give every row an image (a custom dataset's "
+                "get_data_collator must run the processor on the images), or drop the text-only rows.")
         fill = [j for j, (_, is_filler) in enumerate(items) if is_filler]
         if fill:
             labels: Optional[torch.Tensor] = batch.get("labels") if isinstance(batch, dict) else None

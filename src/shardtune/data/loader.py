@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +18,8 @@ from .workers import worker_options
 def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrategy, batch_size: int,
                      context_length: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
                      drop_last: bool = True, num_workers: int = 0,
-                     collate_fn: Optional[Callable] = None, packed_varlen: bool = False) -> DataLoader:
+                     collate_fn: Optional[Callable] = None, packed_varlen: bool = False,
+                     required_keys: Sequence[str] = ()) -> DataLoader:
     """A loader of this rank's micro-batches; call ``loader.batch_sampler.set_epoch(e)`` each epoch.
 
     padding: length-grouped batches right-padded to their longest sample (input_ids, labels,
@@ -26,6 +27,7 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
     position_ids; no attention_mask; with ``packed_varlen`` also the documents' cumulative lengths
     that flash-attn needs). ``collate_fn`` (a custom dataset's collator, or a vision dataset's)
     replaces the padding collator; packing is refused with one. ``tokenizer`` may be a processor.
+    ``required_keys``: what every batch must carry (a vision model's ``pixel_values``).
     """
     strategy = BatchingStrategy(strategy)
     pad_id = pad_token_id(getattr(tokenizer, "tokenizer", tokenizer))  # a processor holds its tokenizer
@@ -58,7 +60,7 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
     # Its own generator: creating an epoch's iterator draws a worker base seed, which would
     # otherwise consume the global RNG that dropout uses and break exact resume.
     generator = torch.Generator().manual_seed(seed)
-    collate = MaskFillers(inner)
+    collate = MaskFillers(inner, required=required_keys)
     return DataLoader(rows, batch_sampler=sampler, collate_fn=collate, generator=generator,
                       **worker_options(num_workers, rows.samples, collate))
 

@@ -45,6 +45,11 @@ class ModelFamily:
     legacy_renames: tuple[tuple[str, str], ...] = ()
     # Module holding the language model: plain LoRA target names (q_proj) apply inside it only.
     language_model_module: str | None = None
+    # Keys every training batch must carry (Mllama skips its vision side for a batch without images).
+    required_batch_keys: tuple[str, ...] = ()
+    # The image part of a probe (model/probes.py): (config, tokens, seed) -> input_ids' first
+    # token and the image tensors; None for text models.
+    image_probe: Callable | None = None
 
     @property
     def is_vision(self) -> bool:
@@ -55,13 +60,26 @@ class ModelFamily:
 
         return getattr(transformers, self.model_class_name or "AutoModelForCausalLM")
 
-    def lora_targets(self, names):
+    def lora_targets(self, names, model: nn.Module | None = None):
         """peft ``target_modules`` for the user's names: plain names (``q_proj``) target the language
         model only (a vision tower has ``q_proj`` layers too); ``all-linear``, a regex string or a
-        list with dotted names (``self_attn.q_proj``) go to peft as given, over the whole model."""
+        list with dotted names (``self_attn.q_proj``) go to peft as given, over the whole model.
+        With ``model``, a plain name that names no module of the language model is refused (it
+        would otherwise be dropped without a word)."""
         scope = self.language_model_module
         if scope is None or isinstance(names, str) or any("." in n for n in names):
             return names
+        if model is not None:
+            inside = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if f"{scope}." in f"{n}."}
+            outside = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            for name in names:
+                if name not in inside:
+                    where = ("it names modules outside the language model (the vision tower); target them "
+                             f"with a dotted name such as mlp.{name} or self_attn.{name}, which peft matches "
+                             "over the whole model" if name in outside else "no module has that name")
+                    raise ConfigError(
+                        f"--lora_config.target_modules {name!r}: plain names target the language model of "
+                        f"this {self.name} model, and it has no {name!r} module; {where}.")
         alternatives = "|".join(re.escape(n) for n in names)
         return rf"(?:.*\.)?{re.escape(scope)}\..*\.({alternatives})"
 
@@ -115,6 +133,25 @@ def _mllama_vision_tower(model: nn.Module) -> set[str]:
     return _params_under(model, lambda n, _: n.split(".")[-1] in ("vision_model", "multi_modal_projector"))
 
 
+def _mllama_image_probe(config, ids: list[int], seed: int) -> dict:
+    """Seeded noise as one image of one tile that every token attends to; the first token becomes
+    the image token where the embeddings have it."""
+    import torch
+
+    vision, tokens = config.vision_config, len(ids)
+    if config.image_token_index < config.get_text_config().vocab_size + 8:  # MllamaTextModel's rows
+        ids[0] = config.image_token_index
+    tiles, size = vision.max_num_tiles, vision.image_size
+    g = torch.Generator().manual_seed(seed)
+    aspect_ratio_mask = torch.zeros(1, 1, tiles, dtype=torch.long)
+    aspect_ratio_mask[..., 0] = 1
+    cross_attention_mask = torch.zeros(1, tokens, 1, tiles, dtype=torch.long)
+    cross_attention_mask[..., 0] = 1
+    return {"pixel_values": torch.randn(1, 1, tiles, vision.num_channels, size, size, generator=g),
+            "aspect_ratio_ids": torch.ones(1, 1, dtype=torch.long), "aspect_ratio_mask": aspect_ratio_mask,
+            "cross_attention_mask": cross_attention_mask}
+
+
 FAMILIES = (
     ModelFamily(
         name="llama",
@@ -134,6 +171,8 @@ FAMILIES = (
         uses_processor=True,
         freeze_groups={"language_model": _mllama_language_model, "vision_tower": _mllama_vision_tower},
         language_model_module="language_model",
+        required_batch_keys=("pixel_values",),
+        image_probe=_mllama_image_probe,
         # transformers < 5 layout (what llama-recipes checkpoints of 2024/25 hold).
         legacy_renames=((r"^language_model\.lm_head\.", "lm_head."),
                         (r"^language_model\.model\.", "model.language_model."),

@@ -22,7 +22,7 @@ def peft_config_for(cfg, model: nn.Module):
         fields = dataclasses.asdict(cfg.lora)
         if [m.lower() for m in fields["target_modules"]] == ["all-linear"]:
             fields["target_modules"] = "all-linear"  # peft's keyword: every linear layer but the head
-        fields["target_modules"] = family_of(model).lora_targets(fields["target_modules"])
+        fields["target_modules"] = family_of(model).lora_targets(fields["target_modules"], model)
         return LoraConfig(**fields)
     if method == PeftMethod.llama_adapter:
         n_layers = len(family_of(model).text_layers(model))

@@ -2,8 +2,8 @@
 
 A vision model is probed with an image as well as text: without ``pixel_values`` Mllama skips its
 cross-attention layers, so a text-only probe would not see the vision tower, the projector or the
-cross-attention weights at all. The image is seeded noise of the size the vision config asks
-for, in one tile that every text token attends to.
+cross-attention weights at all. The family table's ``image_probe`` builds the image (for Mllama:
+seeded noise of the size the vision config asks for, in one tile every text token attends to).
 """
 
 from __future__ import annotations
@@ -23,21 +23,11 @@ def probe_inputs(model: nn.Module, tokens: int = PROBE_TOKENS, seed: int = 0) ->
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = min(getattr(text, "vocab_size", None) or 10**9, base.get_input_embeddings().weight.shape[0])
     ids = [(i * 7919 + 11) % vocab for i in range(tokens)]
-    if not family_for_config(config).is_vision:
+    probe = family_for_config(config).image_probe
+    if probe is None:
         return {"input_ids": torch.tensor([ids])}
-    vision = config.vision_config
-    if config.image_token_index < base.get_input_embeddings().weight.shape[0]:
-        ids[0] = config.image_token_index  # (a config may name a token its embeddings lack)
-    tiles, size = vision.max_num_tiles, vision.image_size
-    g = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(1, 1, tiles, vision.num_channels, size, size, generator=g)
-    aspect_ratio_mask = torch.zeros(1, 1, tiles, dtype=torch.long)
-    aspect_ratio_mask[..., 0] = 1
-    cross_attention_mask = torch.zeros(1, tokens, 1, tiles, dtype=torch.long)
-    cross_attention_mask[..., 0] = 1  # every token sees the image's one tile
-    return {"input_ids": torch.tensor([ids]), "pixel_values": pixel_values,
-            "aspect_ratio_ids": torch.ones(1, 1, dtype=torch.long), "aspect_ratio_mask": aspect_ratio_mask,
-            "cross_attention_mask": cross_attention_mask}
+    image = probe(config, ids, seed)  # may set ids[0] to the image token
+    return {"input_ids": torch.tensor([ids]), **image}
 
 
 @torch.no_grad()
