@@ -282,7 +282,7 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
     from peft import PeftModel
 
     from shardtune.model.loading import load_model
-    from shardtune.model.quantization import bnb_config
+    from shardtune.model.quantization import bnb_config, keep_packed_layout
 
     cfg = parse_args(_args(tiny_model_dir, tmp_path, "--use_peft", "--quantization", bits,
                            "--quantization_config.quant_type", "nf4", "--quantization_config.use_double_quant",
@@ -297,6 +297,7 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
     frozen = {n: p.detach().clone() for n, p in c.model.named_parameters() if not p.requires_grad}
     results = train(cfg, env, c)
     assert results["train_step_loss"][-1] < results["train_step_loss"][0]
+
     def same_bits(a, b):  # packed 4-bit data viewed as float32 holds NaN patterns: compare bytes
         return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
@@ -305,6 +306,7 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
     # the adapter directory loads on the same quantized base with the trained logits...
     quantized = load_model(str(tiny_model_dir), dtype=torch.float32, attn="sdpa",
                            quantization=bnb_config(bits, cfg.quantization))
+    keep_packed_layout(quantized)  # the same 4-bit kernel as training (not bitsandbytes' CPU repacking)
     reloaded = PeftModel.from_pretrained(quantized, tmp_path / "out")
     torch.testing.assert_close(_probe(reloaded, c.tokenizer), trained, rtol=0, atol=1e-4)
     # ...and on the unquantized base (what deployment and `convert --merge` use)
@@ -316,7 +318,9 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
 
 @pytest.mark.parametrize("flags,message", [
     (["--quantization", "4bit"], "add --use_peft"),
-    (["--quantization", "4bit", "--use_peft", "--enable_fsdp"], "not supported in this version"),
+    (["--quantization", "8bit", "--use_peft", "--enable_fsdp"], "int8 weights, which FSDP cannot shard"),
+    (["--quantization", "4bit", "--use_peft", "--enable_fsdp", "--low_cpu_fsdp"], "Drop --low_cpu_fsdp"),
+    (["--quantization", "4bit", "--use_peft", "--enable_fsdp", "--fsdp_config.fsdp_cpu_offload"], "Drop the offload"),
     (["--quantization", "4bit", "--use_peft", "--merge_lora"], "shardtune convert OUTPUT_DIR MERGED --merge"),
     (["--quantization", "2bit", "--use_peft"], "must be 4bit or 8bit"),
     (["--quantization", "4bit", "--use_peft", "--quantization_config.quant_type", "int4"], "fp4 or nf4"),
@@ -328,3 +332,23 @@ def test_qlora_combinations_that_cannot_work_are_refused(flags, message):
 
     with pytest.raises(ConfigError, match=message):
         parse_args(flags)
+
+
+def test_qlora_keeps_training_after_an_evaluation(tiny_model_dir, tmp_path):
+    """On CPUs with AVX512-BF16 bitsandbytes repacks a 4-bit weight for inference the first time it
+    runs in eval mode without gradients; training after that evaluation went wrong (the loss
+    stopped falling and the next evaluation repeated the last one to every digit)."""
+    pytest.importorskip("bitsandbytes")
+    from shardtune.finetuning import main as finetune
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Add {i} and {i + 1}.", "output": f"The answer is {2 * i + 1}."}
+                                for i in range(40)]))
+    result = finetune(["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path",
+                       str(data), "--output_dir", str(tmp_path / "out"), "--save_model", "False", "--use_peft",
+                       "--quantization", "4bit", "--quantization_config.compute_dtype", "float32",
+                       "--quantization_config.quant_storage", "float32", "--num_epochs", "3", "--lr", "1e-2",
+                       "--batch_size_training", "4", "--context_length", "64", "--device", "cpu",
+                       "--lora_config.lora_dropout", "0", "--save_metrics"])
+    val = json.loads((tmp_path / "out" / "metrics.json").read_text())["val_epoch_loss"]
+    assert len(val) == 3 and val[0] > val[1] > val[2], val

@@ -35,7 +35,7 @@ from .model.attention import AttentionChoice, choose_attention
 from .model.loading import check_model_source, check_vocab_fits, load_config, load_inputs, load_model, match_vocab
 from .ownership import check_output_dir, record as record_owned
 from .model.peft import apply_peft
-from .model.quantization import bnb_config, prepare_for_training
+from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
 from .parallel.activation_checkpointing import enable_activation_checkpointing
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
 from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model, weights_finite
@@ -86,10 +86,13 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
         model = build_meta_model(t.model_name, dtype=dtype, attn=attn)
         check_vocab_fits(model, tokenizer)
     elif t.quantization:  # QLoRA: quantized as it loads, onto the device; the base stays frozen
+        if t.enable_fsdp:  # before the load: the packed 4-bit bytes must survive FSDP's casts
+            check_storage_for_fsdp(cfg.quantization, compute_dtype(cfg, env))
         model = load_model(t.model_name, dtype=dtype, attn=attn, device=env.device,
                            quantization=bnb_config(t.quantization, cfg.quantization))
         check_vocab_fits(model, tokenizer, "--quantization")
         model = prepare_for_training(model)
+        keep_packed_layout(model)
     else:
         model = load_model(t.model_name, dtype=dtype, attn=attn)
         match_vocab(model, tokenizer)
@@ -216,6 +219,8 @@ def top_entry_under(directory: str, path: Path) -> Optional[str]:
 
 def writes_resumable_checkpoints(cfg: Config) -> bool:
     t = cfg.train
+    if t.quantization:  # a quantized base has no plain state dict: QLoRA saves its adapter only
+        return False
     sharded = t.enable_fsdp and cfg.fsdp.checkpoint_type == StateDictType.SHARDED_STATE_DICT
     return sharded or t.save_every_n_steps > 0 or t.resume or bool(t.resume_from)
 

@@ -39,6 +39,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes (a 4-bit weight's packed bytes, stored in a float dtype, may read as NaN)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
 
@@ -68,7 +74,7 @@ def run_train(cfg, env, record_weights: bool = False) -> dict:
     results = train(cfg, env, c)
     after = snapshot(c.model)
     trained_logits = logits_of(c.model, c.tokenizer, env)
-    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    changed = sorted(n for n in before if not bitwise_equal(before[n], after[n]))
     weights = {n: t.tolist() for n, t in after.items()} if record_weights else None
     return {"weights": weights, "losses": results["train_step_loss"], "eval_loss": results["best_eval_loss"],
             "changed": changed, "all_params": sorted(before),

@@ -64,6 +64,16 @@ LORA_OPTIONS = {
 }
 
 
+# QLoRA on CPU: 4-bit weights stored in fp32, the dtype FSDP computes in here; dropout off (the
+# ranks' dropout masks come from other RNG streams than one process's)
+QLORA = ("--use_peft", "--quantization", "4bit", "--quantization_config.quant_type", "nf4",
+         "--quantization_config.compute_dtype", "float32", "--quantization_config.quant_storage", "float32",
+         "--lora_config.lora_dropout", "0")
+# Two epochs, so training goes on after an evaluation (eval mode without gradients is where
+# bitsandbytes repacks a 4-bit weight for CPUs; see model/quantization.keep_packed_layout).
+QLORA_STEPS = ("--num_epochs", "2", "--max_train_step", "11")
+
+
 def _fsdp(common: list[str], *extra: str) -> list[str]:
     return [*common, "--batch_size_training", "2", "--enable_fsdp", *extra]
 
@@ -93,6 +103,9 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True", "--merge_lora",
                                "--output_dir", str(setting["root"] / "lora-out"))},
         "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
+        **{f"qlora_{name}": {"args": _fsdp(c, *QLORA, *QLORA_STEPS, *flags, "--save_model", "True",
+                                           "--output_dir", str(setting["root"] / f"qlora-{name}"))}
+           for name, flags in STRATEGIES.items()},
         "freeze_layers": {"args": _fsdp(c, "--freeze_layers", "--num_freeze_layers", "1")},
         "pure_bf16_anyprecision": {"args": _fsdp(c, "--fsdp_config.pure_bf16", "--fsdp_config.optimizer", "anyprecision")},
         "fp16": {"args": _fsdp(c, "--use_fp16")},
@@ -140,6 +153,7 @@ def single_process(setting):
         "full": finetune(_single(c))["train_step_loss"],
         "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
         "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
+        "qlora": finetune(_single(c, *QLORA, *QLORA_STEPS)),
         "llama_adapter": finetune(_single(c, *LLAMA_ADAPTER))["train_step_loss"],
         **{f"lora_{name}": finetune(_single(c, "--use_peft", *flags))["train_step_loss"]
            for name, flags in LORA_OPTIONS.items()},
@@ -188,6 +202,28 @@ def test_llama_adapter_under_every_strategy_matches_one_process(two_rank_results
     r = two_rank_results[f"llama_adapter_{strategy}"]
     assert r["changed"] and all("adaption_" in n for n in r["changed"])  # only the adapter trains
     assert _close(r["losses"], single_process["llama_adapter"]), (r["losses"], single_process["llama_adapter"])
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_qlora_under_every_strategy_matches_one_process(two_rank_results, single_process, strategy, setting):
+    """QLoRA under FSDP2: 4-bit base weights (stored in the compute dtype) sharded and gathered
+    intact, LoRA trained as in one process, evaluation (eval mode, no grad: where bitsandbytes
+    would repack the gathered weight for CPUs) equal, and the adapter loads on the plain base."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    r, one = two_rank_results[f"qlora_{strategy}"], single_process["qlora"]
+    assert len(r["losses"]) == 11  # 9 steps, an evaluation, 2 more steps
+    assert r["changed"] and all(".lora_" in n for n in r["changed"])  # the 4-bit base is bit-identical
+    assert _close(r["losses"], one["train_step_loss"]), (r["losses"], one["train_step_loss"])
+    assert math.isclose(r["eval_loss"], one["best_eval_loss"], rel_tol=RTOL), (r["eval_loss"], one["best_eval_loss"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(setting["model"], dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, str(setting["root"] / f"qlora-{strategy}"))
+    assert any(".lora_B" in n and p.abs().sum() > 0 for n, p in adapted.named_parameters())
 
 
 def test_freeze_layers_freezes_exactly_the_first_layers(two_rank_results):

@@ -28,6 +28,40 @@ def bnb_config(bits: str, q: quantization_config):
                               bnb_4bit_quant_storage=DTYPES[q.quant_storage])
 
 
+def keep_packed_layout(model: torch.nn.Module) -> None:
+    """Keep every 4-bit layer's weight in the layout FSDP shards and gathers.
+
+    On CPUs with AVX512-BF16, bitsandbytes rewrites a 4-bit weight in place into a CPU-specific
+    packing the first time the layer runs in eval mode without gradients (evaluation,
+    generation), an inference speed-up that training must not get:
+
+    * in one process, training after the first evaluation went wrong (measured here: the loss
+      stopped falling and the next evaluation gave the same loss to the last digit);
+    * under FSDP the rewrite lands in the gathered copy while the shards keep the old layout, so
+      the next gather pairs old bytes with the new layout's quant state.
+
+    The switch is the layer's own ``support_avx512bf16_for_cpu`` setting."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def check_storage_for_fsdp(q: quantization_config, fsdp_dtype: torch.dtype) -> None:
+    """FSDP casts every parameter it gathers to its compute dtype; a 4-bit weight's packed bytes
+    survive only if they are already stored in it (``quant_storage``), or the bytes would be
+    converted as if they were numbers."""
+    from ..config.errors import ConfigError
+
+    if DTYPES[q.quant_storage] != fsdp_dtype:
+        want = str(fsdp_dtype).removeprefix("torch.")
+        raise ConfigError(
+            f"--quantization under FSDP needs the 4-bit weights stored in the dtype FSDP computes in ({want} "
+            f"for this run), but --quantization_config.quant_storage is {q.quant_storage}: FSDP would convert "
+            f"the packed bytes as numbers. Pass --quantization_config.quant_storage {want}.")
+
+
 def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
     """Freeze the quantized base and keep its unquantized layers in fp32 (peft's k-bit recipe)."""
     from peft import prepare_model_for_kbit_training
