@@ -74,6 +74,11 @@ QLORA = ("--use_peft", "--quantization", "4bit", "--quantization_config.quant_ty
 QLORA_STEPS = ("--num_epochs", "2", "--max_train_step", "11")
 
 
+# LoRA on the embeddings and the head as well (peft's lora_embedding_A/B for embed_tokens)
+LORA_EMBED = ("--use_peft", "--lora_config.target_modules", "q_proj,v_proj,embed_tokens,lm_head",
+              "--lora_config.lora_dropout", "0")
+
+
 def _fsdp(common: list[str], *extra: str) -> list[str]:
     return [*common, "--batch_size_training", "2", "--enable_fsdp", *extra]
 
@@ -103,6 +108,9 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True", "--merge_lora",
                                "--output_dir", str(setting["root"] / "lora-out"))},
         "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
+        "lora_embed": {"args": _fsdp(c, *LORA_EMBED, "--save_model", "True", "--merge_lora",
+                                     "--output_dir", str(setting["root"] / "lora-embed-out"))},
+        "lora_embed_low_cpu": {"args": _fsdp(c, *LORA_EMBED, "--low_cpu_fsdp")},
         **{f"qlora_{name}": {"args": _fsdp(c, *QLORA, *QLORA_STEPS, *flags, "--save_model", "True",
                                            "--output_dir", str(setting["root"] / f"qlora-{name}"))}
            for name, flags in STRATEGIES.items()},
@@ -154,6 +162,7 @@ def single_process(setting):
         "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
         "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
         "qlora": finetune(_single(c, *QLORA, *QLORA_STEPS)),
+        "lora_embed": finetune(_single(c, *LORA_EMBED))["train_step_loss"],
         "llama_adapter": finetune(_single(c, *LLAMA_ADAPTER))["train_step_loss"],
         **{f"lora_{name}": finetune(_single(c, "--use_peft", *flags))["train_step_loss"]
            for name, flags in LORA_OPTIONS.items()},
@@ -202,6 +211,31 @@ def test_llama_adapter_under_every_strategy_matches_one_process(two_rank_results
     r = two_rank_results[f"llama_adapter_{strategy}"]
     assert r["changed"] and all("adaption_" in n for n in r["changed"])  # only the adapter trains
     assert _close(r["losses"], single_process["llama_adapter"]), (r["losses"], single_process["llama_adapter"])
+
+
+def test_lora_on_embeddings_and_head_under_fsdp_and_low_cpu_matches_one_process_and_merges(
+        two_rank_results, single_process, setting):
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = two_rank_results["lora_embed"]
+    assert any("embed_tokens.lora_embedding_A" in n for n in r["trainable"])
+    assert any("lm_head.lora_A" in n for n in r["trainable"])
+    assert set(r["changed"]) == set(r["trainable"])
+    assert _close(r["losses"], single_process["lora_embed"]), (r["losses"], single_process["lora_embed"])
+    assert _close(two_rank_results["lora_embed_low_cpu"]["losses"], single_process["lora_embed"])
+    out = setting["root"] / "lora-embed-out"
+    tok = AutoTokenizer.from_pretrained(setting["model"])
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])  # fsdp_worker.PROBE
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setting["model"]), str(out)).eval()
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        # the saved adapter is the trained one, and the merge drops no layer
+        torch.testing.assert_close(adapted(ids).logits, torch.tensor(r["logits"]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
