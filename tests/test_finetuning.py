@@ -321,7 +321,6 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
     (["--quantization", "8bit", "--use_peft", "--enable_fsdp"], "int8 weights, which FSDP cannot shard"),
     (["--quantization", "4bit", "--use_peft", "--enable_fsdp", "--low_cpu_fsdp"], "Drop --low_cpu_fsdp"),
     (["--quantization", "4bit", "--use_peft", "--enable_fsdp", "--fsdp_config.fsdp_cpu_offload"], "Drop the offload"),
-    (["--quantization", "4bit", "--use_peft", "--merge_lora"], "shardtune convert OUTPUT_DIR MERGED --merge"),
     (["--quantization", "2bit", "--use_peft"], "must be 4bit or 8bit"),
     (["--quantization", "4bit", "--use_peft", "--quantization_config.quant_type", "int4"], "fp4 or nf4"),
     (["--quantization", "4bit", "--use_peft", "--peft_method", "llama_adapter"], "needs --peft_method lora"),
@@ -352,3 +351,35 @@ def test_qlora_keeps_training_after_an_evaluation(tiny_model_dir, tmp_path):
                        "--lora_config.lora_dropout", "0", "--save_metrics"])
     val = json.loads((tmp_path / "out" / "metrics.json").read_text())["val_epoch_loss"]
     assert len(val) == 3 and val[0] > val[1] > val[2], val
+
+
+def test_qlora_merge_lora_folds_the_adapter_into_the_plain_base(tiny_model_dir, tmp_path):
+    """--merge_lora with --quantization: merged onto the unquantized base (its dtype), equal to the
+    adapter applied by peft on that base; never into the 4-bit weights."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.finetuning import main as finetune
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Add {i} and {i + 1}.", "output": f"The answer is {2 * i + 1}."}
+                                for i in range(24)]))
+    out = tmp_path / "out"
+    finetune(["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path",
+              str(data), "--output_dir", str(out), "--use_peft", "--lora_config.target_modules",
+              "q_proj,v_proj,lm_head", "--quantization", "4bit", "--quantization_config.compute_dtype", "float32",
+              "--quantization_config.quant_storage", "float32", "--num_epochs", "1", "--max_train_step", "3",
+              "--lr", "1e-2", "--batch_size_training", "4", "--context_length", "64", "--device", "cpu",
+              "--run_validation", "False", "--merge_lora"])
+    ids = torch.tensor([[1, 17, 42, 99, 5, 230, 7]])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out)).eval()
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4)  # the adapter is in it
+    assert merged.dtype == base.dtype and (out / "merged" / "tokenizer_config.json").is_file()

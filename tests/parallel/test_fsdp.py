@@ -111,7 +111,7 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "lora_embed": {"args": _fsdp(c, *LORA_EMBED, "--save_model", "True", "--merge_lora",
                                      "--output_dir", str(setting["root"] / "lora-embed-out"))},
         "lora_embed_low_cpu": {"args": _fsdp(c, *LORA_EMBED, "--low_cpu_fsdp")},
-        **{f"qlora_{name}": {"args": _fsdp(c, *QLORA, *QLORA_STEPS, *flags, "--save_model", "True",
+        **{f"qlora_{name}": {"args": _fsdp(c, *QLORA, *QLORA_STEPS, *flags, "--save_model", "True", "--merge_lora",
                                            "--output_dir", str(setting["root"] / f"qlora-{name}"))}
            for name, flags in STRATEGIES.items()},
         "freeze_layers": {"args": _fsdp(c, "--freeze_layers", "--num_freeze_layers", "1")},
@@ -256,8 +256,12 @@ def test_qlora_under_every_strategy_matches_one_process(two_rank_results, single
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = AutoModelForCausalLM.from_pretrained(setting["model"], dtype=torch.float32)
-        adapted = PeftModel.from_pretrained(base, str(setting["root"] / f"qlora-{strategy}"))
+        adapted = PeftModel.from_pretrained(base, str(setting["root"] / f"qlora-{strategy}")).eval()
+        merged = AutoModelForCausalLM.from_pretrained(setting["root"] / f"qlora-{strategy}" / "merged").eval()
     assert any(".lora_B" in n and p.abs().sum() > 0 for n, p in adapted.named_parameters())
+    ids = torch.tensor([[1, 17, 42, 99, 5, 230, 7]])
+    with torch.no_grad():  # --merge_lora: onto the plain base, as peft applies the adapter there
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_freeze_layers_freezes_exactly_the_first_layers(two_rank_results):

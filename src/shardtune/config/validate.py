@@ -181,11 +181,6 @@ def _check_quantization(cfg) -> None:
                           "(the 4-bit base is already small).")
     if t.peft_method.value != "lora":
         raise ConfigError("--quantization (QLoRA) needs --peft_method lora.")
-    if t.merge_lora:
-        raise ConfigError("--merge_lora with --quantization would fold the adapter into quantized weights. "
-                          "Merge onto the unquantized base instead: shardtune convert OUTPUT_DIR MERGED "
-                          "--merge --model BASE_MODEL (its logits differ from the trained QLoRA model's by "
-                          "the quantization error of the base).")
     if t.save_every_n_steps > 0 or t.resume or t.resume_from:
         raise ConfigError("--quantization with step checkpoints (--save_every_n_steps, --resume, --resume_from) "
                           "is not supported in this version: a quantized base's state dict is not a plain "
