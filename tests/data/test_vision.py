@@ -381,3 +381,12 @@ def test_overlong_samples_are_truncated_with_their_images(tiny_processor, write_
     assert all(s["images"] == f["images"] for s, f in zip(split.samples, full.samples))
     batch = split.collate_fn(split.samples)
     assert batch["input_ids"].shape[1] == cut and batch["cross_attention_mask"].shape[1] == cut
+
+
+def test_hub_offline_is_clear(tiny_processor):
+    """datasets installed but offline (conftest sets HF_HUB_OFFLINE=1): one error saying what to pass."""
+    pytest.importorskip("datasets")
+    cfg = parse_args(["--dataset", "ocrvqa_dataset"]).config
+    with pytest.raises(ShardtuneError, match=r"Could not load 'HuggingFaceM4/the_cauldron' subset 'ocrvqa'.*"
+                                             r"--ocrvqa_dataset.data_path"):
+        load_split(cfg, tiny_processor, "train")

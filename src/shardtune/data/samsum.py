@@ -22,6 +22,7 @@ from ..config.configs import samsum_dataset, train_config
 from ..config.errors import ShardtuneError
 from .encoding import prompt_answer
 from .files import FORMATS, read_records, require_columns
+from .hub import load_from_hub
 from .prompts import SAMSUM_PROMPT
 from .rows import RawSplit, eval_count, text_field
 
@@ -88,14 +89,10 @@ def _load_hub(split: str, trust_remote_code: bool) -> list[dict]:
     # datasets >= 4 dropped dataset scripts and the argument; pass it only where it exists.
     if trust_remote_code and "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:
         kwargs["trust_remote_code"] = True
-    try:
-        ds = datasets.load_dataset(HUB_NAME, split=split, **kwargs)
-    except Exception as e:  # offline, unreachable, unknown split: all mean "use a local copy"
-        offline = " (offline mode is on: HF_HUB_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else ""
-        raise ShardtuneError(
-            f"Could not load the samsum dataset {HUB_NAME!r} split {split!r} from the Hugging Face "
-            f"Hub{offline}: {type(e).__name__}: {e}. Download it where you have access and pass "
-            f"{FLAG} pointing at a folder with {split}.<json|jsonl|parquet|csv> files, or at a "
-            f"single file with 'dialogue' and 'summary' fields.") from None
+    ds = load_from_hub(
+        f"the samsum dataset {HUB_NAME!r} split {split!r}",
+        f"Download it where you have access and pass {FLAG} pointing at a folder with "
+        f"{split}.<json|jsonl|parquet|csv> files, or at a single file with 'dialogue' and 'summary' fields.",
+        HUB_NAME, split=split, **kwargs)
     return ds.to_list()
 

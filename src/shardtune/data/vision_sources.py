@@ -17,6 +17,7 @@ from typing import Any, Optional
 from ..config.configs import ocrvqa_dataset
 from ..config.errors import ShardtuneError
 from .files import read_records
+from .hub import load_from_hub
 from .rows import row_name
 
 FLAG = "--ocrvqa_dataset.data_path"
@@ -135,14 +136,8 @@ def _undecoded(feature):
 
 
 def _load_hub(config: ocrvqa_dataset):
-    import datasets
-
-    try:
-        return datasets.load_dataset(config.hub_name, name=config.subset or None)
-    except Exception as e:  # offline, unreachable, unknown subset: all mean "use a local copy"
-        offline = " (offline mode is on: HF_HUB_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else ""
-        raise ShardtuneError(
-            f"Could not load {config.hub_name!r} subset {config.subset!r} from the Hugging Face Hub"
-            f"{offline}: {type(e).__name__}: {e}. Download it where you have access (for example "
-            f"datasets.load_dataset(...).save_to_disk(DIR)) and pass {FLAG} DIR, or a .jsonl/.parquet "
-            "file of rows.") from None
+    return load_from_hub(
+        f"{config.hub_name!r} subset {config.subset!r}",
+        "Download it where you have access (for example datasets.load_dataset(...).save_to_disk(DIR)) "
+        f"and pass {FLAG} DIR, or a .jsonl/.parquet file of rows.",
+        config.hub_name, name=config.subset or None)
