@@ -324,7 +324,6 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
     (["--quantization", "2bit", "--use_peft"], "must be 4bit or 8bit"),
     (["--quantization", "4bit", "--use_peft", "--quantization_config.quant_type", "int4"], "fp4 or nf4"),
     (["--quantization", "4bit", "--use_peft", "--peft_method", "llama_adapter"], "needs --peft_method lora"),
-    (["--quantization", "8bit", "--use_peft", "--save_every_n_steps", "2"], "step checkpoints"),
 ])
 def test_qlora_combinations_that_cannot_work_are_refused(flags, message):
     from shardtune.config import ConfigError
@@ -383,3 +382,34 @@ def test_qlora_merge_lora_folds_the_adapter_into_the_plain_base(tiny_model_dir, 
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4)  # the adapter is in it
     assert merged.dtype == base.dtype and (out / "merged" / "tokenizer_config.json").is_file()
+
+
+def test_qlora_step_checkpoint_resumes_exactly_in_one_process_and_converts(tiny_model_dir, tmp_path):
+    """One process: the checkpoint holds the adapter, its optimizer state and the 4-bit base's
+    bitsandbytes state (absmax, quant_map ...); resume continues exactly, and convert reports the
+    bitsandbytes state and writes the adapter (or, with --merge, the merged plain model)."""
+    pytest.importorskip("bitsandbytes")
+    from shardtune.convert.core import convert
+    from shardtune.finetuning import main as finetune
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Add {i} and {i + 1}.", "output": f"The answer is {2 * i + 1}."}
+                                for i in range(40)]))
+
+    def run(out, *extra):
+        return finetune(["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path",
+                         str(data), "--output_dir", str(out), "--save_model", "False", "--use_peft", "--quantization",
+                         "4bit", "--quantization_config.compute_dtype", "float32", "--quantization_config.quant_storage",
+                         "float32", "--num_epochs", "1", "--lr", "1e-2", "--batch_size_training", "4",
+                         "--context_length", "64", "--device", "cpu", "--run_validation", "False",
+                         "--lora_config.lora_dropout", "0", *extra])["train_step_loss"]
+
+    full = run(tmp_path / "full", "--max_train_step", "6")
+    first = run(tmp_path / "r", "--max_train_step", "3", "--save_every_n_steps", "3")
+    resumed = run(tmp_path / "r", "--max_train_step", "6", "--save_every_n_steps", "3", "--resume")
+    assert first == pytest.approx(full[:3], rel=1e-6) and resumed == pytest.approx(full[3:], rel=1e-6)
+    ckpt = tmp_path / "r" / "checkpoints" / "fine-tuned" / "step-000006"
+    summary = convert(ckpt, tmp_path / "adapter")
+    assert summary["adapter"] and any("bitsandbytes" in k for k in summary["dropped"])
+    merged = convert(ckpt, tmp_path / "merged", merge=True, verify=True)
+    assert not merged["adapter"] and merged["verify"]["max_abs_diff"] <= merged["verify"]["tolerance"]

@@ -219,8 +219,6 @@ def top_entry_under(directory: str, path: Path) -> Optional[str]:
 
 def writes_resumable_checkpoints(cfg: Config) -> bool:
     t = cfg.train
-    if t.quantization:  # a quantized base has no plain state dict: QLoRA saves its adapter only
-        return False
     sharded = t.enable_fsdp and cfg.fsdp.checkpoint_type == StateDictType.SHARDED_STATE_DICT
     return sharded or t.save_every_n_steps > 0 or t.resume or bool(t.resume_from)
 

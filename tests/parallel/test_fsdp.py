@@ -108,6 +108,13 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True", "--merge_lora",
                                "--output_dir", str(setting["root"] / "lora-out"))},
         "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
+        # QLoRA step checkpoint and exact resume (the adapter, its optimizer state and the base's
+        # bitsandbytes state are in the checkpoint; the 4-bit base itself comes from --model_name)
+        "qlora_uninterrupted": {"args": _fsdp(c, *QLORA, "--max_train_step", "6")},
+        "qlora_first_part": {"args": _fsdp(c, *QLORA, "--save_every_n_steps", "3",
+                                           "--output_dir", str(setting["root"] / "qlora-resume"))},
+        "qlora_resumed": {"args": _fsdp(c, *QLORA, "--max_train_step", "6", "--save_every_n_steps", "3", "--resume",
+                                        "--output_dir", str(setting["root"] / "qlora-resume"))},
         "lora_embed": {"args": _fsdp(c, *LORA_EMBED, "--save_model", "True", "--merge_lora",
                                      "--output_dir", str(setting["root"] / "lora-embed-out"))},
         "lora_embed_low_cpu": {"args": _fsdp(c, *LORA_EMBED, "--low_cpu_fsdp")},
@@ -211,6 +218,20 @@ def test_llama_adapter_under_every_strategy_matches_one_process(two_rank_results
     r = two_rank_results[f"llama_adapter_{strategy}"]
     assert r["changed"] and all("adaption_" in n for n in r["changed"])  # only the adapter trains
     assert _close(r["losses"], single_process["llama_adapter"]), (r["losses"], single_process["llama_adapter"])
+
+
+def test_qlora_step_checkpoint_resumes_exactly_and_converts_to_the_adapter(two_rank_results, setting, tmp_path):
+    from safetensors.torch import load_file
+
+    from shardtune.convert.core import convert
+
+    full, first, resumed = (two_rank_results[k]["losses"] for k in ("qlora_uninterrupted", "qlora_first_part",
+                                                                    "qlora_resumed"))
+    assert len(full) == 6 and _close(first, full[:3]) and _close(resumed, full[3:]), (full, first, resumed)
+    ckpt = setting["root"] / "qlora-resume" / "checkpoints" / "fine-tuned" / "step-000006"
+    summary = convert(ckpt, tmp_path / "adapter")
+    assert summary["adapter"]
+    assert all(".lora_" in k for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
 
 
 def test_lora_on_embeddings_and_head_under_fsdp_and_low_cpu_matches_one_process_and_merges(

@@ -181,11 +181,6 @@ def _check_quantization(cfg) -> None:
                           "(the 4-bit base is already small).")
     if t.peft_method.value != "lora":
         raise ConfigError("--quantization (QLoRA) needs --peft_method lora.")
-    if t.save_every_n_steps > 0 or t.resume or t.resume_from:
-        raise ConfigError("--quantization with step checkpoints (--save_every_n_steps, --resume, --resume_from) "
-                          "is not supported in this version: a quantized base's state dict is not a plain "
-                          "one. The adapter is saved at every save point; continue it with "
-                          "--from_peft_checkpoint.")
     if q.quant_type not in ("fp4", "nf4"):
         raise ConfigError(f"--quantization_config.quant_type must be fp4 or nf4, got {q.quant_type!r}.")
     for name in ("compute_dtype", "quant_storage"):

@@ -41,6 +41,8 @@ EXTRA_HEADS = {"lr_scheduler", "scheduler", "schedulers", "rng", "rng_state", "r
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _LORA_EMB = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?$")
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>[^.]+)$")
+# bitsandbytes' state of a 4/8-bit base weight (a QLoRA step checkpoint holds it beside the adapter)
+_QUANT_STATE = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)$|\.quant_state\.")
 _OTHER_PEFT = ("lora_magnitude_vector", "adaption_prompt", "adaption_gate", "prompt_encoder",
                "lora_dropout", "ia3_l", "vera_lambda", "hada_w", "lokr_w", "oft_r", "boft_R")
 
@@ -122,6 +124,7 @@ class Plan:
 class _Key:
     raw: str
     kind: str            # "weight" | "lora" | "saved" | "optimizer" | "extra" | "original" | "peft-other"
+                         # | "quant-state"
     name: str            # normalised name (weight name, or the LoRA module)
     ab: str = ""
     adapter: Optional[str] = None
@@ -145,6 +148,8 @@ def _classify(raw: str, strip: int, container: bool) -> _Key:
     key = strip_peft_prefix(key)
     if ".original_module." in key:
         return _Key(raw, "original", key)
+    if _QUANT_STATE.search(key):
+        return _Key(raw, "quant-state", key)
     m = _SAVED.match(key)
     if m:
         return _Key(raw, "saved", f"{m['module']}.{m['param']}", adapter=m["adapter"])
@@ -208,6 +213,8 @@ def build_plan(sources: list[Source], targets: Targets, model: torch.nn.Module, 
                 drop("optimizer state tensors", ref)
             elif k.kind == "extra":
                 drop("training-state tensors", ref)
+            elif k.kind == "quant-state":
+                drop("bitsandbytes quantization-state tensors of a 4/8-bit base (QLoRA)", ref)
             elif k.kind == "original":
                 drop("PEFT original_module copies", ref)
             elif k.kind == "peft-other":
