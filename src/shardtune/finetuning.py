@@ -329,9 +329,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 refuse_non_finite(c.model, env, step, "model")
                 saved_at.append(step)
                 save_hf_model(c.model, c.tokenizer, t.output_dir, env=env, dtype=export_dtype(t),
-                              merge_lora=t.merge_lora and not t.quantization)
-                if t.merge_lora and t.quantization:
-                    merge_onto_plain_base(cfg, env)
+                              merge_lora=t.merge_lora and not t.quantization)  # QLoRA: see run()
                 say(env, f"saved the {'adapter' if t.use_peft else 'model'} to {t.output_dir} (step {step})")
                 if writes_resumable_checkpoints(cfg) and step_saves.last_saved_step != step:
                     save_resumable(position_after(last), with_optimizer=t.save_optimizer or t.save_every_n_steps > 0
@@ -372,22 +370,20 @@ def refuse_non_finite(model: torch.nn.Module, env: DistEnv, step: int, what: str
             "--gradient_clipping, and --resume from the last checkpoint.")
 
 
-def merge_onto_plain_base(cfg: Config, env: DistEnv) -> None:
+def merge_onto_plain_base(cfg: Config) -> None:
     """QLoRA's --merge_lora: the saved adapter folded into the *unquantized* base model (in the base's
     dtype, or --export_dtype) by ``shardtune convert --merge``, streamed tensor by tensor; folding it
-    into the 4-bit weights would bake their quantization error into every merged weight."""
-    import torch.distributed as dist
-
+    into the 4-bit weights would bake their quantization error into every merged weight. Run once,
+    by the main process after the process group is gone: a long merge (70B) then makes no other
+    rank wait in a collective, and an error in it cannot hang them."""
     from .convert.core import convert
 
     t = cfg.train
-    if env.is_main:
-        record_owned(t.output_dir, added=["merged/"])  # recorded before it is written
-        convert(t.output_dir, Path(t.output_dir) / "merged", model=t.model_name, merge=True,
-                dtype=t.export_dtype or "keep", overwrite=True, log=lambda line: None)
-        say(env, f"merged the adapter into the unquantized base {t.model_name}: {Path(t.output_dir) / 'merged'}")
-    if env.distributed:
-        dist.barrier()
+    record_owned(t.output_dir, added=["merged/"])  # recorded before it is written
+    convert(t.output_dir, Path(t.output_dir) / "merged", model=t.model_name, merge=True,
+            dtype=t.export_dtype or "keep", overwrite=True, log=lambda line: None)
+    print(f"merged the adapter into the unquantized base {t.model_name}: {Path(t.output_dir) / 'merged'}",
+          flush=True)
 
 
 def export_dtype(t) -> Optional[torch.dtype]:
@@ -458,9 +454,12 @@ def run(cfg: Config) -> dict:
                  "writes will be replaced, the others stay and from_pretrained may read some of them.")
     try:
         components = setup(cfg, env)
-        return train(cfg, env, components)
+        results = train(cfg, env, components)
     finally:
         shutdown()
+    if t.quantization and t.merge_lora and env.is_main and results["saved_at_steps"]:
+        merge_onto_plain_base(cfg)
+    return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -47,7 +47,10 @@ def describe_precision(cfg: Config, env: DistEnv) -> list[str]:
     if t.quantization:
         params_text = (f"{t.quantization} base (bitsandbytes, {cfg.quantization.compute_dtype} dequantized "
                        "matmuls) + float32 adapter")
-    if t.use_fp16 or f.use_fp16:
+    if t.quantization:
+        why = ("QLoRA: peft's k-bit preparation keeps the base's unquantized layers (norms, embeddings, "
+               "head) and the adapter in fp32, whatever the weights' dtype flags say")
+    elif t.use_fp16 or f.use_fp16:
         why = "--use_fp16: fp16 compute with a grad scaler"
     elif f.pure_bf16:
         why = "--fsdp_config.pure_bf16: weights and compute in bf16"

@@ -216,3 +216,15 @@ def test_missing_shard_file(tmp_path, tiny_model_dir):
     with pytest.raises(ShardtuneError, match=r"__0_0\.distcp is missing"):
         convert(tmp_path / "d", tmp_path / "out")
     nothing_written(tmp_path / "out")
+
+
+def test_only_bitsandbytes_state_names_are_dropped_as_quantization_state():
+    """A QLoRA checkpoint's bitsandbytes state is dropped; a weight that merely ends in a similar
+    word is not (it would be reported as matching no model weight)."""
+    from shardtune.convert.plan import _classify
+
+    assert _classify("model.layers.0.mlp.up_proj.weight.absmax", 0, False).kind == "quant-state"
+    assert _classify("model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4", 0, False).kind == "quant-state"
+    assert _classify("model.layers.0.mlp.up_proj.SCB", 0, False).kind == "quant-state"
+    assert _classify("model.layers.0.mlp.absmax", 0, False).kind == "weight"
+    assert _classify("model.norm.quant_state.scale", 0, False).kind == "weight"

@@ -72,3 +72,15 @@ def test_pad_token_fallback(tiny_model_dir, tmp_path):
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.pad_token_id == loaded.eos_token_id
+
+
+def test_fsdp_qlora_storage_must_be_the_dtype_fsdp_gathers_in():
+    import torch
+
+    from shardtune.config import ConfigError
+    from shardtune.config.configs import quantization_config
+    from shardtune.model.quantization import check_storage_for_fsdp
+
+    check_storage_for_fsdp(quantization_config(quant_storage="bfloat16"), torch.bfloat16)
+    with pytest.raises(ConfigError, match="--quantization_config.quant_storage bfloat16"):
+        check_storage_for_fsdp(quantization_config(quant_storage="float32"), torch.bfloat16)

@@ -283,6 +283,22 @@ def test_qlora_under_every_strategy_matches_one_process(two_rank_results, single
     ids = torch.tensor([[1, 17, 42, 99, 5, 230, 7]])
     with torch.no_grad():  # --merge_lora: onto the plain base, as peft applies the adapter there
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+    # the saved adapter is the trained one: on the 4-bit base (same kernel) it gives the trained logits
+    from transformers import AutoTokenizer
+
+    from shardtune.config import parse_args
+    from shardtune.model.loading import load_model
+    from shardtune.model.quantization import bnb_config, keep_packed_layout
+
+    q = parse_args(list(QLORA)).config.quantization
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        quantized = load_model(str(setting["model"]), dtype=torch.float32, attn="sdpa", quantization=bnb_config("4bit", q))
+        keep_packed_layout(quantized)
+        on_4bit = PeftModel.from_pretrained(quantized, str(setting["root"] / f"qlora-{strategy}")).eval()
+        probe = torch.tensor([AutoTokenizer.from_pretrained(setting["model"]).encode(
+            "The quick brown fox jumps over the lazy dog.")])  # fsdp_worker.PROBE
+        torch.testing.assert_close(on_4bit(probe).logits, torch.tensor(r["logits"]), rtol=1e-4, atol=1e-4)
 
 
 def test_freeze_layers_freezes_exactly_the_first_layers(two_rank_results):

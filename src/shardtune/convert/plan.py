@@ -42,7 +42,8 @@ _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\
 _LORA_EMB = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?$")
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>[^.]+)$")
 # bitsandbytes' state of a 4/8-bit base weight (a QLoRA step checkpoint holds it beside the adapter)
-_QUANT_STATE = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)$|\.quant_state\.")
+_QUANT_STATE = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map)$"
+                          r"|\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$|\.(SCB|weight_format)$")
 _OTHER_PEFT = ("lora_magnitude_vector", "adaption_prompt", "adaption_gate", "prompt_encoder",
                "lora_dropout", "ia3_l", "vera_lambda", "hada_w", "lokr_w", "oft_r", "boft_R")
 
