@@ -47,8 +47,8 @@ class ModelFamily:
     language_model_module: str | None = None
     # Keys every training batch must carry (Mllama skips its vision side for a batch without images).
     required_batch_keys: tuple[str, ...] = ()
-    # The image part of a probe (model/probes.py): (config, tokens, seed) -> input_ids' first
-    # token and the image tensors; None for text models.
+    # The image part of a probe (model/probes.py): (config, token ids, seed, embedding rows) -> the
+    # image tensors (it may set the first token to the image token); None for text models.
     image_probe: Callable | None = None
 
     @property
@@ -133,13 +133,13 @@ def _mllama_vision_tower(model: nn.Module) -> set[str]:
     return _params_under(model, lambda n, _: n.split(".")[-1] in ("vision_model", "multi_modal_projector"))
 
 
-def _mllama_image_probe(config, ids: list[int], seed: int) -> dict:
+def _mllama_image_probe(config, ids: list[int], seed: int, embedding_rows: int) -> dict:
     """Seeded noise as one image of one tile that every token attends to; the first token becomes
     the image token where the embeddings have it."""
     import torch
 
     vision, tokens = config.vision_config, len(ids)
-    if config.image_token_index < config.get_text_config().vocab_size + 8:  # MllamaTextModel's rows
+    if config.image_token_index < embedding_rows:
         ids[0] = config.image_token_index
     tiles, size = vision.max_num_tiles, vision.image_size
     g = torch.Generator().manual_seed(seed)

@@ -21,12 +21,13 @@ def probe_inputs(model: nn.Module, tokens: int = PROBE_TOKENS, seed: int = 0) ->
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = min(getattr(text, "vocab_size", None) or 10**9, base.get_input_embeddings().weight.shape[0])
+    rows = base.get_input_embeddings().weight.shape[0]
+    vocab = min(getattr(text, "vocab_size", None) or 10**9, rows)
     ids = [(i * 7919 + 11) % vocab for i in range(tokens)]
     probe = family_for_config(config).image_probe
     if probe is None:
         return {"input_ids": torch.tensor([ids])}
-    image = probe(config, ids, seed)  # may set ids[0] to the image token
+    image = probe(config, ids, seed, rows)  # may set ids[0] to the image token
     return {"input_ids": torch.tensor([ids]), **image}
 
 
