@@ -319,7 +319,6 @@ def test_qlora_trains_an_adapter_on_a_frozen_quantized_base(tiny_model_dir, tmp_
 @pytest.mark.parametrize("flags,message", [
     (["--quantization", "4bit"], "add --use_peft"),
     (["--quantization", "8bit", "--use_peft", "--enable_fsdp"], "int8 weights, which FSDP cannot shard"),
-    (["--quantization", "4bit", "--use_peft", "--enable_fsdp", "--low_cpu_fsdp"], "Drop --low_cpu_fsdp"),
     (["--quantization", "4bit", "--use_peft", "--enable_fsdp", "--fsdp_config.fsdp_cpu_offload"], "Drop the offload"),
     (["--quantization", "2bit", "--use_peft"], "must be 4bit or 8bit"),
     (["--quantization", "4bit", "--use_peft", "--quantization_config.quant_type", "int4"], "fp4 or nf4"),

@@ -82,20 +82,21 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
     dtype = runtime.training_dtype(env.device, pure_bf16=f.pure_bf16)
     attn = attention_for(cfg, env).implementation
     low_cpu = t.enable_fsdp and t.low_cpu_fsdp
+    quantization = bnb_config(t.quantization, cfg.quantization) if t.quantization else None
+    if quantization is not None and t.enable_fsdp:  # before the load: packed 4-bit bytes must survive FSDP's casts
+        check_storage_for_fsdp(cfg.quantization, compute_dtype(cfg, env))
     if low_cpu:  # weights arrive after sharding, each rank reading only its own slices
-        model = build_meta_model(t.model_name, dtype=dtype, attn=attn)
+        model = build_meta_model(t.model_name, dtype=dtype, attn=attn, quantization=quantization)
         check_vocab_fits(model, tokenizer)
-    elif t.quantization:  # QLoRA: quantized as it loads, onto the device; the base stays frozen
-        if t.enable_fsdp:  # before the load: the packed 4-bit bytes must survive FSDP's casts
-            check_storage_for_fsdp(cfg.quantization, compute_dtype(cfg, env))
-        model = load_model(t.model_name, dtype=dtype, attn=attn, device=env.device,
-                           quantization=bnb_config(t.quantization, cfg.quantization))
+    elif quantization is not None:  # QLoRA: quantized as it loads, onto the device
+        model = load_model(t.model_name, dtype=dtype, attn=attn, device=env.device, quantization=quantization)
         check_vocab_fits(model, tokenizer, "--quantization")
-        model = prepare_for_training(model)
-        keep_packed_layout(model)
     else:
         model = load_model(t.model_name, dtype=dtype, attn=attn)
         match_vocab(model, tokenizer)
+    if quantization is not None:  # the quantized base stays frozen
+        model = prepare_for_training(model)
+        keep_packed_layout(model)
     if t.freeze_layers:
         freeze_first_layers(model, t.num_freeze_layers)
     if t.freeze_LLM_only:
@@ -116,7 +117,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
         if low_cpu:
             materialize_and_load(model, t.model_name, env.device, seed=t.seed,
                                  param_device=torch.device("cpu") if f.fsdp_cpu_offload else None,
-                                 adapter_dir=(t.from_peft_checkpoint or None) if t.use_peft else None)
+                                 adapter_dir=(t.from_peft_checkpoint or None) if t.use_peft else None,
+                                 weights_dtype=dtype)
     elif not t.quantization:  # a quantized model was loaded onto its device
         model.to(env.device)
     say(env, trainable_summary(model))

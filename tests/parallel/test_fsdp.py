@@ -69,6 +69,8 @@ LORA_OPTIONS = {
 QLORA = ("--use_peft", "--quantization", "4bit", "--quantization_config.quant_type", "nf4",
          "--quantization_config.compute_dtype", "float32", "--quantization_config.quant_storage", "float32",
          "--lora_config.lora_dropout", "0")
+QLORA_FP16 = ("--use_peft", "--quantization", "4bit", "--quantization_config.compute_dtype", "float16",
+              "--quantization_config.quant_storage", "float16", "--use_fp16", "--lora_config.lora_dropout", "0")
 # Two epochs, so training goes on after an evaluation (eval mode without gradients is where
 # bitsandbytes repacks a 4-bit weight for CPUs; see model/quantization.keep_packed_layout).
 QLORA_STEPS = ("--num_epochs", "2", "--max_train_step", "11")
@@ -109,12 +111,19 @@ def two_rank_results(setting, tied, run_fsdp_cases):
                                "--output_dir", str(setting["root"] / "lora-out"))},
         "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
         # QLoRA step checkpoint and exact resume (the adapter, its optimizer state and the base's
-        # bitsandbytes state are in the checkpoint; the 4-bit base itself comes from --model_name)
+        # bitsandbytes quant state are in the checkpoint; the 4-bit base itself comes from --model_name)
         "qlora_uninterrupted": {"args": _fsdp(c, *QLORA, "--max_train_step", "6")},
         "qlora_first_part": {"args": _fsdp(c, *QLORA, "--save_every_n_steps", "3",
                                            "--output_dir", str(setting["root"] / "qlora-resume"))},
         "qlora_resumed": {"args": _fsdp(c, *QLORA, "--max_train_step", "6", "--save_every_n_steps", "3", "--resume",
                                         "--output_dir", str(setting["root"] / "qlora-resume"))},
+        # QLoRA with --low_cpu_fsdp: each rank quantizes the checkpoint tensor by tensor and keeps its rows
+        **{f"qlora_low_cpu_{name}": {"args": _fsdp(c, *QLORA, *QLORA_STEPS, *STRATEGIES[name], "--low_cpu_fsdp",
+                                                  "--save_model", "True",
+                                                  "--output_dir", str(setting["root"] / f"qlora-low-cpu-{name}"))}
+           for name in ("full_shard", "hybrid")},
+        # fp16 QLoRA: the 4-bit weights stored in float16, the dtype FSDP casts everything to
+        "qlora_fp16": {"args": _fsdp(c, *QLORA_FP16)},
         "lora_embed": {"args": _fsdp(c, *LORA_EMBED, "--save_model", "True", "--merge_lora",
                                      "--output_dir", str(setting["root"] / "lora-embed-out"))},
         "lora_embed_low_cpu": {"args": _fsdp(c, *LORA_EMBED, "--low_cpu_fsdp")},
@@ -169,6 +178,7 @@ def single_process(setting):
         "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
         "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
         "qlora": finetune(_single(c, *QLORA, *QLORA_STEPS)),
+        "qlora_fp16": finetune(_single(c, *QLORA_FP16))["train_step_loss"],
         "lora_embed": finetune(_single(c, *LORA_EMBED))["train_step_loss"],
         "llama_adapter": finetune(_single(c, *LLAMA_ADAPTER))["train_step_loss"],
         **{f"lora_{name}": finetune(_single(c, "--use_peft", *flags))["train_step_loss"]
@@ -229,9 +239,44 @@ def test_qlora_step_checkpoint_resumes_exactly_and_converts_to_the_adapter(two_r
                                                                     "qlora_resumed"))
     assert len(full) == 6 and _close(first, full[:3]) and _close(resumed, full[3:]), (full, first, resumed)
     ckpt = setting["root"] / "qlora-resume" / "checkpoints" / "fine-tuned" / "step-000006"
+    # what the checkpoint holds of the model: the adapter and bitsandbytes' quant state of the
+    # 4-bit layers (buffers, a few bytes a block), never the frozen 4-bit base weights themselves
+    from torch.distributed.checkpoint import FileSystemReader
+
+    model_keys = [k.removeprefix("model.") for k in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+                  if k.startswith("model.")]
+    adapter = [k for k in model_keys if ".lora_" in k]
+    quant_state = [k for k in model_keys if ".base_layer.weight." in k]
+    assert adapter and quant_state and set(adapter) | set(quant_state) == set(model_keys), model_keys
+    assert any(k.endswith(".weight.absmax") for k in quant_state)
     summary = convert(ckpt, tmp_path / "adapter")
     assert summary["adapter"]
     assert all(".lora_" in k for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("strategy", ["full_shard", "hybrid"])
+def test_qlora_with_low_cpu_loading_equals_the_normal_load(two_rank_results, setting, strategy):
+    """--low_cpu_fsdp with a 4-bit base: each rank quantizes the checkpoint's tensors one at a time
+    and keeps its rows of the packed bytes. The training is the normal load's to the last bit
+    (same 4-bit bytes, same quant state, same seeded adapter)."""
+    from safetensors.torch import load_file
+
+    low, normal = two_rank_results[f"qlora_low_cpu_{strategy}"], two_rank_results[f"qlora_{strategy}"]
+    assert low["losses"] == normal["losses"], (low["losses"], normal["losses"])
+    assert low["changed"] and all(".lora_" in n for n in low["changed"])
+    saved = [load_file(str(setting["root"] / d / "adapter_model.safetensors"))
+             for d in (f"qlora-low-cpu-{strategy}", f"qlora-{strategy}")]
+    assert saved[0].keys() == saved[1].keys() and saved[0]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+def test_qlora_in_fp16_under_fsdp_matches_one_process(two_rank_results, single_process):
+    """fp16 QLoRA: the 4-bit bytes stored in float16 pass FSDP's float16 casts unchanged, the base
+    stays bit-identical, and the losses equal one process's autocast run within fp32 tolerance."""
+    r = two_rank_results["qlora_fp16"]
+    assert r["changed"] and all(".lora_" in n for n in r["changed"])
+    assert all(math.isfinite(x) for x in r["losses"])
+    assert _close(r["losses"], single_process["qlora_fp16"]), (r["losses"], single_process["qlora_fp16"])
 
 
 def test_lora_on_embeddings_and_head_under_fsdp_and_low_cpu_matches_one_process_and_merges(

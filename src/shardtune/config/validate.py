@@ -171,10 +171,6 @@ def _check_quantization(cfg) -> None:
         raise ConfigError("--quantization 8bit with --enable_fsdp: LLM.int8 stores int8 weights, which FSDP cannot "
                           "shard. Use --quantization 4bit under FSDP (its weights are stored in "
                           "--quantization_config.quant_storage, a float dtype), or 8bit in one process.")
-    if t.enable_fsdp and t.low_cpu_fsdp:
-        raise ConfigError("--quantization with --low_cpu_fsdp: the base is quantized as each rank loads it "
-                          "(a 4-bit base takes a quarter of its bf16 size on every rank), which the meta-device "
-                          "path cannot do. Drop --low_cpu_fsdp.")
     if t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload:
         raise ConfigError("--quantization with --fsdp_config.fsdp_cpu_offload is not supported: bitsandbytes "
                           "quantizes again whenever a 4-bit layer moves between devices. Drop the offload "

@@ -32,13 +32,17 @@ from .adapter_init import adapter_initial_values
 from .loading import load_config
 from .meta import build_meta_model as build_meta
 from .names import Renamer, checkpoint_key
+from .quantization import is_quantized_layer, quantize_on_meta, quantized_weight
 
 
-def build_meta_model(name: str, *, dtype: torch.dtype, attn: str) -> nn.Module:
-    """The model of ``name`` (its family's class) with parameters on the meta device."""
+def build_meta_model(name: str, *, dtype: torch.dtype, attn: str, quantization=None) -> nn.Module:
+    """The model of ``name`` (its family's class) with parameters on the meta device; with a
+    bitsandbytes ``quantization`` config, its Linear layers are 4-bit layers (QLoRA)."""
     model = build_meta(load_config(name), dtype=dtype, attn=attn, generation_from=name)
     model.name_or_path = name
     model.config.name_or_path = name
+    if quantization is not None:
+        quantize_on_meta(model, quantization)
     return model
 
 
@@ -112,6 +116,23 @@ def _init_new_adapter_weights(model: nn.Module, names: list[str], seed: int) -> 
     return unknown
 
 
+def _copy_quantized_rows(param: torch.Tensor, layer: nn.Module, path: Path, key: str, source: str,
+                         device: torch.device, dtype: torch.dtype, config) -> None:
+    """Fill this rank's rows of a 4-bit layer's packed weight: the whole checkpoint tensor is
+    read and quantized (one tensor at a time, the layer keeps its quant state), then this rank
+    keeps its rows of the packed bytes."""
+    with _open_weights(path) as f:
+        weight = f.get_tensor(key)
+    try:
+        packed = quantized_weight(layer, weight, config, device=device, dtype=dtype)
+    except ValueError as exc:
+        raise ShardtuneError(f"{source!r}: tensor {key} in {path.name} does not fit the model built from the "
+                             f"config ({exc}); the weights and the model do not belong together.") from None
+    local, start = _local_rows(param)
+    if local.numel():
+        local.copy_(packed[start:start + local.shape[0]])
+
+
 def _copy_rows(param: torch.Tensor, path: Path, key: str, source: str) -> None:
     """Fill this rank's rows of ``param`` from tensor ``key`` of the safetensors file ``path``."""
     local, start = _local_rows(param)
@@ -174,16 +195,26 @@ def _unwrap(param_name: str, wrapped: list[str]) -> str:
     return param_name
 
 
+def _quantized_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """Parameter name -> its 4-bit layer, for the quantized weights of a QLoRA model."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return {}
+    return {f"{name}.weight": module for name, module in model.named_modules() if is_quantized_layer(module)}
+
+
 @torch.no_grad()
 def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, seed: int,
                          param_device: Optional[torch.device] = None,
-                         adapter_dir: Optional[str] = None) -> None:
+                         adapter_dir: Optional[str] = None,
+                         weights_dtype: torch.dtype = torch.float32) -> None:
     """Allocate this rank's shards and fill them from ``name``'s safetensors.
 
     Parameters go to ``param_device`` (host memory under FSDP CPU offload; default ``device``),
     buffers to ``device``, where the forward runs. The adapter of ``adapter_dir``
     (``--from_peft_checkpoint``) is read from its file the same way; new adapter weights (in no
     file) get the values ``model.adapter_init`` draws from ``seed``, as the normal loading path does.
+    The 4-bit layers of a QLoRA model are quantized from the checkpoint's tensors in
+    ``weights_dtype`` (the dtype the model was built in), as ``from_pretrained`` does.
     """
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
     index = _by_model_name(model, safetensors_index(name))
@@ -195,13 +226,18 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
     missing: list[str] = []
     wrapped = _wrapped_attention(model)
     params = dict(model.named_parameters())
+    quantized = _quantized_weights(model)
     for param_name, param in params.items():
         found = index.get(checkpoint_key(_unwrap(param_name, wrapped)))
         if found is None:
             missing.append(param_name)
             continue
         path, file_key = found
-        _copy_rows(param, path, file_key, name)
+        if param_name in quantized:
+            _copy_quantized_rows(param, quantized[param_name], path, file_key, name, device, weights_dtype,
+                                 model.config.quantization_config)
+        else:
+            _copy_rows(param, path, file_key, name)
     if adapter_dir is not None and missing:
         missing = _load_saved_adapter(model, params, missing, Path(adapter_dir))
     unknown = _init_new_adapter_weights(model, missing, seed) if missing else []

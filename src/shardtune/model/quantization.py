@@ -28,6 +28,55 @@ def bnb_config(bits: str, q: quantization_config):
                               bnb_4bit_quant_storage=DTYPES[q.quant_storage])
 
 
+def quantize_on_meta(model: torch.nn.Module, config) -> None:
+    """Give a meta-device model the 4-bit layers ``from_pretrained(quantization_config=config)``
+    would give it (``--low_cpu_fsdp``), through transformers' own quantizer so the same layers are
+    converted (``lm_head`` stays unquantized).
+
+    Each 4-bit weight takes its packed shape and storage dtype here, before FSDP shards it; its
+    bytes and quant state arrive later from ``quantized_weight``, when the rank loads its rows."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
+    quantizer.preprocess_model(model, dtype=model.dtype, device_map={"": "meta"})
+    model.hf_quantizer = quantizer
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            w = module.weight
+            # bitsandbytes packs two 4-bit values a byte, in an (n, 1) tensor of quant_storage.
+            rows = (w.numel() + 1) // (2 * w.quant_storage.itemsize)
+            module.weight = Params4bit(torch.empty(rows, 1, dtype=w.quant_storage, device="meta"),
+                                       requires_grad=False, blocksize=w.blocksize,
+                                       compress_statistics=w.compress_statistics, quant_type=w.quant_type,
+                                       quant_storage=w.quant_storage, bnb_quantized=True, module=module)
+    quantizer.postprocess_model(model)
+
+
+def is_quantized_layer(module: torch.nn.Module) -> bool:
+    from bitsandbytes.nn import Linear4bit
+
+    return isinstance(module, Linear4bit)
+
+
+def quantized_weight(module: torch.nn.Module, weight: torch.Tensor, config, *, device: torch.device,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The packed 4-bit bytes of a whole checkpoint ``weight`` for the 4-bit layer ``module``.
+
+    Quantized exactly as ``from_pretrained`` does with the ``BitsAndBytesConfig`` ``config``: cast
+    to the model dtype, then bitsandbytes' ``Params4bit`` quantizes as it moves to ``device``. The
+    layer keeps the quant state (``module.quant_state``); bitsandbytes reattaches it to the weight
+    FSDP gathers, in forward."""
+    from bitsandbytes.nn import Params4bit
+
+    if tuple(weight.shape) != (module.out_features, module.in_features):
+        raise ValueError(f"shape {tuple(weight.shape)} for a {module.out_features}x{module.in_features} layer")
+    packed = Params4bit(weight.to(dtype), requires_grad=False, compress_statistics=config.bnb_4bit_use_double_quant,
+                        quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage,
+                        module=module).to(device)
+    return packed.data
+
+
 def keep_packed_layout(model: torch.nn.Module) -> None:
     """Keep every 4-bit layer's weight in the layout FSDP shards and gathers.
 
