@@ -115,3 +115,23 @@ def run_fsdp_cases():
         return json.loads(out.read_text())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ranks(tiny_model_dir, tmp_path_factory) -> Path:
+    """shardtune full + LoRA checkpoints and llama-recipes FSDP1 checkpoints, written by 2 gloo ranks
+    (tests/convert/make_checkpoints.py): what conversion and inference read."""
+    import json
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("ranks")
+    data = root / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Spell {i}.", "output": " ".join(str(i))} for i in range(24)]))
+    script = Path(__file__).parent / "convert" / "make_checkpoints.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(root), str(tiny_model_dir), str(data)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and (root / "DONE").is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root

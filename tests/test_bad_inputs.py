@@ -54,6 +54,7 @@ def _inputs(root: Path, tiny_model_dir: Path) -> dict[str, str]:
     foreign.mkdir()
     (foreign / "special_tokens_map.json").write_text('{"eos_token": "<|other|>"}')
     (root / "a-file").write_text("not a directory")
+    (root / "bad-prompts.jsonl").write_text('{"prompt": "fine"}\n{"question": "no prompt key"}\n')
     (root / "not-a-checkpoint").mkdir()
     (root / "not-a-checkpoint" / "notes.txt").write_text("hello")
     return {"model": str(model), "damaged": str(damaged), "other_size": str(other_size), "adapter": str(adapter),
@@ -103,6 +104,14 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], int, str]]:
                                    r"model\.safetensors is damaged"),
         "generate_adapter_other_base": (["generate", p["adapter"], "--base", p["other_size"], "--prompt", "hi",
                                          "--device", "cpu"], 2, r"does not fit the base model"),
+        "generate_missing_prompt_file": (["generate", p["model"], "--prompt_file", f"{r}/no-prompts.txt"], 2,
+                                         r"--prompt_file .*no-prompts\.txt' does not exist"),
+        "generate_bad_jsonl_row": (["generate", p["model"], "--prompt_file", f"{r}/bad-prompts.jsonl"], 2,
+                                   r"bad-prompts\.jsonl, line 2: each row must be an object with either"),
+        "generate_output_exists": (gen + ["--output", f"{r}/good.json"], 2, r"good\.json' already exists"),
+        "generate_not_a_checkpoint": (["generate", f"{r}/not-a-checkpoint", "--prompt", "hi"], 2,
+                                      r"not-a-checkpoint"),
+        "chat_without_template": (["chat", p["model"]], 2, r"needs a tokenizer with a chat template"),
         # convert reads --model's weights when it merges an adapter into it
         "convert_damaged_model": (["convert", p["adapter"], f"{r}/outputs/merged", "--merge", "--model", p["damaged"]],
                                   2, r"damaged-model/model\.safetensors .*truncated or corrupt"),

@@ -2,7 +2,8 @@
 
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
     shardtune demo [--vision] [--output_dir DIR] [--nproc_per_node N] [--seed S]
-    shardtune generate MODEL_OR_ADAPTER_DIR --prompt "..." [--image IMG]
+    shardtune generate PATH --prompt "..." [--prompt_file F] [--chat] [--output F] [--image IMG]
+    shardtune chat PATH [--system "..."]
     shardtune checkpoints CHECKPOINT_FOLDER
     shardtune convert SRC DST [--model HF_DIR] [--dtype bf16] [--verify]
     shardtune inspect PATH
@@ -23,8 +24,10 @@ commands:
              shows the resolved config); --nproc_per_node N launches N ranks with torchrun
   demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
              (--vision: a tiny Llama 3.2 Vision model on an image question)
-  generate   generate text from an HF model directory or a PEFT adapter directory
-             (--image IMG: ask a vision model about an image)
+  generate   generate text from any model a run left: an HF directory, a PEFT adapter, a step
+             checkpoint, llama-recipes' .distcp folder or .pt file (--prompt_file, stdin, --chat,
+             --output F; --image IMG: ask a vision model about an image)
+  chat       talk with a model (same PATH kinds) through its chat template; /reset, /exit
   checkpoints  list a run's resumable checkpoints (step, epoch, eval loss, size, completeness)
   convert    any FSDP checkpoint (shardtune, llama-recipes .distcp or .pt, PEFT adapter) -> HF model
   inspect    what a checkpoint is, without loading its tensors
@@ -107,6 +110,12 @@ def _generate(argv: list[str]) -> None:
     generate_main(argv)
 
 
+def _chat(argv: list[str]) -> None:
+    from .infer.chat import main as chat_main
+
+    chat_main(argv)
+
+
 def _checkpoints(argv: list[str]) -> None:
     from .checkpoint.listing import main as listing_main
 
@@ -125,7 +134,7 @@ def _inspect(argv: list[str]) -> None:
     inspect_main(argv)
 
 
-COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate, "checkpoints": _checkpoints,
+COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate, "chat": _chat, "checkpoints": _checkpoints,
             "convert": _convert, "inspect": _inspect}
 
 

@@ -3,10 +3,7 @@ a tiny Mllama, and helpers that compare a converted folder with a reference mode
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,19 +12,6 @@ import torch
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="session")
-def ranks(tiny_model_dir, tmp_path_factory) -> Path:
-    """shardtune full + LoRA checkpoints and llama-recipes FSDP1 checkpoints, written by 2 gloo ranks."""
-    root = tmp_path_factory.mktemp("ranks")
-    data = root / "data.json"
-    data.write_text(json.dumps([{"instruction": f"Spell {i}.", "output": " ".join(str(i))} for i in range(24)]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(HERE / "make_checkpoints.py"), str(root),
-                           str(tiny_model_dir), str(data)], capture_output=True, text=True, timeout=300, env=ENV)
-    assert proc.returncode == 0 and (root / "DONE").is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
-    return root
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -200,7 +200,8 @@ def shard_groups(conv: Conversion, limit: int) -> list[list]:
     return groups
 
 
-def _read(conv: Conversion, refs: list[Ref]) -> dict[Ref, torch.Tensor]:
+def read_refs(conv: Conversion, refs: list[Ref]) -> dict[Ref, torch.Tensor]:
+    """The tensors behind ``refs``, read source by source (each source reads its keys together)."""
     by_src: dict[int, dict[str, None]] = {}
     for ref in refs:
         by_src.setdefault(ref.src, {})[ref.key] = None
@@ -235,9 +236,9 @@ def stream(conv: Conversion, limit: int, progress: bool = True) -> Iterator[tupl
     """
     groups = shard_groups(conv, limit)
     for n, group in enumerate(groups, 1):
-        loaded = _read(conv, _refs(group[:1]))
+        loaded = read_refs(conv, _refs(group[:1]))
         yield conv.save_names.get(group[0].name, group[0].name), _materialise(conv, group[0], loaded)
-        loaded.update(_read(conv, _refs(group[1:])))
+        loaded.update(read_refs(conv, _refs(group[1:])))
         if progress and len(groups) > 1:
             size = sum(item.entry.numel * conv.dtype_of(item.src_dtype).itemsize for item in group)
             conv.log(f"  shard {n}/{len(groups)}: {len(group)} tensors ({human_size(size)})")
@@ -266,7 +267,7 @@ def _write_adapter(conv: Conversion, tmp: Path) -> None:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    tensors = _read(conv, list(conv.plan.adapter.values()))
+    tensors = read_refs(conv, list(conv.plan.adapter.values()))
     out = {name: tensors[ref].to(conv.dtype_of(tensors[ref].dtype)).contiguous()
            for name, ref in conv.plan.adapter.items()}
     save_file(out, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -276,19 +277,24 @@ def _write_adapter(conv: Conversion, tmp: Path) -> None:
     LoraConfig(**cfg).save_pretrained(str(tmp))
 
 
+def tokenizer_folder(conv: Conversion, tokenizer: Optional[str] = None) -> Optional[Path | str]:
+    """Where the checkpoint's tokenizer is: ``tokenizer`` if given, else the one the checkpoint
+    names (its run's ``--tokenizer_name`` / ``--model_name``), else the model's folder or hub id."""
+    for candidate in (tokenizer, *(s.tokenizer_hint for s in conv.sources), conv.spec.folder):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    if conv.spec.folder is None:
+        return conv.spec.name  # a hub id: the tokenizer may be in the local cache
+    return None
+
+
 def copy_tokenizer(conv: Conversion, tmp: Path, tokenizer: Optional[str] = None) -> Optional[str]:
     """Tokenizer (via save_tokenizer, loadable by transformers 4 and 5) and processor files."""
     from transformers import AutoTokenizer
 
     from ..checkpoint.hf_export import save_tokenizer
 
-    folder = None
-    for candidate in (tokenizer, *(s.tokenizer_hint for s in conv.sources), conv.spec.folder):
-        if candidate and Path(candidate).is_dir():
-            folder = Path(candidate)
-            break
-    if folder is None and conv.spec.folder is None:
-        folder = conv.spec.name  # a hub id: the tokenizer may be in the local cache
+    folder = tokenizer_folder(conv, tokenizer)
     if folder is None:
         conv.log("note: no local tokenizer folder is known; the output has no tokenizer files")
         return None

@@ -15,7 +15,6 @@ It needs memory for two copies of the model in fp32; the conversion itself does 
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import torch
 from ..config.errors import ShardtuneError
 from ..model.loading import from_pretrained_checked
 from ..model.probes import PROBE_TOKENS, probe_inputs, probe_logits
-from .core import Conversion, _read, stream
+from .core import Conversion, read_refs, stream
+from .in_memory import apply_adapter
 from .sources import hf_weight_files
 
 MERGE_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -36,36 +36,13 @@ def _round(conv: Conversion, t: torch.Tensor) -> torch.Tensor:
     return t.to(conv.dtype_of(t.dtype)).float()
 
 
-def _lora_config(conv: Conversion):
-    from peft import LoraConfig
-
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    return LoraConfig(**{k: v for k, v in conv.lora.config.items() if k in fields and k != "peft_type"})
-
-
-def _apply_adapter(conv: Conversion, model: torch.nn.Module) -> torch.nn.Module:
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    refs = dict(conv.plan.adapter)
-    loaded = _read(conv, list(refs.values()))
-    state = {name: _round(conv, loaded[ref]) for name, ref in refs.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, _lora_config(conv))
-        result = set_peft_model_state_dict(peft_model, state)
-    bad = list(getattr(result, "unexpected_keys", []) or [])
-    if bad:
-        raise ShardtuneError(f"--verify: peft did not accept the adapter weights {bad[:5]}.")
-    return peft_model
-
-
 def reference_model(conv: Conversion) -> torch.nn.Module:
     """The model built from the config, loaded with the source weights as read (fp32)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = conv.spec.cls(conv.spec.config)
-    loaded = _read(conv, [item.ref for item in conv.plan.items])
+    loaded = read_refs(conv, [item.ref for item in conv.plan.items])
     state = {item.name: _round(conv, loaded.pop(item.ref)) for item in conv.plan.items}
     model.load_state_dict(state, strict=False, assign=True)
     del state
@@ -74,7 +51,7 @@ def reference_model(conv: Conversion) -> torch.nn.Module:
     if left:
         raise ShardtuneError(f"--verify: the reference model has weights the checkpoint did not fill: {left[:5]}")
     if any(item.deltas for item in conv.plan.items):
-        model = _apply_adapter(conv, model)
+        model = apply_adapter(conv, model, lambda t: _round(conv, t))
     return model.float().eval()
 
 
@@ -102,7 +79,7 @@ def _compare_adapter_tensors(conv: Conversion, out: Path) -> int:
     from safetensors.torch import load_file
 
     written = load_file(str(out / "adapter_model.safetensors"))
-    loaded = _read(conv, list(conv.plan.adapter.values()))
+    loaded = read_refs(conv, list(conv.plan.adapter.values()))
     for name, ref in conv.plan.adapter.items():
         want = loaded[ref].to(conv.dtype_of(loaded[ref].dtype))
         if name not in written or not torch.equal(written[name], want):
@@ -121,7 +98,8 @@ def verify_output(conv: Conversion, out: Path, limit: int) -> dict:
             from peft import PeftModel
 
             checked = _compare_adapter_tensors(conv, out)
-            ref = _apply_adapter(conv, from_pretrained_checked(cls, conv.spec.folder, "--model", dtype=torch.float32)).eval()
+            ref = apply_adapter(conv, from_pretrained_checked(cls, conv.spec.folder, "--model", dtype=torch.float32),
+                                lambda t: _round(conv, t)).eval()
             ids = probe_inputs(ref)
             ref_logits = probe_logits(ref, ids)
             del ref

@@ -1,15 +1,27 @@
-"""``shardtune generate``: generation from an HF model directory or a PEFT adapter directory.
+"""``shardtune generate``: text from any model a run left (see ``infer/loading.py``).
 
-A text model completes ``--prompt`` as plain text. A vision model (Llama 3.2 Vision) is fed by its
-processor: ``--prompt`` becomes a user turn of the processor's chat template, with ``--image`` at
-its start, and the answer is the assistant's turn. A vision model without ``--image`` answers
-from the text alone (Mllama then skips its cross-attention layers), as transformers allows.
+Prompts come from ``--prompt`` (repeatable), ``--prompt_file`` or stdin (``infer/prompts.py``).
+A text model completes a prompt as plain text, or, with ``--chat`` (or a JSONL row with
+``messages``), answers it as a user turn of the tokenizer's chat template. Text prompts are
+generated in batches of ``--batch_size``, left-padded. Decoding is greedy unless
+``--temperature`` > 0; ``--seed`` makes sampling repeatable. One prompt is streamed to the
+terminal as it is generated; ``--output F`` writes a JSON line per prompt (``prompt``,
+``completion``: the generated text only).
+
+A vision model (Llama 3.2 Vision) is fed by its processor: a prompt becomes a user turn of the
+processor's chat template, with ``--image`` at its start, and the answer is the assistant's turn
+(one prompt at a time). Without ``--image`` it answers from the text alone (Mllama then skips
+its cross-attention layers), as transformers allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,6 +30,7 @@ import torch
 from ..config.errors import ShardtuneError
 from ..model.loading import text_tokenizer
 from .loading import load_for_inference, model_family
+from .prompts import Prompt, check_messages, parse_lines, read_prompt_file
 
 # Llama 3's end-of-turn marker: a chat answer ends there (the model's EOS may come only later).
 END_OF_TURN = "<|eot_id|>"
@@ -49,9 +62,20 @@ def vision_prompt(processor, prompt: str, with_image: bool) -> tuple[str, bool]:
     return (processor.image_token if with_image else "") + prompt, True
 
 
-def vision_inputs(processor, prompt: str, image=None):
-    """The processor's tensors for one prompt, about ``image`` if given (see :func:`vision_prompt`)."""
-    text, add_special = vision_prompt(processor, prompt, image is not None)
+def vision_inputs(processor, prompt: str | list[dict], image=None):
+    """The processor's tensors for one prompt (text, or a chat's messages), about ``image`` if
+    given (see :func:`vision_prompt`)."""
+    if isinstance(prompt, list):  # a chat: the image goes at the start of the first user turn
+        messages, placed = [], image is None
+        for m in prompt:
+            content = [{"type": "text", "text": m["content"]}]
+            if not placed and m["role"] == "user":
+                content.insert(0, {"type": "image"})
+                placed = True
+            messages.append({"role": m["role"], "content": content})
+        text, add_special = processor.apply_chat_template(messages, add_generation_prompt=True), False
+    else:
+        text, add_special = vision_prompt(processor, prompt, image is not None)
     images = [image] if image is not None else None
     return processor(images=images, text=text, add_special_tokens=add_special, return_tensors="pt")
 
@@ -66,66 +90,271 @@ def chat_stop_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, image=None) -> str:
-    """Complete ``prompt``; greedy when ``temperature`` is 0. Returns the new text only.
+@dataclass
+class Sampling:
+    """How tokens are chosen: greedy when ``temperature`` is 0 (the default)."""
 
-    ``tokenizer`` is a text model's tokenizer (plain completion) or a vision model's processor (a
-    chat turn, about ``image`` if given)."""
-    tok = text_tokenizer(tokenizer)
-    stop = {}
-    if tok is tokenizer:
-        if image is not None:
-            raise ShardtuneError("--image needs a vision model (e.g. Llama 3.2 Vision); this one is a text model.")
-        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    else:  # pixel values in the model's dtype (the processor gives fp32)
-        inputs = vision_inputs(tokenizer, prompt, image).to(model.device, dtype=model.dtype)
-        stop = {"eos_token_id": chat_stop_ids(model, tok)}
-    sample = temperature > 0
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        """Options that would be ignored or fail later are refused here."""
+        if self.max_new_tokens < 1:
+            raise ShardtuneError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ShardtuneError(f"--temperature must be 0 (greedy decoding) or positive (sampling), got "
+                                 f"{self.temperature}.")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ShardtuneError(f"--top_p must be above 0 and at most 1, got {self.top_p}.")
+        if self.top_k < 0:
+            raise ShardtuneError(f"--top_k must be 0 (off) or positive, got {self.top_k}.")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ShardtuneError(f"--repetition_penalty must be positive (1.0: off), got {self.repetition_penalty}.")
+        if self.temperature == 0 and (self.top_p < 1 or self.top_k > 0):
+            raise ShardtuneError("--top_p and --top_k only apply when sampling; add --temperature (e.g. 0.7) "
+                                 "or drop them.")
+
+    def generate_kwargs(self) -> dict:
+        sample = self.temperature > 0
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": sample,
+                  "repetition_penalty": self.repetition_penalty}
+        if sample:  # transformers warns about sampling options under greedy decoding
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """``messages`` through the tokenizer's chat template, ending with the assistant's header."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ShardtuneError(
+            "A chat (--chat, `shardtune chat`, or a prompt row with \"messages\") needs a tokenizer with a chat "
+            "template, and this model's has none (a base model). Give plain prompts without --chat, or use an "
+            "instruct model (or save a chat_template in its tokenizer_config.json).")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _token_ids(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
+    if prompt.messages is not None or chat:
+        messages = prompt.messages or [{"role": "user", "content": prompt.text}]
+        # the template writes BOS itself; the tokenizer would add a second
+        return tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt.text)["input_ids"]
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """A batch whose prompts all end at the last column, where generation continues."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _text_batch(model, tokenizer, prompts: list[Prompt], sampling: Sampling, chat: bool, streamer) -> list[str]:
+    rows = [_token_ids(tokenizer, p, chat) for p in prompts]
+    inputs = _left_padded(rows, tokenizer.pad_token_id, model.device)
+    is_chat = chat or any(p.messages is not None for p in prompts)
+    stop = {"eos_token_id": chat_stop_ids(model, tokenizer)} if is_chat else {}
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample,
-                             temperature=temperature if sample else None,
-                             top_p=top_p if sample else None, pad_token_id=tok.pad_token_id, **stop)
+        out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                             **sampling.generate_kwargs(), **stop)
+    width = inputs["input_ids"].shape[1]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def _vision_one(model, processor, prompt: Prompt, sampling: Sampling, image, streamer) -> str:
+    tok = text_tokenizer(processor)
+    request = prompt.messages if prompt.messages is not None else prompt.text
+    inputs = vision_inputs(processor, request, image).to(model.device, dtype=model.dtype)  # pixels in the model's dtype
+    with torch.no_grad():
+        out = model.generate(**inputs, pad_token_id=tok.pad_token_id, streamer=streamer,
+                             eos_token_id=chat_stop_ids(model, tok), **sampling.generate_kwargs())
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Sampling and device options that would be ignored or fail later are refused here."""
-    if args.max_new_tokens < 1:
-        raise ShardtuneError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}.")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ShardtuneError(f"--temperature must be 0 (greedy decoding) or positive (sampling), got "
-                             f"{args.temperature}.")
-    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
-        raise ShardtuneError(f"--top_p must be above 0 and at most 1, got {args.top_p}.")
-    if args.top_p < 1 and args.temperature == 0:
-        raise ShardtuneError("--top_p only applies when sampling; add --temperature (e.g. 0.7) or drop --top_p.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ShardtuneError(f"--device {args.device} was given but no CUDA GPU is visible. Use --device cpu.")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise ShardtuneError(f"--device must be cpu or cuda (or cuda:N), got {args.device!r}.")
+def generate_batch(model, inputs, prompts: list[Prompt], sampling: Sampling = Sampling(), *, chat: bool = False,
+                   batch_size: int = 8, image=None, streamer=None) -> list[str]:
+    """The completion (new text only) of each prompt, in order.
+
+    ``inputs`` is a text model's tokenizer or a vision model's processor. Text prompts go in
+    left-padded batches of ``batch_size``; a vision model's one at a time, about ``image`` (or
+    the prompt's own ``image`` path). The RNG is seeded from ``sampling.seed`` first, so the same
+    prompts, settings and model give the same text."""
+    torch.manual_seed(sampling.seed)
+    tok = text_tokenizer(inputs)
+    if tok is inputs:
+        if image is not None or any(p.image for p in prompts):
+            raise ShardtuneError("--image needs a vision model (e.g. Llama 3.2 Vision); this one is a text model.")
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            out += _text_batch(model, tok, prompts[start:start + batch_size], sampling, chat, streamer)
+        return out
+    return [_vision_one(model, inputs, p, sampling, load_image(p.image) if p.image else image, streamer)
+            for p in prompts]
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, image=None) -> str:
+    """Complete one ``prompt`` (a vision model: a chat turn about ``image``); the new text only."""
+    return generate_batch(model, tokenizer, [Prompt(text=prompt)],
+                          Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+                          image=image)[0]
+
+
+INFERENCE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                    "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def inference_dtype(name: str, device: str) -> Optional[torch.dtype]:
+    """``--dtype``: ``auto`` is fp32 on a CPU (bf16 matmuls are ~10x slower there) and the stored
+    dtype on a GPU (None)."""
+    if name == "auto":
+        return torch.float32 if device == "cpu" else None
+    if name not in INFERENCE_DTYPES:
+        raise ShardtuneError(f"--dtype must be auto, fp32, bf16 or fp16, got {name!r}.")
+    return INFERENCE_DTYPES[name]
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ShardtuneError(f"--device {device} was given but no CUDA GPU is visible. Use --device cpu.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ShardtuneError(f"--device must be cpu or cuda (or cuda:N), got {device!r}.")
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """The options ``generate`` and ``chat`` share: where the model is and how it decodes."""
+    ap.add_argument("model", help="an HF model directory, a PEFT adapter directory, a shardtune step checkpoint, "
+                                  "or a llama-recipes .distcp folder / .pt file")
+    ap.add_argument("--model", "--base", dest="base",
+                    help="the base model of an adapter (default: the one it records), or the architecture of a "
+                         "checkpoint that does not name it (llama-recipes)")
+    ap.add_argument("--image", help="an image file (PNG, JPEG...) for a vision model; the prompt is asked about it")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (0 < top_p <= 1), with --temperature")
+    ap.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0: off), with --temperature")
+    ap.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0: off")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, the stored dtype on GPU), fp32, bf16, fp16")
+
+
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                        args.seed)
+    sampling.check()
+    return sampling
+
+
+def image_for(args: argparse.Namespace, prompts: Sequence[Prompt] = ()):
+    """``--image`` loaded; images (``--image`` or a prompt row's) are refused before the model is
+    loaded when the model is a text model, and a missing prompt image is reported up front."""
+    if args.image is None and not any(p.image for p in prompts):
+        return None
+    family = model_family(args.model, args.base)
+    if not family.uses_processor:
+        raise ShardtuneError(
+            f"--image needs a vision model (e.g. Llama 3.2 Vision), but {args.model} is a text model "
+            f"({family.name} family). Drop --image (and prompt images), or pass a vision model or an adapter trained on one.")
+    for p in prompts:
+        if p.image and not Path(p.image).is_file():
+            raise ShardtuneError(f"The prompt image {p.image!r} does not exist (paths in a prompt file are "
+                                 "relative to the file).")
+    return load_image(args.image) if args.image is not None else None
+
+
+def _prompts(args: argparse.Namespace) -> list[Prompt]:
+    given = [bool(args.prompt), args.prompt_file is not None]
+    if sum(given) > 1:
+        raise ShardtuneError("Give prompts one way: --prompt (repeatable) or --prompt_file (or stdin, with neither).")
+    if args.prompt:
+        if any(not p for p in args.prompt):
+            raise ShardtuneError("--prompt must not be empty.")
+        return [Prompt(text=p) for p in args.prompt]
+    if args.prompt_file is not None:
+        return read_prompt_file(args.prompt_file)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ShardtuneError("No prompt: pass --prompt \"...\", --prompt_file FILE, or pipe prompts on stdin "
+                             "(one a line, or JSONL).")
+    prompts = parse_lines(sys.stdin, "stdin")
+    if not prompts:
+        raise ShardtuneError("stdin held no prompt (it was empty or blank).")
+    return prompts
+
+
+def check_output(path: str, args: argparse.Namespace) -> Path:
+    """``--output`` may not replace an existing file (unless --overwrite) nor land in the model's folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise ShardtuneError(f"--output {path!r} is a directory; pass a file name, e.g. {path.rstrip('/')}/completions.jsonl.")
+    if out.exists() and not args.overwrite:
+        raise ShardtuneError(f"--output {path!r} already exists; shardtune does not replace it. Choose another name, "
+                             "or pass --overwrite to replace it.")
+    for given in (args.model, args.base):
+        if given and Path(given).exists() and Path(given).is_dir() and out.resolve().is_relative_to(Path(given).resolve()):
+            raise ShardtuneError(f"--output {path!r} is inside the model folder {given!r}, which generation only "
+                                 "reads; write it elsewhere.")
+    if not out.parent.exists():
+        raise ShardtuneError(f"--output {path!r}: its folder {str(out.parent)!r} does not exist.")
+    return out
+
+
+def write_records(out: Path, prompts: list[Prompt], completions: list[str]) -> None:
+    """One JSON object a line, written to a temporary name and renamed: a failed run leaves no half file."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for p, c in zip(prompts, completions):
+            record = {"prompt": p.shown, "completion": c}
+            if p.messages is not None:
+                record["messages"] = p.messages
+            if p.image:
+                record["image"] = p.image
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="shardtune generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="HF model directory, or PEFT adapter directory")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--image", help="an image file (PNG, JPEG...) for a vision model; the prompt is asked about it")
-    ap.add_argument("--base", help="base model for an adapter (default: the one it records)")
-    ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
-    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (0 < top_p <= 1), with --temperature")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_options(ap)
+    ap.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    ap.add_argument("--prompt_file", help="a text file (a prompt a line) or JSONL (\"prompt\" or \"messages\" a row)")
+    ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
+    ap.add_argument("--batch_size", type=int, default=8, help="prompts generated together (left-padded)")
+    ap.add_argument("--output", help="write a JSON line per prompt (prompt, completion) to this file")
+    ap.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
     args = ap.parse_args(argv)
-    check_options(args)
-    image = None
-    if args.image is not None:  # refused before the model is loaded
-        family = model_family(args.model, args.base)
-        if not family.uses_processor:
-            raise ShardtuneError(
-                f"--image needs a vision model (e.g. Llama 3.2 Vision), but {args.model} is a text model "
-                f"({family.name} family). Drop --image, or pass a vision model or an adapter trained on one.")
-        image = load_image(args.image)
-    model, inputs = load_for_inference(args.model, args.base, args.device)
-    print(generate(model, inputs, args.prompt, args.max_new_tokens, args.temperature, args.top_p, image))
+    sampling = sampling_of(args)
+    check_device(args.device)
+    if args.batch_size < 1:
+        raise ShardtuneError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    prompts = _prompts(args)
+    for p in prompts:
+        if p.messages is not None:
+            check_messages(p.messages, "prompt")
+    out = check_output(args.output, args) if args.output else None
+    image = image_for(args, prompts)  # refused before the model is loaded
+    model, inputs = load_for_inference(args.model, args.base, args.device, inference_dtype(args.dtype, args.device))
+    if len(prompts) == 1 and out is None:  # one prompt: streamed as it is generated
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(text_tokenizer(inputs), skip_prompt=True, skip_special_tokens=True)
+        generate_batch(model, inputs, prompts, sampling, chat=args.chat, image=image, streamer=streamer)
+        return
+    completions = generate_batch(model, inputs, prompts, sampling, chat=args.chat, batch_size=args.batch_size,
+                                 image=image)
+    if out is not None:
+        write_records(out, prompts, completions)
+        print(f"wrote {len(completions)} completions to {out}")
+        return
+    for i, (p, c) in enumerate(zip(prompts, completions), 1):
+        print(f"[{i}] {p.shown}\n{c}\n")

@@ -1,9 +1,16 @@
-"""Load a model for inference (generate, chat, eval) from what a run left behind.
+"""Load a model for inference (generate, chat, eval) from whatever a run left behind.
 
-``load_for_inference(path)`` takes an HF model directory or a PEFT adapter directory (on the
-base model its config names, or ``base``) and returns the model in eval mode with its tokenizer,
-or its processor for a vision model. The model class and whether a processor feeds it come from
-the family table.
+``load_for_inference(path)`` takes any of:
+
+* an HF model directory (or hub id);
+* a PEFT adapter directory, on the base model its config names (or ``base``);
+* a shardtune step checkpoint, a llama-recipes ``.distcp`` folder or FULL_STATE_DICT ``.pt``
+  file (``base`` names the architecture when the checkpoint does not): read through
+  ``shardtune convert``'s own detection and key mapping into a model in memory, one tensor at a
+  time, with no converted copy on disk (``convert/in_memory.py``);
+
+and returns the model in eval mode with its tokenizer, or its processor for a vision model. The
+model class and whether a processor feeds it come from the family table.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from typing import Optional
 import torch
 
 from ..config.errors import ShardtuneError
+from ..convert.core import tokenizer_folder
+from ..convert.in_memory import build_model, open_checkpoint
+from ..convert.sources import hf_weight_files
 from ..model.family import ModelFamily, family_for_config
 from ..model.loading import (check_model_source, from_pretrained_checked, load_config, load_processor,
                              load_tokenizer, text_tokenizer)
@@ -35,16 +45,44 @@ def _adapter_base(path: Path, base: Optional[str]) -> Optional[str]:
     return base
 
 
+def is_checkpoint(path: str) -> bool:
+    """True for what ``shardtune convert`` reads (step checkpoints, llama-recipes ``.distcp`` folders
+    and ``.pt`` files), False for an HF model directory, an adapter directory or a hub id."""
+    p = Path(path)
+    if not p.exists():
+        return False  # a hub id, or a missing path: the HF loader says which
+    if p.is_file():
+        return True
+    return not ((p / "adapter_config.json").is_file() or (p / "config.json").is_file() and hf_weight_files(p))
+
+
 def model_family(path: str, base: Optional[str] = None) -> ModelFamily:
     """The family of the model at ``path``, or of an adapter's base model (reads config only)."""
+    if is_checkpoint(path):
+        return family_for_config(open_checkpoint(path, model=base).spec.config)
     adapter_base = _adapter_base(Path(path), base)
     return family_for_config(load_config(adapter_base or path))
 
 
+def _load_checkpoint(path: str, base: Optional[str], device: str, dtype: Optional[torch.dtype]):
+    """A step / llama-recipes checkpoint as (model, tokenizer or processor), through convert's plan."""
+    conv = open_checkpoint(path, model=base)
+    family = family_for_config(conv.spec.config)
+    model = build_model(conv, dtype=dtype, device=device)
+    folder = tokenizer_folder(conv)
+    if folder is None:
+        raise ShardtuneError(f"{path} names no tokenizer, and its model {conv.spec.name!r} is not a local folder "
+                             "with one; pass --model with the local Hugging Face model folder it was trained from.")
+    inputs = load_processor(str(folder), "--model") if family.uses_processor else load_tokenizer(str(folder), "--model")
+    return model, inputs
+
+
 def load_for_inference(path: str, base: Optional[str] = None, device: str = "cpu",
                        dtype: Optional[torch.dtype] = None):
-    """(model, tokenizer or processor) from a full HF dir, or from an adapter dir on top of its base
-    model. The model class and whether a processor feeds it come from the family table."""
+    """(model in eval mode on ``device``, tokenizer or processor) from any ``path`` kind (see the
+    module doc); ``dtype`` None keeps the stored dtype."""
+    if is_checkpoint(path):
+        return _load_checkpoint(path, base, device, dtype)
     p = Path(path)
     base = _adapter_base(p, base)
     if base is None:
