@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
+from .checkpoint.digests import DamagedFiles, digest_files, files_of, is_weight_file, problems_of
 from .checkpoint.layout import fsync_path
 from .config.errors import ShardtuneError
 
@@ -58,13 +59,47 @@ def foreign_entries(directory: str | Path) -> list[str]:
     return sorted(e.name + ("/" if e.is_dir() else "") for e in directory.iterdir() if not _is_owned(e, names))
 
 
-def record(directory: str | Path, added: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
+def recorded_digests(directory: str | Path) -> dict[str, dict]:
+    """Size and SHA-256 of each file shardtune wrote directly in ``directory``, as its marker
+    records them (empty for a directory written before digests were recorded, or not by shardtune)."""
+    path = Path(directory) / MARKER
+    if not path.is_file():
+        return {}
+    owned(directory)  # a damaged marker is a clear error
+    digests = json.loads(path.read_text()).get("digests")
+    return digests if isinstance(digests, dict) else {}
+
+
+def verify_recorded(directory: str | Path, log: Callable[[str], None] = print) -> bool:
+    """Check the files of ``directory`` against the digests its marker records. A weight file
+    that differs is a :class:`DamagedFiles` error (nothing may be loaded from it); another file
+    that differs (``config.json``, tokenizer files: users edit them) is reported through ``log``.
+    False when nothing is recorded (not written by shardtune, or before digests were recorded)."""
+    directory = Path(directory)
+    recorded = recorded_digests(directory)
+    if not recorded:
+        return False
+    weights = [n for n in recorded if is_weight_file(n)]
+    damaged = problems_of(directory, recorded, weights)
+    if damaged:
+        raise DamagedFiles(directory, damaged, "Nothing was loaded from it. Restore it from a good copy, or "
+                           "export or convert it again from the run's checkpoint.")
+    for problem in problems_of(directory, recorded, [n for n in recorded if n not in weights]):
+        log(f"note: {directory}: {problem} (edited since shardtune wrote it?)")
+    return True
+
+
+def record(directory: str | Path, added: Iterable[str] = (), removed: Iterable[str] = (),
+           digests: Optional[Mapping[str, dict]] = None) -> None:
     """Update the marker of ``directory`` (atomically): ``added`` entries are shardtune's now,
-    ``removed`` ones are gone. Folder entries end with ``/``."""
+    ``removed`` ones are gone, and ``digests`` (file name -> size and SHA-256, see
+    ``checkpoint/digests.py``) replace the recorded ones of those files. Folder entries end with ``/``."""
     directory = Path(directory)
     names = (owned(directory) | set(added)) - set(removed)
+    known = {k: v for k, v in {**recorded_digests(directory), **(digests or {})}.items() if k in names}
     tmp = directory / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"written_by": "shardtune", "entries": sorted(names)}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"written_by": "shardtune", "entries": sorted(names), "digests": known},
+                              indent=1, sort_keys=True) + "\n")
     os.replace(tmp, directory / MARKER)
 
 
@@ -133,6 +168,7 @@ def commit_files(tmp: Path, final: Path, stale_patterns: Iterable[str]) -> None:
     final.mkdir(parents=True, exist_ok=True)
     before = owned(final)
     new = {p.name + ("/" if p.is_dir() else "") for p in tmp.iterdir()}
+    digests = digest_files(tmp, files_of(tmp, skip=[MARKER]))  # of the bytes about to be published
     for item in tmp.iterdir():
         if item.is_file():
             fsync_path(item)
@@ -140,7 +176,7 @@ def commit_files(tmp: Path, final: Path, stale_patterns: Iterable[str]) -> None:
         if item.is_dir() and target.is_dir():
             shutil.rmtree(target)  # a folder entry of ours (new names it as ours)
         os.replace(item, target)
-    record(final, added=new)
+    record(final, added=new, digests=digests)
     patterns = tuple(stale_patterns)
     stale = sorted(n for n in before - new if any(fnmatch.fnmatch(n.rstrip("/"), p) for p in patterns))
     for name in stale:

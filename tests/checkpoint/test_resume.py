@@ -78,6 +78,12 @@ def test_checkpoint_layout_and_contents(runs):
     params = (ckpt / "train_params.yaml").read_text()
     assert "lr: 0.002" in params and "torch:" in params and "transformers:" in params
     assert (run / "latest").read_text().strip() == layout.latest_checkpoint(run).name
+    # each rank hashed its share of the files (a resumed run's re-saves: tests/checkpoint/test_digests.py)
+    from shardtune.checkpoint.sharded import verify_checkpoint
+
+    for path in done:
+        assert {"__0_0.distcp", "__1_0.distcp", "rng-rank1.pt"} <= set(layout.read_manifest(path))
+        assert verify_checkpoint(path)
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(runs):
@@ -106,8 +112,8 @@ def test_truncated_shard_is_a_clear_error_and_leaves_the_files(runs, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     args = [*_common(runs["model"], runs["data"], tmp_path / "out"), "--batch_size_training", "4",
             "--resume_from", str(broken)]
-    with pytest.raises(ShardtuneError, match="Could not read checkpoint"):
-        finetune(args)
+    with pytest.raises(ShardtuneError, match=r"__1_0\.distcp has \d+ bytes, \d+ were written"):
+        finetune(args)  # caught by the recorded digests, before DCP reads anything
     assert shard.exists()
 
 

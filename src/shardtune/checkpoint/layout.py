@@ -2,6 +2,7 @@
 
     <dist_checkpoint_root_folder>/<dist_checkpoint_folder>/
         step-000200/      DCP files (__<rank>_0.distcp, .metadata), train_params.yaml, COMPLETE
+                          (COMPLETE lists every file with its size and SHA-256: checkpoint/digests.py)
         step-000400/
         latest            text file naming the newest complete checkpoint
 
@@ -14,6 +15,7 @@ back if a crash came before the new one was in place.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -70,9 +72,21 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def commit(tmp: Path, final: Path) -> None:
-    """Publish a fully written checkpoint: marker, rename into place, then move ``latest``."""
-    (tmp / COMPLETE_MARKER).write_text("ok\n")
+def read_manifest(path: Path) -> Optional[dict[str, dict]]:
+    """The file digests a checkpoint's ``COMPLETE`` marker records; None for a marker written
+    before shardtune recorded them (it held just ``ok``)."""
+    try:
+        data = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("files") if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+
+def commit(tmp: Path, final: Path, manifest: Optional[dict[str, dict]] = None) -> None:
+    """Publish a fully written checkpoint: the marker (with the digests of every file it holds),
+    rename into place, then move ``latest``."""
+    marker = {"complete": True, "algorithm": "sha256", "files": manifest or {}}
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
     fsync_path(tmp)
     replaced = None
     if final.exists():  # same step written again (e.g. the pre-emption save of a saved step):

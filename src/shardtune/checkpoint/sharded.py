@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from . import layout
+from .digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
 
 TRAIN_STATE = "train_state.json"
 TRAIN_PARAMS = "train_params.yaml"
@@ -102,8 +103,9 @@ def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
         (tmp / TRAIN_PARAMS).write_text(yaml.safe_dump({**config_dict, "versions": _versions()},
                                                       sort_keys=False))
     _barrier(env)  # every rank's shard and RNG file is on disk
+    manifest = _digests(tmp, env)  # each rank hashes its share of the files
     if env.is_main:
-        layout.commit(tmp, final)
+        layout.commit(tmp, final, manifest)
     _barrier(env)
     return final if env.is_main else None
 
@@ -114,6 +116,50 @@ def _injected_delay() -> None:
     delay = float(os.environ.get("SHARDTUNE_TEST_SAVE_DELAY_S", "0") or 0)
     if delay > 0:
         time.sleep(delay)
+
+
+def _gather(env: Optional[DistEnv], mine: object) -> list:
+    if env is None or not env.distributed:
+        return [mine]
+    everyone: list = [None] * env.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _digests(folder: Path, env: DistEnv) -> dict[str, dict]:
+    """Size and SHA-256 of every file in ``folder``, the ranks hashing equal shares in parallel."""
+    share = balanced_shares(folder, files_of(folder, skip=[layout.COMPLETE_MARKER]), env.world_size)[env.rank]
+    merged: dict[str, dict] = {}
+    for part in _gather(env, digest_files(folder, share)):
+        merged.update(part)
+    return merged
+
+
+def earlier_checkpoint(path: Path) -> Optional[Path]:
+    """The newest complete checkpoint of the same run older than ``path``."""
+    step = layout.step_of(path)
+    older = [p for p in layout.complete_checkpoints(path.parent) if step is not None and (layout.step_of(p) or 0) < step]
+    return older[-1] if older else None
+
+
+def verify_checkpoint(path: Path, env: Optional[DistEnv] = None, advice: Optional[str] = None) -> bool:
+    """Check every file of a checkpoint against its ``COMPLETE`` marker (the ranks of ``env`` in
+    parallel, or this process alone); a difference is a :class:`DamagedFiles` error naming the
+    files. False when the checkpoint predates recorded digests (nothing to check against)."""
+    manifest = layout.read_manifest(path)
+    if not manifest:
+        return False
+    ranks, rank = (env.world_size, env.rank) if env is not None else (1, 0)
+    share = balanced_shares(path, sorted(manifest), ranks)[rank]
+    problems = sorted(p for part in _gather(env, problems_of(path, manifest, share)) for p in part)
+    if problems:
+        if advice is None:
+            earlier = earlier_checkpoint(path)
+            advice = (f"It was not loaded. Resume from the earlier complete checkpoint with --resume_from {earlier}"
+                      if earlier else "It was not loaded, and the run has no earlier checkpoint: start again "
+                      "without --resume, or restore the files from a good copy.")
+        raise DamagedFiles(path, problems, advice)
+    return True
 
 
 def read_train_state(path: Path) -> dict:
@@ -157,8 +203,12 @@ def check_compatible(saved: dict, model: torch.nn.Module, path: Path) -> None:
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     scheduler: Any, env: DistEnv) -> dict:
-    """Restore model, optimizer, scheduler and RNG from ``path``; returns the saved data position."""
+    """Restore model, optimizer, scheduler and RNG from ``path`` (its files verified against their
+    recorded digests first); returns the saved data position."""
     meta = read_train_state(path)
+    if not verify_checkpoint(path, env) and env.is_main:
+        warnings.warn(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
+                      "cannot be verified.", stacklevel=2)
     check_compatible(meta["fingerprint"], model, path)
     options = _options(model)
     state = {"model": get_model_state_dict(model, options=options)}

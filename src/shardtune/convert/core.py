@@ -20,13 +20,14 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .. import ownership
+from ..checkpoint.digests import digest_files, files_of
 from ..checkpoint.hf_export import MODEL_FILE_PATTERNS
 from ..checkpoint.hf_stream import DTYPES, human_size, parse_size, write_safetensors
 from ..config.errors import ShardtuneError
 from .model import ModelSpec, build_meta_model, dominant_dtype, model_targets, resolve_model
 from ..model.names import saved_names
-from .plan import LoraSpec, Plan, Ref, build_plan
-from .sources import Source, open_hf_model, open_source
+from .plan import LoraSpec, Plan, Ref, build_plan, refuse_tied_merge
+from .sources import Source, open_hf_model, open_source, verify_source
 
 DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
@@ -102,7 +103,8 @@ def publish(tmp: Path, dst: Path, log: Callable[[str], None] = print) -> None:
     """Move the finished folder into place: a new or empty ``dst`` in one rename. Into a non-empty
     one (``--overwrite``) the new files are moved; the model files an earlier shardtune write left
     there are replaced or removed, and everything else (other files, a run's checkpoints) stays."""
-    ownership.record(tmp, added=[p.name + ("/" if p.is_dir() else "") for p in tmp.iterdir()])
+    ownership.record(tmp, added=[p.name + ("/" if p.is_dir() else "") for p in tmp.iterdir()],
+                     digests=digest_files(tmp, files_of(tmp, skip=[ownership.MARKER])))
     if dst.is_dir() and any(dst.iterdir()):
         foreign = ownership.foreign_entries(dst)
         ownership.commit_files(tmp, dst, stale_patterns=MODEL_FILE_PATTERNS)
@@ -132,6 +134,7 @@ def prepare(src: str | Path, *, model: Optional[str] = None, dtype: Optional[str
     """Detect the source, resolve the model, and map every tensor (no tensor is read yet)."""
     source = open_source(src)
     log(f"found: {source.title} at {source.path}" + (f" ({source.note})" if source.note else ""))
+    verify_source(source, log)  # recorded digests checked before any tensor is trusted
     out_dtype = parse_dtype(dtype)
     if source.kind == "peft":
         if not merge:
@@ -142,7 +145,7 @@ def prepare(src: str | Path, *, model: Optional[str] = None, dtype: Optional[str
                 "base_model_name_or_path).")
         lora = LoraSpec.from_dict(source.info["adapter_config"])
         spec = resolve_model(source, model, base=True)
-        base = _open_base(spec)
+        base = _open_base(spec, log)
         sources = [base, source]
     else:
         spec = resolve_model(source, model)
@@ -154,7 +157,7 @@ def prepare(src: str | Path, *, model: Optional[str] = None, dtype: Optional[str
     # an adapter-only checkpoint is planned as an adapter first; --merge then adds its base model
     plan = build_plan(sources, targets, meta, lora=lora, merge=merge and len(sources) > 1, model_desc=spec.describe)
     if plan.adapter_only and merge and len(sources) == 1:
-        sources = [_open_base(spec), source]
+        sources = [_open_base(spec, log), source]
         plan = build_plan(sources, targets, meta, lora=lora, merge=True, model_desc=spec.describe)
     conv = Conversion(sources=sources, spec=spec, meta=meta, plan=plan, lora=lora, out_dtype=out_dtype, log=log,
                       save_names=saved_names(meta, [item.name for item in plan.items]))
@@ -174,12 +177,14 @@ def prepare(src: str | Path, *, model: Optional[str] = None, dtype: Optional[str
     return conv
 
 
-def _open_base(spec: ModelSpec) -> Source:
+def _open_base(spec: ModelSpec, log: Callable[[str], None]) -> Source:
     if spec.folder is None:
         raise ShardtuneError(
             f"Merging needs the base model's weights, but {spec.name!r} ({spec.origin}) is not a local "
             "folder. Pass --model with the local Hugging Face model folder.")
-    return open_hf_model(spec.folder)
+    base = open_hf_model(spec.folder)
+    verify_source(base, log)
+    return base
 
 
 # ---------------------------------------------------------------- streaming
@@ -331,6 +336,7 @@ def convert(src: str | Path, dst: str | Path, *, model: Optional[str] = None, dt
             _write_adapter(conv, tmp)
             files, count = ["adapter_model.safetensors"], len(conv.plan.adapter)
         else:
+            refuse_tied_merge(conv.plan)  # merged weights: none of them may be tied to an adapted one
             weight_map = write_safetensors(stream(conv, limit), tmp, is_main=True, max_shard_size=limit)
             _write_model_files(conv, tmp)
             files, count = sorted(set(weight_map.values())), len(weight_map)

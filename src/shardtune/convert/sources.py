@@ -25,7 +25,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -418,6 +418,29 @@ def _peft_source(folder: Path) -> Source:
     if not src.entries:
         raise ShardtuneError(f"{src.path} holds no tensors: the adapter is empty.")
     return src
+
+
+def verify_source(src: Source, log: Callable[[str], None] = print) -> None:
+    """Check a source's files against the digests shardtune recorded when it wrote them (a
+    difference is an error naming the files, before anything is read or written); say once
+    when a source records none and what is checked instead."""
+    from .. import ownership
+    from ..checkpoint.sharded import verify_checkpoint
+
+    if src.kind == "shardtune":
+        advice = (f"Nothing was read or written. Use an earlier checkpoint (`shardtune checkpoints {src.path.parent}` "
+                  "lists them), or restore the files from a good copy.")
+        if not verify_checkpoint(src.path, advice=advice):
+            log(f"note: {src.path} was written before shardtune recorded file digests; only its file sizes are "
+                "checked against its index")
+        return
+    if src.kind in ("hf", "peft"):
+        ownership.verify_recorded(src.path if src.path.is_dir() else src.path.parent, log)
+        return
+    if src.kind in ("llama-recipes", "dcp"):
+        log(f"note: {src.path} records no file digests (llama-recipes and plain DCP do not write them): its "
+            "files were checked against the sizes its index gives; `shardtune checkpoints --verify` also reads "
+            "every tensor and checks its values are finite")
 
 
 def open_source(path: str | Path) -> Source:

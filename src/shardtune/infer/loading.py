@@ -16,12 +16,14 @@ model class and whether a processor feeds it come from the family table.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..config.errors import ShardtuneError
+from ..ownership import verify_recorded
 from ..convert.core import tokenizer_folder
 from ..convert.in_memory import build_model, open_checkpoint
 from ..convert.sources import hf_weight_files
@@ -64,9 +66,17 @@ def model_family(path: str, base: Optional[str] = None) -> ModelFamily:
     return family_for_config(load_config(adapter_base or path))
 
 
+def _note(line: str) -> None:
+    """Notes of the loaders (a checkpoint without digests, an edited config) go to stderr, so
+    that generated text on stdout stays clean."""
+    if line.startswith("note:"):
+        print(line, file=sys.stderr, flush=True)
+
+
 def _load_checkpoint(path: str, base: Optional[str], device: str, dtype: Optional[torch.dtype]):
-    """A step / llama-recipes checkpoint as (model, tokenizer or processor), through convert's plan."""
-    conv = open_checkpoint(path, model=base)
+    """A step / llama-recipes checkpoint as (model, tokenizer or processor), through convert's plan
+    (which checks the files against their recorded digests first)."""
+    conv = open_checkpoint(path, model=base, log=_note)
     family = family_for_config(conv.spec.config)
     model = build_model(conv, dtype=dtype, device=device)
     folder = tokenizer_folder(conv)
@@ -87,6 +97,9 @@ def load_for_inference(path: str, base: Optional[str] = None, device: str = "cpu
     base = _adapter_base(p, base)
     if base is None:
         check_model_source(path, "MODEL")
+    for folder in (path, base):  # files shardtune wrote are checked against their recorded digests
+        if folder and Path(folder).is_dir():
+            verify_recorded(folder, _note)
     family = family_for_config(load_config(base or path))
     cls = family.model_class()
     if base is not None:
