@@ -238,12 +238,14 @@ def test_lora_options_train_and_save_what_was_trained(tiny_model_dir, tmp_path, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from shardtune.finetuning import merge_saved_adapter
+
     cfg = parse_args(_args(tiny_model_dir, tmp_path, "--use_peft", "--num_epochs", "1", "--max_train_step", "3",
                            "--run_validation", "False", "--lr", "2e-2", *option)).config
     env = init_distributed("cpu")
     c = setup(cfg, env)
     base = {n: p.detach().clone() for n, p in c.model.named_parameters() if not p.requires_grad}
-    train(cfg, env, c)
+    merge_saved_adapter(cfg, env, train(cfg, env, c))  # what run() does after training
     assert all(torch.equal(base[n], p) for n, p in c.model.named_parameters() if n in base)  # base untouched
     trained = _probe(c.model, c.tokenizer)
     out = tmp_path / "out"
@@ -254,6 +256,92 @@ def test_lora_options_train_and_save_what_was_trained(tiny_model_dir, tmp_path, 
     if "--merge_lora" in option:
         merged = AutoModelForCausalLM.from_pretrained(out / "merged")
         torch.testing.assert_close(_probe(merged, c.tokenizer), trained, rtol=1e-4, atol=1e-4)
+    else:
+        assert not (out / "merged").exists()
+
+
+# --- --merge_lora: the saved adapter folded into --model_name's files by convert's merge ---
+
+MERGE_DATA = [{"instruction": f"Add {i} and {i + 1}.", "output": f"The answer is {2 * i + 1}."} for i in range(24)]
+
+
+def _merge_run(model_dir: Path, tmp_path: Path, *extra: str) -> Path:
+    data = tmp_path / "add.json"
+    data.write_text(json.dumps(MERGE_DATA))
+    out = tmp_path / "out"
+    finetune(["--model_name", str(model_dir), "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data),
+              "--output_dir", str(out), "--use_peft", "--lora_config.lora_dropout", "0", "--num_epochs", "1",
+              "--max_train_step", "3", "--lr", "2e-2", "--batch_size_training", "4", "--context_length", "64",
+              "--device", "cpu", "--run_validation", "False", "--merge_lora", *extra])
+    return out
+
+
+def _adapter_and_merged(model_dir: Path, out: Path):
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out)).eval()
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    return adapted, merged
+
+
+MERGE_IDS = torch.tensor([[1, 17, 42, 99, 5, 230, 7, 64]])
+
+
+@pytest.mark.parametrize("lora", [
+    ("--lora_config.target_modules", "q_proj,v_proj,embed_tokens,lm_head"),
+    ("--lora_config.target_modules", "q_proj,v_proj,embed_tokens,lm_head", "--lora_config.modules_to_save", "norm"),
+    ("--lora_config.target_modules", "q_proj,v_proj,embed_tokens", "--lora_config.modules_to_save", "lm_head"),
+])
+def test_merge_lora_gives_the_saved_adapters_logits_for_every_layer_kind(tiny_model_dir, tmp_path, capsys, lora):
+    """A LoRA on the embeddings and the head (and modules_to_save copies) is merged: a dropped layer
+    would change the logits far beyond fp32 rounding."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.ownership import MARKER, owned
+
+    out = _merge_run(tiny_model_dir, tmp_path, *lora)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert all(t.abs().max() > 0 for n, t in saved.items() if "lora_B" in n or "lora_embedding_B" in n)
+    adapted, merged = _adapter_and_merged(tiny_model_dir, out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(MERGE_IDS).logits, adapted(MERGE_IDS).logits, rtol=0, atol=1e-5)
+        assert (merged(MERGE_IDS).logits - base(MERGE_IDS).logits).abs().max() > 1e-2  # trained, and merged
+    assert merged.dtype == torch.float32 and (out / "merged" / "tokenizer_config.json").is_file()
+    assert "merged/" in owned(out) and (out / "merged" / MARKER).is_file()
+    assert f"merged the adapter into the base {tiny_model_dir}: {out / 'merged'}" in capsys.readouterr().out
+
+
+def test_merge_lora_on_a_tied_model(tiny_tied_model_dir, tmp_path):
+    """q/v LoRA on a model whose head is its embeddings: merged, still tied. A LoRA on the tied
+    embeddings is refused before training (a merged model would change the head too)."""
+    out = _merge_run(tiny_tied_model_dir, tmp_path)
+    adapted, merged = _adapter_and_merged(tiny_tied_model_dir, out)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(MERGE_IDS).logits, adapted(MERGE_IDS).logits, rtol=0, atol=1e-5)
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(ShardtuneError, match="cannot merge the LoRA layer model.embed_tokens .*tied"):
+        _merge_run(tiny_tied_model_dir, tmp_path / "refused", "--lora_config.target_modules", "q_proj,embed_tokens")
+    assert not (tmp_path / "refused" / "out" / "adapter_model.safetensors").exists()
+
+
+def test_merged_dtype_is_the_export_or_training_dtype():
+    from shardtune.finetuning import merged_dtype
+    from shardtune.parallel.distributed import DistEnv
+
+    def dtype(*flags):
+        return merged_dtype(parse_args(["--use_peft", "--merge_lora", *flags]).config, DistEnv())
+
+    assert dtype() == "float32" and dtype("--fsdp_config.pure_bf16") == "bfloat16"  # as a full export
+    assert dtype("--export_dtype", "bf16") == "bf16"
+    assert dtype("--quantization", "4bit") == "keep"  # the unquantized base's own dtype
 
 
 def test_lora_options_that_cannot_work_are_refused_up_front():

@@ -23,11 +23,12 @@ import yaml
 from . import runtime
 from .checkpoint import layout as checkpoint_layout
 from .checkpoint.hf_export import save_hf_model
-from .checkpoint.hf_stream import DTYPES, check_mergeable
+from .checkpoint.hf_stream import DTYPES
 from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
 from .checkpoint.preemption import PreemptionSignal
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import StateDictType
+from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
 from .model.family import ModelFamily, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
@@ -330,8 +331,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
             if t.save_model and improved:
                 refuse_non_finite(c.model, env, step, "model")
                 saved_at.append(step)
-                save_hf_model(c.model, c.tokenizer, t.output_dir, env=env, dtype=export_dtype(t),
-                              merge_lora=t.merge_lora and not t.quantization)  # QLoRA: see run()
+                save_hf_model(c.model, c.tokenizer, t.output_dir, env=env, dtype=export_dtype(t))  # --merge_lora: run()
                 say(env, f"saved the {'adapter' if t.use_peft else 'model'} to {t.output_dir} (step {step})")
                 if writes_resumable_checkpoints(cfg) and step_saves.last_saved_step != step:
                     save_resumable(position_after(last), with_optimizer=t.save_optimizer or t.save_every_n_steps > 0
@@ -372,20 +372,40 @@ def refuse_non_finite(model: torch.nn.Module, env: DistEnv, step: int, what: str
             "--gradient_clipping, and --resume from the last checkpoint.")
 
 
-def merge_onto_plain_base(cfg: Config) -> None:
-    """QLoRA's --merge_lora: the saved adapter folded into the *unquantized* base model (in the base's
-    dtype, or --export_dtype) by ``shardtune convert --merge``, streamed tensor by tensor; folding it
-    into the 4-bit weights would bake their quantization error into every merged weight. Run once,
-    by the main process after the process group is gone: a long merge (70B) then makes no other
-    rank wait in a collective, and an error in it cannot hang them."""
+def merge_saved_adapter(cfg: Config, env: DistEnv, results: dict) -> Optional[Path]:
+    """--merge_lora: the saved adapter folded into --model_name's own files, streamed tensor by tensor
+    by ``shardtune convert --merge`` (the one merge there is), into ``<output_dir>/merged``.
+
+    From the saved adapter, not the model in memory: what is merged is exactly what
+    ``PeftModel.from_pretrained`` loads, and a QLoRA adapter lands on the *unquantized* base (folding it
+    into the 4-bit weights would bake their quantization error into every merged weight). Run once,
+    by the main process after the process group is gone: a long merge (70B) then makes no other rank
+    wait in a collective, and an error in it cannot hang them. Nothing to do on other ranks, without
+    --merge_lora, or when no adapter was saved."""
     from .convert.core import convert
 
     t = cfg.train
+    if not (t.merge_lora and env.is_main and results["saved_at_steps"]):
+        return None
+    merged = Path(t.output_dir) / "merged"
     record_owned(t.output_dir, added=["merged/"])  # recorded before it is written
-    convert(t.output_dir, Path(t.output_dir) / "merged", model=t.model_name, merge=True,
-            dtype=t.export_dtype or "keep", overwrite=True, log=lambda line: None)
-    print(f"merged the adapter into the unquantized base {t.model_name}: {Path(t.output_dir) / 'merged'}",
-          flush=True)
+    # tokenizer: the run's own (or a vision model's processor), saved with the adapter
+    convert(t.output_dir, merged, model=t.model_name, merge=True, dtype=merged_dtype(cfg, env),
+            tokenizer=t.output_dir, overwrite=True, log=lambda line: None)
+    base = "the unquantized base" if t.quantization else "the base"
+    print(f"merged the adapter into {base} {t.model_name}: {merged}", flush=True)
+    return merged
+
+
+def merged_dtype(cfg: Config, env: DistEnv) -> str:
+    """--export_dtype, else the dtype the run kept its weights in (what a full fine-tune's export
+    writes); a QLoRA run's base weights were 4-bit, so its merge keeps the base files' dtype."""
+    t = cfg.train
+    if t.export_dtype:
+        return t.export_dtype
+    if t.quantization:
+        return "keep"
+    return str(runtime.training_dtype(env.device, pure_bf16=cfg.fsdp.pure_bf16)).removeprefix("torch.")
 
 
 def export_dtype(t) -> Optional[torch.dtype]:
@@ -459,8 +479,7 @@ def run(cfg: Config) -> dict:
         results = train(cfg, env, components)
     finally:
         shutdown()
-    if t.quantization and t.merge_lora and env.is_main and results["saved_at_steps"]:
-        merge_onto_plain_base(cfg)
+    merge_saved_adapter(cfg, env, results)  # --merge_lora, with no rank left waiting
     return results
 
 

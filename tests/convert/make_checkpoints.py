@@ -26,7 +26,7 @@ import torch.distributed as dist
 import yaml
 
 from shardtune.config import parse_args
-from shardtune.finetuning import setup, train
+from shardtune.finetuning import merge_saved_adapter, setup, train
 from shardtune.parallel.distributed import init_distributed, shutdown
 
 
@@ -86,7 +86,8 @@ def main() -> None:
     try:
         for name, extra in (("full", []), ("lora", ["--use_peft", "--peft_method", "lora", "--merge_lora", "True"])):
             cfg = parse_args(recipe_args(model, data, root / name, extra)).config
-            train(cfg, env, setup(cfg, env))
+            results = train(cfg, env, setup(cfg, env))
+            merge_saved_adapter(cfg, env, results)  # --merge_lora, as the recipe's run() does
             dist.barrier()
         llama_recipes_fsdp1(model, root, env.rank)
         if env.is_main:

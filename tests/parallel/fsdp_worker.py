@@ -22,7 +22,7 @@ import sys
 import torch
 
 from shardtune.config import ShardtuneError, parse_args
-from shardtune.finetuning import merge_onto_plain_base, setup, setup_model, train
+from shardtune.finetuning import merge_saved_adapter, setup, setup_model, train
 from shardtune.model.family import family_of
 from shardtune.model.loading import load_inputs
 from shardtune.model.probes import probe_inputs, probe_logits
@@ -72,8 +72,7 @@ def run_train(cfg, env, record_weights: bool = False) -> dict:
     c = setup(cfg, env)
     before = snapshot(c.model)
     results = train(cfg, env, c)
-    if cfg.train.quantization and cfg.train.merge_lora and env.is_main:
-        merge_onto_plain_base(cfg)  # what run() does once the process group is gone
+    merge_saved_adapter(cfg, env, results)  # --merge_lora: what run() does once the process group is gone
     after = snapshot(c.model)
     trained_logits = logits_of(c.model, c.tokenizer, env)
     changed = sorted(n for n in before if not bitwise_equal(before[n], after[n]))

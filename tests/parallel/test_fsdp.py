@@ -110,8 +110,8 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "lora": {"args": _fsdp(c, "--use_peft", "--peft_method", "lora", "--save_model", "True", "--merge_lora",
                                "--output_dir", str(setting["root"] / "lora-out"))},
         "save_full": {"args": _fsdp(c, "--save_model", "True", "--output_dir", str(setting["root"] / "full-out"))},
-        # QLoRA step checkpoint and exact resume (the adapter, its optimizer state and the base's
-        # bitsandbytes quant state are in the checkpoint; the 4-bit base itself comes from --model_name)
+        # QLoRA step checkpoint and exact resume (the adapter and its optimizer state are in the
+        # checkpoint; the 4-bit base and its quant state come from --model_name)
         "qlora_uninterrupted": {"args": _fsdp(c, *QLORA, "--max_train_step", "6")},
         "qlora_first_part": {"args": _fsdp(c, *QLORA, "--save_every_n_steps", "3",
                                            "--output_dir", str(setting["root"] / "qlora-resume"))},
@@ -127,6 +127,10 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "lora_embed": {"args": _fsdp(c, *LORA_EMBED, "--save_model", "True", "--merge_lora",
                                      "--output_dir", str(setting["root"] / "lora-embed-out"))},
         "lora_embed_low_cpu": {"args": _fsdp(c, *LORA_EMBED, "--low_cpu_fsdp")},
+        # modules_to_save copies of every norm (inside the sharded decoder layers and at the root)
+        "lora_embed_saved_norms": {"args": _fsdp(c, *LORA_EMBED, "--lora_config.modules_to_save", "norm",
+                                                 "--save_model", "True", "--merge_lora",
+                                                 "--output_dir", str(setting["root"] / "lora-saved-norms-out"))},
         **{f"qlora_{name}": {"args": _fsdp(c, *QLORA, *QLORA_STEPS, *flags, "--save_model", "True", "--merge_lora",
                                            "--output_dir", str(setting["root"] / f"qlora-{name}"))}
            for name, flags in STRATEGIES.items()},
@@ -239,16 +243,13 @@ def test_qlora_step_checkpoint_resumes_exactly_and_converts_to_the_adapter(two_r
                                                                     "qlora_resumed"))
     assert len(full) == 6 and _close(first, full[:3]) and _close(resumed, full[3:]), (full, first, resumed)
     ckpt = setting["root"] / "qlora-resume" / "checkpoints" / "fine-tuned" / "step-000006"
-    # what the checkpoint holds of the model: the adapter and bitsandbytes' quant state of the
-    # 4-bit layers (buffers, a few bytes a block), never the frozen 4-bit base weights themselves
+    # what the checkpoint holds of the model: the adapter only, never the frozen 4-bit base (its
+    # weights and their bitsandbytes quant state come from --model_name again on resume)
     from torch.distributed.checkpoint import FileSystemReader
 
     model_keys = [k.removeprefix("model.") for k in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
                   if k.startswith("model.")]
-    adapter = [k for k in model_keys if ".lora_" in k]
-    quant_state = [k for k in model_keys if ".base_layer.weight." in k]
-    assert adapter and quant_state and set(adapter) | set(quant_state) == set(model_keys), model_keys
-    assert any(k.endswith(".weight.absmax") for k in quant_state)
+    assert model_keys and all(".lora_" in k for k in model_keys), model_keys
     summary = convert(ckpt, tmp_path / "adapter")
     assert summary["adapter"]
     assert all(".lora_" in k for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
@@ -300,6 +301,30 @@ def test_lora_on_embeddings_and_head_under_fsdp_and_low_cpu_matches_one_process_
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setting["model"]), str(out)).eval()
         merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
         # the saved adapter is the trained one, and the merge drops no layer
+        torch.testing.assert_close(adapted(ids).logits, torch.tensor(r["logits"]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_modules_to_save_adapter_is_saved_and_merged(two_rank_results, setting):
+    """modules_to_save copies under FSDP next to a LoRA on the embeddings and the head: the 2-rank
+    adapter holds them (its save used to fail with a KeyError), gives the trained logits, and the
+    --merge_lora model gives the adapter model's."""
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = two_rank_results["lora_embed_saved_norms"]
+    assert any(".modules_to_save." in n for n in r["changed"])
+    out = setting["root"] / "lora-saved-norms-out"
+    assert any(k.endswith("model.norm.weight") for k in load_file(str(out / "adapter_model.safetensors")))
+    tok = AutoTokenizer.from_pretrained(setting["model"])
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])  # fsdp_worker.PROBE
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setting["model"]), str(out)).eval()
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
         torch.testing.assert_close(adapted(ids).logits, torch.tensor(r["logits"]), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
 

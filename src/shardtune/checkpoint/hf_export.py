@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor
 
 from ..parallel.distributed import DistEnv
 from .. import ownership
-from ..model.names import checkpoint_key, saved_names
-from .hf_stream import merged_lora_tensors, model_tensors, write_safetensors
+from ..model.names import saved_names
+from .hf_stream import model_tensors, write_safetensors
 
 # Files of a saved model or adapter: an earlier save's ones that a new save did not rewrite are stale.
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json",
@@ -71,8 +71,7 @@ def _commit(tmp: Path, final: Path) -> None:
 
 def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
     """config.json (recording the dtype the weights are written in) and generation_config.json."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config.save_pretrained(out)
+    model.config.save_pretrained(out)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     name = str(dtype).removeprefix("torch.")
@@ -80,33 +79,30 @@ def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
         if key in cfg:
             cfg[key] = name
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    generation = getattr(base, "generation_config", None)
+    generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(out)
 
 
-def _as_saved(model: torch.nn.Module, tensors):
-    """``tensors`` under the names ``save_pretrained`` writes (``model/names.saved_names``), the same
-    names ``shardtune convert`` writes (Mllama: transformers 5 saves its pre-v5 layout)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    plain = {checkpoint_key(n.replace(".original_module.", ".")) for n, _ in model_tensors(base)
-             if ".lora_" not in n and ".modules_to_save." not in n}  # the base model's own weights
-    names = saved_names(base, sorted(plain))
+def _as_saved(model: torch.nn.Module):
+    """The model's tensors under the names ``save_pretrained`` writes (``model/names.saved_names``),
+    the same names ``shardtune convert`` writes (Mllama: transformers 5 saves its pre-v5 layout)."""
+    tensors = list(model_tensors(model))  # (name, parameter): references, nothing is gathered yet
+    names = saved_names(model, sorted(name for name, _ in tensors))
     for name, tensor in tensors:
         yield names.get(name, name), tensor
 
 
-def export_full_model(tensors, model: torch.nn.Module, tokenizer, output_dir: str | Path, *,
-                      env: DistEnv, dtype: Optional[torch.dtype] = None,
-                      max_shard_size: str = "5GB") -> Optional[Path]:
-    """Stream ``tensors`` (name, tensor) into an HF model directory, atomically (rank 0 writes)."""
+def export_full_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, env: DistEnv,
+                      dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB") -> Optional[Path]:
+    """Stream the model's tensors into an HF model directory, atomically (rank 0 writes)."""
     output_dir = Path(output_dir)
     tmp = output_dir / f".saving-{os.getpid()}"
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     first_dtype = next(model.parameters()).dtype
-    write_safetensors(_as_saved(model, tensors), tmp, is_main=env.is_main, dtype=dtype,
+    write_safetensors(_as_saved(model), tmp, is_main=env.is_main, dtype=dtype,
                       max_shard_size=max_shard_size)
     if env.is_main:
         write_config(model, tmp, dtype or first_dtype)
@@ -118,24 +114,24 @@ def export_full_model(tensors, model: torch.nn.Module, tokenizer, output_dir: st
 
 
 def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, env: DistEnv,
-                  dtype: Optional[torch.dtype] = None, merge_lora: bool = False,
-                  max_shard_size: str = "5GB") -> Optional[Path]:
+                  dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB") -> Optional[Path]:
     """Save a full model (streamed) or a PEFT adapter into ``output_dir``; returns it on rank 0.
 
-    ``dtype`` converts the written weights (default: the training dtype). With ``merge_lora`` a
-    LoRA model additionally gets ``output_dir/merged``: a full HF model with the adapter folded in.
+    ``dtype`` converts a full model's weights (default: the training dtype). A merged LoRA model
+    (``--merge_lora``) is not written here: the recipe folds the saved adapter into the base model's
+    files with ``shardtune convert``'s streaming merge, the one merge there is.
     """
     output_dir = Path(output_dir)
     if not is_peft_model(model):
-        return export_full_model(model_tensors(model), model, tokenizer, output_dir, env=env,
-                                 dtype=dtype, max_shard_size=max_shard_size)
+        return export_full_model(model, tokenizer, output_dir, env=env, dtype=dtype,
+                                 max_shard_size=max_shard_size)
     state_dict = None
     if _is_sharded(model):
-        # Every rank takes part in the gather; only rank 0 writes. An adapter never needs the
-        # frozen base, so only the trainable parameters are gathered.
-        from peft import get_peft_model_state_dict
-
-        state_dict = get_peft_model_state_dict(model, state_dict=_full_state_dict(model, trainable_only=True))
+        # Every rank takes part in the gather; only rank 0 receives it and writes. An adapter never
+        # needs the frozen base, so only the trainable parameters are gathered. save_pretrained picks
+        # the adapter's tensors out of it (get_peft_model_state_dict): done here as well, a second
+        # pass would look for modules_to_save copies under the names the first pass gave them.
+        state_dict = _full_state_dict(model, trainable_only=True)
     if env.is_main:
         tmp = output_dir / f".saving-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,9 +141,4 @@ def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, 
         _commit(tmp, output_dir)
     if env.distributed:
         dist.barrier()
-    if merge_lora:
-        if env.is_main:  # recorded before it is written, so an interrupted export stays shardtune's
-            ownership.record(output_dir, added=["merged/"])
-        export_full_model(merged_lora_tensors(model), model, tokenizer, output_dir / "merged", env=env,
-                          dtype=dtype, max_shard_size=max_shard_size)
     return output_dir if env.is_main else None

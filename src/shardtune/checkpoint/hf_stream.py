@@ -5,10 +5,8 @@ appends it to the current output shard and writes the shard to disk once it reac
 ``max_shard_size``. Peak host memory on rank 0 is one output shard plus one tensor — never the
 whole model — which is what lets a 70B FSDP run write its HF directory without running out of
 memory. The files are ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``
-(or a single ``model.safetensors``), the layout ``from_pretrained`` reads.
-
-``merged_lora_tensors`` yields the weights of a LoRA model with the adapter folded in
-(W + scaling * B @ A), under the base model's names, for ``--merge_lora``.
+(or a single ``model.safetensors``), the layout ``from_pretrained`` reads. ``shardtune convert``
+(and with it ``--merge_lora``'s merged model) writes through the same ``write_safetensors``.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..model.names import checkpoint_key
 from .layout import fsync_path
 
 INDEX = "model.safetensors.index.json"
@@ -68,95 +65,6 @@ def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, buf in model.named_buffers():
         if name in persistent:
             yield name, buf
-
-
-def merged_lora_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """A PEFT LoRA model's weights with the adapters merged in, under the base model's names.
-
-    Linear layers get ``W + scaling * B @ A`` (transposed for ``fan_in_fan_out``), embeddings
-    ``W + scaling * (B @ A)^T`` (peft's ``lora_embedding_A/B``), and ``modules_to_save`` copies
-    replace the weights they were copied from. A LoRA variant this cannot merge (DoRA, LoRA bias,
-    a LoRA on a weight tied to another) is an error, never a silently dropped layer.
-    """
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    saved = {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
-    check_mergeable(model)
-    for name, tensor in model_tensors(model):
-        if ".lora_" in name or ".original_module." in name:
-            continue  # adapter factors are folded in below; original_module is replaced by its copy
-        if ".modules_to_save." in name:
-            owner, _, rest = name.partition(".modules_to_save.")
-            adapter, _, leaf = rest.partition(".")
-            if adapter in saved[owner].active_adapters:
-                yield checkpoint_key(f"{owner}.{leaf}"), tensor
-            continue
-        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
-        layer = lora_layers.get(owner) if owner else None
-        if layer is not None and name.endswith(".base_layer.weight"):
-            weight = _full(tensor).float()
-            for adapter in layer.active_adapters:
-                weight = weight + _lora_delta(layer, adapter)
-            yield checkpoint_key(name), weight.to(tensor.dtype)
-        else:
-            yield checkpoint_key(name), tensor
-
-
-def _lora_delta(layer: nn.Module, adapter: str) -> torch.Tensor:
-    if adapter in layer.lora_A:
-        a = _full(layer.lora_A[adapter].weight).float()
-        b = _full(layer.lora_B[adapter].weight).float()
-        delta = (b @ a) * layer.scaling[adapter]
-        return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
-    if adapter in layer.lora_embedding_A:
-        a = _full(layer.lora_embedding_A[adapter]).float()
-        b = _full(layer.lora_embedding_B[adapter]).float()
-        return (b @ a).T * layer.scaling[adapter]
-    return torch.zeros(())  # this layer has no weights for that adapter
-
-
-def check_mergeable(model: nn.Module) -> None:
-    """Refuse (before training, and again before writing) a LoRA model ``merged_lora_tensors``
-    cannot merge exactly."""
-    from peft.tuners.lora import LoraLayer
-
-    from ..config.errors import ShardtuneError
-
-    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    tied = _tied_groups(model)
-    for name, layer in lora_layers.items():
-        kinds = []
-        if len(getattr(layer, "lora_magnitude_vector", None) or {}):
-            kinds.append("DoRA (use_dora)")
-        if any(getattr(layer, "lora_bias", {}).values()):
-            kinds.append("a LoRA bias (lora_bias)")
-        if f"{name}.base_layer.weight" in tied:
-            kinds.append("a weight tied to another (tie_word_embeddings)")
-        if kinds:
-            raise ShardtuneError(
-                f"--merge_lora cannot merge the LoRA layer {checkpoint_key(name)} ({', '.join(kinds)}); "
-                "the merged model would differ from the trained one. Save the adapter without "
-                "--merge_lora and load it with PeftModel.from_pretrained.")
-    from peft.utils import ModulesToSaveWrapper
-
-    for name, wrapper in model.named_modules():
-        if isinstance(wrapper, ModulesToSaveWrapper) and any(
-                f"{name}.original_module.{leaf}" in tied for leaf, _ in wrapper.original_module.named_parameters()):
-            raise ShardtuneError(
-                f"--merge_lora cannot write the trained copy of {checkpoint_key(name)} (modules_to_save): "
-                "its weight is tied to another (tie_word_embeddings), and a merged model would tie the "
-                "trained copy to the untrained one again. Save the adapter without --merge_lora and load "
-                "it with PeftModel.from_pretrained.")
-
-
-def _tied_groups(model: nn.Module) -> set[str]:
-    """Names of parameters that share their tensor with another parameter."""
-    by_id: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(name)
-    return {n for names in by_id.values() if len(names) > 1 for n in names}
 
 
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, *, is_main: bool,

@@ -90,6 +90,9 @@ class LoraSpec:
         if cfg.get("use_dora"):
             raise ShardtuneError("DoRA adapters (use_dora) cannot be merged by shardtune convert; "
                                  "use peft's merge_and_unload.")
+        if cfg.get("lora_bias"):  # the base layers have no bias to fold lora_B's bias into
+            raise ShardtuneError("An adapter with a LoRA bias (lora_bias) cannot be merged exactly; load it "
+                                 "with PeftModel.from_pretrained instead.")
         return cls(lora_alpha=float(cfg.get("lora_alpha", 8)), use_rslora=bool(cfg.get("use_rslora")),
                    alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
                    fan_in_fan_out=bool(cfg.get("fan_in_fan_out")), config=dict(cfg))
@@ -111,6 +114,9 @@ class Plan:
     adapter_only: bool = False
     merged_modules: int = 0
     strip: dict[int, int] = field(default_factory=dict)
+    # (source, raw key, weight, the weight tied to it): an adapter's change to a tied weight, which a
+    # merged model cannot hold (peft applies it unmerged; see refuse_tied_merge)
+    tied_changes: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def dropped_summary(self) -> list[str]:
         lines = []
@@ -198,6 +204,8 @@ def build_plan(sources: list[Source], targets: Targets, model: torch.nn.Module, 
     embeddings: set[str] = set()
     strips: dict[int, int] = {}
     plain_in_last = 0
+    partner = _tied_partners(targets)
+    tied_changes: list[tuple[str, str, str, str]] = []
 
     def entry_of(ref: Ref) -> Entry:
         return sources[ref.src].entries[ref.key]
@@ -225,6 +233,8 @@ def build_plan(sources: list[Source], targets: Targets, model: torch.nn.Module, 
                     "the adapter with PeftModel.from_pretrained instead.")
             elif k.kind == "lora":
                 target = _resolve(k, rename)
+                if target in partner:
+                    tied_changes.append((str(src.path), k.raw, target, partner[target]))
                 if target not in targets.entries:
                     unexpected.append(k.raw)
                     continue
@@ -234,6 +244,9 @@ def build_plan(sources: list[Source], targets: Targets, model: torch.nn.Module, 
                     embeddings.add(module)
             else:
                 target = _resolve(k, rename)
+                copy = k.kind == "saved" or (merge and i == len(sources) - 1)  # a modules_to_save copy
+                if copy and target in partner:
+                    tied_changes.append((str(src.path), k.raw, target, partner[target]))
                 if target in targets.entries:
                     if target in assigned and assigned[target].src == i:
                         raise ShardtuneError(
@@ -301,6 +314,10 @@ def build_plan(sources: list[Source], targets: Targets, model: torch.nn.Module, 
             parts.append(f"{len(missing)} model weights are not in the checkpoint ({_first(missing)})")
         if unexpected:
             parts.append(f"{len(unexpected)} checkpoint tensors match no model weight ({_first(unexpected)})")
+        tied = [c for c in tied_changes if c[1] in unexpected]
+        if tied:  # a LoRA on the head of a model whose head is its embeddings
+            parts.append(f"{tied[0][2]} is not a weight of its own here: this model ties it to {tied[0][3]} "
+                         "(tie_word_embeddings)")
         if shape_errors:
             parts.append(f"{len(shape_errors)} shapes differ ({_first(shape_errors, 3)})")
         raise ShardtuneError(
@@ -310,11 +327,34 @@ def build_plan(sources: list[Source], targets: Targets, model: torch.nn.Module, 
         if writing_adapter or (len(sources) > 1 and ref.src == len(sources) - 1):
             adapter_out[f"{PEFT_PREFIX}{target}"] = ref
     if writing_adapter:
-        return Plan(items=[], dropped=dropped, adapter=adapter_out, adapter_only=True, strip=strips)
+        return Plan(items=[], dropped=dropped, adapter=adapter_out, adapter_only=True, strip=strips,
+                    tied_changes=tied_changes)
     items = [Item(name=t, entry=e, ref=assigned[t], src_dtype=entry_of(assigned[t]).dtype,
                   deltas=deltas.get(t, [])) for t, e in targets.entries.items()]
     return Plan(items=items, dropped=dropped, adapter=adapter_out, adapter_only=adapter_only,
-                merged_modules=len(deltas), strip=strips)
+                merged_modules=len(deltas), strip=strips, tied_changes=tied_changes)
+
+
+def _tied_partners(targets: Targets) -> dict[str, str]:
+    """Each weight that shares its tensor with another (``tie_word_embeddings``) -> that other one."""
+    partner: dict[str, str] = {}
+    for name, owner in targets.tied.items():
+        if owner:
+            partner[name] = owner
+            partner.setdefault(owner, name)
+    return partner
+
+
+def refuse_tied_merge(plan: Plan) -> None:
+    """A LoRA or a modules_to_save copy on a tied weight has no exact merge: the merged model holds
+    one tensor for both names, so it would change both (or neither). Applied unmerged by peft (an
+    adapter folder, ``generate``) it is fine, so this is asked only before writing merged weights."""
+    if plan.tied_changes:
+        path, raw, target, other = plan.tied_changes[0]
+        raise ShardtuneError(
+            f"{path}: {raw} changes {target}, which this model ties to {other} (tie_word_embeddings: one "
+            "tensor for both), so a merged model would change both weights or neither. Load the adapter "
+            "with PeftModel.from_pretrained instead of merging it.")
 
 
 def _first(names: list[str], n: int = 5) -> str:
