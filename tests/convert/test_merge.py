@@ -150,3 +150,14 @@ def test_vision_adapter_on_the_vision_tower_projector_and_language_model(tiny_vi
         torch.testing.assert_close(probe_logits(merged, inputs), probe_logits(model, inputs), rtol=0, atol=1e-5)
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert cfg["architectures"] == ["MllamaForConditionalGeneration"]
+
+
+def test_in_memory_loading_refuses_what_it_would_drop(tiny_tied_model_dir, tmp_path):
+    """A modules_to_save copy of a tied head has no place in the plan: generate / eval refuse it
+    (naming the way round) instead of loading the model without it."""
+    from shardtune.convert.in_memory import build_model, open_checkpoint
+
+    model = _peft(tiny_tied_model_dir, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ShardtuneError, match=r"ties to .*would drop that change.*shardtune convert"):
+        build_model(open_checkpoint(str(tmp_path / "adapter"), model=str(tiny_tied_model_dir)))

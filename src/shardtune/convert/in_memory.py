@@ -63,6 +63,14 @@ def build_model(conv: Conversion, *, dtype: Optional[torch.dtype] = None,
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
+    applied = {ref.key for ref in conv.plan.adapter.values()}  # peft applies these, tied or not
+    dropped = [c for c in conv.plan.tied_changes if c[1] not in applied]
+    if dropped:  # e.g. a modules_to_save copy of a tied head: refused rather than silently left out
+        path, raw, target, other = dropped[0]
+        raise ShardtuneError(
+            f"{path}: {raw} changes {target}, which this model ties to {other} (tie_word_embeddings); loading it in "
+            "memory would drop that change. Write the adapter folder first (`shardtune convert CHECKPOINT DIR`) "
+            "and generate from DIR, where peft applies it.")
     with init_empty_weights(include_buffers=False):  # the rotary buffers are built for real
         model = conv.spec.cls(conv.spec.config)
     for item in conv.plan.items:
