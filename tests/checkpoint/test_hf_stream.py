@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardtune.checkpoint.hf_export import save_hf_model
-from shardtune.checkpoint.hf_stream import parse_size
+from shardtune.checkpoint.sizes import parse_size
 from shardtune.parallel.distributed import DistEnv
 
 

@@ -22,6 +22,8 @@ from ..parallel.distributed import DistEnv
 from .. import ownership
 from ..model.names import saved_names
 from .hf_stream import model_tensors, write_safetensors
+from .progress import Progress
+from .safetensors_stream import TensorSpec
 
 # Files of a saved model or adapter: an earlier save's ones that a new save did not rewrite are stale.
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json",
@@ -84,13 +86,12 @@ def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
         generation.save_pretrained(out)
 
 
-def _as_saved(model: torch.nn.Module):
+def _as_saved(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's tensors under the names ``save_pretrained`` writes (``model/names.saved_names``),
     the same names ``shardtune convert`` writes (Mllama: transformers 5 saves its pre-v5 layout)."""
     tensors = list(model_tensors(model))  # (name, parameter): references, nothing is gathered yet
     names = saved_names(model, sorted(name for name, _ in tensors))
-    for name, tensor in tensors:
-        yield names.get(name, name), tensor
+    return [(names.get(name, name), tensor) for name, tensor in tensors]
 
 
 def export_full_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, env: DistEnv,
@@ -102,8 +103,17 @@ def export_full_model(model: torch.nn.Module, tokenizer, output_dir: str | Path,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     first_dtype = next(model.parameters()).dtype
-    write_safetensors(_as_saved(model), tmp, is_main=env.is_main, dtype=dtype,
-                      max_shard_size=max_shard_size)
+    tensors = _as_saved(model)
+    # the files' headers come first: global shapes (a DTensor's .shape) and the written dtypes
+    specs = [TensorSpec(name, tuple(t.shape), dtype or t.dtype if t.is_floating_point() else t.dtype)
+             for name, t in tensors]
+    progress = Progress("export", sum(sp.nbytes for sp in specs), len(specs)) if env.is_main else None
+    try:
+        write_safetensors(tensors, specs, tmp, is_main=env.is_main, max_shard_size=max_shard_size,
+                          progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     if env.is_main:
         write_config(model, tmp, dtype or first_dtype)
         save_tokenizer(tokenizer, tmp)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from ..config.errors import ShardtuneError
 from . import layout
 from .digests import DamagedFiles
-from .hf_stream import human_size
+from .sizes import human_size
 from .sharded import TRAIN_STATE, verify_checkpoint
 
 

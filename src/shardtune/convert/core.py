@@ -1,9 +1,10 @@
-"""``convert``: any FSDP checkpoint -> a Hugging Face model folder, streamed one output shard at a time.
+"""``convert``: any FSDP checkpoint -> a Hugging Face model folder, streamed one tensor at a time.
 
-Memory: tensors are read for one output shard at a time (``--max_shard_size``, 5 GB by default)
-and handed to :func:`shardtune.checkpoint.hf_stream.write_safetensors`, which cuts its files at the
-same boundaries; peak host memory is about one output shard (two when ``--dtype`` converts), never
-the model or its optimizer state. The destination is written into a temporary folder next to it
+Memory: each tensor is read when the writer wants it and written straight to its place in its
+output file (:func:`shardtune.checkpoint.hf_stream.write_safetensors`, whose files' headers are
+written first from the plan's names, shapes and dtypes); peak host memory is about one tensor
+(two while ``--dtype`` converts or a merge adds its delta) whatever ``--max_shard_size`` is, never
+an output shard, the model or its optimizer state. The destination is written into a temporary folder next to it
 and renamed into place only when complete (and verified, with ``--verify``).
 """
 
@@ -22,7 +23,10 @@ import torch
 from .. import ownership
 from ..checkpoint.digests import digest_files, files_of
 from ..checkpoint.hf_export import MODEL_FILE_PATTERNS
-from ..checkpoint.hf_stream import DTYPES, human_size, parse_size, write_safetensors
+from ..checkpoint.hf_stream import DTYPES, write_safetensors
+from ..checkpoint.progress import Progress
+from ..checkpoint.safetensors_stream import TensorSpec
+from ..checkpoint.sizes import human_size, parse_size
 from ..config.errors import ShardtuneError
 from .model import ModelSpec, build_meta_model, dominant_dtype, model_targets, resolve_model
 from ..model.names import saved_names
@@ -190,21 +194,6 @@ def _open_base(spec: ModelSpec, log: Callable[[str], None]) -> Source:
 # ---------------------------------------------------------------- streaming
 
 
-def shard_groups(conv: Conversion, limit: int) -> list[list]:
-    """Items cut into output shards exactly as write_safetensors cuts its files."""
-    groups, current, current_bytes = [], [], 0
-    for item in conv.plan.items:
-        size = item.entry.numel * conv.dtype_of(item.src_dtype).itemsize
-        if current and current_bytes + size > limit:
-            groups.append(current)
-            current, current_bytes = [], 0
-        current.append(item)
-        current_bytes += size
-    if current:
-        groups.append(current)
-    return groups
-
-
 def read_refs(conv: Conversion, refs: list[Ref]) -> dict[Ref, torch.Tensor]:
     """The tensors behind ``refs``, read source by source (each source reads its keys together)."""
     by_src: dict[int, dict[str, None]] = {}
@@ -232,23 +221,18 @@ def _refs(items) -> list[Ref]:
     return [r for item in items for r in (item.ref, *[x for d in item.deltas for x in (d.a, d.b)])]
 
 
-def stream(conv: Conversion, limit: int, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) in save order, reading one output shard's tensors at a time.
+def specs_of(conv: Conversion) -> list[TensorSpec]:
+    """What each output tensor will be (saved name, shape, dtype), in save order, before any is read."""
+    return [TensorSpec(conv.save_names.get(item.name, item.name), tuple(item.entry.shape),
+                       conv.dtype_of(item.src_dtype)) for item in conv.plan.items]
 
-    write_safetensors writes a shard when it receives the first tensor of the next one, so each
-    shard's first tensor is read and handed over alone; the rest of the shard is read only after
-    that, once the previous shard has been written and released. Peak: one shard + one tensor.
-    """
-    groups = shard_groups(conv, limit)
-    for n, group in enumerate(groups, 1):
-        loaded = read_refs(conv, _refs(group[:1]))
-        yield conv.save_names.get(group[0].name, group[0].name), _materialise(conv, group[0], loaded)
-        loaded.update(read_refs(conv, _refs(group[1:])))
-        if progress and len(groups) > 1:
-            size = sum(item.entry.numel * conv.dtype_of(item.src_dtype).itemsize for item in group)
-            conv.log(f"  shard {n}/{len(groups)}: {len(group)} tensors ({human_size(size)})")
-        for item in group[1:]:
-            yield conv.save_names.get(item.name, item.name), _materialise(conv, item, loaded)
+
+def stream(conv: Conversion) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) in save order, each read (and merged) only when it is wanted: with the
+    streaming writer, peak memory is about one tensor (two while a merge adds its delta)."""
+    for item in conv.plan.items:
+        loaded = read_refs(conv, _refs([item]))
+        yield conv.save_names.get(item.name, item.name), _materialise(conv, item, loaded)
         del loaded
 
 
@@ -337,7 +321,13 @@ def convert(src: str | Path, dst: str | Path, *, model: Optional[str] = None, dt
             files, count = ["adapter_model.safetensors"], len(conv.plan.adapter)
         else:
             refuse_tied_merge(conv.plan)  # merged weights: none of them may be tied to an adapted one
-            weight_map = write_safetensors(stream(conv, limit), tmp, is_main=True, max_shard_size=limit)
+            specs = specs_of(conv)
+            progress = Progress("convert", sum(sp.nbytes for sp in specs), len(specs), log)
+            try:
+                weight_map = write_safetensors(stream(conv), specs, tmp, is_main=True, max_shard_size=limit,
+                                               progress=progress)
+            finally:
+                progress.close()
             _write_model_files(conv, tmp)
             files, count = sorted(set(weight_map.values())), len(weight_map)
         copy_tokenizer(conv, tmp, tokenizer)
@@ -350,7 +340,7 @@ def convert(src: str | Path, dst: str | Path, *, model: Optional[str] = None, dt
         if verify:
             from .verify import verify_output
 
-            summary["verify"] = verify_output(conv, tmp, limit)
+            summary["verify"] = verify_output(conv, tmp)
         publish(tmp, dst, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint.hf_stream import human_size
+from ..checkpoint.sizes import human_size
 from ..config.errors import ShardtuneError
 from .plan import _classify
 from .sources import open_source

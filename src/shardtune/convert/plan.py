@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.hf_stream import human_size
+from ..checkpoint.sizes import human_size
 from ..config.errors import ShardtuneError
 from ..model.names import PEFT_PREFIX, Renamer, strip_peft_prefix, unwrap_base_layer
 from .model import Targets

@@ -55,14 +55,14 @@ def reference_model(conv: Conversion) -> torch.nn.Module:
     return model.float().eval()
 
 
-def _compare_model_tensors(conv: Conversion, out: Path, limit: int) -> int:
+def _compare_model_tensors(conv: Conversion, out: Path) -> int:
     from safetensors import safe_open
 
     files = hf_weight_files(out)
     handles = {f: safe_open(str(f), framework="pt") for f in files}
     where = {k: f for f, h in handles.items() for k in h.keys()}
     count = 0
-    for name, expected in stream(conv, limit, progress=False):
+    for name, expected in stream(conv):
         if name not in where:
             raise ShardtuneError(f"--verify: {name} is missing from the written files.")
         got = handles[where[name]].get_tensor(name)
@@ -87,7 +87,7 @@ def _compare_adapter_tensors(conv: Conversion, out: Path) -> int:
     return len(written)
 
 
-def verify_output(conv: Conversion, out: Path, limit: int) -> dict:
+def verify_output(conv: Conversion, out: Path) -> dict:
     """Check ``out`` (not yet published); raises ShardtuneError on any difference."""
     log = conv.log
     cls = conv.spec.cls
@@ -106,7 +106,7 @@ def verify_output(conv: Conversion, out: Path, limit: int) -> dict:
             base = from_pretrained_checked(cls, conv.spec.folder, "--model", dtype=torch.float32)
             dst = PeftModel.from_pretrained(base, str(out)).eval()
         else:
-            checked = _compare_model_tensors(conv, out, limit)
+            checked = _compare_model_tensors(conv, out)
             ref = reference_model(conv)
             ids = probe_inputs(ref)
             ref_logits = probe_logits(ref, ids)
