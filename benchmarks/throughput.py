@@ -35,19 +35,22 @@ What it measures (per run; steps 1..``--warmup`` are excluded)
   processed tokens (every slot of the ``[batch, seq]`` tensors, pads included), summed over
   ranks, counted by a thin wrapper around the recipe's DataLoader. pad fraction = 1 - non-pad /
   processed. tok/s = tokens / wall time.
-* model FLOPs per step (PaLM's MFU convention, Chowdhery et al. 2022, appendix B):
-  ``6 * N * T + 12 * L * d * sum_docs(len^2)`` where N = parameters that take part in matmuls
-  (all but the input embedding), T = non-pad tokens, L = layers, d = hidden size (= heads x
-  head dim) and the sum runs over the documents in the step (each sample for padding; each packed
-  document, whose attention is block-diagonal, for packing). The second term is QK^T and AV,
-  forward + backward, without discounting the causal mask. Pads, recomputation and the optimizer
-  step are not credited.
+* model FLOPs per step (PaLM's MFU convention, Chowdhery et al. 2022, appendix B), computed by
+  ``shardtune.train.flops.model_flops``, the formula behind the recipe's live MFU:
+  ``6 * N * T + 12 * L * d * sum_docs(len^2)`` where N = the weights of the matmuls every token
+  goes through (the decoder's projections and the LM head, from the model's config), T = non-pad
+  tokens, L = layers, d = query heads x head dim (= hidden size here) and the sum runs over the
+  documents in the step (each sample for padding; each packed document, whose attention is
+  block-diagonal, for packing), counted per micro-batch by ``flops.batch_token_stats`` as the
+  recipe counts them. The second term is QK^T and AV, forward + backward, without discounting the
+  causal mask. Pads, recomputation and the optimizer step are not credited.
 * GEMM peak: every rank times an ``n x n x n`` matmul in the training dtype (fp32 on CPU with the
   same thread count as training, bf16 on GPU), all ranks at the same time (after a barrier),
   before the first and after the last run of the launch; a rank's peak is its best rate over
   both probes, and the launch's peak is the sum over ranks. MFU = model FLOP/s / that sum.
-* peak memory: GPU, ``torch.cuda.max_memory_allocated`` per run, max over ranks; CPU, the
-  run's peak private (anonymous) RSS sampled every 5 ms, max over ranks.
+* peak memory: GPU, the recipe's per-step ``torch.cuda.max_memory_allocated`` (it resets the
+  peak at every step start), max over the run's steps and ranks; CPU, the run's peak private
+  (anonymous) RSS sampled every 5 ms, max over ranks.
 * other cores: CPU time used by *other* processes on the machine during the run (set-up and
   training; all non-idle time in /proc/stat minus the CPU time of the ranks), in cores. A run
   with a noticeable value shared the cores with something else and its figures are low (a
@@ -155,8 +158,8 @@ def write_data(path: Path, tokenizer, *, context_length: int, need_samples: int,
 class _MeteredLoader:
     """Wraps the recipe's DataLoader; records per micro-batch: non-pad tokens, slots, sum(len^2)."""
 
-    def __init__(self, loader, pad_id: int, packed: bool) -> None:
-        self._loader, self._pad, self._packed = loader, pad_id, packed
+    def __init__(self, loader) -> None:
+        self._loader = loader
         self.stats: list[tuple[int, int, int]] = []
 
     def __len__(self) -> int:
@@ -170,22 +173,12 @@ class _MeteredLoader:
             self.stats.append(self._measure(batch))
             yield batch
 
-    def _measure(self, batch: dict) -> tuple[int, int, int]:
-        ids = batch["input_ids"]
-        slots = ids.numel()
-        sq = 0
-        if self._packed:
-            nonpad = int((ids != self._pad).sum())
-            for row_ids, pos in zip(ids.tolist(), batch["position_ids"].tolist()):
-                starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-                for a, b in zip(starts, starts[1:]):
-                    if row_ids[a] != self._pad:  # the chunk's pad tail is a "document" of pads
-                        sq += (b - a) ** 2
-        else:
-            lens = batch["attention_mask"].sum(dim=1).tolist()
-            nonpad = int(sum(lens))
-            sq = int(sum(n * n for n in lens))
-        return nonpad, slots, sq
+    @staticmethod
+    def _measure(batch: dict) -> tuple[int, int, int]:
+        from shardtune.train.flops import batch_token_stats
+
+        nonpad, sq = batch_token_stats(batch)  # the recipe's own count (a packed pad tail is no document)
+        return nonpad, batch["input_ids"].numel(), sq
 
 
 def worker(spec_path: str, out_path: str) -> None:
@@ -202,7 +195,9 @@ def worker(spec_path: str, out_path: str) -> None:
 
         def __init__(self) -> None:
             self.ends: list[float] = []
-            self.tokens_per_s: list[float] = []  # the recipe's own per-step figure
+            self.tokens_per_s: list[float] = []  # the recipe's own per-step figures
+            self.mfu: list[float] = []  # against the recipe's peak (not this script's GEMM probe)
+            self.gpu_max_allocated: list[float] = []  # bytes, the step's peak (reset per step)
 
         def before_step(self, step: int) -> None:
             pass
@@ -210,6 +205,9 @@ def worker(spec_path: str, out_path: str) -> None:
         def after_step(self, r) -> None:
             self.ends.append(time.perf_counter())
             self.tokens_per_s.append(r.tokens_per_s)
+            if r.perf is not None:
+                self.mfu.append(r.perf.mfu)
+                self.gpu_max_allocated.append((r.perf.gpu_max_allocated_gib or 0.0) * 2**30)
 
     env = init_distributed(spec["device"], need_group=True)
     cuda = env.device.type == "cuda"
@@ -235,8 +233,7 @@ def worker(spec_path: str, out_path: str) -> None:
         mark0 = common.cpu_marks()
         with common.PeakSampler(interval=0.005) as mem:
             c = recipe.setup(cfg, env)
-            pad_id = c.tokenizer.pad_token_id if c.tokenizer.pad_token_id is not None else -1
-            meter = _MeteredLoader(c.train_loader, pad_id, case["strategy"] == "packing")
+            meter = _MeteredLoader(c.train_loader)
             c.train_loader = meter
             dist.barrier()
             sync()
@@ -251,7 +248,7 @@ def worker(spec_path: str, out_path: str) -> None:
         stats = torch.tensor(meter.stats[:steps], dtype=torch.float64,
                              device=env.device).reshape(steps, 3)
         dist.all_reduce(stats)  # sum over ranks
-        peak_mem = torch.tensor([float(torch.cuda.max_memory_allocated()) if cuda
+        peak_mem = torch.tensor([max(log.gpu_max_allocated, default=0.0) if cuda
                                  else float(mem.peak.get("anon", 0))], dtype=torch.float64,
                                 device=env.device)
         dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
@@ -260,7 +257,7 @@ def worker(spec_path: str, out_path: str) -> None:
                      "step_ends": log.ends,
                      "stats": stats.tolist(), "losses": results["train_step_loss"],
                      "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.tokens_per_s,
-                     "other_cores": other})
+                     "recipe_mfu": log.mfu, "other_cores": other})
         del c, meter, results
         gc.collect()
     probes.append(probe())
@@ -292,8 +289,9 @@ def recipe_args(args, model_dir: Path, data: Path, strategy: str) -> list[str]:
     return a
 
 
-def analyse(run: dict, gemm_sum: float, warmup: int, n_params_mm: int, layers: int,
-            hidden: int) -> dict:
+def analyse(run: dict, gemm_sum: float, warmup: int, shape) -> dict:
+    from shardtune.train.flops import model_flops
+
     ends, stats = run["step_ends"], run["stats"]
     timed = stats[warmup:]
     wall = ends[-1] - ends[warmup - 1] if warmup > 0 else None
@@ -302,13 +300,16 @@ def analyse(run: dict, gemm_sum: float, warmup: int, n_params_mm: int, layers: i
     nonpad = sum(s[0] for s in timed)
     slots = sum(s[1] for s in timed)
     sq = sum(s[2] for s in timed)
-    flops = 6 * n_params_mm * nonpad + 12 * layers * hidden * sq
+    flops = model_flops(shape, nonpad, sq)
+    attention = flops - model_flops(shape, nonpad, 0)
     return {"timed_steps": len(timed), "wall_s": wall, "s_per_step": wall / len(timed),
             "nonpad_tokens": nonpad, "slots": slots, "pad_fraction": 1 - nonpad / slots,
             "nonpad_tok_s": nonpad / wall, "slot_tok_s": slots / wall,
-            "model_flops": flops, "attention_share": 12 * layers * hidden * sq / flops,
+            "model_flops": flops, "attention_share": attention / flops,
             "model_flop_s": flops / wall, "gemm_peak_sum": gemm_sum, "mfu": flops / wall / gemm_sum,
-            "final_loss": run["losses"][-1], "peak_mem": run["peak_mem"]}
+            "final_loss": run["losses"][-1], "peak_mem": run["peak_mem"],
+            # the recipe's live MFU of the timed steps, against its own peak (train/peak.py)
+            "recipe_mfu": run["recipe_mfu"][warmup:]}
 
 
 def main(argv=None) -> dict:
@@ -368,8 +369,11 @@ def main(argv=None) -> dict:
         print("WARNING: other processes are using the CPU now; throughput figures will be low:\n  "
               + "\n  ".join(busy), flush=True)
 
+    from transformers import AutoConfig
+
     from shardtune.demo.tiny import build_tiny_llama
     from shardtune.model.loading import load_tokenizer
+    from shardtune.train.flops import ModelShape
 
     tmp = None
     if args.workdir is None:
@@ -388,8 +392,9 @@ def main(argv=None) -> dict:
                              dtype=torch.bfloat16 if args.size == "1b" else torch.float32,
                              max_positions=max(512, args.context_length), **cfg)
         counts = common.param_count(model_dir)
-        n_mm = counts["total"] - counts["input_embedding"]
-        layers, hidden = cfg["num_layers"], cfg["hidden_size"]
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
+        n_mm = shape.matmul_params
+        layers, hidden = shape.layers, shape.attention_width
         tokenizer = load_tokenizer(str(model_dir))
         steps = args.warmup + args.timed_steps
         need = steps * args.batch_size * max(ranks)
@@ -434,7 +439,7 @@ def main(argv=None) -> dict:
                              time.perf_counter() - t0, "other_cores": other, "gemm_per_rank": gemm,
                              "warning": warning})
             for run in out["runs"]:
-                a = analyse(run, gemm_sum, args.warmup, n_mm, layers, hidden)
+                a = analyse(run, gemm_sum, args.warmup, shape)
                 a.update(ranks=r, threads=None if gpu else threads, strategy=run["strategy"],
                          losses=run["losses"], other_cores=run["other_cores"])
                 results.append(a)
@@ -469,8 +474,9 @@ def main(argv=None) -> dict:
               f"{args.dtype}, best of {args.gemm_reps} x 2 probes, ranks concurrent); other "
               f"processes used {ln['other_cores'] if ln['other_cores'] is not None else float('nan'):.2f} "
               f"cores during the launch")
-    print("model FLOPs per step = 6*N*T + 12*L*d*sum(doc_len^2); N = params minus input embedding "
-          f"= {n_mm:,}, L = {layers}, d = {hidden}; MFU = model FLOP/s / summed GEMM peak")
+    print("model FLOPs per step = 6*N*T + 12*L*d*sum(doc_len^2) (shardtune.train.flops); N = matmul "
+          f"weights (projections + LM head) = {n_mm:,}, L = {layers}, d = {hidden}; MFU = model FLOP/s / "
+          "summed GEMM peak")
     out = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)
                                      for k, v in vars(args).items()},
            "params": counts, "data": lens, "launches": launches, "results": results}

@@ -1,38 +1,123 @@
-"""Training metrics: an in-memory log, ``metrics.json`` and PNG plots of the curves.
+"""Training metrics: an in-memory log of records, ``metrics.jsonl`` (appended per save point),
+``metrics.json`` (llama-recipes' file, rewritten from the log) and PNG plots.
 
-Key names follow llama-recipes' metrics file (``train_step_loss``, ``val_epoch_perplexity``...)
-so existing plotting scripts keep working; shardtune adds steps, learning rates and tokens/s.
+``metrics.jsonl`` is the append-only record: one JSON object per line, each with a ``kind``
+(``run``, ``step``, ``epoch``, ``val``, ``flop_counter``) and the same keys as ``metrics.json``.
+A save point appends the lines recorded since the previous one, so its cost does not grow with
+the run, a crash loses at most what was not yet saved (a torn last line is skipped by readers),
+and ``tail -f`` / ``pandas.read_json(lines=True)`` follow a run as it goes. The first write of a
+run replaces the file (a fresh run, or a resumed one whose history is cut at its checkpoint).
+
+``metrics.json`` keeps llama-recipes' shape (one list per key: ``train_step_loss``,
+``val_epoch_perplexity``...) for the scripts and tools that read it, and is rewritten atomically
+from the same records at every save point; shardtune adds steps, learning rates, tokens/s,
+TFLOP/s, MFU and memory (see docs/training.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
+from typing import Iterable, Optional
 
 from .. import ownership
 from .loop import LoopResult, StepResult
+
+JSONL = "metrics.jsonl"
+JSON = "metrics.json"
+
+# Keys of metrics.json per kind of record; the first group of each is llama-recipes' own (or was
+# there before the throughput and memory figures) and is always written, even empty.
+STEP_KEYS = ("train_step", "train_step_loss", "train_step_perplexity", "train_step_lr", "train_step_tokens_per_s")
+STEP_PERF_KEYS = ("train_step_tflops", "train_step_mfu", "train_step_host_rss_gib",
+                  "train_step_gpu_max_allocated_gib", "train_step_gpu_max_reserved_gib")
+EPOCH_KEYS = ("train_epoch_loss", "train_epoch_perplexity", "train_epoch_tokens_per_s", "epoch_time_s")
+EPOCH_PERF_KEYS = ("train_epoch_step", "train_epoch_tflops", "train_epoch_mfu", "train_epoch_host_rss_max_gib",
+                   "train_epoch_gpu_max_allocated_gib", "train_epoch_gpu_max_reserved_gib")
+VAL_KEYS = ("val_step", "val_epoch_loss", "val_epoch_perplexity")
+KEYS = {"step": STEP_KEYS + STEP_PERF_KEYS, "epoch": EPOCH_KEYS + EPOCH_PERF_KEYS, "val": VAL_KEYS}
+ALWAYS = set(STEP_KEYS + EPOCH_KEYS + VAL_KEYS)
+
+# metrics.json key -> the scalar's name in TensorBoard and W&B (x axis: the optimizer step).
+TAGS = {
+    "train_step_loss": "train/loss", "train_step_perplexity": "train/perplexity", "train_step_lr": "train/lr",
+    "train_step_tokens_per_s": "train/tokens_per_s", "train_step_tflops": "train/tflops_per_device",
+    "train_step_mfu": "train/mfu", "train_step_host_rss_gib": "memory/host_rss_gib",
+    "train_step_gpu_max_allocated_gib": "memory/gpu_max_allocated_gib",
+    "train_step_gpu_max_reserved_gib": "memory/gpu_max_reserved_gib",
+    "train_epoch_loss": "train/epoch_loss", "train_epoch_perplexity": "train/epoch_perplexity",
+    "train_epoch_tokens_per_s": "train/epoch_tokens_per_s", "epoch_time_s": "train/epoch_time_s",
+    "train_epoch_tflops": "train/epoch_tflops_per_device", "train_epoch_mfu": "train/epoch_mfu",
+    "train_epoch_host_rss_max_gib": "memory/epoch_host_rss_max_gib",
+    "train_epoch_gpu_max_allocated_gib": "memory/epoch_gpu_max_allocated_gib",
+    "train_epoch_gpu_max_reserved_gib": "memory/epoch_gpu_max_reserved_gib",
+    "val_epoch_loss": "eval/loss", "val_epoch_perplexity": "eval/perplexity",
+}
 
 
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-@dataclass
+def step_record(r: StepResult) -> dict:
+    rec = {"kind": "step", "train_step": r.step, "train_step_loss": r.loss, "train_step_perplexity": _ppl(r.loss),
+           "train_step_lr": r.lr, "train_step_tokens_per_s": r.tokens_per_s}
+    if r.perf is not None:
+        p = r.perf
+        rec.update(train_step_tflops=p.tflops, train_step_mfu=p.mfu, train_step_host_rss_gib=p.host_rss_gib,
+                   train_step_gpu_max_allocated_gib=p.gpu_max_allocated_gib,
+                   train_step_gpu_max_reserved_gib=p.gpu_max_reserved_gib)
+    return _without_none(rec)
+
+
+def epoch_record(train: LoopResult, step: Optional[int] = None) -> dict:
+    rec = {"kind": "epoch", "train_epoch_loss": train.loss, "train_epoch_perplexity": train.perplexity,
+           "train_epoch_tokens_per_s": train.tokens_per_s, "epoch_time_s": train.seconds, "train_epoch_step": step}
+    if train.perf is not None:
+        p = train.perf
+        rec.update(train_epoch_tflops=p.tflops, train_epoch_mfu=p.mfu, train_epoch_host_rss_max_gib=p.host_rss_max_gib,
+                   train_epoch_gpu_max_allocated_gib=p.gpu_max_allocated_gib,
+                   train_epoch_gpu_max_reserved_gib=p.gpu_max_reserved_gib)
+    return _without_none(rec)
+
+
+def val_record(step: int, val: LoopResult) -> dict:
+    return {"kind": "val", "val_step": step, "val_epoch_loss": val.loss, "val_epoch_perplexity": val.perplexity}
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """A record's values under their TensorBoard / W&B names."""
+    return {TAGS[k]: float(v) for k, v in record.items() if k in TAGS and v is not None}
+
+
+def _without_none(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if v is not None}
+
+
+def _step_of(rec: dict) -> Optional[int]:
+    return rec.get("train_step", rec.get("val_step", rec.get("train_epoch_step", rec.get("step"))))
+
+
 class MetricsLog:
-    train_step: list[int] = field(default_factory=list)
-    train_step_loss: list[float] = field(default_factory=list)
-    train_step_perplexity: list[float] = field(default_factory=list)
-    train_step_lr: list[float] = field(default_factory=list)
-    train_step_tokens_per_s: list[float] = field(default_factory=list)
-    train_epoch_loss: list[float] = field(default_factory=list)
-    train_epoch_perplexity: list[float] = field(default_factory=list)
-    train_epoch_tokens_per_s: list[float] = field(default_factory=list)
-    epoch_time_s: list[float] = field(default_factory=list)
-    val_step: list[int] = field(default_factory=list)  # optimizer step at which validation ran
-    val_epoch_loss: list[float] = field(default_factory=list)
-    val_epoch_perplexity: list[float] = field(default_factory=list)
+    """The run's records in order. A step hook (``after_step``); the recipe adds epochs,
+    validations and run facts. Columns of metrics.json read as attributes: ``log.train_step_loss``."""
+
+    def __init__(self, records: Iterable[dict] = ()) -> None:
+        self.records: list[dict] = list(records)
+        self.info: dict = {}  # run-level facts (peak FLOP/s, world size): metrics.json's top level
+        self._written = 0  # records already in metrics.jsonl
+        self._replace = True  # the run's first write replaces the file
+
+    def __getattr__(self, name: str) -> list:
+        for kind, keys in KEYS.items():
+            if name in keys:
+                return self.column(kind, name)
+        raise AttributeError(name)
+
+    def column(self, kind: str, key: str) -> list:
+        return [r.get(key) for r in self.records if r["kind"] == kind]
 
     # StepHook interface: the train loop calls these.
     def before_step(self, step: int) -> None:
@@ -41,85 +126,136 @@ class MetricsLog:
     def after_step(self, r: StepResult) -> None:
         if r.skipped:  # no update and a NaN loss: not a point of the curves
             return
-        self.train_step.append(r.step)
-        self.train_step_loss.append(r.loss)
-        self.train_step_perplexity.append(_ppl(r.loss))
-        self.train_step_lr.append(r.lr)
-        self.train_step_tokens_per_s.append(r.tokens_per_s)
+        self.records.append(step_record(r))
 
-    def add_epoch(self, train: LoopResult) -> None:
-        self.train_epoch_loss.append(train.loss)
-        self.train_epoch_perplexity.append(train.perplexity)
-        self.train_epoch_tokens_per_s.append(train.tokens_per_s)
-        self.epoch_time_s.append(train.seconds)
+    def add_epoch(self, train: LoopResult, step: Optional[int] = None) -> None:
+        self.records.append(epoch_record(train, step))
 
     def add_validation(self, step: int, val: LoopResult) -> None:
-        self.val_step.append(step)
-        self.val_epoch_loss.append(val.loss)
-        self.val_epoch_perplexity.append(val.perplexity)
+        self.records.append(val_record(step, val))
+
+    def add_flop_count(self, record: dict) -> None:
+        self.records.append({"kind": "flop_counter", **record})
 
     @classmethod
     def continued(cls, output_dir: str | Path, *, step: int, epochs_done: int) -> "MetricsLog":
-        """The log of a resumed run: ``metrics.json``'s history up to the checkpoint's ``step``
-        (later entries were trained after the checkpoint and are redone), or an empty log."""
-        path = Path(output_dir) / "metrics.json"
-        log = cls()
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return log
-        keep = [i for i, s in enumerate(saved.get("train_step", [])) if s <= step]
-        for name in ("train_step", "train_step_loss", "train_step_perplexity", "train_step_lr",
-                     "train_step_tokens_per_s"):
-            values = saved.get(name, [])
-            getattr(log, name).extend(values[i] for i in keep if i < len(values))
-        for name in ("train_epoch_loss", "train_epoch_perplexity", "train_epoch_tokens_per_s", "epoch_time_s"):
-            getattr(log, name).extend(saved.get(name, [])[:epochs_done])
-        vals = [i for i, s in enumerate(saved.get("val_step", [])) if s <= step]
-        for name in ("val_step", "val_epoch_loss", "val_epoch_perplexity"):
-            values = saved.get(name, [])
-            getattr(log, name).extend(values[i] for i in vals if i < len(values))
-        return log
+        """The log of a resumed run: the history up to the checkpoint's ``step`` (later records
+        were trained after the checkpoint and are redone), from metrics.jsonl (or an older run's
+        metrics.json), or an empty log."""
+        records = read_records(Path(output_dir) / JSONL)
+        if not records:
+            records = records_from_columns(_read_json(Path(output_dir) / JSON))
+        kept, epochs = [], 0
+        for rec in records:
+            kind = rec.get("kind")
+            if kind == "epoch":
+                epochs += 1
+                if epochs <= epochs_done:
+                    kept.append(rec)
+            elif kind in ("step", "val", "flop_counter") and (_step_of(rec) or 0) <= step:
+                kept.append(rec)
+        return cls(kept)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """metrics.json: one list per key (llama-recipes' keys always, the others when recorded)."""
+        data: dict = {}
+        for kind, keys in KEYS.items():
+            for key in keys:
+                values = self.column(kind, key)
+                if key in ALWAYS or any(v is not None for v in values):
+                    data[key] = values
+        flops = [r for r in self.records if r["kind"] == "flop_counter"]
+        if flops:
+            data["flop_counter"] = {k: v for k, v in flops[-1].items() if k != "kind"}
+        data.update(self.info)
+        return data
 
     def write(self, output_dir: str | Path) -> Path:
-        """Write ``metrics.json`` (atomically) and the plots; returns the JSON path."""
+        """Append the new records to metrics.jsonl, rewrite metrics.json (atomically) and the
+        plots; returns the metrics.json path. Main process only."""
+        from .plots import plot_metrics, plots_for
+
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "metrics.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        plots = self.plot(out)
-        ownership.record(out, added=[path.name, *(p.name for p in plots)])
+        data = self.to_dict()
+        ownership.record(out, added=[JSONL, JSON, *plots_for(data)])  # before the files exist
+        log = out / JSONL
+        if self._replace:  # the run's first write: its whole history, replacing an earlier run's
+            lines = [{"kind": "run", **self.info}] + self.records
+            _atomic_write(log, "".join(json.dumps(r) + "\n" for r in lines))
+            self._replace = False
+        elif self._written < len(self.records):
+            with open(log, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in self.records[self._written:]))
+                f.flush()
+                os.fsync(f.fileno())
+        self._written = len(self.records)
+        path = out / JSON
+        _atomic_write(path, json.dumps(data))
+        plot_metrics(data, out)
         return path
 
-    def plot(self, out: Path) -> list[Path]:
-        import matplotlib
 
-        matplotlib.use("Agg")  # no display on training nodes
-        import matplotlib.pyplot as plt
+def _atomic_write(path: Path, text: str) -> None:
+    # temporary names ownership.py knows as shardtune's in-progress writes
+    tmp = path.with_suffix(".json.tmp") if path.suffix == ".json" else path.with_name(f".saving-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
-        written = []
-        for name, train, val in (("loss", self.train_step_loss, self.val_epoch_loss),
-                                 ("perplexity", self.train_step_perplexity, self.val_epoch_perplexity)):
-            if not train:
-                continue
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot(self.train_step, train, label=f"train {name}")
-            if val:
-                ax.plot(self.val_step, val, "o-", label=f"validation {name}")
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(name)
-            if name == "perplexity":
-                ax.set_yscale("log")
-            ax.legend()
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            path = out / f"{name}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
-        return written
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl (a torn or damaged line, such as the last one after a crash
+    mid-append, is skipped); empty when there is no file."""
+    records = []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return records
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "kind" in rec:
+            records.append(rec)
+    return records
+
+
+def records_from_columns(data: dict) -> list[dict]:
+    """metrics.json's lists back into records (step, then epoch, then validation order)."""
+    records = []
+    for kind, keys in KEYS.items():
+        present = [k for k in keys if isinstance(data.get(k), list)]
+        length = max((len(data[k]) for k in present), default=0)
+        for i in range(length):
+            rec = {"kind": kind}
+            rec.update({k: data[k][i] for k in present if i < len(data[k]) and data[k][i] is not None})
+            records.append(rec)
+    return records
+
+
+def load_metrics(path: str | Path) -> dict:
+    """metrics.json's dict from either file: a metrics.json, or a metrics.jsonl (rebuilt)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        records = read_records(path)
+        log = MetricsLog(r for r in records if r["kind"] != "run")
+        for rec in records:
+            if rec["kind"] == "run":
+                log.info = {k: v for k, v in rec.items() if k != "kind"}
+        return log.to_dict()
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a metrics object (a JSON mapping of lists)")
+    return data
