@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 
-from shardtune.cli import split_launch_args
+from shardtune.parallel.launch import split_launch_args
 
 
 def shardtune(*args, timeout=120):

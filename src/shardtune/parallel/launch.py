@@ -12,6 +12,8 @@ import signal
 import sys
 from typing import Sequence
 
+from ..config.errors import ShardtuneError
+
 
 def run_torchrun(args: Sequence[str]) -> int:
     """``torchrun ARGS`` in this process; returns the job's exit code (130 after Ctrl-C)."""
@@ -37,3 +39,33 @@ def run_torchrun(args: Sequence[str]) -> int:
         print(f"error: rank {rank} failed ({what}); its output above says why. {len(codes)} of the "
               "job's ranks failed.", file=sys.stderr, flush=True)
         return code if code > 0 else 1
+
+
+# torchrun options `shardtune finetune` forwards to the launcher instead of the recipe.
+_LAUNCH_OPTS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint",
+                "rdzv_id", "master_addr", "master_port", "max_restarts")
+_LAUNCH_FLAGS = ("standalone",)  # torchrun options without a value
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate torchrun options (``--nproc_per_node 2``) from the recipe's options."""
+    launch, rest = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        name = tok[2:].partition("=")[0] if tok.startswith("--") else ""
+        if name in _LAUNCH_FLAGS:
+            launch.append(tok)
+        elif name in _LAUNCH_OPTS:
+            if "=" in tok:
+                launch.append(tok)
+            else:
+                if i + 1 >= len(args):
+                    raise ShardtuneError(f"{tok} needs a value.")
+                launch += [tok, args[i + 1]]
+                i += 1
+        else:
+            rest.append(tok)
+        i += 1
+    return launch, rest

@@ -1,0 +1,646 @@
+"""Memory and time of one training run, per GPU and per host: pure functions of the model's
+parameters (:class:`~shardtune.plan.shapes.ModelShapes`), the run's config, the layout of ranks
+and the hardware.
+
+Parameters, gradients, optimizer state (exact)
+----------------------------------------------
+``parallel/fsdp.py`` applies ``fully_shard`` to every decoder block and then to the root, over
+the shard dimension of ``parallel/mesh.py``'s mesh: FULL_SHARD and SHARD_GRAD_OP shard over all
+ranks, NO_SHARD over groups of one, HYBRID_SHARD over ``sharding_group_size`` ranks (a node by
+default). For a parameter with ``D`` rows on a shard group of ``W`` ranks, FSDP2 gives every rank
+``ceil(D / W)`` rows of storage (rank ``k`` uses ``min(ceil(D/W), D - k*ceil(D/W))`` of them, the
+rest is padding), so:
+
+* parameters: ``ceil(D/W) * row`` elements per parameter, in the dtype the weights are stored in
+  (fp32; bf16 with ``--fsdp_config.pure_bf16``; peft keeps adapters in fp32);
+* gradients (trainable parameters only): the same padded size, in the parameter's dtype -- FSDP2
+  reduce-scatters into one flat padded buffer per block and casts it back to the parameter dtype;
+* optimizer state: ``zeros_like`` of each rank's unpadded local shard -- two moments in the
+  parameter's dtype for AdamW, momentum, variance and the Kahan buffer in bf16 for
+  ``--fsdp_config.optimizer anyprecision`` -- plus a 4-byte fp32 ``step`` tensor per parameter,
+  which both optimizers keep on the CPU (so it counts on the device only for CPU runs).
+
+Without ``--enable_fsdp`` nothing is sharded or padded. With ``--fsdp_config.fsdp_cpu_offload``
+the sharded parameters, gradients (unpadded copies) and optimizer state live in host memory.
+
+Activations (estimated; derived for transformers' Llama decoder layer with SDPA)
+--------------------------------------------------------------------------------
+Per decoder layer, for ``N = batch x context_length`` tokens, compute dtype of ``a`` bytes (2 for
+bf16/fp16, 4 for fp32), hidden ``h``, query width ``hq = heads x head_dim``, key/value width
+``hk``, MLP width ``I``, autograd keeps (what ``saved_tensors_hooks`` sees, measured):
+
+* each RMSNorm: its input upcast to fp32 ``4·N·h`` and ``rsqrt`` ``4·N``; the normalised value
+  ``a·N·h`` only if the norm's weight trains; its output ``a·N·h`` only if a consumer keeps it
+  (a trainable projection, or a LoRA without dropout);
+* attention: ``q`` ``a·N·hq``, ``k`` and ``v`` ``a·N·hk`` each (``a·N·hq`` each when SDPA gets a
+  mask, because transformers then repeats the KV heads), the output ``a·N·hq`` (o_proj's input is
+  the same storage) and the fp32 log-sum-exp ``4·batch·heads·seq``; with a mask (packing, padded
+  batches) torch's SDPA converts the boolean mask to an additive one per layer, ``a·batch·seq²``;
+* MLP: ``gate`` output, ``silu`` output and ``up`` output ``3·a·N·I``, plus the ``down_proj``
+  input ``a·N·I`` if ``down_proj`` trains;
+* each LoRA adapter: its dropout output ``a·N·in`` and mask ``N·in`` (a bool on CUDA; on a CPU
+  dropout keeps its scaled noise, ``a·N·in``), none of both when dropout is 0 (``lora_A`` then
+  keeps the layer's input), and ``lora_A``'s output ``a·N·r``.
+
+Frozen projections keep nothing (a matmul keeps its input only to compute its weight's
+gradient), so LoRA needs less than full fine-tuning even without checkpointing. The loss part is
+``12·N·vocab`` bytes at its peak (the logits, their fp32 copy and ``log_softmax``'s output in the
+forward; the fp32 gradients in the backward).
+
+Peak without activation checkpointing: all layers' saved tensors + the final norm's + the loss
+part. With it (``--fsdp_config.fsdp_activation_checkpointing``, each decoder layer): every
+layer's input ``a·N·h`` + the loss part in the forward, and in the backward those inputs + one
+layer's saved tensors while it is recomputed + the backward's working set ``a·N·(3·I + h)`` (the
+gradients in its MLP; ``down_proj``'s saved input is freed by then). The
+tests check these against the measured peak of real CPU steps (within 15%).
+
+Temporary buffers (estimated)
+-----------------------------
+FSDP2 all-gathers each block's parameters into unsharded buffers in the compute dtype: the root
+(embeddings, head) stays gathered through forward and backward; FULL_SHARD and HYBRID_SHARD hold
+about two blocks at once (the current one and the prefetched next); SHARD_GRAD_OP and NO_SHARD
+keep every block gathered from its forward to its backward. Backward adds one block's unsharded
+gradient and its fp32 reduce-scatter input. With ``--gradient_accumulation_steps`` > 1 the
+recipe skips the reduce-scatter on all but the last micro-batch, and FSDP2 then keeps *unsharded*
+fp32 gradients of every trainable parameter on every rank until the step ends. The optimizer
+step's foreach temporaries (about one copy of the local state) come after the activations are
+freed. A fixed reserve covers the CUDA context and NCCL.
+
+Step time (estimated)
+---------------------
+Model FLOPs per step per rank are ``train/flops.py``'s formula (the one the recipe's live MFU
+and ``benchmarks/`` use): ``2·N·T`` forward + ``2·N·T`` input gradients + ``2·N_w·T`` weight
+gradients + ``12·L·hq·seq²`` per row for attention (``T`` tokens per rank per optimizer step,
+rows of ``--context_length`` tokens, one document each -- an upper bound for packed rows).
+Activation checkpointing adds one forward. Time = FLOPs / (peak FLOP/s x assumed utilisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..config import Config, ConfigError, ShardingStrategy
+from .shapes import ATTN_IN, MLP_IN, LayerGrads, LoraModule, ModelShapes, ParamSpec
+
+GiB = 1024 ** 3
+# CUDA context + NCCL communicators + cuBLAS workspaces, per GPU: not in torch's allocator.
+CUDA_RESERVE_BYTES = int(1.5 * GiB)
+# Host RAM of one rank before any model is loaded (torch, transformers, CUDA runtime): CPU
+# ranks measured 351 MiB here (docs/benchmarks.md); GPU ranks add the CUDA context's host side.
+RANK_BASELINE_BYTES = {"cpu": 351 * 1024 ** 2, "cuda": int(2.5 * GiB)}
+STEP_BYTES = 4  # each optimizer's fp32 ``step`` scalar per parameter (kept on the CPU)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu: str
+    device_type: str  # "cuda" | "cpu"
+    gpu_memory: Optional[int]  # bytes per GPU (on a CPU: host memory per rank, None if not given)
+    host_memory: Optional[int]  # bytes per host, None when not given
+    peak_flops: float  # per rank, in the compute dtype
+    peak_source: str
+    mfu: float
+    bf16: bool = True
+
+
+@dataclass(frozen=True)
+class Layout:
+    fsdp: bool
+    strategy: Optional[ShardingStrategy]
+    nnodes: int
+    nproc_per_node: int
+    replicas: int
+    shard: int  # ranks that share one copy of the model (FSDP's shard group)
+
+    @property
+    def world(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def describe(self, device: str = "GPU") -> str:
+        if not self.fsdp:
+            return "1 process, no FSDP"
+        mesh = f"{self.replicas} replica{'s' if self.replicas > 1 else ''} x {self.shard}-rank shard group"
+        return (f"{self.nnodes} node{'s' if self.nnodes > 1 else ''} x {self.nproc_per_node} {device}"
+                f"{'s' if self.nproc_per_node > 1 else ''}, {self.strategy.value}: {mesh}")
+
+
+def layout_for(cfg: Config, nnodes: int, nproc_per_node: int) -> Layout:
+    """The (replicas, shard) mesh the recipe would build (``parallel/mesh.py``)."""
+    from ..parallel.mesh import mesh_shape
+
+    if nnodes < 1 or nproc_per_node < 1:
+        raise ConfigError(f"--nnodes and --nproc_per_node must be at least 1; got {nnodes} and {nproc_per_node}.")
+    world = nnodes * nproc_per_node
+    if not cfg.train.enable_fsdp:
+        if world > 1:
+            raise ConfigError(
+                f"{world} ranks without --enable_fsdp: every rank would train its own copy (the recipe refuses "
+                "this). Add --enable_fsdp, or plan one process (--nnodes 1 --nproc_per_node 1).")
+        return Layout(False, None, 1, 1, 1, 1)
+    f = cfg.fsdp
+    replicas, shard = mesh_shape(f.sharding_strategy, world, nproc_per_node, f.sharding_group_size,
+                                 f.replica_group_size)
+    return Layout(True, f.sharding_strategy, nnodes, nproc_per_node, replicas, shard)
+
+
+# ------------------------------------------------------------------------ precision
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    weights: torch.dtype  # what the (unquantized) weights are stored in
+    compute: torch.dtype  # matmuls and activations
+    cast_for_compute: bool  # FSDP's policy / autocast casts weights to ``compute``
+
+    @property
+    def a(self) -> int:
+        """Bytes per element of activations."""
+        return self.compute.itemsize
+
+
+def dtypes_for(cfg: Config, device_type: str, bf16: bool = True) -> Dtypes:
+    """``runtime.training_dtype`` / ``precision.compute_dtype`` for a device that may not be this
+    machine's (the planner runs anywhere)."""
+    t, f = cfg.train, cfg.fsdp
+    weights = torch.bfloat16 if f.pure_bf16 else torch.float32
+    fp16 = t.use_fp16 or f.use_fp16
+    mixed = t.mixed_precision and (f.mixed_precision if t.enable_fsdp else True)
+    if fp16:
+        autocast: Optional[torch.dtype] = torch.float16
+    elif device_type != "cuda":
+        autocast = None
+    else:
+        autocast = torch.bfloat16 if mixed and bf16 else None
+    compute = autocast or weights
+    return Dtypes(weights, compute, compute != weights)
+
+
+# ------------------------------------------------------------------------ exact sharded bytes
+
+
+def _rows(spec: ParamSpec) -> tuple[int, int]:
+    dim0 = spec.shape[0] if spec.shape else 1
+    return dim0, spec.numel // max(dim0, 1)
+
+
+def padded_numel(spec: ParamSpec, shard: int) -> int:
+    """Elements of storage each rank allocates for ``spec`` (FSDP2 pads dim 0 to a multiple of ``shard``)."""
+    dim0, row = _rows(spec)
+    return -(-dim0 // shard) * row
+
+
+def local_numel(spec: ParamSpec, shard: int, shard_rank: int) -> int:
+    """Elements of ``spec`` rank ``shard_rank`` of the shard group actually holds (no padding)."""
+    dim0, row = _rows(spec)
+    chunk = -(-dim0 // shard)
+    return max(0, min(chunk, dim0 - shard_rank * chunk)) * row
+
+
+@dataclass(frozen=True)
+class ShardBytes:
+    params: int
+    grads: int
+    optimizer: int  # on the device (the fp32 ``step`` scalars only when the device is the CPU)
+    optimizer_host: int  # the ``step`` scalars on a GPU run
+    grads_offloaded: int  # unpadded gradient copies that CPU offload keeps in host memory
+
+
+def state_bytes_per_element(spec: ParamSpec, optimizer: str) -> int:
+    if optimizer.lower() == "anyprecision":
+        return 3 * 2  # bf16 momentum, variance and Kahan compensation (parallel/anyprecision_adamw.py)
+    return 2 * spec.itemsize  # torch AdamW: exp_avg, exp_avg_sq like the parameter
+
+
+def shard_bytes(shapes: ModelShapes, layout: Layout, optimizer: str, device_type: str, rank: int = 0) -> ShardBytes:
+    """Bytes of parameter, gradient and optimizer-state storage on ``rank`` after a step."""
+    shard = layout.shard if layout.fsdp else 1
+    shard_rank = rank % shard  # init_device_mesh is row-major: (replica, shard)
+    params = grads = optim = steps = offloaded = 0
+    for spec in shapes.params:
+        stored = padded_numel(spec, shard) if layout.fsdp else spec.numel
+        params += stored * spec.itemsize
+        if not spec.trainable:
+            continue
+        local = local_numel(spec, shard, shard_rank) if layout.fsdp else spec.numel
+        grads += stored * spec.itemsize
+        offloaded += local * spec.itemsize
+        optim += local * state_bytes_per_element(spec, optimizer)
+        steps += STEP_BYTES
+    on_cpu = device_type == "cpu"
+    return ShardBytes(params, grads, optim + (steps if on_cpu else 0), 0 if on_cpu else steps, offloaded)
+
+
+# ------------------------------------------------------------------------ activations
+
+
+@dataclass(frozen=True)
+class Attention:
+    kernel: str  # "sdpa" | "flash_attention_2"
+    mask: bool  # SDPA gets a mask (packing, padded batches): KV heads repeated, additive mask per layer
+
+    def describe(self) -> str:
+        if self.kernel != "sdpa":
+            return f"{self.kernel} (no mask, KV heads not repeated)"
+        return "SDPA with a mask (KV heads repeated, one additive mask per layer)" if self.mask else "SDPA, causal"
+
+
+def attention_for(cfg: Config, device_type: str, dtypes: Dtypes) -> Attention:
+    """The kernel ``model/attention.py`` picks (assuming flash-attn is installed on the GPU machine
+    when ``--use_fast_kernels`` asks for it), and whether SDPA sees a mask: packed rows always give
+    one (documents attend within themselves); padded batches do when they hold pads."""
+    from ..model.attention import choose_attention
+
+    t = cfg.train
+    kernel = choose_attention(t.use_fast_kernels, torch.device(device_type), dtypes.compute,
+                              flash_installed=True).implementation
+    if kernel != "sdpa":
+        return Attention(kernel, False)
+    return Attention("sdpa", t.batching_strategy.value == "packing" or t.batch_size_training > 1)
+
+
+def _norm(terms: dict, prefix: str, n: int, h: int, a: int, x_grad: bool, weight_trains: bool) -> None:
+    if x_grad:
+        terms[f"{prefix}: input in fp32 + rsqrt"] = 4 * n * h + 4 * n
+    if weight_trains:
+        terms[f"{prefix}: normalised value"] = a * n * h
+
+
+def _lora_terms(terms: dict, name: str, lora: LoraModule, n: int, a: int, input_grad: bool, mask: int) -> None:
+    if lora.dropout:
+        terms[f"{name} LoRA dropout output + mask"] = n * lora.in_features * (a + (mask if input_grad else 0))
+    terms[f"{name} lora_A output"] = a * n * lora.r
+
+
+def layer_saved(shapes: ModelShapes, lg: LayerGrads, *, tokens: int, batch: int, seq: int, a: int,
+                input_grad: bool, attention: Attention, mask: int = 1) -> tuple[dict[str, int], bool]:
+    """Bytes one decoder layer keeps for backward, by tensor; and whether its output needs a gradient."""
+    n, h, inter = tokens, shapes.hidden, shapes.intermediate
+    hq, hk = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
+    trains = lambda name: name in lg.trainable or name in lg.lora  # noqa: E731
+    terms: dict[str, int] = {}
+    _norm(terms, "attention norm", n, h, a, input_grad, "input_layernorm" in lg.trainable)
+    z1_grad = input_grad or "input_layernorm" in lg.trainable
+    if any(m in lg.trainable for m in ATTN_IN) or any(not lg.lora[m].dropout for m in ATTN_IN if m in lg.lora):
+        terms["attention norm: output (projection input)"] = a * n * h
+    for m in ATTN_IN:
+        if m in lg.lora:
+            _lora_terms(terms, m, lg.lora[m], n, a, z1_grad, mask)
+    attn_grad = z1_grad or any(trains(m) for m in ATTN_IN)
+    if attn_grad:
+        kv = hq if attention.mask and attention.kernel == "sdpa" else hk
+        terms["q, k, v (after rotary)"] = a * n * (hq + 2 * kv)
+        terms["attention output"] = a * n * hq
+        terms["log-sum-exp (fp32)"] = 4 * batch * shapes.heads * seq
+        if attention.mask and attention.kernel == "sdpa":
+            terms["additive attention mask"] = a * batch * seq * seq
+    if "o_proj" in lg.lora:
+        _lora_terms(terms, "o_proj", lg.lora["o_proj"], n, a, attn_grad, mask)
+    h1_grad = attn_grad or trains("o_proj")
+    _norm(terms, "MLP norm", n, h, a, h1_grad, "post_attention_layernorm" in lg.trainable)
+    z2_grad = h1_grad or "post_attention_layernorm" in lg.trainable
+    if any(m in lg.trainable for m in MLP_IN) or any(not lg.lora[m].dropout for m in MLP_IN if m in lg.lora):
+        terms["MLP norm: output (gate/up input)"] = a * n * h
+    for m in MLP_IN:
+        if m in lg.lora:
+            _lora_terms(terms, m, lg.lora[m], n, a, z2_grad, mask)
+    mlp_grad = z2_grad or any(trains(m) for m in MLP_IN)
+    if mlp_grad:
+        terms["gate, silu(gate), up"] = 3 * a * n * inter
+    if "down_proj" in lg.trainable or ("down_proj" in lg.lora and not lg.lora["down_proj"].dropout):
+        terms["down_proj input"] = a * n * inter
+    if "down_proj" in lg.lora:
+        _lora_terms(terms, "down_proj", lg.lora["down_proj"], n, a, mlp_grad, mask)
+    return terms, mlp_grad or trains("down_proj")
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Peak bytes of activations and backward temporaries of one micro-batch on one rank."""
+
+    without_ac: int
+    with_ac: int
+    per_layer: int  # the largest layer's saved tensors
+    loss: int  # the logits / log_softmax part
+    layer_terms: dict = field(default_factory=dict)  # the largest layer's, by tensor
+
+    def for_run(self, checkpointing: bool) -> int:
+        return self.with_ac if checkpointing else self.without_ac
+
+
+def activation_bytes(shapes: ModelShapes, *, batch: int, seq: int, a: int, attention: Attention,
+                     dropout_mask: int = 1) -> Activations:
+    """Peak activation memory of one micro-batch of ``batch`` rows of ``seq`` tokens, with and
+    without per-layer activation checkpointing (see the module docstring for the formula).
+    ``dropout_mask``: bytes per element of a dropout mask (1: CUDA's fused kernel keeps a bool
+    mask; on a CPU dropout keeps its scaled noise in the activations' dtype)."""
+    n = batch * seq
+    grad = shapes.embed_trainable
+    layers, biggest, biggest_terms = [], 0, {}
+    for lg in shapes.layer_grads:
+        terms, grad = layer_saved(shapes, lg, tokens=n, batch=batch, seq=seq, a=a, input_grad=grad,
+                                  attention=attention, mask=dropout_mask)
+        total = sum(terms.values())
+        layers.append(total)
+        if total >= biggest:
+            biggest, biggest_terms = total, terms
+    final: dict[str, int] = {}
+    _norm(final, "final norm", n, shapes.hidden, a, grad, shapes.final_norm_trainable)
+    if shapes.head_trainable and not (shapes.head_lora and shapes.head_lora.dropout):
+        final["head input"] = a * n * shapes.hidden
+    if shapes.head_lora:
+        _lora_terms(final, "lm_head", shapes.head_lora, n, a, grad, dropout_mask)
+    loss = 12 * n * shapes.vocab
+    shared = 2 * a * n * shapes.head_dim  # rotary cos and sin
+    if attention.mask and attention.kernel == "sdpa":
+        shared += batch * seq * seq  # the boolean mask all layers share
+    # One layer's backward at its peak, in the MLP: the gradients of down_proj's input, of silu's
+    # output and of up's output (3·a·N·I) and of the hidden state, next to the layer's saved
+    # tensors less down_proj's input, which its backward has freed by then.
+    workspace = a * n * (3 * shapes.intermediate + shapes.hidden)
+    freed = biggest_terms.get("down_proj input", 0)
+    saved_all = sum(layers)
+    without = shared + saved_all + max(sum(final.values()) + loss, workspace - freed)
+    inputs = shapes.layers * a * n * shapes.hidden  # what the checkpoints keep
+    # in fp32 the norm's saved input is the checkpointed input itself, not a copy
+    overlap = 4 * n * shapes.hidden if a == 4 else 0
+    forward = shared + inputs + sum(final.values()) + loss
+    backward = shared + inputs + biggest - freed - overlap + workspace
+    return Activations(without_ac=without, with_ac=max(forward, backward), per_layer=biggest, loss=loss,
+                       layer_terms=biggest_terms)
+
+
+# ------------------------------------------------------------------------ temporary buffers
+
+
+def _gathered(shapes: ModelShapes, unit: int, shard: int, dtypes: Dtypes) -> int:
+    total = 0
+    for spec in shapes.unit_params(unit):
+        size = dtypes.a if dtypes.cast_for_compute and spec.logical_numel == 0 else spec.itemsize
+        total += padded_numel(spec, shard) * shard * size
+    return total
+
+
+def _unit_trainable(shapes: ModelShapes, unit: int, shard: int) -> int:
+    return sum(padded_numel(s, shard) * shard for s in shapes.unit_params(unit) if s.trainable)
+
+
+@dataclass(frozen=True)
+class Temporaries:
+    all_gather: int  # during forward and backward: the root plus the blocks gathered at once
+    reduce_scatter: int  # during backward: one block's unsharded gradient + its fp32 reduce-scatter input
+    head_grad: int  # the root's head gradient, unsharded, from the start of backward to its end
+    root_reduce: int  # at the end of backward, when the activations are gone: the root's reduce-scatter
+    accumulation: int  # unsharded fp32 gradients kept across micro-batches (FSDP, accumulation > 1)
+    autocast: int  # autocast's cached low-precision weight copies (one process on a GPU)
+    optimizer_step: int  # after the activations are freed
+
+    @property
+    def during_backward(self) -> int:
+        return self.all_gather + self.reduce_scatter + self.head_grad + self.autocast
+
+
+def temporaries(shapes: ModelShapes, cfg: Config, layout: Layout, dtypes: Dtypes, device_type: str,
+                local_state: int) -> Temporaries:
+    t = cfg.train
+    # torch AdamW on CUDA runs foreach kernels whose intermediates are about one copy of a state
+    step = local_state // 2 if device_type == "cuda" and cfg.fsdp.optimizer.lower() == "adamw" else 0
+    blocks = [u for u in shapes.units if u != 0]
+    if not layout.fsdp:
+        autocast = 0
+        if dtypes.cast_for_compute:  # autocast caches casts of trainable fp32 leaf weights for the step
+            autocast = sum(s.numel for s in shapes.params if s.trainable) * dtypes.a
+        return Temporaries(0, 0, 0, 0, 0, autocast, step)
+    shard = layout.shard
+    block_bytes = [_gathered(shapes, u, shard, dtypes) for u in blocks] or [0]
+    root = _gathered(shapes, 0, shard, dtypes)
+    if layout.strategy in (ShardingStrategy.FULL_SHARD, ShardingStrategy.HYBRID_SHARD):
+        gather = root + 2 * max(block_bytes)  # the running block and the prefetched (or flat) one
+    else:  # SHARD_GRAD_OP and NO_SHARD: every block stays gathered from forward to backward
+        gather = root + sum(block_bytes) + max(block_bytes)
+    block_trainable = max([_unit_trainable(shapes, u, shard) for u in blocks] or [0])
+    reduce = block_trainable * (dtypes.a + 4)  # unsharded gradient + fp32 reduce-scatter input
+    # The head's gradient is computed first in backward, but the root (embeddings, norm, head) is
+    # reduce-scattered only when its last gradient, the embedding's, is done.
+    head = sum(padded_numel(s, shard) * shard for s in shapes.unit_params(0)
+               if s.trainable and s.numel > shapes.hidden  # not the final norm
+               and (shapes.tied or not s.name.endswith("embed_tokens.weight")))
+    root_reduce = root + _unit_trainable(shapes, 0, shard) * (dtypes.a + 4)
+    accumulation = 0
+    if t.gradient_accumulation_steps > 1:
+        accumulation = 4 * sum(s.numel for s in shapes.params if s.trainable)
+    return Temporaries(gather, reduce, head * dtypes.a, root_reduce, accumulation, 0, step)
+
+
+# ------------------------------------------------------------------------ the estimate
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    params: int
+    grads: int
+    optimizer: int
+    activations: int  # for the run's checkpointing setting
+    activations_without_ac: int
+    activations_with_ac: int
+    temporaries: Temporaries
+    quant_state: int
+    reserve: int
+    capacity: Optional[int]  # None: not judged (a CPU run without --host_memory)
+    loading: int = 0  # QLoRA: each rank quantizes the whole base onto its GPU before FSDP shards it
+
+    @property
+    def persistent(self) -> int:
+        return self.params + self.grads + self.optimizer + self.quant_state + self.temporaries.accumulation
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """What comes on top of the persistent bytes, in each phase of a step; the peak is the largest."""
+        temps = self.temporaries
+        return {"forward/backward": self.activations + temps.during_backward,
+                "end of backward": temps.root_reduce, "optimizer step": temps.optimizer_step}
+
+    @property
+    def total(self) -> int:
+        return max(self.persistent + max(self.phases.values()), self.loading) + self.reserve
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.capacity is None else self.total <= self.capacity
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    load_normal: int  # peak while loading, every rank of the host reading the whole model
+    load_low_cpu: int  # with --low_cpu_fsdp: each rank its own rows of one tensor at a time
+    resident: int  # what stays during training: CPU-offloaded shards, or everything on a CPU run
+    baseline: int  # the processes themselves
+    low_cpu: bool  # the run uses --low_cpu_fsdp
+    capacity: Optional[int]
+
+    @property
+    def peak(self) -> int:
+        return self.baseline + max(self.load_low_cpu if self.low_cpu else self.load_normal, self.resident)
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.capacity is None else self.peak <= self.capacity
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    export_bytes: int  # HF model dir (full fine-tune) or adapter dir
+    export_what: str
+    sharded_model_bytes: int  # a resumable DCP checkpoint without the optimizer
+    sharded_optimizer_bytes: int
+
+
+@dataclass(frozen=True)
+class StepTime:
+    model_flops: float  # per rank per optimizer step (PaLM's convention)
+    hardware_flops: float  # + activation checkpointing's recomputed forward
+    tokens_per_rank: int
+    tokens_global: int
+    seconds: float
+    peak_flops: float
+    peak_source: str
+    mfu: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_global / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    shapes: ModelShapes
+    layout: Layout
+    dtypes: Dtypes
+    attention: Attention
+    checkpointing: bool
+    gpu: GpuMemory
+    host: HostMemory
+    checkpoint: Checkpoint
+    step: StepTime
+    hardware: Hardware
+    offload: bool
+    activations: Activations
+    shard: ShardBytes
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        """Nothing judged fails (a figure without a capacity to compare with is not judged)."""
+        return self.gpu.fits is not False and self.host.fits is not False
+
+
+def checkpointing_on(cfg: Config) -> bool:
+    """The recipe checkpoints activations only under FSDP (an fsdp_config option, as llama-recipes)."""
+    return cfg.train.enable_fsdp and cfg.fsdp.fsdp_activation_checkpointing
+
+
+def estimate(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, rank: int = 0) -> Estimate:
+    t, f = cfg.train, cfg.fsdp
+    device = hw.device_type
+    dtypes = dtypes_for(cfg, device, hw.bf16)
+    offload = layout.fsdp and f.fsdp_cpu_offload
+    sb = shard_bytes(shapes, layout, f.optimizer, device, rank)
+    attention = attention_for(cfg, device, dtypes)
+    acts = activation_bytes(shapes, batch=t.batch_size_training, seq=t.context_length, a=dtypes.a,
+                            attention=attention, dropout_mask=1 if device == "cuda" else dtypes.a)
+    ac = checkpointing_on(cfg)
+    temps = temporaries(shapes, cfg, layout, dtypes, device, sb.optimizer)
+    on_gpu = (0, 0, 0) if offload else (sb.params, sb.grads, sb.optimizer)
+    gpu = GpuMemory(params=on_gpu[0], grads=on_gpu[1], optimizer=on_gpu[2], activations=acts.for_run(ac),
+                    activations_without_ac=acts.without_ac, activations_with_ac=acts.with_ac, temporaries=temps,
+                    quant_state=shapes.quant_state_bytes, reserve=CUDA_RESERVE_BYTES if device == "cuda" else 0,
+                    capacity=hw.gpu_memory, loading=_qlora_loading(shapes, device))
+    host = host_memory(shapes, cfg, layout, hw, sb, gpu, offload)
+    return Estimate(shapes, layout, dtypes, attention, ac, gpu, host, checkpoint_sizes(shapes, cfg, dtypes),
+                    step_time(shapes, cfg, layout, hw, ac), hw, offload, acts, sb, notes=_notes(shapes, cfg, layout))
+
+
+def _qlora_loading(shapes: ModelShapes, device_type: str) -> int:
+    """The recipe loads a QLoRA base onto each rank's GPU, quantizing as it goes, and only then
+    shards it: for a moment every GPU holds the whole 4-bit model and its unquantized layers."""
+    if not shapes.quantized or device_type != "cuda":
+        return 0
+    return sum(s.nbytes for s in shapes.params) + shapes.quant_state_bytes
+
+
+def host_memory(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, sb: ShardBytes,
+                gpu: GpuMemory, offload: bool) -> HostMemory:
+    t = cfg.train
+    ranks = layout.nproc_per_node
+    full = sum(s.nbytes for s in shapes.params)
+    # Normal loading: every rank builds the whole model in host RAM, then FSDP keeps its shards.
+    # QLoRA loads onto the GPU layer by layer, so the host holds about one layer at a time.
+    load_normal = ranks * full
+    largest = max((s.nbytes for s in shapes.params), default=0)
+    if t.quantization and hw.device_type == "cuda":
+        load_normal = ranks * largest
+    shard = layout.shard if layout.fsdp else 1
+    load_low_cpu = ranks * -(-largest // shard)
+    if hw.device_type == "cpu":  # the "GPU" is host memory: every rank's whole working set is resident
+        resident = ranks * gpu.total
+    elif offload:  # pinned host copies of the shards, gradients and optimizer state
+        resident = ranks * (sb.params + sb.grads_offloaded + sb.optimizer + sb.optimizer_host)
+    else:
+        resident = ranks * sb.optimizer_host
+    return HostMemory(load_normal, load_low_cpu, resident, ranks * RANK_BASELINE_BYTES[hw.device_type],
+                      t.low_cpu_fsdp and layout.fsdp, hw.host_memory)
+
+
+def checkpoint_sizes(shapes: ModelShapes, cfg: Config, dtypes: Dtypes) -> Checkpoint:
+    t = cfg.train
+    from ..checkpoint.hf_stream import DTYPES
+
+    trainable = [s for s in shapes.params if s.trainable]
+    if t.use_peft:
+        export, what = sum(s.nbytes for s in trainable), "adapter directory"
+    else:
+        size = torch.empty((), dtype=DTYPES[t.export_dtype]).element_size() if t.export_dtype else dtypes.weights.itemsize
+        export, what = shapes.total_params * size, "HF model directory (safetensors)"
+    # DCP: frozen base weights are not saved (checkpoint/sharded.py), nothing is padded
+    model = sum(s.nbytes for s in (trainable if any(not s.trainable for s in shapes.params) else shapes.params))
+    optim = sum(s.numel * state_bytes_per_element(s, cfg.fsdp.optimizer) + STEP_BYTES for s in trainable)
+    return Checkpoint(export, what, model, optim)
+
+
+def step_time(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ac: bool) -> StepTime:
+    """``train/flops.py``'s model FLOPs (the formula the live MFU and ``benchmarks/`` use) for full
+    rows of ``--context_length`` tokens, one document each; checkpointing adds a forward."""
+    from ..train.flops import ModelShape, forward_flops, model_flops
+
+    t = cfg.train
+    rows = t.batch_size_training * t.gradient_accumulation_steps
+    tokens = rows * t.context_length
+    doc_len_sq = rows * t.context_length ** 2
+    shape = ModelShape(layers=shapes.layers, hidden=shapes.hidden, heads=shapes.heads, kv_heads=shapes.kv_heads,
+                       head_dim=shapes.head_dim, intermediate=shapes.intermediate, vocab=shapes.vocab)
+    # N_w as train/flops.weight_grad_params counts it: trainable matrices but an untied input embedding
+    n_w = sum(s.numel for s in shapes.params if s.trainable and len(s.shape) >= 2
+              and (shapes.tied or not s.name.endswith("embed_tokens.weight")))
+    model = model_flops(shape, tokens, doc_len_sq, weight_grad_params=n_w)
+    hardware = model + (forward_flops(shape, tokens, doc_len_sq) if ac else 0)
+    seconds = hardware / (hw.peak_flops * hw.mfu) if hw.peak_flops > 0 else 0.0
+    return StepTime(model, hardware, tokens, tokens * layout.world, seconds, hw.peak_flops, hw.peak_source, hw.mfu)
+
+
+def _notes(shapes: ModelShapes, cfg: Config, layout: Layout) -> tuple[str, ...]:
+    t = cfg.train
+    notes = []
+    if layout.fsdp and t.gradient_accumulation_steps > 1:
+        notes.append(
+            f"--gradient_accumulation_steps {t.gradient_accumulation_steps}: the recipe skips the gradient "
+            "reduce-scatter on all but the last micro-batch, so FSDP2 keeps an unsharded fp32 gradient of every "
+            "trainable parameter on every GPU until the step ends (counted under temporaries).")
+    if shapes.quantized:
+        notes.append("QLoRA: the activation formula treats the 4-bit linears like frozen ones; bitsandbytes' "
+                     "dequantized weight of the running layer is not counted.")
+    if t.batching_strategy.value == "padding":
+        notes.append("padding: activations are sized for full --context_length rows (the longest batch).")
+    return tuple(notes)
+
