@@ -50,3 +50,41 @@ def test_optimizer_holds_only_trainable_params():
     assert opt.param_groups[0]["params"] == [a] and opt.param_groups[0]["weight_decay"] == 0.1
     with pytest.raises(ConfigError, match="No parameter is trainable"):
         build_optimizer([b], train_config(), fsdp_config())
+
+
+def test_adamw_implementation_choice():
+    from shardtune.config import parse_args
+    from shardtune.config.configs import OptimizerImpl
+    from shardtune.train.optim import adamw_kwargs
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert adamw_kwargs(OptimizerImpl.auto, p) == {"fused": True}  # a CPU has the fused kernel (torch >= 2.4)
+    assert adamw_kwargs(OptimizerImpl.auto, p, scaled_sharded=True) == {}  # torch's default: see build_optimizer
+    assert adamw_kwargs(OptimizerImpl.foreach, p) == {"foreach": True}
+    assert adamw_kwargs(OptimizerImpl.for_loop, p) == {"foreach": False}
+    opt = build_optimizer(p, train_config(), fsdp_config())
+    assert opt.param_groups[0]["fused"] is True
+    opt = build_optimizer(p, train_config(enable_fsdp=True, use_fp16=True), fsdp_config())
+    assert not opt.param_groups[0]["fused"]
+    with pytest.raises(ConfigError, match="fused AdamW fails on FSDP"):
+        parse_args(["--model_name", "m", "--enable_fsdp", "--use_fp16", "--optimizer_impl", "fused"])
+    with pytest.raises(ConfigError, match="anyprecision has only one"):
+        parse_args(["--model_name", "m", "--fsdp_config.optimizer", "anyprecision", "--optimizer_impl", "foreach"])
+
+
+@pytest.mark.parametrize("impl", ["for_loop", "foreach", "fused"])
+def test_every_adamw_implementation_takes_the_same_step(impl):
+    from shardtune.config.configs import OptimizerImpl
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(3, 5), [torch.randn(3, 5) for _ in range(3)]
+
+    def run(which):
+        p = torch.nn.Parameter(start.clone())
+        opt = build_optimizer([p], train_config(lr=1e-2, weight_decay=0.1, optimizer_impl=which), fsdp_config())
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach()
+
+    torch.testing.assert_close(run(OptimizerImpl(impl)), run(OptimizerImpl.for_loop), rtol=1e-6, atol=1e-7)
