@@ -7,8 +7,9 @@
 #   that environment (a .pth file puts its site-packages after .venv's own), so its torch and
 #   every other package it has are used as they are, and nothing already satisfied is
 #   downloaded. The install is tried with --no-index first, so it works on a machine without a
-#   package registry when everything shardtune needs is there (the optional `datasets` and
-#   `bitsandbytes` too, if present: they are only needed for hub datasets and QLoRA).
+#   package registry when everything shardtune needs is there (the optional `datasets`,
+#   `bitsandbytes`, `lm_eval`, `tensorboard` and `wandb` too, if present: they are only needed for
+#   hub datasets, QLoRA, `shardtune eval --tasks` and the two loggers).
 # - otherwise: a plain .venv; a machine with an NVIDIA GPU gets pip's default (CUDA) torch, one
 #   without gets torch==$SHARDTUNE_TORCH_VERSION, from $TORCH_INDEX_URL when set (for example
 #   PyTorch's CPU wheel index) so that pip does not download a multi-GB CUDA build it cannot use.
@@ -56,6 +57,12 @@ if python -c "import torch" 2>/dev/null && { offline_install dev || link_source;
     echo "note: 'datasets' is not installed (only needed for hub datasets: pip install 'shardtune[hub]')"
   offline_install dev,qlora || python -c "import bitsandbytes" 2>/dev/null ||
     echo "note: 'bitsandbytes' is not installed (only needed for --quantization: pip install 'shardtune[qlora]')"
+  offline_install dev,eval || python -c "import lm_eval" 2>/dev/null ||
+    echo "note: 'lm_eval' is not installed (only needed for shardtune eval --tasks: pip install 'shardtune[eval]')"
+  offline_install dev,tensorboard || python -c "import tensorboard" 2>/dev/null ||
+    echo "note: 'tensorboard' is not installed (only needed for --use_tensorboard: pip install 'shardtune[tensorboard]')"
+  offline_install dev,wandb || python -c "import wandb" 2>/dev/null ||
+    echo "note: 'wandb' is not installed (only needed for --use_wandb: pip install 'shardtune[wandb]')"
 else
   python -m pip install -q --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
@@ -67,7 +74,7 @@ else
       python -m pip install -q "torch==$TORCH_VERSION"
     fi
   fi
-  python -m pip install -q -e ".[dev,hub,qlora]"
+  python -m pip install -q -e ".[dev,hub,qlora,eval,tensorboard,wandb]"
 fi
 echo "$want" > "$stamp"
 echo "shardtune installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

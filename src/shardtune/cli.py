@@ -7,6 +7,9 @@
     shardtune checkpoints CHECKPOINT_FOLDER
     shardtune convert SRC DST [--model HF_DIR] [--dtype bf16] [--verify]
     shardtune inspect PATH
+    shardtune plan --size 70b --enable_fsdp --nnodes 2 --nproc_per_node 8 [training flags] [--json]
+    shardtune eval MODEL_OR_ADAPTER_DIR [--tasks T1,T2 --include_path DIR | --dataset ... (quick)]
+    shardtune plot METRICS_JSON [--output_dir DIR]
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from .config.errors import ShardtuneError
 from .exits import run_with_clean_errors
+from .parallel.launch import split_launch_args
 
 USAGE = """usage: shardtune <command> [options]
 
@@ -31,38 +34,13 @@ commands:
   checkpoints  list a run's resumable checkpoints (step, epoch, eval loss, size, completeness)
   convert    any FSDP checkpoint (shardtune, llama-recipes .distcp or .pt, PEFT adapter) -> HF model
   inspect    what a checkpoint is, without loading its tensors
+  plan       memory per GPU and per host, checkpoint sizes and step time of a run, and what to
+             change when it does not fit (--size 8b|70b|... or --model_name, training flags)
+  eval       evaluate a model or adapter: loss, perplexity and exact match on a dataset split, or
+             lm-evaluation-harness tasks (--tasks; pip install 'shardtune[eval]')
+  plot       loss, perplexity, throughput (tokens/s, MFU) and memory PNGs of a run's metrics.json
 
 run `shardtune <command> --help` for a command's options."""
-
-# torchrun options `shardtune finetune` forwards to the launcher instead of the recipe.
-_LAUNCH_OPTS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint",
-                "rdzv_id", "master_addr", "master_port", "max_restarts")
-_LAUNCH_FLAGS = ("standalone",)  # torchrun options without a value
-
-
-def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate torchrun options (``--nproc_per_node 2``) from the recipe's options."""
-    launch, rest = [], []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        tok = args[i]
-        name = tok[2:].partition("=")[0] if tok.startswith("--") else ""
-        if name in _LAUNCH_FLAGS:
-            launch.append(tok)
-        elif name in _LAUNCH_OPTS:
-            if "=" in tok:
-                launch.append(tok)
-            else:
-                if i + 1 >= len(args):
-                    raise ShardtuneError(f"{tok} needs a value.")
-                launch += [tok, args[i + 1]]
-                i += 1
-        else:
-            rest.append(tok)
-        i += 1
-    return launch, rest
-
 
 def _finetune(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
@@ -134,8 +112,27 @@ def _inspect(argv: list[str]) -> None:
     inspect_main(argv)
 
 
+def _eval(argv: list[str]) -> None:
+    from .eval.cli import main as eval_main
+
+    eval_main(argv)
+
+
+def _plan(argv: list[str]) -> None:
+    from .plan.cli import main as plan_main
+
+    plan_main(argv)
+
+
+def _plot(argv: list[str]) -> None:
+    from .train.plots import main as plot_main
+
+    plot_main(argv)
+
+
 COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate, "chat": _chat, "checkpoints": _checkpoints,
-            "convert": _convert, "inspect": _inspect}
+            "convert": _convert, "inspect": _inspect, "eval": _eval, "plan": _plan,
+            "plot": _plot}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -9,13 +9,14 @@ Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import yaml
@@ -27,27 +28,32 @@ from .checkpoint.hf_stream import DTYPES
 from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
 from .checkpoint.preemption import PreemptionSignal
 from .config import Config, ShardtuneError, describe_options, parse_args
-from .config.configs import StateDictType
+from .config.configs import BatchingStrategy, StateDictType
 from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
-from .model.family import ModelFamily, family_for_config
+from .eval.quick import evaluate_after_training
+from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
 from .model.loading import check_model_source, check_vocab_fits, load_config, load_inputs, load_model, match_vocab
 from .ownership import check_output_dir, record as record_owned
 from .model.peft import apply_peft
 from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
-from .parallel.activation_checkpointing import enable_activation_checkpointing
+from .parallel.activation_checkpointing import (check_activation_offload, enable_activation_checkpointing,
+                                                with_activation_offload)
+from .parallel.compile import check_compile, compile_decoder_layers, warm_up
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
 from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model, weights_finite
 from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
-from .train.loop import Precision, evaluate, train_epoch
+from .train.loop import Precision, evaluate, loss_sum, to_device, train_epoch
 from .train.metrics import MetricsLog
 from .train.optim import build_optimizer, build_scheduler
+from .train.perf import StepMeter
 from .train.profiler import StepProfiler
+from .train.tensorboard_log import TensorBoardLogger, check_tensorboard_dir, tensorboard_dir
 from .train.wandb_log import WandbLogger
 
 
@@ -60,6 +66,8 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: object
     precision: Precision
+    loss_fn: Callable = loss_sum  # a micro-batch's forward + summed loss (--loss, --activation_offload)
+    compile_s: Optional[float] = None  # --compile: seconds the start-up forward + backward took
 
 
 def say(env: DistEnv, *args) -> None:
@@ -109,7 +117,13 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
         if t.merge_lora:
             check_mergeable(model)  # refused now rather than after training
     if t.enable_fsdp and f.fsdp_activation_checkpointing:  # an FSDP option, as in llama-recipes
-        enable_activation_checkpointing(model)
+        n = enable_activation_checkpointing(model, f.activation_checkpointing_policy, f.activation_checkpointing_every_k)
+        say(env, f"activation checkpointing: {n} of {len(decoder_layers(model))} decoder layers, "
+                 f"policy {f.activation_checkpointing_policy.value}")
+    if t.compile:  # torchtitan's order: activation checkpointing, compile, FSDP
+        # padded batches change length every step: dynamic shapes from the start, one graph for all
+        dynamic = True if t.batching_strategy == BatchingStrategy.padding else None
+        say(env, f"compile: torch.compile of {compile_decoder_layers(model, dynamic)} decoder layers")
     if t.enable_fsdp:
         mesh = build_mesh(f, world_size=env.world_size, local_world_size=env.local_world_size,
                           device_type=env.device.type)
@@ -170,6 +184,10 @@ def setup(cfg: Config, env: DistEnv) -> Components:
     set_seed(t.seed)
     family = family_for_config(load_config(t.model_name))
     check_family_options(cfg, family)
+    if t.compile:  # refused before any loading where inductor cannot work
+        check_compile(env.device)
+    if cfg.fsdp.activation_offload:
+        check_activation_offload(env.device)
     tokenizer = load_inputs(t.model_name, t.tokenizer_name)  # the processor of a vision model
     for line in describe_precision(cfg, env):
         say(env, line)
@@ -183,7 +201,20 @@ def setup(cfg: Config, env: DistEnv) -> Components:
         total = min(total, t.max_train_step)
     scheduler = build_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch, total_steps=total)
     precision = setup_precision(cfg, env)
-    return Components(model, tokenizer, train_loader, eval_loader, optimizer, scheduler, precision)
+    c = Components(model, tokenizer, train_loader, eval_loader, optimizer, scheduler, precision,
+                   loss_fn=setup_loss(cfg))
+    if t.compile:  # compiled now, on a real batch, so that training steps are timed without it
+        c.compile_s = warm_up(model, to_device(next(iter(train_loader)), env.device), c.loss_fn, precision.autocast)
+        say(env, f"compile: compiled {len(decoder_layers(model))} decoder layers in {c.compile_s:.1f} s (one "
+                 "forward + backward; a batch of a new shape compiles again)")
+    return c
+
+
+def setup_loss(cfg: Config) -> Callable:
+    """A micro-batch's forward and summed loss: --loss plain|chunked, under --activation_offload."""
+    t = cfg.train
+    fn = functools.partial(loss_sum, chunk_tokens=t.loss_chunk_tokens if t.loss.value == "chunked" else None)
+    return with_activation_offload(fn) if cfg.fsdp.activation_offload else fn
 
 
 def setup_precision(cfg: Config, env: DistEnv) -> Precision:
@@ -230,15 +261,17 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     """Epochs of training and validation with saving; ``extra_hooks`` are more step hooks
     (``before_step`` / ``after_step``), e.g. a benchmark's timer."""
     t = cfg.train
+    # tokens/s, TFLOP/s, MFU and memory of every step (progress bar, metrics, loggers)
+    meter = StepMeter.for_model(c.model, env, compute_dtype(cfg, env), t.peak_tflops)
+    say(env, meter.describe())
     metrics = MetricsLog()
+    metrics.info = meter.meta()
     hooks: list = [metrics, *extra_hooks]
-    if t.flop_counter:
-        hooks.append(FlopMeasure(t.flop_counter_start, print_fn=lambda *a: say(env, *a)))
+    if t.flop_counter:  # its count goes to metrics.json (late binding: a resume replaces the log)
+        hooks.append(FlopMeasure(t.flop_counter_start, print_fn=lambda *a: say(env, *a),
+                                 on_measured=lambda record: metrics.add_flop_count(record)))
     if t.use_profiler:
         hooks.append(StepProfiler(t.profiler_dir, rank=env.rank))
-    wandb = WandbLogger(cfg.wandb, cfg.to_dict()) if t.use_wandb and env.is_main else None
-    if wandb:
-        hooks.append(wandb)
     trainable = [p for p in c.model.parameters() if p.requires_grad]
     # Clips with --gradient_clipping; always measures the norm (a NaN/inf one stops the step).
     clip_to = t.gradient_clipping_threshold if t.gradient_clipping else None
@@ -260,9 +293,12 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                      "--max_train_step or --num_epochs to train further.")
         if t.save_metrics:  # keep the curves of the steps before the checkpoint
             metrics = MetricsLog.continued(t.output_dir, step=pos.step, epochs_done=pos.epoch)
+            metrics.info = meter.meta()
             hooks[0] = metrics
     elif t.resume:
         say(env, f"--resume: no complete checkpoint under {checkpointer.run} yet; starting from scratch")
+    loggers = start_loggers(cfg, env, meter, resumed_at=pos.step if resume_path is not None else None)
+    hooks.extend(loggers)
     batches_per_epoch = len(c.train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
     best_val = pos.best_val if pos.best_val is not None else math.inf
@@ -304,20 +340,21 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 gradient_sync=lambda enabled: set_gradient_sync(c.model, enabled),
                 on_non_finite="skip" if t.skip_nonfinite_steps else "stop",
                 progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
-                total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch))
+                total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch), meter=meter,
+                loss_fn=c.loss_fn)
             step += result.steps
             if result.steps == 0:
                 continue
-            metrics.add_epoch(result)
+            metrics.add_epoch(result, step)
             last = step_saves.last_result
             if step_saves.stop_requested:
                 break  # pre-empted: the checkpoint is written, skip validation and saving
             line = (f"Epoch {epoch + 1}/{t.num_epochs}: train_loss={result.loss:.4f} "
                     f"train_ppl={result.perplexity:.4f} {result.tokens_per_s:,.0f} tok/s "
-                    f"{result.seconds:.1f}s")
+                    f"MFU {result.perf.mfu:.1%} {result.seconds:.1f}s")
             improved, val = True, None
             if c.eval_loader is not None:
-                val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision,
+                val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision, loss_fn=c.loss_fn,
                                max_steps=t.max_eval_step or None)
                 reshard(c.model)
                 metrics.add_validation(step, val)
@@ -325,8 +362,8 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 improved = val.loss < best_val
                 best_val = min(best_val, val.loss)
             say(env, line)
-            if wandb:
-                wandb.log_epoch(step, result, val)
+            for logger in loggers:
+                logger.log_epoch(step, result, val)
             # llama-recipes semantics: with validation, save only when the eval loss improves.
             if t.save_model and improved:
                 refuse_non_finite(c.model, env, step, "model")
@@ -356,10 +393,33 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
         "saved_at_steps": saved_at,
         "train_step_loss": metrics.train_step_loss,
         "preempted": step_saves.stop_requested,
+        "compile_s": c.compile_s,  # --compile: the start-up compilation, not in any step's time
     }
     if t.save_metrics:
         results["metrics_filename"] = str(Path(t.output_dir) / "metrics.json")
     return results
+
+
+def start_loggers(cfg: Config, env: DistEnv, meter: StepMeter, resumed_at: Optional[int]) -> list:
+    """--use_wandb and --use_tensorboard (main process): step hooks with ``log_epoch``."""
+    t = cfg.train
+    loggers: list = []
+    if not env.is_main:
+        return loggers
+    if t.use_wandb:
+        wandb = WandbLogger(cfg.wandb, cfg.to_dict())
+        wandb.log_summary(meter.meta())
+        loggers.append(wandb)
+    if t.use_tensorboard:
+        log_dir = tensorboard_dir(t.output_dir, t.tensorboard_dir)
+        inside = top_entry_under(t.output_dir, log_dir)
+        if inside:  # a folder of --output_dir shardtune writes: recorded before the first event file
+            Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+            record_owned(t.output_dir, added=[inside])
+        loggers.append(TensorBoardLogger(log_dir, purge_step=None if resumed_at is None else resumed_at + 1,
+                                         text={"peak": meter.describe()}))
+        say(env, f"tensorboard: {log_dir} (tensorboard --logdir {log_dir})")
+    return loggers
 
 
 def refuse_non_finite(model: torch.nn.Module, env: DistEnv, step: int, what: str) -> None:
@@ -456,8 +516,13 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
         check_model_source(t.tokenizer_name, "--tokenizer_name")
     check_data_source(cfg)
     check_world_size(t.enable_fsdp, world_size)
+    board = tensorboard_dir(t.output_dir, t.tensorboard_dir) if t.use_tensorboard else None
+    if board is not None:
+        check_tensorboard_dir(board, {"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
+                                      "--from_peft_checkpoint": t.from_peft_checkpoint}, t.output_dir)
     whole = [entry for entry in (top_entry_under(t.output_dir, checkpoint_run_dir(cfg)),
-                                 "merged/" if t.merge_lora else None) if entry]
+                                 "merged/" if t.merge_lora else None,
+                                 top_entry_under(t.output_dir, board) if board is not None else None) if entry]
     return check_output_dir(t.output_dir, flag="--output_dir", overwrite=t.overwrite_output_dir,
                             overwrite_flag="--overwrite_output_dir", replaced_whole=whole,
                             protected={"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
@@ -480,6 +545,8 @@ def run(cfg: Config) -> dict:
     finally:
         shutdown()
     merge_saved_adapter(cfg, env, results)  # --merge_lora, with no rank left waiting
+    if t.run_eval_after and env.is_main:  # the saved model on the eval split, added to metrics.json
+        results["eval_after"] = evaluate_after_training(cfg, results, env.device)
     return results
 
 

@@ -51,7 +51,10 @@ def logged_run(tiny_model_dir, tmp_path_factory) -> LoggedRun:
             str(data), "--output_dir", str(root / "out"), "--device", "cpu", "--batching_strategy", "padding",
             "--batch_size_training", "4", "--context_length", "64", "--num_epochs", "2", "--lr", "1e-3",
             "--save_model", "False", "--save_metrics", "--flop_counter", "--flop_counter_start", "1",
-            "--num_workers_dataloader", "0"]
+            "--num_workers_dataloader", "0",
+            # the formula counts the head on every position, as the plain loss runs it (the chunked
+            # loss skips prompt positions and recomputes the head: ~12% fewer FLOPs on this tiny model)
+            "--loss", "plain"]
     if HAS_TENSORBOARD:
         args += ["--use_tensorboard"]
     if HAS_WANDB:

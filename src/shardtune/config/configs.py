@@ -55,6 +55,26 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+class LossImpl(str, enum.Enum):
+    plain = "plain"  # transformers' way: full-vocabulary logits for the whole batch, then the loss
+    chunked = "chunked"  # the head and the loss a chunk of label tokens at a time (train/loss.py)
+
+
+class CheckpointingPolicy(str, enum.Enum):
+    """Which activations --fsdp_config.fsdp_activation_checkpointing recomputes (parallel/activation_checkpointing.py)."""
+
+    full = "full"  # every decoder layer
+    every_k = "every_k"  # every k-th decoder layer (--activation_checkpointing_every_k)
+    ops = "ops"  # every layer, but matmul and attention outputs are kept: only cheap ops are recomputed
+
+
+class OptimizerImpl(str, enum.Enum):
+    auto = "auto"  # fused where the device has the kernel (CUDA, CPU), else foreach
+    fused = "fused"
+    foreach = "foreach"
+    for_loop = "for_loop"
+
+
 @dataclass
 class train_config:
     model_name: str = "PATH/to/Model"
@@ -108,6 +128,11 @@ class train_config:
     skip_bad_rows: bool = False  # malformed dataset rows: stop (default) or skip with a count
     overlong: OverlongPolicy = OverlongPolicy.truncate  # examples longer than context_length
     eval_fraction: float = 0.05  # held-out slice for datasets without a test split (alpaca)
+    # MFU's denominator, TFLOP/s per device (default: a known GPU's data-sheet figure in the compute
+    # dtype, else a GEMM measured at start-up; train/peak.py)
+    peak_tflops: Optional[float] = None
+    use_tensorboard: bool = False  # the metrics as TensorBoard scalars (pip install 'shardtune[tensorboard]')
+    tensorboard_dir: str = ""  # default: <output_dir>/tensorboard
     save_every_n_steps: int = 0
     keep_last_n: int = 0
     resume: bool = False
@@ -118,6 +143,15 @@ class train_config:
     overwrite_output_dir: bool = False
     # a step with a NaN/inf loss or gradient norm: stop (default) or skip it without an update
     skip_nonfinite_steps: bool = False
+    # after training: loss, perplexity and answer exact match of the saved model on the eval split,
+    # added to metrics.json (shardtune.eval.quick; docs/evaluation.md)
+    run_eval_after: bool = False
+    # next-token loss: chunked (never holds the whole batch's fp32 logits; as fast on the benchmark
+    # models here, docs/training.md) or plain (transformers' way)
+    loss: LossImpl = LossImpl.chunked
+    loss_chunk_tokens: int = 1024  # label tokens per chunk of --loss chunked
+    compile: bool = False  # torch.compile each decoder layer (after activation checkpointing, before FSDP)
+    optimizer_impl: OptimizerImpl = OptimizerImpl.auto  # AdamW's implementation (not anyprecision's)
 
 
 @dataclass
@@ -133,6 +167,10 @@ class fsdp_config:
     fsdp_cpu_offload: bool = False
     pure_bf16: bool = False
     optimizer: str = "AdamW"
+    # --- shardtune additions (activation memory; docs/training.md) ---
+    activation_checkpointing_policy: CheckpointingPolicy = CheckpointingPolicy.full
+    activation_checkpointing_every_k: int = 2  # with policy every_k: layers 0, k, 2k, ... are checkpointed
+    activation_offload: bool = False  # keep the activations saved for backward in pinned CPU memory (GPU only)
 
 
 @dataclass

@@ -73,12 +73,17 @@ def validate(cfg) -> None:
     if t.freeze_layers and t.use_peft:
         raise ConfigError("--freeze_layers and --use_peft both choose which weights train; "
                           "PEFT already freezes the base model. Use one of them.")
+    if t.run_eval_after and not t.save_model:
+        raise ConfigError("--run_eval_after evaluates the model the run saves in --output_dir, and "
+                          "--save_model is off; turn --save_model on, or drop --run_eval_after.")
     if t.use_wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--use_wandb needs the wandb package: pip install 'shardtune[wandb]' "
                           "(or drop --use_wandb).")
+    _check_loggers(cfg)
     _check_quantization(cfg)
     _check_fsdp_options(cfg)
     _check_checkpoint_options(cfg)
+    _check_speed_options(cfg)
     if t.from_peft_checkpoint and not t.use_peft:
         raise ConfigError("--from_peft_checkpoint needs --use_peft (it continues training an adapter).")
     if t.from_peft_checkpoint:
@@ -90,6 +95,23 @@ def validate(cfg) -> None:
                 f"--{section}.{changed[0]} was set, but --from_peft_checkpoint continues the adapter with the "
                 "settings of its own adapter_config.json, so it would be ignored. Remove the option, or "
                 "train a new adapter without --from_peft_checkpoint.")
+
+
+def _check_loggers(cfg) -> None:
+    t, w = cfg.train, cfg.wandb
+    if t.peak_tflops is not None and not t.peak_tflops > 0:  # the parser refuses nan/inf
+        raise ConfigError(f"--peak_tflops must be positive (the device's dense peak TFLOP/s in the "
+                          f"compute dtype), got {t.peak_tflops}.")
+    if t.tensorboard_dir and not t.use_tensorboard:
+        raise ConfigError("--tensorboard_dir only applies with --use_tensorboard; add --use_tensorboard "
+                          "or remove the option.")
+    if t.use_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--use_tensorboard needs the tensorboard package, which torch.utils.tensorboard "
+                          "writes through: pip install 'shardtune[tensorboard]' (or pip install "
+                          "tensorboard), or drop --use_tensorboard.")
+    if w.mode is not None and w.mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"--wandb_config.mode must be online, offline or disabled (or unset: wandb's "
+                          f"default and the WANDB_MODE variable decide), got {w.mode!r}.")
 
 
 def _check_fsdp_options(cfg) -> None:
@@ -152,6 +174,43 @@ def _check_checkpoint_options(cfg) -> None:
     if t.resume and t.resume_from:
         raise ConfigError("--resume (newest checkpoint of this run) and --resume_from PATH both "
                           "choose where to resume; give one.")
+
+
+def _check_speed_options(cfg) -> None:
+    """--loss, --compile, the activation-memory options and --optimizer_impl (docs/training.md)."""
+    t, f = cfg.train, cfg.fsdp
+    defaults = SECTIONS["fsdp_config"]()
+    if t.loss_chunk_tokens < 1:
+        raise ConfigError(f"--loss_chunk_tokens must be at least 1, got {t.loss_chunk_tokens}.")
+    if t.loss_chunk_tokens != SECTIONS["train_config"]().loss_chunk_tokens and t.loss.value != "chunked":
+        raise ConfigError("--loss_chunk_tokens only applies with --loss chunked; add --loss chunked or remove it.")
+    if f.activation_checkpointing_every_k < 1:
+        raise ConfigError(f"--activation_checkpointing_every_k must be at least 1, got "
+                          f"{f.activation_checkpointing_every_k}.")
+    if (f.activation_checkpointing_every_k != defaults.activation_checkpointing_every_k
+            and f.activation_checkpointing_policy.value != "every_k"):
+        raise ConfigError("--activation_checkpointing_every_k only applies with --activation_checkpointing_policy "
+                          "every_k; add that or remove the option.")
+    policy_set = f.activation_checkpointing_policy != defaults.activation_checkpointing_policy
+    if policy_set and not (t.enable_fsdp and f.fsdp_activation_checkpointing):
+        raise ConfigError("--activation_checkpointing_policy chooses what --fsdp_config.fsdp_activation_checkpointing "
+                          "recomputes, which applies under --enable_fsdp (as in llama-recipes) and is "
+                          f"{'off' if t.enable_fsdp else 'not in use without --enable_fsdp'}; turn it on or remove "
+                          "the policy.")
+    if f.activation_offload and not t.enable_fsdp:
+        raise ConfigError("--activation_offload applies under --enable_fsdp, like activation checkpointing (one GPU: "
+                          "--enable_fsdp with --nproc_per_node 1); add --enable_fsdp or remove it.")
+    if t.device.value == "cpu" and f.activation_offload:
+        raise ConfigError("--activation_offload moves saved activations from the GPU to CPU memory; with "
+                          "--device cpu they are in CPU memory already, so there is nothing to offload. "
+                          "Remove --activation_offload.")
+    if t.optimizer_impl.value == "fused" and t.enable_fsdp and (t.use_fp16 or f.use_fp16):
+        raise ConfigError("--optimizer_impl fused with fp16 under --enable_fsdp: torch's fused AdamW fails on FSDP's "
+                          "sharded parameters when the fp16 grad scaler hands it its inf check (torch 2.13). Use "
+                          "--optimizer_impl auto (the default), foreach or for_loop.")
+    if t.optimizer_impl.value != "auto" and f.optimizer.lower() == "anyprecision":
+        raise ConfigError("--optimizer_impl chooses torch's AdamW implementation; --fsdp_config.optimizer "
+                          "anyprecision has only one. Remove one of the two options.")
 
 
 _QUANT_DTYPES = ("bfloat16", "float16", "float32")

@@ -14,16 +14,19 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
+from .flops import batch_token_stats
+from .loss import IGNORE_INDEX, next_token_loss_sum
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from .perf import EpochPerf, StepMeter, StepPerf
+
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values",
                  "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask",
                  # packed batches for flash-attn's varlen kernel (data/packing.varlen_lengths)
@@ -55,6 +58,8 @@ class StepResult:
     lr: float
     epoch_batch: int = 0  # micro-batches of this epoch consumed so far (resume offset included)
     skipped: bool = False  # non-finite and skipped (--skip_nonfinite_steps): no update, loss is NaN/inf
+    doc_len_sq: int = 0  # Σ document length² over ranks (the attention term of the model FLOPs)
+    perf: Optional["StepPerf"] = None  # throughput, MFU and memory, when the loop has a meter
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,6 +73,8 @@ class LoopResult:
     label_tokens: int
     input_tokens: int
     seconds: float
+    doc_len_sq: int = 0
+    perf: Optional["EpochPerf"] = None
 
     @property
     def perplexity(self) -> float:
@@ -86,14 +93,11 @@ class StepHook(Protocol):
     def after_step(self, result: StepResult) -> None: ...
 
 
-def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the batch's label tokens, in fp32."""
+def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: Optional[int] = None) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the batch's label tokens, in fp32;
+    ``chunk_tokens``: the head and the loss a chunk of label tokens at a time (train/loss.py)."""
     inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
-    logits = model(**inputs, use_cache=False).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                           shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return next_token_loss_sum(model, inputs, batch["labels"], chunk_tokens)
 
 
 def label_tokens(batch: dict) -> int:
@@ -101,8 +105,8 @@ def label_tokens(batch: dict) -> int:
 
 
 def input_tokens(batch: dict) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    """Non-pad tokens: attention-mask ones, or a packed row's documents without its pad tail."""
+    return batch_token_stats(batch)[0]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -169,6 +173,8 @@ def train_epoch(
     total_steps_hint: Optional[int] = None,
     start_batch: int = 0,
     on_non_finite: str = "stop",
+    meter: Optional["StepMeter"] = None,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] = loss_sum,
 ) -> LoopResult:
     """One epoch of optimizer steps; stops early after ``max_steps`` steps (None = no limit) or
     when a hook sets ``stop_requested``. ``start_batch`` is how many micro-batches of the epoch
@@ -178,11 +184,20 @@ def train_epoch(
     is not finite makes no update: ``on_non_finite="stop"`` raises :class:`NonFiniteStep` (the
     weights are still those of the step before); ``"skip"`` warns and goes on (the step counts
     for the schedule and the hooks, with ``StepResult.skipped``, but not in the epoch loss). With
-    an fp16 grad scaler an infinite gradient is an overflow the scaler handles itself."""
+    an fp16 grad scaler an infinite gradient is an overflow the scaler handles itself.
+
+    ``meter`` (``perf.StepMeter``) measures throughput, MFU and memory: per step into
+    ``StepResult.perf`` (before the hooks see it) and the progress bar, per epoch into
+    ``LoopResult.perf`` (every rank calls it at the end: it reduces over ranks).
+
+    ``loss_fn(model, batch)`` runs a micro-batch's forward and returns its summed loss
+    (:func:`loss_sum`; the recipe picks plain or chunked and adds activation offloading)."""
     model.train()
     hooks = list(hooks)
     step = start_step
-    run_loss_sum = run_label_tokens = run_input_tokens = 0.0
+    run_loss_sum = run_label_tokens = run_input_tokens = run_doc_len_sq = 0.0
+    if meter is not None:
+        meter.start_epoch()
     epoch_start = time.perf_counter()
     steps_done = 0
     batches_done = start_batch
@@ -190,19 +205,23 @@ def train_epoch(
     for group in _groups(loader, accumulation_steps):
         if max_steps is not None and steps_done >= max_steps:
             break
+        if meter is not None:
+            meter.before_step(step)
         for hook in hooks:
             hook.before_step(step)
         t0 = time.perf_counter()
+        stats = [batch_token_stats(b) for b in group]  # on the host, before the copy to the device
         group = [to_device(b, env.device) for b in group]
         local_labels = sum(label_tokens(b) for b in group)
-        local_inputs = sum(input_tokens(b) for b in group)
-        global_labels, global_inputs = _global_sums(env, local_labels, local_inputs)
+        local_inputs = sum(n for n, _ in stats)
+        local_sq = sum(sq for _, sq in stats)
+        global_labels, global_inputs, global_sq = _global_sums(env, local_labels, local_inputs, local_sq)
         scale = env.world_size / max(global_labels, 1.0)
         local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(group):
             gradient_sync(i == len(group) - 1)  # reduce gradients once per optimizer step
             with precision.autocast():
-                summed = loss_sum(model, batch)
+                summed = loss_fn(model, batch)
             loss = summed * scale
             (precision.scaler.scale(loss) if precision.scaler else loss).backward()
             local_loss += summed.detach().double()
@@ -214,6 +233,8 @@ def train_epoch(
         problem = _non_finite(step_loss_sum, grad_norm, scaled=precision.scaler is not None)
         if problem and on_non_finite != "skip":
             optimizer.zero_grad(set_to_none=True)
+            if precision.scaler:  # end the unscaled step: a scaler keyed by id(optimizer) stays usable
+                precision.scaler.update()
             bar.close()
             raise NonFiniteStep(step + 1, epoch, problem)
         if problem:  # --skip_nonfinite_steps: the step happens (schedule, hooks, position) without an update
@@ -235,27 +256,35 @@ def train_epoch(
         result = StepResult(step=step, epoch=epoch, loss=step_loss_sum / max(global_labels, 1.0),
                             label_tokens=int(global_labels), input_tokens=int(global_inputs),
                             seconds=time.perf_counter() - t0, lr=lr, epoch_batch=batches_done,
-                            skipped=bool(problem))
+                            skipped=bool(problem), doc_len_sq=int(global_sq))
+        if meter is not None:
+            result.perf = meter.step_perf(result.input_tokens, result.doc_len_sq, result.seconds)
         if not problem:  # a skipped step's NaN stays out of the epoch's loss
             run_loss_sum += step_loss_sum
             run_label_tokens += global_labels
             run_input_tokens += global_inputs
+            run_doc_len_sq += global_sq
         for hook in hooks:
             hook.after_step(result)
         bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+        shown = meter.postfix(result.perf) if result.perf is not None else {"tok_s": f"{result.tokens_per_s:,.0f}"}
+        bar.set_postfix({"loss": f"{result.loss:.4f}", **shown, "lr": f"{lr:.2e}"})  # in this order
         if any(getattr(hook, "stop_requested", False) for hook in hooks):
             break
     bar.close()
-    return LoopResult(loss=run_loss_sum / max(run_label_tokens, 1.0), steps=steps_done,
-                      label_tokens=int(run_label_tokens), input_tokens=int(run_input_tokens),
-                      seconds=time.perf_counter() - epoch_start)
+    result = LoopResult(loss=run_loss_sum / max(run_label_tokens, 1.0), steps=steps_done,
+                        label_tokens=int(run_label_tokens), input_tokens=int(run_input_tokens),
+                        seconds=time.perf_counter() - epoch_start, doc_len_sq=int(run_doc_len_sq))
+    if meter is not None:
+        result.perf = meter.epoch_perf(result.input_tokens, result.doc_len_sq, result.seconds)
+    return result
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, *, env: DistEnv,
              max_steps: Optional[int] = None, precision: Precision = Precision(),
-             progress_desc: str = "Evaluating") -> LoopResult:
+             progress_desc: str = "Evaluating",
+             loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] = loss_sum) -> LoopResult:
     """Token-mean loss over the eval set (over the batches actually run when ``max_steps`` cuts it)."""
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, labels, inputs
@@ -266,7 +295,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, env: DistEnv,
             break
         batch = to_device(batch, env.device)
         with precision.autocast():
-            total[0] += loss_sum(model, batch).double()
+            total[0] += loss_fn(model, batch).double()
         total[1] += label_tokens(batch)
         total[2] += input_tokens(batch)
         steps += 1
