@@ -14,6 +14,7 @@ import math
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -25,8 +26,10 @@ from . import runtime
 from .checkpoint import layout as checkpoint_layout
 from .checkpoint.hf_export import save_hf_model
 from .checkpoint.hf_stream import DTYPES
+from .checkpoint.listing import checkpoint_size
 from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
 from .checkpoint.preemption import PreemptionSignal
+from .checkpoint.sizes import human_size
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import BatchingStrategy, StateDictType
 from .convert.mergeable import check_mergeable
@@ -284,8 +287,12 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     pos = Position()
     resume_path = checkpointer.find_resume_point(t.resume, t.resume_from)
     if resume_path is not None:
+        started = time.perf_counter()
+        say(env, f"resuming from {resume_path} ({human_size(checkpoint_size(resume_path))}): checking its files' "
+                 "digests, then loading")
         pos = checkpointer.resume(resume_path, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler)
-        say(env, f"resumed from {resume_path}: epoch {pos.epoch + 1}, step {pos.step}")
+        say(env, f"resumed from {resume_path} in {time.perf_counter() - started:.1f} s: epoch {pos.epoch + 1}, "
+                 f"step {pos.step}")
         if 0 < t.max_train_step <= pos.step or pos.epoch >= t.num_epochs:
             limit = (f"--max_train_step is {t.max_train_step}" if 0 < t.max_train_step <= pos.step
                      else f"all {t.num_epochs} epochs (--num_epochs) are done")

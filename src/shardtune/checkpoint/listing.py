@@ -20,7 +20,8 @@ from .sizes import human_size
 from .sharded import TRAIN_STATE, verify_checkpoint
 
 
-def _size(path: Path) -> int:
+def checkpoint_size(path: Path) -> int:
+    """Bytes of every file under ``path``."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -34,7 +35,7 @@ def describe(run: Path) -> list[dict]:
     for child in sorted(run.iterdir()):
         if not child.is_dir() or not (child.name.startswith("step-") or child.name.startswith(".tmp-step-")):
             continue
-        row = {"name": child.name, "complete": layout.is_complete(child), "size": _size(child),
+        row = {"name": child.name, "complete": layout.is_complete(child), "size": checkpoint_size(child),
                "latest": latest is not None and child == latest}
         try:
             state = json.loads((child / TRAIN_STATE).read_text())

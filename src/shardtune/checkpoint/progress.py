@@ -1,5 +1,6 @@
 """Progress of long non-training work (conversion, export, checkpoint loading): a bar of bytes and
-tensors on a terminal, one line per finished file otherwise (logs stay readable)."""
+tensors on a terminal, one line per finished file (or, for a load, one line at the end)
+otherwise, so logs stay readable."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ class Progress:
             self.log(f"  {self.what}: {name} ({human_size(size)}); {self.tensors}/{self.total_tensors} tensors, "
                      f"{human_size(self.bytes)} of {human_size(self.total_bytes)} in {elapsed:.1f} s")
 
-    def close(self) -> None:
+    def close(self, summary: bool = False) -> None:
+        """Close the bar; ``summary``: without a bar, say in one line what was done."""
         if self._bar is not None:
             self._bar.close()
+        elif summary:
+            self.log(f"{self.what}: {self.tensors} tensors, {human_size(self.bytes)} in "
+                     f"{time.perf_counter() - self.start:.1f} s")

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint.progress import Progress
 from ..config.errors import ShardtuneError
 from .core import Conversion, prepare, read_refs
 
@@ -57,9 +58,10 @@ def apply_adapter(conv: Conversion, model: nn.Module,
 
 
 def build_model(conv: Conversion, *, dtype: Optional[torch.dtype] = None,
-                device: torch.device | str = "cpu") -> nn.Module:
+                device: torch.device | str = "cpu", log: Callable[[str], None] = lambda line: None) -> nn.Module:
     """The checkpoint's model in eval mode on ``device``, floating-point weights in ``dtype``
-    (default: as stored), read and placed one tensor at a time."""
+    (default: as stored), read and placed one tensor at a time (progress through ``log``, or a
+    bar on a terminal)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
@@ -73,11 +75,17 @@ def build_model(conv: Conversion, *, dtype: Optional[torch.dtype] = None,
             "and generate from DIR, where peft applies it.")
     with init_empty_weights(include_buffers=False):  # the rotary buffers are built for real
         model = conv.spec.cls(conv.spec.config)
-    for item in conv.plan.items:
-        tensor = read_refs(conv, [item.ref])[item.ref]
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype or tensor.dtype)
-        set_module_tensor_to_device(model, item.name, device, value=tensor)
+    progress = Progress(f"loading {conv.sources[-1].path.name}", sum(i.entry.nbytes for i in conv.plan.items),
+                        len(conv.plan.items), log)
+    try:
+        for item in conv.plan.items:
+            tensor = read_refs(conv, [item.ref])[item.ref]
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype or tensor.dtype)
+            set_module_tensor_to_device(model, item.name, device, value=tensor)
+            progress.tensor_done(item.entry.nbytes)
+    finally:
+        progress.close(summary=True)
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:

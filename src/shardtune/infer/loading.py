@@ -78,7 +78,7 @@ def _load_checkpoint(path: str, base: Optional[str], device: str, dtype: Optiona
     (which checks the files against their recorded digests first)."""
     conv = open_checkpoint(path, model=base, log=_note)
     family = family_for_config(conv.spec.config)
-    model = build_model(conv, dtype=dtype, device=device)
+    model = build_model(conv, dtype=dtype, device=device, log=lambda line: _note(f"note: {line}"))
     folder = tokenizer_folder(conv)
     if folder is None:
         raise ShardtuneError(f"{path} names no tokenizer, and its model {conv.spec.name!r} is not a local folder "
