@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 BENCHMARKS = Path(__file__).resolve().parent.parent
 if str(BENCHMARKS) not in sys.path:  # benchmarks/common.py: PeakSampler, memory_now
@@ -138,3 +138,11 @@ def check_first_batches(seen: list[int], plan: dict, framework: str) -> None:
         first = next(i for i, (a, b) in enumerate(zip(seen, want)) if a != b)
         raise SystemExit(f"{framework}: batch {first + 1} differs from the plan (token checksum "
                          f"{seen[first]} != {want[first]}): the frameworks would not train on the same data")
+
+
+def run_modes(run: Callable[[dict, str], dict[str, Any]]) -> None:
+    """A runner's main: read the spec, set torch up, run and report every mode in it."""
+    spec = load_spec()
+    setup_torch(spec)
+    for mode in spec["modes"]:
+        emit(run(spec, mode))

@@ -118,12 +118,5 @@ def run(spec: dict, mode: str) -> dict:
             "versions": _runner.versions("shardtune"), "command": ["python", "-m", "shardtune.finetuning", *args]}
 
 
-def main() -> None:
-    spec = _runner.load_spec()
-    _runner.setup_torch(spec)
-    for mode in spec["modes"]:
-        _runner.emit(run(spec, mode))
-
-
 if __name__ == "__main__":
-    main()
+    _runner.run_modes(run)

@@ -124,12 +124,5 @@ def run(spec: dict, mode: str) -> dict:
             "config": OmegaConf.to_container(cfg)}
 
 
-def main() -> None:
-    spec = _runner.load_spec()
-    _runner.setup_torch(spec)
-    for mode in spec["modes"]:
-        _runner.emit(run(spec, mode))
-
-
 if __name__ == "__main__":
-    main()
+    _runner.run_modes(run)
