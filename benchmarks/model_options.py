@@ -15,7 +15,8 @@ tokens (repeated) whose first 48 tokens are a prompt without labels (37% of the 
 * ``checkpointing``: forward + backward (plain loss) with no checkpointing, ``full``, ``every_k``
   (k = 2) and ``ops`` (``parallel.activation_checkpointing.enable_activation_checkpointing``);
 * ``compile``: forward + backward, eager and with every decoder layer compiled
-  (``parallel.compile.compile_decoder_layers``; the first step, which compiles, is timed apart);
+  (``parallel.compile.compile_decoder_layers``; the first step, which compiles, is timed apart),
+  with the plain and the chunked loss;
 * ``optimizer``: ``AdamW.step()`` over all 35.3M parameters with random gradients, for the
   ``for_loop``, ``foreach`` and ``fused`` implementations (``train.optim.build_optimizer``).
 
@@ -30,7 +31,7 @@ What it measures
   taken while it is well above 0 are unreliable. ``--repeats`` runs every variant again, in the
   same order, and the table shows each run.
 
-    python benchmarks/model_options.py                       # everything, ~15 min on 2 idle cores
+    python benchmarks/model_options.py                       # everything, ~20 min on 2 idle cores
     python benchmarks/model_options.py --what loss --repeats 1
 """
 
@@ -57,7 +58,8 @@ VARIANTS = {
              dict(vocab=128256, loss="plain"), dict(vocab=128256, loss="chunked")],
     "checkpointing": [dict(checkpointing="none"), dict(checkpointing="full"),
                       dict(checkpointing="every_k"), dict(checkpointing="ops")],
-    "compile": [dict(compile=False), dict(compile=True)],
+    "compile": [dict(compile=False), dict(compile=True), dict(compile=False, loss="chunked"),
+                dict(compile=True, loss="chunked")],
     "optimizer": [dict(optimizer="for_loop"), dict(optimizer="foreach"), dict(optimizer="fused")],
 }
 

@@ -36,7 +36,6 @@ def _losses(tmp_path, model_dir, name: str, *flags: str) -> tuple[list[float], s
 def test_offload_chunked_loss_and_fused_adamw_give_the_plain_losses(tmp_path, tiny_model_dir):
     plain, _ = _losses(tmp_path, tiny_model_dir, "plain", "--loss", "plain", "--optimizer_impl", "for_loop")
     for name, flags in (("offload", ("--activation_offload",)),
-                        ("ops_offload", ("--activation_offload", "--activation_checkpointing_policy", "ops")),
                         ("chunked_fused", ("--loss", "chunked", "--optimizer_impl", "fused"))):
         got, _ = _losses(tmp_path, tiny_model_dir, name, *flags)
         assert got == pytest.approx(plain, rel=1e-4), (name, got, plain)

@@ -58,6 +58,7 @@ def shard_model(model: nn.Module, *, mesh: DeviceMesh, strategy: ShardingStrateg
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     # The root's parameters are needed again right at the start of backward: keep them gathered.
+    # (The chunked loss, train/loss.py, also runs the head after the root's forward returns.)
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
 

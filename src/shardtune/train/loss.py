@@ -8,10 +8,11 @@ and ``log_softmax`` keeps another copy of that size for the backward.
 ``chunked`` gives the same sum and the same gradients without ever holding those logits:
 
 1. the model's own forward runs with ``logits_to_keep`` selecting no position (its head computes
-   a ``[batch, 0, vocab]`` tensor) and returns the final normed hidden states as its last
-   ``hidden_states`` entry. Going through the model's forward, not ``model.model``, keeps FSDP2's
-   root hooks (they gather the embeddings, final norm and head, and reduce their gradients) and
-   peft's wrappers in the path;
+   a ``[batch, 0, vocab]`` tensor), and a forward hook on its decoder takes the final normed
+   hidden states. Going through the model's forward, not calling ``model.model``, keeps FSDP2's
+   root hooks (they gather the embeddings, final norm and head, and reduce their gradients after
+   the backward; the root is never resharded between forward and backward, so the head can run
+   after the forward) and peft's wrappers in the path;
 2. only the positions that have a label are kept (prompt and pad tokens never reach the head);
 3. the head and the loss run on ``chunk_tokens`` of those positions at a time, each chunk under
    ``torch.utils.checkpoint``: a chunk's logits are freed as soon as its loss is summed, and the
@@ -25,7 +26,6 @@ are cast to fp32 before the loss, as there.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -63,10 +63,7 @@ def chunked_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output head (get_output_embeddings() is None); "
                          "the chunked loss needs one")
-    no_position = torch.zeros(0, dtype=torch.long, device=labels.device)
-    out = model(**inputs, use_cache=False, logits_to_keep=no_position,
-                output_hidden_states=_last_hidden_state_only())
-    hidden = out.hidden_states[-1]  # after the final norm (transformers ties it to last_hidden_state)
+    hidden = final_hidden_states(model, inputs)
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
     states = hidden[:, :-1][keep]  # [label tokens, hidden]
@@ -87,12 +84,23 @@ def _head_loss_sum(head: nn.Module, states: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(head(states).float(), targets, reduction="sum")
 
 
-@functools.lru_cache(maxsize=None)
-def _last_hidden_state_only() -> bool | int:
-    """``output_hidden_states=-1`` keeps only the last hidden state (transformers 5); older releases
-    take a bool and return all of them (references to tensors the backward keeps anyway)."""
+def final_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The decoder's output (after its final norm) from the model's own forward, whose head runs on
+    no position. A forward hook on the decoder (``get_decoder()``) takes it; transformers' own
+    ``output_hidden_states`` would hook every decoder layer, and those hooks break torch.compile's
+    graphs of the layers."""
+    captured: list[torch.Tensor] = []
+
+    def take(module: nn.Module, args, output) -> None:
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = model.get_decoder().register_forward_hook(take)
     try:
-        from transformers.utils import output_capturing
-    except ImportError:
-        return True
-    return -1 if hasattr(output_capturing, "selected_hidden_states") else True
+        no_position = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+        model(**inputs, use_cache=False, logits_to_keep=no_position)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise ValueError(f"{type(model).__name__}: its decoder (get_decoder()) ran {len(captured)} times in one "
+                         "forward; the chunked loss needs exactly one final hidden state (use --loss plain)")
+    return captured[0]
