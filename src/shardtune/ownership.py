@@ -110,7 +110,8 @@ def _same_place(a: Path, b: Path) -> bool:
         return False
 
 
-def _inside(inner: Path, outer: Path) -> bool:
+def is_inside(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or below it (after resolving links)."""
     try:
         inner, outer = inner.resolve(), outer.resolve()
     except OSError:
@@ -131,7 +132,7 @@ def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_
     """
     out = Path(path)
     for other_flag, other in protected.items():
-        if other and Path(other).exists() and _inside(Path(other), out):
+        if other and Path(other).exists() and is_inside(Path(other), out):
             where = "is" if _same_place(out, Path(other)) else "holds"
             raise ShardtuneError(
                 f"{flag} {str(path)!r} {where} the path {other_flag} reads from ({other}); writing there "

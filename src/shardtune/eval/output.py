@@ -36,14 +36,6 @@ def _ours(path: Path) -> bool:
     return isinstance(data, dict) and data.get("written_by") == WRITTEN_BY
 
 
-def _inside(inner: Path, outer: Path) -> bool:
-    try:
-        inner, outer = inner.resolve(), outer.resolve()
-    except OSError:
-        return False
-    return inner == outer or outer in inner.parents
-
-
 def check_output(path: Path, read_from: Iterable[Optional[str]] = ()) -> None:
     """Refuse, before any work, an ``--output`` that would replace a file shardtune did not write
     or write into a model directory that is not shardtune's."""
@@ -55,7 +47,7 @@ def check_output(path: Path, read_from: Iterable[Optional[str]] = ()) -> None:
                              "is left alone. Choose another --output, or move the file.")
     for source in read_from:
         src = Path(source) if source else None
-        if src is None or not src.is_dir() or not _inside(path.parent, src):
+        if src is None or not src.is_dir() or not ownership.is_inside(path.parent, src):
             continue
         if not (src / ownership.MARKER).is_file():
             raise ShardtuneError(f"--output {str(path)!r} is inside {source}, a model directory shardtune "

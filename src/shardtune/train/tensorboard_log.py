@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from ..config.errors import ConfigError, ShardtuneError
+from ..ownership import is_inside
 from .loop import LoopResult, StepResult
 from .metrics import epoch_record, scalars, step_record, val_record
 
@@ -28,16 +29,11 @@ def tensorboard_dir(output_dir: str, tensorboard_dir: str) -> Path:
     return Path(tensorboard_dir) if tensorboard_dir else Path(output_dir) / "tensorboard"
 
 
-def _inside(inner: Path, outer: Path) -> bool:
-    inner, outer = inner.resolve(), outer.resolve()
-    return inner == outer or outer in inner.parents
-
-
 def check_tensorboard_dir(path: Path, protected: Mapping[str, Optional[str]], output_dir: str) -> None:
     """Refused before any work: a folder that is, or is inside, a path the run reads from, the
     top of --output_dir itself (its event files would be files shardtune does not list), a file."""
     for flag, other in protected.items():
-        if other and Path(other).exists() and _inside(path, Path(other)):
+        if other and Path(other).exists() and is_inside(path, Path(other)):
             raise ShardtuneError(f"--tensorboard_dir {str(path)!r} is inside the path {flag} reads from "
                                  f"({other}); choose another --tensorboard_dir.")
     if Path(output_dir).resolve() == path.resolve():
