@@ -147,13 +147,14 @@ def attention_for(cfg: Config, env: DistEnv) -> AttentionChoice:
     cls = family_for_config(load_config(cfg.train.model_name)).model_class()
     supports_flash = getattr(cls, "_supports_flash_attn", True)  # an Auto class: decided per model
     return choose_attention(cfg.train.use_fast_kernels, env.device, compute_dtype(cfg, env),
-                            model_supports_flash=supports_flash is not False, model_name=cls.__name__)
+                            model_supports_flash=supports_flash is not False, model_name=cls.__name__,
+                            packing=cfg.train.batching_strategy == BatchingStrategy.packing)
 
 
 def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily):
     t = cfg.train
     required = family.required_batch_keys  # a vision model's batches must all carry images
-    varlen = attention_for(cfg, env).packed_needs_varlen  # flash-attn gets no mask for packed rows
+    varlen = attention_for(cfg, env).packed_needs_varlen  # flash / packed SDPA take document lengths
     train_split = load_split(cfg, tokenizer, "train")
     say(env, f"train data: {train_split.report.summary()}")
     train_loader = build_dataloader(

@@ -9,6 +9,7 @@ from shardtune.config import parse_args
 from shardtune.finetuning import attention_for
 from shardtune.precision import compute_dtype
 from shardtune.model.attention import FLASH_ATTENTION_2, SDPA, choose_attention
+from shardtune.model.packed_attention import PACKED_SDPA
 from shardtune.parallel.distributed import DistEnv
 
 CUDA = torch.device("cuda", 0)
@@ -29,6 +30,19 @@ def test_kernel_choice_and_reason(fast, device, dtype, installed, impl, why):
     assert choice.implementation == impl and why in choice.reason
     assert choice.packed_needs_varlen == (impl == FLASH_ATTENTION_2)
     assert choice.describe().startswith(f"attention: {impl} (")
+    # packed batches: SDPA attends per document (packed_attention.py); flash keeps its varlen kernel
+    packed = choose_attention(fast, device, dtype, flash_installed=installed, packing=True)
+    assert packed.implementation == (PACKED_SDPA if impl == SDPA else impl)
+    assert packed.packed_needs_varlen and why in packed.reason
+
+
+def test_a_packing_run_on_cpu_uses_per_document_sdpa_and_sends_document_lengths():
+    cpu = DistEnv(device=CPU)
+    packing = attention_for(_cfg("--batching_strategy", "packing"), cpu)
+    assert packing.implementation == PACKED_SDPA and "without a block mask" in packing.reason
+    assert packing.packed_needs_varlen
+    padding = attention_for(_cfg("--batching_strategy", "padding"), cpu)
+    assert padding.implementation == SDPA and not padding.packed_needs_varlen
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +52,9 @@ def _model_dir(tiny_model_dir):
 
 
 def _cfg(*flags: str):
-    return parse_args(["--model_name", MODEL, "--use_fast_kernels", *flags]).config
+    """Padded batches unless ``flags`` say otherwise: the kernel choice without packing's variant."""
+    return parse_args(["--model_name", MODEL, "--use_fast_kernels", "--batching_strategy", "padding",
+                       *flags]).config
 
 
 def test_fp32_compute_on_a_gpu_never_selects_flash():
@@ -85,6 +101,6 @@ def test_a_model_without_a_flash_path_keeps_sdpa_on_a_gpu():
 
 def test_the_recipe_asks_the_vision_model_class(tiny_vision_model_dir):
     cfg = parse_args(["--model_name", str(tiny_vision_model_dir), "--use_fast_kernels", "--enable_fsdp",
-                      "--fsdp_config.pure_bf16"]).config
+                      "--fsdp_config.pure_bf16", "--batching_strategy", "padding"]).config
     choice = attention_for(cfg, DistEnv(device=CUDA))
     assert choice.implementation == SDPA and "has no flash-attn path" in choice.reason

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config.errors import ShardtuneError
+from .attention import register_attention
 from .family import family_for_config
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def load_model(name: str, *, dtype: torch.dtype, attn: str, device: Optional[tor
     """
     check_model_source(name)
     cls = family_for_config(load_config(name)).model_class()
+    register_attention(attn)
     if quantization is not None:
         return from_pretrained_checked(cls, name, dtype=dtype, attn_implementation=attn,
                                        quantization_config=quantization,

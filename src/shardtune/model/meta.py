@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .attention import register_attention
 from .family import family_for_config
 
 
@@ -32,6 +33,7 @@ def build_meta_model(config, *, cls: Optional[type] = None, dtype: Optional[torc
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn is not None:
+        register_attention(attn)
         kwargs["attn_implementation"] = attn
     with init_empty_weights(include_buffers=False):
         if cls is None:
