@@ -88,7 +88,7 @@ def worker(spec_path: str, out_path: str) -> None:
     before = common.memory_now()
     model = None
     t0 = time.perf_counter()
-    with common.PeakSampler() as sampler:
+    with common.PeakSampler(pss=True) as sampler:  # not timed: PSS's cost does not matter
         if spec["mode"] != "baseline":
             model = setup_model(cfg, env, tokenizer)
         dist.barrier()
