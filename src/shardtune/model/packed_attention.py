@@ -70,6 +70,10 @@ def group_documents(bounds: tuple[int, ...], bucket: int = BUCKET,
     return DocumentGroups(tuple(shapes), torch.cat(gathers).to(device), scatter.to(device))
 
 
+# Not traced by torch.compile (--compile): the groups depend on the batch's document lengths, so a
+# traced version would recompile for nearly every batch. The compiled layer runs it eagerly between
+# two graphs (before and after attention) whose shapes do not change.
+@torch.compiler.disable
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                           scaling: Optional[float] = None, **kwargs) -> tuple[torch.Tensor, None]:
