@@ -52,6 +52,7 @@ from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
 from .train.loop import Precision, evaluate, loss_sum, to_device, train_epoch
+from .train.loss import chunk_tokens_of
 from .train.metrics import MetricsLog
 from .train.optim import build_optimizer, build_scheduler
 from .train.perf import StepMeter
@@ -217,7 +218,7 @@ def setup(cfg: Config, env: DistEnv) -> Components:
 def setup_loss(cfg: Config) -> Callable:
     """A micro-batch's forward and summed loss: --loss plain|chunked, under --activation_offload."""
     t = cfg.train
-    fn = functools.partial(loss_sum, chunk_tokens=t.loss_chunk_tokens if t.loss.value == "chunked" else None)
+    fn = functools.partial(loss_sum, chunk_tokens=chunk_tokens_of(t))
     return with_activation_offload(fn) if cfg.fsdp.activation_offload else fn
 
 

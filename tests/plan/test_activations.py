@@ -5,7 +5,8 @@ operator returns during the step (forward, loss, backward), records the bytes of
 and a finaliser records when the storage dies; the peak of the live bytes, leaving out the
 parameters' gradients (they are the planner's "gradients" line), is the step's activation and
 temporary peak. The model is built by the recipe's own functions (loading, freezing, PEFT,
-activation checkpointing) and the loss is the train loop's ``loss_sum``.
+activation checkpointing) with the attention kernel the run would use (per-document SDPA for
+packing), and the loss is the train loop's ``loss_sum`` with the run's ``--loss``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from shardtune.model.freeze import freeze_first_layers
 from shardtune.model.loading import load_model
 from shardtune.model.peft import apply_peft
 from shardtune.parallel.activation_checkpointing import enable_activation_checkpointing
-from shardtune.plan.estimate import Attention, activation_bytes
+from shardtune.data.packing import varlen_lengths
+from shardtune.plan.activations import activation_bytes, attention_for
 from shardtune.plan.shapes import build_shapes, model_config
 from shardtune.train.loop import loss_sum
+from shardtune.train.loss import chunk_tokens_of
 
 BATCH, SEQ = 2, 256
 
@@ -80,8 +83,9 @@ def measure_step(model_dir, flags: list[str], checkpointing: bool, batching: str
     cfg = parse_args(["--model_name", str(model_dir), "--batch_size_training", str(BATCH), "--context_length",
                       str(SEQ), "--batching_strategy", batching, *flags]).config
     dtype = torch.bfloat16 if cfg.fsdp.pure_bf16 else torch.float32
+    attention = attention_for(cfg, "cpu", dtype)
     torch.manual_seed(0)
-    model = load_model(str(model_dir), dtype=dtype, attn="sdpa")
+    model = load_model(str(model_dir), dtype=dtype, attn=attention.kernel)
     if cfg.train.freeze_layers:
         freeze_first_layers(model, cfg.train.num_freeze_layers)
     if cfg.train.use_peft:
@@ -97,22 +101,28 @@ def measure_step(model_dir, flags: list[str], checkpointing: bool, batching: str
         batch["labels"][batch["attention_mask"] == 0] = -100
     else:  # two packed documents per row, as the packing collator sends them
         batch["position_ids"] = torch.cat([torch.arange(SEQ // 2), torch.arange(SEQ - SEQ // 2)]).repeat(BATCH, 1)
-    before = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *batch.values()]}
+        batch.update(varlen_lengths(batch["position_ids"]))
+    tensors = [*model.parameters(), *model.buffers(), *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+    before = {t.untyped_storage().data_ptr() for t in tensors}
     tracker = LiveStorages(before)
     with tracker:
-        loss_sum(model, batch).backward()
+        loss_sum(model, batch, chunk_tokens_of(cfg.train)).backward()
     grads = {tracker.live[p.grad.untyped_storage().data_ptr()][0] for p in model.parameters()
              if p.grad is not None and p.grad.untyped_storage().data_ptr() in tracker.live}
     measured = tracker.peak(leave_out=grads)
     shapes = build_shapes(model_config(str(model_dir)), cfg)
     a = torch.empty((), dtype=dtype).element_size()
-    planned = activation_bytes(shapes, batch=BATCH, seq=SEQ, a=a, attention=Attention("sdpa", True), dropout_mask=a)
+    planned = activation_bytes(shapes, batch=BATCH, seq=SEQ, a=a, attention=attention, dropout_mask=a,
+                               loss_chunk_tokens=chunk_tokens_of(cfg.train))
     return measured, planned.with_ac if checkpointing else planned.without_ac
 
 
 CASES = {
     "full": ([], "packing"),
     "full_padding": ([], "padding"),
+    "full_plain_loss": (["--loss", "plain"], "packing"),
+    "full_padding_plain_loss": (["--loss", "plain"], "padding"),
+    "full_small_loss_chunks": (["--loss_chunk_tokens", "128"], "packing"),
     "lora_qv": (["--use_peft"], "packing"),
     "lora_qv_no_dropout": (["--use_peft", "--lora_config.lora_dropout", "0"], "packing"),
     "lora_all_linear": (["--use_peft", "--lora_config.target_modules", "all-linear"], "packing"),

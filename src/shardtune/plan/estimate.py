@@ -23,36 +23,7 @@ rest is padding), so:
 Without ``--enable_fsdp`` nothing is sharded or padded. With ``--fsdp_config.fsdp_cpu_offload``
 the sharded parameters, gradients (unpadded copies) and optimizer state live in host memory.
 
-Activations (estimated; derived for transformers' Llama decoder layer with SDPA)
---------------------------------------------------------------------------------
-Per decoder layer, for ``N = batch x context_length`` tokens, compute dtype of ``a`` bytes (2 for
-bf16/fp16, 4 for fp32), hidden ``h``, query width ``hq = heads x head_dim``, key/value width
-``hk``, MLP width ``I``, autograd keeps (what ``saved_tensors_hooks`` sees, measured):
-
-* each RMSNorm: its input upcast to fp32 ``4·N·h`` and ``rsqrt`` ``4·N``; the normalised value
-  ``a·N·h`` only if the norm's weight trains; its output ``a·N·h`` only if a consumer keeps it
-  (a trainable projection, or a LoRA without dropout);
-* attention: ``q`` ``a·N·hq``, ``k`` and ``v`` ``a·N·hk`` each (``a·N·hq`` each when SDPA gets a
-  mask, because transformers then repeats the KV heads), the output ``a·N·hq`` (o_proj's input is
-  the same storage) and the fp32 log-sum-exp ``4·batch·heads·seq``; with a mask (packing, padded
-  batches) torch's SDPA converts the boolean mask to an additive one per layer, ``a·batch·seq²``;
-* MLP: ``gate`` output, ``silu`` output and ``up`` output ``3·a·N·I``, plus the ``down_proj``
-  input ``a·N·I`` if ``down_proj`` trains;
-* each LoRA adapter: its dropout output ``a·N·in`` and mask ``N·in`` (a bool on CUDA; on a CPU
-  dropout keeps its scaled noise, ``a·N·in``), none of both when dropout is 0 (``lora_A`` then
-  keeps the layer's input), and ``lora_A``'s output ``a·N·r``.
-
-Frozen projections keep nothing (a matmul keeps its input only to compute its weight's
-gradient), so LoRA needs less than full fine-tuning even without checkpointing. The loss part is
-``12·N·vocab`` bytes at its peak (the logits, their fp32 copy and ``log_softmax``'s output in the
-forward; the fp32 gradients in the backward).
-
-Peak without activation checkpointing: all layers' saved tensors + the final norm's + the loss
-part. With it (``--fsdp_config.fsdp_activation_checkpointing``, each decoder layer): every
-layer's input ``a·N·h`` + the loss part in the forward, and in the backward those inputs + one
-layer's saved tensors while it is recomputed + the backward's working set ``a·N·(3·I + h)`` (the
-gradients in its MLP; ``down_proj``'s saved input is freed by then). The
-tests check these against the measured peak of real CPU steps (within 15%).
+Activations: ``plan/activations.py``.
 
 Temporary buffers (estimated)
 -----------------------------
@@ -77,13 +48,15 @@ Activation checkpointing adds one forward. Time = FLOPs / (peak FLOP/s x assumed
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..config import Config, ConfigError, ShardingStrategy
-from .shapes import ATTN_IN, MLP_IN, LayerGrads, LoraModule, ModelShapes, ParamSpec
+from ..train.loss import chunk_tokens_of
+from .activations import Activations, Attention, activation_bytes, attention_for
+from .shapes import ModelShapes, ParamSpec
 
 GiB = 1024 ** 3
 # CUDA context + NCCL communicators + cuBLAS workspaces, per GPU: not in torch's allocator.
@@ -231,145 +204,6 @@ def shard_bytes(shapes: ModelShapes, layout: Layout, optimizer: str, device_type
         steps += STEP_BYTES
     on_cpu = device_type == "cpu"
     return ShardBytes(params, grads, optim + (steps if on_cpu else 0), 0 if on_cpu else steps, offloaded)
-
-
-# ------------------------------------------------------------------------ activations
-
-
-@dataclass(frozen=True)
-class Attention:
-    kernel: str  # "sdpa" | "flash_attention_2"
-    mask: bool  # SDPA gets a mask (packing, padded batches): KV heads repeated, additive mask per layer
-
-    def describe(self) -> str:
-        if self.kernel != "sdpa":
-            return f"{self.kernel} (no mask, KV heads not repeated)"
-        return "SDPA with a mask (KV heads repeated, one additive mask per layer)" if self.mask else "SDPA, causal"
-
-
-def attention_for(cfg: Config, device_type: str, dtypes: Dtypes) -> Attention:
-    """The kernel ``model/attention.py`` picks (assuming flash-attn is installed on the GPU machine
-    when ``--use_fast_kernels`` asks for it), and whether SDPA sees a mask: packed rows always give
-    one (documents attend within themselves); padded batches do when they hold pads."""
-    from ..model.attention import choose_attention
-
-    t = cfg.train
-    kernel = choose_attention(t.use_fast_kernels, torch.device(device_type), dtypes.compute,
-                              flash_installed=True).implementation
-    if kernel != "sdpa":
-        return Attention(kernel, False)
-    return Attention("sdpa", t.batching_strategy.value == "packing" or t.batch_size_training > 1)
-
-
-def _norm(terms: dict, prefix: str, n: int, h: int, a: int, x_grad: bool, weight_trains: bool) -> None:
-    if x_grad:
-        terms[f"{prefix}: input in fp32 + rsqrt"] = 4 * n * h + 4 * n
-    if weight_trains:
-        terms[f"{prefix}: normalised value"] = a * n * h
-
-
-def _lora_terms(terms: dict, name: str, lora: LoraModule, n: int, a: int, input_grad: bool, mask: int) -> None:
-    if lora.dropout:
-        terms[f"{name} LoRA dropout output + mask"] = n * lora.in_features * (a + (mask if input_grad else 0))
-    terms[f"{name} lora_A output"] = a * n * lora.r
-
-
-def layer_saved(shapes: ModelShapes, lg: LayerGrads, *, tokens: int, batch: int, seq: int, a: int,
-                input_grad: bool, attention: Attention, mask: int = 1) -> tuple[dict[str, int], bool]:
-    """Bytes one decoder layer keeps for backward, by tensor; and whether its output needs a gradient."""
-    n, h, inter = tokens, shapes.hidden, shapes.intermediate
-    hq, hk = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
-    trains = lambda name: name in lg.trainable or name in lg.lora  # noqa: E731
-    terms: dict[str, int] = {}
-    _norm(terms, "attention norm", n, h, a, input_grad, "input_layernorm" in lg.trainable)
-    z1_grad = input_grad or "input_layernorm" in lg.trainable
-    if any(m in lg.trainable for m in ATTN_IN) or any(not lg.lora[m].dropout for m in ATTN_IN if m in lg.lora):
-        terms["attention norm: output (projection input)"] = a * n * h
-    for m in ATTN_IN:
-        if m in lg.lora:
-            _lora_terms(terms, m, lg.lora[m], n, a, z1_grad, mask)
-    attn_grad = z1_grad or any(trains(m) for m in ATTN_IN)
-    if attn_grad:
-        kv = hq if attention.mask and attention.kernel == "sdpa" else hk
-        terms["q, k, v (after rotary)"] = a * n * (hq + 2 * kv)
-        terms["attention output"] = a * n * hq
-        terms["log-sum-exp (fp32)"] = 4 * batch * shapes.heads * seq
-        if attention.mask and attention.kernel == "sdpa":
-            terms["additive attention mask"] = a * batch * seq * seq
-    if "o_proj" in lg.lora:
-        _lora_terms(terms, "o_proj", lg.lora["o_proj"], n, a, attn_grad, mask)
-    h1_grad = attn_grad or trains("o_proj")
-    _norm(terms, "MLP norm", n, h, a, h1_grad, "post_attention_layernorm" in lg.trainable)
-    z2_grad = h1_grad or "post_attention_layernorm" in lg.trainable
-    if any(m in lg.trainable for m in MLP_IN) or any(not lg.lora[m].dropout for m in MLP_IN if m in lg.lora):
-        terms["MLP norm: output (gate/up input)"] = a * n * h
-    for m in MLP_IN:
-        if m in lg.lora:
-            _lora_terms(terms, m, lg.lora[m], n, a, z2_grad, mask)
-    mlp_grad = z2_grad or any(trains(m) for m in MLP_IN)
-    if mlp_grad:
-        terms["gate, silu(gate), up"] = 3 * a * n * inter
-    if "down_proj" in lg.trainable or ("down_proj" in lg.lora and not lg.lora["down_proj"].dropout):
-        terms["down_proj input"] = a * n * inter
-    if "down_proj" in lg.lora:
-        _lora_terms(terms, "down_proj", lg.lora["down_proj"], n, a, mlp_grad, mask)
-    return terms, mlp_grad or trains("down_proj")
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Peak bytes of activations and backward temporaries of one micro-batch on one rank."""
-
-    without_ac: int
-    with_ac: int
-    per_layer: int  # the largest layer's saved tensors
-    loss: int  # the logits / log_softmax part
-    layer_terms: dict = field(default_factory=dict)  # the largest layer's, by tensor
-
-    def for_run(self, checkpointing: bool) -> int:
-        return self.with_ac if checkpointing else self.without_ac
-
-
-def activation_bytes(shapes: ModelShapes, *, batch: int, seq: int, a: int, attention: Attention,
-                     dropout_mask: int = 1) -> Activations:
-    """Peak activation memory of one micro-batch of ``batch`` rows of ``seq`` tokens, with and
-    without per-layer activation checkpointing (see the module docstring for the formula).
-    ``dropout_mask``: bytes per element of a dropout mask (1: CUDA's fused kernel keeps a bool
-    mask; on a CPU dropout keeps its scaled noise in the activations' dtype)."""
-    n = batch * seq
-    grad = shapes.embed_trainable
-    layers, biggest, biggest_terms = [], 0, {}
-    for lg in shapes.layer_grads:
-        terms, grad = layer_saved(shapes, lg, tokens=n, batch=batch, seq=seq, a=a, input_grad=grad,
-                                  attention=attention, mask=dropout_mask)
-        total = sum(terms.values())
-        layers.append(total)
-        if total >= biggest:
-            biggest, biggest_terms = total, terms
-    final: dict[str, int] = {}
-    _norm(final, "final norm", n, shapes.hidden, a, grad, shapes.final_norm_trainable)
-    if shapes.head_trainable and not (shapes.head_lora and shapes.head_lora.dropout):
-        final["head input"] = a * n * shapes.hidden
-    if shapes.head_lora:
-        _lora_terms(final, "lm_head", shapes.head_lora, n, a, grad, dropout_mask)
-    loss = 12 * n * shapes.vocab
-    shared = 2 * a * n * shapes.head_dim  # rotary cos and sin
-    if attention.mask and attention.kernel == "sdpa":
-        shared += batch * seq * seq  # the boolean mask all layers share
-    # One layer's backward at its peak, in the MLP: the gradients of down_proj's input, of silu's
-    # output and of up's output (3·a·N·I) and of the hidden state, next to the layer's saved
-    # tensors less down_proj's input, which its backward has freed by then.
-    workspace = a * n * (3 * shapes.intermediate + shapes.hidden)
-    freed = biggest_terms.get("down_proj input", 0)
-    saved_all = sum(layers)
-    without = shared + saved_all + max(sum(final.values()) + loss, workspace - freed)
-    inputs = shapes.layers * a * n * shapes.hidden  # what the checkpoints keep
-    # in fp32 the norm's saved input is the checkpointed input itself, not a copy
-    overlap = 4 * n * shapes.hidden if a == 4 else 0
-    forward = shared + inputs + sum(final.values()) + loss
-    backward = shared + inputs + biggest - freed - overlap + workspace
-    return Activations(without_ac=without, with_ac=max(forward, backward), per_layer=biggest, loss=loss,
-                       layer_terms=biggest_terms)
 
 
 # ------------------------------------------------------------------------ temporary buffers
@@ -547,9 +381,10 @@ def estimate(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ran
     dtypes = dtypes_for(cfg, device, hw.bf16)
     offload = layout.fsdp and f.fsdp_cpu_offload
     sb = shard_bytes(shapes, layout, f.optimizer, device, rank)
-    attention = attention_for(cfg, device, dtypes)
+    attention = attention_for(cfg, device, dtypes.compute)
     acts = activation_bytes(shapes, batch=t.batch_size_training, seq=t.context_length, a=dtypes.a,
-                            attention=attention, dropout_mask=1 if device == "cuda" else dtypes.a)
+                            attention=attention, dropout_mask=1 if device == "cuda" else dtypes.a,
+                            loss_chunk_tokens=chunk_tokens_of(t))
     ac = checkpointing_on(cfg)
     temps = temporaries(shapes, cfg, layout, dtypes, device, sb.optimizer)
     on_gpu = (0, 0, 0) if offload else (sb.params, sb.grads, sb.optimizer)

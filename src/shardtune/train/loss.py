@@ -37,6 +37,11 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
 
 
+def chunk_tokens_of(train_cfg) -> Optional[int]:
+    """``--loss chunked``: its ``--loss_chunk_tokens``; ``--loss plain``: None."""
+    return train_cfg.loss_chunk_tokens if train_cfg.loss.value == "chunked" else None
+
+
 def next_token_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
                         chunk_tokens: Optional[int] = None) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over ``labels``' tokens, in fp32.
