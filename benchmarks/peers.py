@@ -88,18 +88,24 @@ sys.path.insert(0, str(RUNNERS))
 import common  # noqa: E402
 from _runner import RESULT_PREFIX  # noqa: E402
 
-FRAMEWORKS = ("shardtune", "hf", "trl", "torchtune")
-RUNNER_FILES = {"shardtune": "shardtune_runner.py", "hf": "hf_trainer.py", "trl": "trl_runner.py",
-                "torchtune": "torchtune_runner.py"}
-NAMES = {"shardtune": "shardtune", "hf": "HF Trainer", "trl": "TRL SFTTrainer", "torchtune": "torchtune"}
+# shardtune_plain: shardtune with the peers' loss and optimizer kernels (--loss plain, torch's default
+# AdamW implementation for the device), so its row isolates what the rest of the recipe gains.
+FRAMEWORKS = ("shardtune", "shardtune_plain", "hf", "trl", "torchtune")
+RUNNER_FILES = {"shardtune": "shardtune_runner.py", "shardtune_plain": "shardtune_runner.py",
+                "hf": "hf_trainer.py", "trl": "trl_runner.py", "torchtune": "torchtune_runner.py"}
+NAMES = {"shardtune": "shardtune", "shardtune_plain": "shardtune, peers' loss + AdamW kernel",
+         "hf": "HF Trainer", "trl": "TRL SFTTrainer", "torchtune": "torchtune"}
+SHARDTUNE = ("shardtune", "shardtune_plain")  # run in shardtune's own venv
 MODES = ("padded", "packed")
 # What each framework feeds the model (identical token content; see the runners' docstrings).
 LAYOUT = {
     ("shardtune", "padded"): "pad to longest, attention mask",
+    ("shardtune_plain", "padded"): "pad to longest, attention mask",
     ("hf", "padded"): "pad to longest, attention mask",
     ("trl", "padded"): "pad to longest, attention mask",
     ("torchtune", "padded"): "pad to longest, causal only",
-    ("shardtune", "packed"): "[B, S] chunks, position_ids per document",
+    ("shardtune", "packed"): "[B, S] chunks, per-document SDPA from document lengths",
+    ("shardtune_plain", "packed"): "[B, S] chunks, per-document SDPA from document lengths",
     ("hf", "packed"): "[B, S] chunks, position_ids per document",
     ("trl", "packed"): "padding-free [1, B*S], position_ids per document",
     ("torchtune", "packed"): "[B, S] chunks, block-causal mask from seq_lens",
@@ -298,7 +304,7 @@ def write_plan(path: Path, spec: dict, mode: str, pad_id: int) -> dict:
 def run_one(framework: str, python: Path, spec: dict, modes: list[str], work: Path,
             timeout: float) -> tuple[list[dict], Optional[float], str]:
     """One runner process for ``modes``; -> (results, other cores meanwhile, error or "")."""
-    spec = {**spec, "modes": modes}
+    spec = {**spec, "modes": modes, "framework": framework}
     tag = f"{framework}_{'_'.join(modes)}"
     spec_path, log_path = work / f"spec_{tag}.json", work / f"log_{tag}.txt"
     spec_path.write_text(json.dumps(spec))
@@ -407,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [f for f in frameworks if f not in FRAMEWORKS] + [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown {bad}: frameworks are {FRAMEWORKS}, modes {MODES}")
-    peers = [f for f in frameworks if f != "shardtune"]
+    peers = [f for f in frameworks if f not in SHARDTUNE]
     venv_info = ensure_peer_venv(args.venv.resolve(), args.rebuild_venv) if peers or args.setup else None
     if args.setup:
         return 0
@@ -473,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             peak_probe.append(common.gemm_peak("cpu", torch.float32, d["gemm_n"])["best"])
         results, errors, loads = [], [], {}
         for fw in frameworks:
-            python = Path(sys.executable) if fw == "shardtune" else venv_python(args.venv.resolve())
+            python = Path(sys.executable) if fw in SHARDTUNE else venv_python(args.venv.resolve())
             per_run = (args.process_per or ("framework" if gpu else "run")) == "run"
             groups = [[m] for m in modes] if per_run else [modes]
             for group in groups:

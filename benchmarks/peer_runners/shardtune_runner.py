@@ -1,6 +1,8 @@
 """shardtune's rows of the peer benchmark: the recipe (``shardtune.finetuning.setup`` + ``train``,
 llama-recipes flags parsed by ``shardtune.config.parse_args``) in one process, as
-benchmarks/throughput.py runs it, with a step hook that stamps the end of every step.
+benchmarks/throughput.py runs it, with a step hook that stamps the end of every step. The
+``shardtune_plain`` rows add ``--loss plain`` and torch's default AdamW implementation for the
+device (for-loop on CPU, foreach on CUDA), the kernels HF Trainer and TRL use.
 
 Also the source of the batch plan: ``plan_batches`` asks the recipe's own ``setup_data`` for its
 loader and records the first ``steps`` batches, which every other framework then replays. The run
@@ -35,6 +37,8 @@ def recipe_args(spec: dict, mode: str, output_dir: str) -> list[str]:
          "--seed", str(spec["seed"]), "--output_dir", output_dir]
     if spec["dtype"] == "fp32":
         a += ["--mixed_precision", "False"]
+    if spec.get("framework") == "shardtune_plain":  # the peers' kernels: plain loss, torch's default AdamW
+        a += ["--loss", "plain", "--optimizer_impl", "foreach" if spec["device"] == "cuda" else "for_loop"]
     return a
 
 
@@ -113,7 +117,7 @@ def run(spec: dict, mode: str) -> dict:
         c.train_loader = checked
         results = recipe.train(cfg, env, c, extra_hooks=[_ClockHook(clock)])
     _runner.check_first_batches(checked.checksums, plan, "shardtune")
-    return {"framework": "shardtune", "mode": mode, "step_ends": clock.ends,
+    return {"framework": spec.get("framework", "shardtune"), "mode": mode, "step_ends": clock.ends,
             "losses": list(results["train_step_loss"]), "memory": mem.result(),
             "versions": _runner.versions("shardtune"), "command": ["python", "-m", "shardtune.finetuning", *args]}
 
