@@ -59,6 +59,7 @@ What it measures (per run; steps 1..``--warmup`` are excluded)
     python benchmarks/throughput.py                          # CPU, 35M model, ~4 min on 2 idle cores
     python benchmarks/throughput.py --ranks 1 --strategies packing --timed_steps 2
     python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1   # one GPU
+    python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1 --compile both
     python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1,2 # two GPUs
 """
 
@@ -254,6 +255,7 @@ def worker(spec_path: str, out_path: str) -> None:
         dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
         stats, peak_mem = stats.cpu(), peak_mem.cpu()
         runs.append({"name": case["name"], "ranks": env.world_size, "strategy": case["strategy"],
+                     "compile": case["compile"],
                      "step_ends": log.ends,
                      "stats": stats.tolist(), "losses": results["train_step_loss"],
                      "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.tokens_per_s,
@@ -274,7 +276,7 @@ def worker(spec_path: str, out_path: str) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def recipe_args(args, model_dir: Path, data: Path, strategy: str) -> list[str]:
+def recipe_args(args, model_dir: Path, data: Path, strategy: str, compiled: bool = False) -> list[str]:
     a = ["--model_name", str(model_dir), "--dataset", "alpaca_dataset",
          "--alpaca_dataset.data_path", str(data), "--enable_fsdp",
          "--fsdp_config.sharding_strategy", "FULL_SHARD", "--batching_strategy", strategy,
@@ -286,6 +288,8 @@ def recipe_args(args, model_dir: Path, data: Path, strategy: str) -> list[str]:
          "--lr", "1e-4", "--seed", str(args.seed)]
     if args.dtype == "fp32":
         a += ["--mixed_precision", "False", "--fsdp_config.mixed_precision", "False"]
+    if compiled:  # compiled before the first step: compile time is not in the timed steps
+        a += ["--compile"]
     return a
 
 
@@ -332,6 +336,8 @@ def main(argv=None) -> dict:
     p.add_argument("--gemm_n", type=int, default=None, help="GEMM probe size (2048 / 8192 for 1b)")
     p.add_argument("--gemm_reps", type=int, default=None, help="GEMM probe repetitions (6 CPU, 20 GPU)")
     p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="--compile (torch.compile of the decoder layers) off, on, or both (eager and compiled rows)")
     p.add_argument("--wait_quiet", type=float, default=0, metavar="SECONDS",
                    help="before each launch wait up to SECONDS for other processes to use < 0.25 "
                         "cores (a shared machine); default 0: do not wait")
@@ -354,6 +360,7 @@ def main(argv=None) -> dict:
     args.gemm_reps = args.gemm_reps or (20 if gpu else 6)
     ranks = [int(r) for r in (args.ranks or ("1" if gpu else "1,2")).split(",")]
     strategies = [s.strip() for s in args.strategies.split(",")]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     cores = os.cpu_count() or 1
 
     import torch
@@ -415,8 +422,9 @@ def main(argv=None) -> dict:
             threads = args.threads or max(1, cores // r)
             if not gpu and r * threads > cores:
                 print(f"note: {r} ranks x {threads} threads > {cores} cores (oversubscribed)")
-            cases = [{"name": f"{r}x{s}", "strategy": s, "args": recipe_args(args, model_dir, data, s)}
-                     for s in strategies]
+            cases = [{"name": f"{r}x{s}{'+compile' if c else ''}", "strategy": s, "compile": c,
+                      "args": recipe_args(args, model_dir, data, s, c)}
+                     for s in strategies for c in compiles]
             spec = {"device": args.device, "dtype": args.dtype, "threads": threads,
                     "gemm_n": args.gemm_n, "gemm_reps": args.gemm_reps, "cases": cases}
             spec_path, out_path = work / f"spec_{r}.json", work / f"out_{r}.json"
@@ -440,7 +448,7 @@ def main(argv=None) -> dict:
                              "warning": warning})
             for run in out["runs"]:
                 a = analyse(run, gemm_sum, args.warmup, shape)
-                a.update(ranks=r, threads=None if gpu else threads, strategy=run["strategy"],
+                a.update(ranks=r, threads=None if gpu else threads, strategy=run["strategy"], compile=run["compile"],
                          losses=run["losses"], other_cores=run["other_cores"])
                 results.append(a)
             print(f"  {r} rank(s): done in {time.perf_counter() - t0:.0f} s"
@@ -455,7 +463,8 @@ def main(argv=None) -> dict:
     rows = []
     for a in results:
         rows.append([
-            a["ranks"], "-" if a["threads"] is None else a["threads"], a["strategy"], a["timed_steps"],
+            a["ranks"], "-" if a["threads"] is None else a["threads"], a["strategy"],
+            "yes" if a["compile"] else "no", a["timed_steps"],
             f"{a['nonpad_tokens']:,.0f}", f"{a['nonpad_tok_s']:,.0f}", f"{a['slot_tok_s']:,.0f}",
             f"{a['pad_fraction']:.1%}", f"{a['s_per_step']:.2f}", f"{a['model_flop_s'] / scale:,.1f}",
             f"{a['attention_share']:.0%}", f"{a['gemm_peak_sum'] / scale:,.1f}", f"{a['mfu']:.1%}",
@@ -463,10 +472,10 @@ def main(argv=None) -> dict:
             "?" if a["other_cores"] is None else f"{a['other_cores']:.2f}"])
     print()
     print(common.table(
-        ["ranks", "threads/rank", "batching", "timed steps", "non-pad tokens", "non-pad tok/s",
+        ["ranks", "threads/rank", "batching", "compile", "timed steps", "non-pad tokens", "non-pad tok/s",
          "processed tok/s", "pad fraction", "s/step", f"model {unit}", "attn share",
          f"GEMM peak {unit}", "MFU", mem_name, "last loss", "other cores"], rows,
-        align="rrlrrrrrrrrrrrrr"))
+        align="rrllrrrrrrrrrrrrr"))
     print()
     for ln in launches:
         per = ", ".join(f"{g[0] / scale:,.1f}" for g in ln["gemm_per_rank"])

@@ -9,7 +9,8 @@
 # 3. the GPU tests (pytest -m gpu): NCCL + CPU offload with clipping/fp16/export, bf16/fp16 and
 #    the attention-kernel choice, packed per-document attention with SDPA and flash-attn, a tiny
 #    Llama 3.2 Vision in pure bf16 under NCCL with its export reloaded;
-# 4. the throughput benchmark on a ~1B Llama in bf16, one GPU, padded and packed;
+# 4. the throughput benchmark on a ~1B Llama in bf16, one GPU, padded and packed, eager and
+#    with --compile;
 # 5. the peer benchmark: shardtune beside HF Trainer, TRL's SFTTrainer and torchtune on the same
 #    1.2B Llama-3.2-1B-shaped model, batches, optimizer and steps (bf16), padded and packed, one
 #    table in peers.log and $OUT/peers.json; its venv (.bench-venv/peers, layered on .venv so the
@@ -54,8 +55,8 @@ step default_dataset 120 bash -c default_dataset_check
 
 step gpu_tests 300 $PY -m pytest -m gpu -p no:cacheprovider -rs tests
 
-step throughput 240 $PY benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1 \
-  --strategies padding,packing --warmup 2 --timed_steps 4
+step throughput 300 $PY benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1 \
+  --strategies padding,packing --compile both --warmup 2 --timed_steps 4
 
 step peers_setup 240 $PY benchmarks/peers.py --setup
 step peers 360 $PY benchmarks/peers.py --device cuda --size 1b --steps 12 --warmup 4 \

@@ -47,12 +47,13 @@ def test_peers_tiny_same_losses(tmp_path):
     result = json.loads(out.read_text())
     assert result["errors"] == [] and result["mismatch"] == []
     rows = {(r["framework"], r["mode"]): r for r in result["rows"]}
-    assert set(rows) == {(f, m) for f in ("shardtune", "hf", "trl", "torchtune") for m in ("padded", "packed")}
+    frameworks = ("shardtune", "shardtune_plain", "hf", "trl", "torchtune")
+    assert set(rows) == {(f, m) for f in frameworks for m in ("padded", "packed")}
     for (fw, mode), r in rows.items():
         assert r["same_first_loss"] and abs(r["loss_first_diff"]) <= 1e-4, (fw, mode, r["loss_first_diff"])
         assert r["timed_steps"] == result["steps"] - result["warmup"]
         assert r["tok_s"] > 0 and r["mfu"] > 0 and r["peak_mem"] > 0
         assert len(r["losses"]) == result["steps"]
     # The table names every framework (the rows a reader compares).
-    for name in ("shardtune", "HF Trainer", "TRL SFTTrainer", "torchtune"):
+    for name in ("shardtune", "peers' loss + AdamW kernel", "HF Trainer", "TRL SFTTrainer", "torchtune"):
         assert name in proc.stdout
