@@ -12,11 +12,11 @@ block-diagonal causal mask from the ``position_ids`` when no ``attention_mask`` 
 its masked kernel then computes every score of the row; a packed run with SDPA therefore uses
 :data:`~shardtune.model.packed_attention.PACKED_SDPA`, SDPA called per group of documents of
 similar length (``packed_attention.py``), which costs what the documents cost. flash-attn has
-no mask: transformers' flash path reads document starts from ``position_ids``
-only when the batch has one row, so a packed batch of 4 rows would attend across documents.
-For flash and packed SDPA the collator therefore also sends the cumulative document lengths over the flattened
-batch (``cu_seq_lens_q/k``, ``max_length_q/k``), which transformers hands to flash-attn's varlen
-kernel whatever the batch size.
+no mask: transformers' flash path reads document starts from ``position_ids`` only when the
+batch has one row, so a packed batch of 4 rows would attend across documents. For flash and
+packed SDPA the collator therefore also sends the cumulative document lengths over the
+flattened batch (``cu_seq_lens_q/k``, ``max_length_q/k``), which transformers hands to the
+attention function (flash-attn's varlen kernel, or the per-document SDPA) whatever the batch size.
 """
 
 from __future__ import annotations

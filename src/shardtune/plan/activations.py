@@ -17,8 +17,8 @@ bf16/fp16, 4 for fp32), hidden ``h``, query width ``hq = heads x head_dim``, key
   ``k``, ``v`` and the output grouped by document length (``S`` slots: the tokens, each document
   rounded up to a multiple of 64), the log-sum-exp ``4·heads·S``, and the output back in token
   order ``a·N·hq`` if ``o_proj`` keeps its input (it trains, or has a LoRA without dropout); no
-  KV repetition and no per-layer mask, but transformers
-  still builds the boolean block mask ``batch·seq²`` once per forward;
+  KV repetition and no per-layer mask, but transformers still builds the boolean block mask
+  ``batch·seq²`` once per forward;
 * MLP: ``gate`` output, ``silu`` output and ``up`` output ``3·a·N·I``, plus the ``down_proj``
   input ``a·N·I`` if ``down_proj`` trains;
 * each LoRA adapter: its dropout output ``a·N·in`` and mask ``N·in`` (a bool on CUDA; on a CPU
@@ -37,8 +37,8 @@ Peak without activation checkpointing: all layers' saved tensors + the final nor
 part. With it (``--fsdp_config.fsdp_activation_checkpointing``, each decoder layer): every
 layer's input ``a·N·h`` + the loss part in the forward, and in the backward those inputs + one
 layer's saved tensors while it is recomputed + the backward's working set ``a·N·(3·I + h)`` (the
-gradients in its MLP; ``down_proj``'s saved input is freed by then). The
-tests check these against the measured peak of real CPU steps (within 15%).
+gradients in its MLP; ``down_proj``'s saved input is freed by then). The tests check these
+against the measured peak of real CPU steps (within 15%; docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -102,6 +102,28 @@ def _lora_terms(terms: dict, name: str, lora: LoraModule, n: int, a: int, input_
     terms[f"{name} lora_A output"] = a * n * lora.r
 
 
+def _keeps_input(lg: LayerGrads, name: str) -> bool:
+    """Whether projection ``name`` keeps its input for backward: its weight trains, or it has a
+    LoRA without dropout (whose ``lora_A`` then keeps the same input)."""
+    return name in lg.trainable or (name in lg.lora and not lg.lora[name].dropout)
+
+
+def _normed_inputs(terms: dict, lg: LayerGrads, names: tuple[str, str, str], projections: tuple[str, ...],
+                   n: int, h: int, a: int, input_grad: bool, mask: int) -> bool:
+    """A pre-norm sub-block's input side: the norm, its output if a projection keeps it, and the
+    projections' LoRA terms. ``names``: (label, the norm's parameter name, what its output feeds).
+    Returns whether the normed value needs a gradient."""
+    label, norm, feeds = names
+    _norm(terms, label, n, h, a, input_grad, norm in lg.trainable)
+    z_grad = input_grad or norm in lg.trainable
+    if any(_keeps_input(lg, m) for m in projections):
+        terms[f"{label}: output ({feeds})"] = a * n * h
+    for m in projections:
+        if m in lg.lora:
+            _lora_terms(terms, m, lg.lora[m], n, a, z_grad, mask)
+    return z_grad
+
+
 def layer_saved(shapes: ModelShapes, lg: LayerGrads, *, tokens: int, batch: int, seq: int, a: int,
                 input_grad: bool, attention: Attention, mask: int = 1) -> tuple[dict[str, int], bool]:
     """Bytes one decoder layer keeps for backward, by tensor; and whether its output needs a gradient."""
@@ -109,13 +131,8 @@ def layer_saved(shapes: ModelShapes, lg: LayerGrads, *, tokens: int, batch: int,
     hq, hk = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
     trains = lambda name: name in lg.trainable or name in lg.lora  # noqa: E731
     terms: dict[str, int] = {}
-    _norm(terms, "attention norm", n, h, a, input_grad, "input_layernorm" in lg.trainable)
-    z1_grad = input_grad or "input_layernorm" in lg.trainable
-    if any(m in lg.trainable for m in ATTN_IN) or any(not lg.lora[m].dropout for m in ATTN_IN if m in lg.lora):
-        terms["attention norm: output (projection input)"] = a * n * h
-    for m in ATTN_IN:
-        if m in lg.lora:
-            _lora_terms(terms, m, lg.lora[m], n, a, z1_grad, mask)
+    z1_grad = _normed_inputs(terms, lg, ("attention norm", "input_layernorm", "projection input"), ATTN_IN,
+                             n, h, a, input_grad, mask)
     attn_grad = z1_grad or any(trains(m) for m in ATTN_IN)
     if attn_grad and attention.kernel == PACKED_SDPA:
         slots = batch * math.ceil(seq / BUCKET) * BUCKET  # one document per row: the planner's bound
@@ -123,7 +140,7 @@ def layer_saved(shapes: ModelShapes, lg: LayerGrads, *, tokens: int, batch: int,
         terms["attention output (grouped)"] = a * slots * hq
         terms["log-sum-exp (fp32)"] = 4 * shapes.heads * slots
         # back in token order: a new tensor, kept only by an o_proj that needs its input
-        if "o_proj" in lg.trainable or ("o_proj" in lg.lora and not lg.lora["o_proj"].dropout):
+        if _keeps_input(lg, "o_proj"):
             terms["attention output in token order (o_proj input)"] = a * n * hq
     elif attn_grad:
         kv = hq if attention.masked_sdpa else hk
@@ -135,17 +152,12 @@ def layer_saved(shapes: ModelShapes, lg: LayerGrads, *, tokens: int, batch: int,
     if "o_proj" in lg.lora:
         _lora_terms(terms, "o_proj", lg.lora["o_proj"], n, a, attn_grad, mask)
     h1_grad = attn_grad or trains("o_proj")
-    _norm(terms, "MLP norm", n, h, a, h1_grad, "post_attention_layernorm" in lg.trainable)
-    z2_grad = h1_grad or "post_attention_layernorm" in lg.trainable
-    if any(m in lg.trainable for m in MLP_IN) or any(not lg.lora[m].dropout for m in MLP_IN if m in lg.lora):
-        terms["MLP norm: output (gate/up input)"] = a * n * h
-    for m in MLP_IN:
-        if m in lg.lora:
-            _lora_terms(terms, m, lg.lora[m], n, a, z2_grad, mask)
+    z2_grad = _normed_inputs(terms, lg, ("MLP norm", "post_attention_layernorm", "gate/up input"), MLP_IN,
+                             n, h, a, h1_grad, mask)
     mlp_grad = z2_grad or any(trains(m) for m in MLP_IN)
     if mlp_grad:
         terms["gate, silu(gate), up"] = 3 * a * n * inter
-    if "down_proj" in lg.trainable or ("down_proj" in lg.lora and not lg.lora["down_proj"].dropout):
+    if _keeps_input(lg, "down_proj"):
         terms["down_proj input"] = a * n * inter
     if "down_proj" in lg.lora:
         _lora_terms(terms, "down_proj", lg.lora["down_proj"], n, a, mlp_grad, mask)
