@@ -135,3 +135,14 @@ def ranks(tiny_model_dir, tmp_path_factory) -> Path:
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and (root / "DONE").is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Where SHARDTUNE_PYTEST_FINISHED names a file, write it when the run reaches its end.
+
+    ``.ci/run`` checks for it: a test that ends the pytest process itself (``os._exit(0)``) leaves
+    exit code 0 and no summary, which once made CI pass with a quarter of the suite not run.
+    """
+    marker = os.environ.get("SHARDTUNE_PYTEST_FINISHED")
+    if marker:
+        Path(marker).write_text(f"{session.testscollected} collected, exit status {int(exitstatus)}\n")

@@ -100,3 +100,29 @@ def test_a_rank_that_fails_still_reports_and_sets_its_exit_code():
 def test_a_process_without_a_group_exits_normally():
     plain = _rank_script("no-group")
     assert plain.returncode == 0 and "work done" in plain.stdout and "teardown ran" in plain.stdout
+
+
+# A test suite (or a notebook) that started a process group earlier and then runs a command
+# in-process must get control back: before the fix, `shardtune plan` called in-process after any
+# in-process FSDP test ended pytest itself through os._exit(0), and CI reported the remaining
+# quarter of the suite as passed without running it. Run in a subprocess so that a regression
+# fails this test instead of ending the test run.
+_IN_PROCESS_SCRIPT = """
+from shardtune.cli import main
+from shardtune.parallel.distributed import init_distributed, shutdown
+
+init_distributed("cpu", need_group=True)  # an earlier in-process run's group
+shutdown()
+for argv in (["plan", "--size", "1b"], ["plan", "--size", "13b"]):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        print("exit", exc.code)
+print("control came back")
+"""
+
+
+def test_a_command_run_in_process_after_an_earlier_group_returns_to_its_caller():
+    out = subprocess.run([sys.executable, "-c", _IN_PROCESS_SCRIPT], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exit 2" in out.stdout and "control came back" in out.stdout, out.stdout[-3000:]

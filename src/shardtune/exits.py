@@ -18,9 +18,12 @@ _RANK_ERROR_GRACE_S = 3.0
 def run_with_clean_errors(fn: Callable[[], object]) -> None:
     """Run ``fn``; a user error prints its one-paragraph message (no traceback) and exits 2.
 
-    A process that ran a process group (an FSDP rank) ends through ``end_process``, which skips
-    the interpreter teardown that can abort or hang such a process after its work is done.
+    A process in which ``fn`` started a process group (an FSDP rank) ends through ``end_process``,
+    which skips the interpreter teardown that can abort or hang such a process after its work is
+    done. Only a group started by this call counts: a caller that runs commands in-process (a
+    test suite that had started a group earlier) must get control back, not an ``os._exit``.
     """
+    before = _process_groups_started()
     try:
         fn()
         code = 0
@@ -38,11 +41,11 @@ def run_with_clean_errors(fn: Callable[[], object]) -> None:
         print("interrupted", file=sys.stderr)
         code = 130
     except Exception:
-        if not _started_a_process_group():
+        if _process_groups_started() == before:
             raise
         traceback.print_exc()
         code = 1
-    if _started_a_process_group():
+    if _process_groups_started() > before:
         from .parallel.distributed import end_process
 
         end_process(code)
@@ -50,8 +53,8 @@ def run_with_clean_errors(fn: Callable[[], object]) -> None:
         sys.exit(code)
 
 
-def _started_a_process_group() -> bool:
+def _process_groups_started() -> int:
     # Looked up, not imported: a command that never touched torch.distributed started none, and
     # importing it here would cost every command the torch import.
     module = sys.modules.get(f"{__package__}.parallel.distributed")
-    return module is not None and module.started_a_process_group()
+    return 0 if module is None else module.process_groups_started()

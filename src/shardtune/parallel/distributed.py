@@ -39,7 +39,7 @@ class DistEnv:
 
 
 # Whether this process has started a process group (see ``end_process``).
-_started_group = False
+_groups_started = 0  # process groups init_distributed started in this process
 
 
 def launched_by_torchrun() -> bool:
@@ -77,8 +77,8 @@ def init_distributed(device: Device | str = Device.auto, need_group: bool = Fals
         store = None if launched_by_torchrun() else dist.HashStore()
         dist.init_process_group(backend=dist_backend(dev, cpu_collectives), rank=rank, world_size=world_size,
                                 store=store, device_id=dev if dev.type == "cuda" else None)
-        global _started_group
-        _started_group = True
+        global _groups_started
+        _groups_started += 1
     return DistEnv(rank, local_rank, world_size, local_world_size, dev)
 
 
@@ -87,8 +87,9 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def started_a_process_group() -> bool:
-    return _started_group
+def process_groups_started() -> int:
+    """How many process groups ``init_distributed`` has started in this process so far."""
+    return _groups_started
 
 
 def end_process(code: int) -> NoReturn:
