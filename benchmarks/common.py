@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 
@@ -314,6 +314,29 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+# --------------------------------------------------------------------------- data loader
+
+
+class RecordingLoader:
+    """Wraps a recipe's DataLoader (length and attributes pass through) and appends
+    ``measure(batch)`` to ``records`` for every micro-batch as the recipe consumes it."""
+
+    def __init__(self, loader, measure: Callable[[dict], Any]) -> None:
+        self._loader, self._measure = loader, measure
+        self.records: list = []
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __iter__(self):
+        for batch in self._loader:
+            self.records.append(self._measure(batch))
+            yield batch
 
 
 # --------------------------------------------------------------------------- GEMM peak

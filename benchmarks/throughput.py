@@ -156,30 +156,13 @@ def write_data(path: Path, tokenizer, *, context_length: int, need_samples: int,
 # --------------------------------------------------------------------------- worker (per rank)
 
 
-class _MeteredLoader:
-    """Wraps the recipe's DataLoader; records per micro-batch: non-pad tokens, slots, sum(len^2)."""
+def batch_stats(batch: dict) -> tuple[int, int, int]:
+    """A micro-batch's non-pad tokens, slots and sum(len^2), counted as the recipe counts them
+    (a packed pad tail is no document)."""
+    from shardtune.train.flops import batch_token_stats
 
-    def __init__(self, loader) -> None:
-        self._loader = loader
-        self.stats: list[tuple[int, int, int]] = []
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-    def __iter__(self):
-        for batch in self._loader:
-            self.stats.append(self._measure(batch))
-            yield batch
-
-    @staticmethod
-    def _measure(batch: dict) -> tuple[int, int, int]:
-        from shardtune.train.flops import batch_token_stats
-
-        nonpad, sq = batch_token_stats(batch)  # the recipe's own count (a packed pad tail is no document)
-        return nonpad, batch["input_ids"].numel(), sq
+    nonpad, sq = batch_token_stats(batch)
+    return nonpad, batch["input_ids"].numel(), sq
 
 
 def worker(spec_path: str, out_path: str) -> None:
@@ -234,7 +217,7 @@ def worker(spec_path: str, out_path: str) -> None:
         mark0 = common.cpu_marks()
         with common.PeakSampler(interval=0.005) as mem:
             c = recipe.setup(cfg, env)
-            meter = _MeteredLoader(c.train_loader)
+            meter = common.RecordingLoader(c.train_loader, batch_stats)
             c.train_loader = meter
             dist.barrier()
             sync()
@@ -246,7 +229,7 @@ def worker(spec_path: str, out_path: str) -> None:
         other = common.other_cores(mark0, mark1, float(own))
         steps = len(log.ends)
         # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
-        stats = torch.tensor(meter.stats[:steps], dtype=torch.float64,
+        stats = torch.tensor(meter.records[:steps], dtype=torch.float64,
                              device=env.device).reshape(steps, 3)
         dist.all_reduce(stats)  # sum over ranks
         peak_mem = torch.tensor([max(log.gpu_max_allocated, default=0.0) if cuda

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _runner  # noqa: E402
+import _runner  # noqa: E402  (puts benchmarks/ on sys.path)
+import common  # noqa: E402
 
 DATA_FILE = Path(__file__).resolve().parent / "shardtune_data.py"
 STRATEGY = {"padded": "padding", "packed": "packing"}
@@ -68,25 +69,6 @@ def plan_batches(spec: dict, mode: str) -> list[dict]:
     return batches
 
 
-class _CheckedLoader:
-    """Wraps the recipe's DataLoader; records each batch's token checksum as it is consumed."""
-
-    def __init__(self, loader, pad_id: int) -> None:
-        self._loader, self._pad = loader, pad_id
-        self.checksums: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-    def __iter__(self):
-        for batch in self._loader:
-            self.checksums.append(_runner.checksum(batch["input_ids"], self._pad))
-            yield batch
-
-
 class _ClockHook:
     """A step hook for the recipe's ``train(..., extra_hooks=[...])``."""
 
@@ -113,10 +95,11 @@ def run(spec: dict, mode: str) -> dict:
     with _runner.MemoryProbe(spec["device"]) as mem:
         env = init_distributed(spec["device"], need_group=False)
         c = recipe.setup(cfg, env)
-        checked = _CheckedLoader(c.train_loader, plan["pad_id"])
+        checked = common.RecordingLoader(c.train_loader,
+                                         lambda batch: _runner.checksum(batch["input_ids"], plan["pad_id"]))
         c.train_loader = checked
         results = recipe.train(cfg, env, c, extra_hooks=[_ClockHook(clock)])
-    _runner.check_first_batches(checked.checksums, plan, "shardtune")
+    _runner.check_first_batches(checked.records, plan, "shardtune")
     return {"framework": spec.get("framework", "shardtune"), "mode": mode, "step_ends": clock.ends,
             "losses": list(results["train_step_loss"]), "memory": mem.result(),
             "versions": _runner.versions("shardtune"), "command": ["python", "-m", "shardtune.finetuning", *args]}
