@@ -46,7 +46,7 @@ from .parallel.activation_checkpointing import (check_activation_offload, enable
                                                 with_activation_offload)
 from .parallel.compile import check_compile, compile_decoder_layers, warm_up
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
-from .parallel.fsdp import clip_grad_norm, reshard, set_gradient_sync, shard_model, weights_finite
+from .parallel.fsdp import clip_grad_norm, defers_gradient_sync, reshard, set_gradient_sync, shard_model, weights_finite
 from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
@@ -184,6 +184,21 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily):
     return train_loader, eval_loader
 
 
+def _defers_gradient_sync(cfg: Config) -> bool:
+    return defers_gradient_sync(cfg.fsdp.gradient_sync, cfg.fsdp.sharding_strategy, full_parameter=not cfg.train.use_peft)
+
+
+def _describe_gradient_sync(cfg: Config) -> str:
+    n = cfg.train.gradient_accumulation_steps
+    if _defers_gradient_sync(cfg):
+        return (f"gradient accumulation: {n} micro-batches, gradients reduced once per step (each rank holds an "
+                "unsharded fp32 gradient of the trainable parameters until then; --fsdp_config.gradient_sync "
+                "every_micro_batch keeps only sharded ones)")
+    return (f"gradient accumulation: {n} micro-batches, gradients reduce-scattered after each one (only sharded "
+            "gradients are kept; --fsdp_config.gradient_sync last_micro_batch reduces once per step instead, "
+            "holding unsharded ones)")
+
+
 def setup(cfg: Config, env: DistEnv) -> Components:
     t = cfg.train
     set_seed(t.seed)
@@ -197,6 +212,8 @@ def setup(cfg: Config, env: DistEnv) -> Components:
     for line in describe_precision(cfg, env):
         say(env, line)
     say(env, attention_for(cfg, env).describe())
+    if t.enable_fsdp and t.gradient_accumulation_steps > 1:
+        say(env, _describe_gradient_sync(cfg))
     train_loader, eval_loader = setup_data(cfg, tokenizer, env, family)
     model = setup_model(cfg, env, tokenizer)
     optimizer = build_optimizer(model.parameters(), t, cfg.fsdp)
@@ -335,6 +352,8 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                                  position_of=position_after, save=save_resumable)
     hooks.append(step_saves)
     step = pos.step
+    sync = ((lambda enabled: set_gradient_sync(c.model, enabled)) if _defers_gradient_sync(cfg)
+            else (lambda enabled: None))
     try:
         for epoch in range(pos.epoch, t.num_epochs):
             remaining = t.max_train_step - step if t.max_train_step > 0 else None
@@ -346,7 +365,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
                 start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
                 max_steps=remaining, precision=c.precision, hooks=hooks, start_batch=start_batch,
-                gradient_sync=lambda enabled: set_gradient_sync(c.model, enabled),
+                gradient_sync=sync,
                 on_non_finite="skip" if t.skip_nonfinite_steps else "stop",
                 progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
                 total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch), meter=meter,

@@ -102,6 +102,10 @@ def two_rank_results(setting, tied, run_fsdp_cases):
         "hybrid_2x1": {"args": _fsdp(c, "--fsdp_config.sharding_strategy", "HYBRID_SHARD",
                                      "--fsdp_config.sharding_group_size", "1", "--fsdp_config.replica_group_size", "2")},
         "cpu_offload": {"args": _fsdp(c, "--fsdp_config.fsdp_cpu_offload")},
+        # gradient accumulation's other reduction schedule for each kind of run (auto picks
+        # every_micro_batch for full-parameter training and last_micro_batch for adapters)
+        "full_shard_sync_last": {"args": _fsdp(c, "--fsdp_config.gradient_sync", "last_micro_batch")},
+        "lora_sync_every": {"args": _fsdp(c, "--use_peft", "--fsdp_config.gradient_sync", "every_micro_batch")},
         "packing": {"args": _fsdp(c, "--batching_strategy", "packing")},
         # offload with everything that runs collectives on host tensors: clipping (in common),
         # the fp16 scaler's inf check and the HF export's gathers
@@ -217,6 +221,11 @@ def test_lora_under_fsdp_trains_only_adapters_and_matches_one_process(two_rank_r
     assert set(r["changed"]) == set(r["trainable"])
     assert r["optimizer_tensors"] == len(r["trainable"]) < len(r["all_params"])
     assert _close(r["losses"], single_process["lora"])
+
+
+@pytest.mark.parametrize("case, reference", [("full_shard_sync_last", "full"), ("lora_sync_every", "lora")])
+def test_either_gradient_sync_schedule_matches_one_process(two_rank_results, single_process, case, reference):
+    assert _close(two_rank_results[case]["losses"], single_process[reference]), case
 
 
 @pytest.mark.parametrize("option", list(LORA_OPTIONS))

@@ -79,11 +79,18 @@ def test_precision_and_optimizer_bytes_per_parameter():
     assert str(v100.dtypes.compute) == "torch.float32"
 
 
-def test_gradient_accumulation_keeps_unsharded_fp32_gradients():
+def test_gradient_accumulation_holds_unsharded_fp32_gradients_only_when_reduced_once_per_step():
     one, _ = plan("8b", "--enable_fsdp")
-    four, _ = plan("8b", "--enable_fsdp", "--gradient_accumulation_steps", "4")
-    assert four.gpu.temporaries.accumulation == 4 * 8_030_261_248 and one.gpu.temporaries.accumulation == 0
-    assert any("unsharded fp32 gradient" in n for n in four.notes)
+    four, _ = plan("8b", "--enable_fsdp", "--gradient_accumulation_steps", "4")  # auto: every micro-batch
+    assert one.gpu.temporaries.accumulation == four.gpu.temporaries.accumulation == 0
+    assert not any("unsharded fp32 gradient" in n for n in four.notes)
+    deferred, advice = plan("8b", "--enable_fsdp", "--gradient_accumulation_steps", "4",
+                            "--fsdp_config.gradient_sync", "last_micro_batch", gpu="a100-40gb")
+    assert deferred.gpu.temporaries.accumulation == 4 * 8_030_261_248
+    assert any("unsharded fp32 gradient" in n for n in deferred.notes)
+    assert "--fsdp_config.gradient_sync every_micro_batch" in [s.flags for s in advice]
+    lora, _ = plan("8b", "--enable_fsdp", "--gradient_accumulation_steps", "4", "--use_peft")  # auto: once
+    assert lora.gpu.temporaries.accumulation == 4 * lora.shapes.trainable_params
 
 
 def test_cpu_offload_moves_the_shards_to_the_host():

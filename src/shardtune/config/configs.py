@@ -68,6 +68,14 @@ class CheckpointingPolicy(str, enum.Enum):
     ops = "ops"  # every layer, but matmul and attention outputs are kept: only cheap ops are recomputed
 
 
+class GradientSync(str, enum.Enum):
+    """When FSDP reduces gradients with --gradient_accumulation_steps > 1 (parallel/fsdp.py)."""
+
+    auto = "auto"  # every_micro_batch for full-parameter training with a sharded strategy, else last_micro_batch
+    every_micro_batch = "every_micro_batch"  # reduce-scatter after each backward: only sharded gradients are kept
+    last_micro_batch = "last_micro_batch"  # reduce once per step: fewer collectives, unsharded gradients held
+
+
 class OptimizerImpl(str, enum.Enum):
     auto = "auto"  # fused where the device has the kernel (CUDA, CPU), else foreach
     fused = "fused"
@@ -171,6 +179,7 @@ class fsdp_config:
     activation_checkpointing_policy: CheckpointingPolicy = CheckpointingPolicy.full
     activation_checkpointing_every_k: int = 2  # with policy every_k: layers 0, k, 2k, ... are checkpointed
     activation_offload: bool = False  # keep the activations saved for backward in pinned CPU memory (GPU only)
+    gradient_sync: GradientSync = GradientSync.auto  # with gradient accumulation: reduce every micro-batch or once
 
 
 @dataclass

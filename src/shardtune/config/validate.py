@@ -120,13 +120,17 @@ def _check_fsdp_options(cfg) -> None:
     if not t.enable_fsdp:
         defaults = SECTIONS["fsdp_config"]()
         for name in ("sharding_strategy", "hsdp", "sharding_group_size", "replica_group_size",
-                     "fsdp_cpu_offload"):
+                     "fsdp_cpu_offload", "gradient_sync"):
             if getattr(f, name) != getattr(defaults, name):
                 raise ConfigError(f"--fsdp_config.{name} only applies with --enable_fsdp; add "
                                   "--enable_fsdp or remove the option.")
         if t.low_cpu_fsdp:
             raise ConfigError("--low_cpu_fsdp only applies with --enable_fsdp (it loads weights "
                               "shard by shard); add --enable_fsdp or remove it.")
+    if f.gradient_sync.value != "auto" and t.gradient_accumulation_steps == 1:
+        raise ConfigError(f"--fsdp_config.gradient_sync {f.gradient_sync.value} chooses when gradients are reduced "
+                          "across the micro-batches of --gradient_accumulation_steps, which is 1 here (every step "
+                          "reduces once). Raise --gradient_accumulation_steps or remove the option.")
     if f.sharding_group_size < 0 or f.replica_group_size < 0:
         raise ConfigError("--fsdp_config.sharding_group_size and replica_group_size must be 0 "
                           "(automatic) or positive.")

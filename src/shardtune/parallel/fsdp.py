@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from ..config.configs import ShardingStrategy
+from ..config.configs import GradientSync, ShardingStrategy
 from ..model.family import decoder_layers
 
 
@@ -63,11 +63,28 @@ def shard_model(model: nn.Module, *, mesh: DeviceMesh, strategy: ShardingStrateg
     return model
 
 
+def defers_gradient_sync(choice: GradientSync, strategy: ShardingStrategy, full_parameter: bool) -> bool:
+    """Whether gradient accumulation reduces gradients once per optimizer step (True) instead of
+    after every micro-batch's backward (False).
+
+    Deferring saves the collectives of all but the last micro-batch, but FSDP2 then keeps an
+    unsharded fp32 gradient of every trainable parameter on every rank until the step ends: for
+    full-parameter training that is 4 bytes per parameter of the whole model (280 GB for 70B),
+    which defeats the sharding. So ``auto`` defers only where that costs little: NO_SHARD (every
+    rank holds whole gradients anyway) and adapter training (the trainable set is small).
+    Reducing every micro-batch is llama-recipes', torchtune's and torchtitan's way; the sum is
+    the same either way, up to float rounding order.
+    """
+    if choice is not GradientSync.auto:
+        return choice is GradientSync.last_micro_batch
+    return strategy is ShardingStrategy.NO_SHARD or not full_parameter
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Skip (False) or do (True) the gradient reduce-scatter of the next backward.
 
-    Used on the non-final micro-batches of gradient accumulation: gradients accumulate
-    unreduced and are reduced once, on the last micro-batch.
+    With :func:`defers_gradient_sync`, used on the non-final micro-batches of gradient
+    accumulation: gradients accumulate unreduced and are reduced once, on the last micro-batch.
     """
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..config import Config, ShardingStrategy, ShardtuneError
+from ..config.configs import GradientSync
+from ..parallel.fsdp import defers_gradient_sync
 from .estimate import Estimate, Hardware, estimate, layout_for
 from .shapes import ModelShapes, build_shapes
 
@@ -94,12 +96,15 @@ def _checkpointing(run: Run):
             "recompute each decoder layer in backward instead of keeping its activations")
 
 
-def _no_accumulation(run: Run):
-    t = run.cfg.train
-    if not t.enable_fsdp or t.gradient_accumulation_steps == 1:
+def _sync_every_micro_batch(run: Run):
+    t, f = run.cfg.train, run.cfg.fsdp
+    if (not t.enable_fsdp or t.gradient_accumulation_steps == 1
+            or not defers_gradient_sync(f.gradient_sync, f.sharding_strategy, full_parameter=not t.use_peft)):
         return None
-    return (_edit(run, train__gradient_accumulation_steps=1), "--gradient_accumulation_steps 1",
-            "FSDP keeps unsharded fp32 gradients across accumulated micro-batches (the global batch shrinks)")
+    return (_edit(run, fsdp__gradient_sync=GradientSync.every_micro_batch),
+            "--fsdp_config.gradient_sync every_micro_batch",
+            "reduce-scatter gradients after every accumulated micro-batch instead of holding unsharded fp32 "
+            "ones until the step ends (same global batch, more collectives)")
 
 
 def _pure_bf16(run: Run):
@@ -178,7 +183,7 @@ def _low_cpu(run: Run):
 
 
 # In the order they are tried: the cheapest changes to what is trained first.
-GPU_CHANGES: tuple[Change, ...] = (_full_shard, _checkpointing, _no_accumulation, _fsdp, _more_nodes(2),
+GPU_CHANGES: tuple[Change, ...] = (_full_shard, _checkpointing, _sync_every_micro_batch, _fsdp, _more_nodes(2),
                                    _pure_bf16, _lora, _qlora, _offload, _more_nodes(4),
                                    _smaller("batch_size_training", "batch_size_training", 1),
                                    _smaller("context_length", "context_length", 512))

@@ -31,7 +31,8 @@ FSDP2 all-gathers each block's parameters into unsharded buffers in the compute 
 (embeddings, head) stays gathered through forward and backward; FULL_SHARD and HYBRID_SHARD hold
 about two blocks at once (the current one and the prefetched next); SHARD_GRAD_OP and NO_SHARD
 keep every block gathered from its forward to its backward. Backward adds one block's unsharded
-gradient and its fp32 reduce-scatter input. With ``--gradient_accumulation_steps`` > 1 the
+gradient and its fp32 reduce-scatter input. With ``--gradient_accumulation_steps`` > 1 and
+``--fsdp_config.gradient_sync last_micro_batch`` (``auto`` picks it for adapters and NO_SHARD) the
 recipe skips the reduce-scatter on all but the last micro-batch, and FSDP2 then keeps *unsharded*
 fp32 gradients of every trainable parameter on every rank until the step ends. The optimizer
 step's foreach temporaries (about one copy of the local state) come after the activations are
@@ -54,6 +55,7 @@ from typing import Optional
 import torch
 
 from ..config import Config, ConfigError, ShardingStrategy
+from ..parallel.fsdp import defers_gradient_sync
 from ..train.loss import chunk_tokens_of
 from .activations import Activations, Attention, activation_bytes, attention_for
 from .shapes import ModelShapes, ParamSpec
@@ -263,7 +265,8 @@ def temporaries(shapes: ModelShapes, cfg: Config, layout: Layout, dtypes: Dtypes
                and (shapes.tied or not s.name.endswith("embed_tokens.weight")))
     root_reduce = root + _unit_trainable(shapes, 0, shard) * (dtypes.a + 4)
     accumulation = 0
-    if t.gradient_accumulation_steps > 1:
+    if t.gradient_accumulation_steps > 1 and defers_gradient_sync(
+            cfg.fsdp.gradient_sync, cfg.fsdp.sharding_strategy, full_parameter=not t.use_peft):
         accumulation = 4 * sum(s.numel for s in shapes.params if s.trainable)
     return Temporaries(gather, reduce, head * dtypes.a, root_reduce, accumulation, 0, step)
 
@@ -467,11 +470,13 @@ def step_time(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ac
 def _notes(shapes: ModelShapes, cfg: Config, layout: Layout) -> tuple[str, ...]:
     t = cfg.train
     notes = []
-    if layout.fsdp and t.gradient_accumulation_steps > 1:
+    if layout.fsdp and t.gradient_accumulation_steps > 1 and defers_gradient_sync(
+            cfg.fsdp.gradient_sync, cfg.fsdp.sharding_strategy, full_parameter=not t.use_peft):
         notes.append(
-            f"--gradient_accumulation_steps {t.gradient_accumulation_steps}: the recipe skips the gradient "
-            "reduce-scatter on all but the last micro-batch, so FSDP2 keeps an unsharded fp32 gradient of every "
-            "trainable parameter on every GPU until the step ends (counted under temporaries).")
+            f"--gradient_accumulation_steps {t.gradient_accumulation_steps} with gradients reduced once per step "
+            "(--fsdp_config.gradient_sync): the recipe skips the reduce-scatter on all but the last micro-batch, so "
+            "FSDP2 keeps an unsharded fp32 gradient of every trainable parameter on every GPU until the step ends "
+            "(counted under temporaries).")
     if shapes.quantized:
         notes.append("QLoRA: the activation formula treats the 4-bit linears like frozen ones; bitsandbytes' "
                      "dequantized weight of the running layer is not counted.")
