@@ -46,7 +46,7 @@ from .parallel.activation_checkpointing import (check_activation_offload, enable
                                                 with_activation_offload)
 from .parallel.compile import check_compile, compile_decoder_layers, warm_up
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
-from .parallel.fsdp import clip_grad_norm, defers_gradient_sync, reshard, set_gradient_sync, shard_model, weights_finite
+from .parallel.fsdp import accumulation_switch, clip_grad_norm, defers_gradient_sync, reshard, shard_model, weights_finite
 from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
@@ -352,8 +352,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                                  position_of=position_after, save=save_resumable)
     hooks.append(step_saves)
     step = pos.step
-    sync = ((lambda enabled: set_gradient_sync(c.model, enabled)) if _defers_gradient_sync(cfg)
-            else (lambda enabled: None))
+    sync = accumulation_switch(c.model, defer=_defers_gradient_sync(cfg))
     try:
         for epoch in range(pos.epoch, t.num_epochs):
             remaining = t.max_train_step - step if t.max_train_step > 0 else None

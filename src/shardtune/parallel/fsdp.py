@@ -80,14 +80,18 @@ def defers_gradient_sync(choice: GradientSync, strategy: ShardingStrategy, full_
     return strategy is ShardingStrategy.NO_SHARD or not full_parameter
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Skip (False) or do (True) the gradient reduce-scatter of the next backward.
+def accumulation_switch(model: nn.Module, defer: bool) -> Callable[[bool], None]:
+    """What gradient accumulation calls before each micro-batch's backward, with whether it is
+    the step's last.
 
-    With :func:`defers_gradient_sync`, used on the non-final micro-batches of gradient
-    accumulation: gradients accumulate unreduced and are reduced once, on the last micro-batch.
+    ``defer`` (:func:`defers_gradient_sync`): skip the reduction (reduce-scatter and HSDP's
+    all-reduce) of all but the last micro-batch. Otherwise every micro-batch is reduce-scattered,
+    and only HSDP's all-reduce across replicas waits for the last one: FSDP2 sums the partial,
+    still sharded, results and all-reduces once (torchtitan does the same), which costs no memory.
     """
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+    if not isinstance(model, FSDPModule):
+        return lambda last: None
+    return model.set_requires_gradient_sync if defer else model.set_requires_all_reduce
 
 
 def reshard(model: nn.Module) -> None:

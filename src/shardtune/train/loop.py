@@ -219,7 +219,7 @@ def train_epoch(
         scale = env.world_size / max(global_labels, 1.0)
         local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(group):
-            gradient_sync(i == len(group) - 1)  # where the recipe defers: reduce once per optimizer step
+            gradient_sync(i == len(group) - 1)  # which reductions wait for the last micro-batch: the recipe's choice
             with precision.autocast():
                 summed = loss_fn(model, batch)
             loss = summed * scale
