@@ -99,8 +99,8 @@ SHARDTUNE = ("shardtune", "shardtune_plain")  # run in shardtune's own venv
 MODES = ("padded", "packed")
 # What each framework feeds the model (identical token content; see the runners' docstrings).
 LAYOUT = {
-    ("shardtune", "padded"): "pad to longest, attention mask",
-    ("shardtune_plain", "padded"): "pad to longest, attention mask",
+    ("shardtune", "padded"): "pad to longest, causal only",
+    ("shardtune_plain", "padded"): "pad to longest, causal only",
     ("hf", "padded"): "pad to longest, attention mask",
     ("trl", "padded"): "pad to longest, attention mask",
     ("torchtune", "padded"): "pad to longest, causal only",

@@ -44,7 +44,8 @@ def test_padding_pads_to_longest_with_masked_labels(tiny_tokenizer):
     for indices, batch in zip(dl.batch_sampler, dl):
         rows = [samples[i] for i in indices]
         width = max(len(r["input_ids"]) for r in rows)
-        assert set(batch) == {"input_ids", "labels", "attention_mask"}
+        assert set(batch) == {"input_ids", "labels", "attention_mask", "causal_padding"}
+        assert batch["causal_padding"] is True  # every sample attends to all its tokens
         assert batch["input_ids"].shape == (len(rows), width) and batch["input_ids"].dtype == torch.long
         for j, r in enumerate(rows):
             n = len(r["input_ids"])

@@ -125,3 +125,38 @@ def test_recipe_trains_the_same_with_either_loss(tiny_model_dir, tmp_path):
     assert len(plain["train_step_loss"]) == 3
     assert chunked["train_step_loss"] == pytest.approx(plain["train_step_loss"], rel=1e-5)
     assert chunked["best_eval_loss"] == pytest.approx(plain["best_eval_loss"], rel=1e-5)
+
+
+def _masks_seen(model, batch, chunk_tokens) -> tuple[list, torch.Tensor, dict]:
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                              with_kwargs=True)
+    try:
+        value, grads = loss_and_grads(model, batch, chunk_tokens)
+    finally:
+        handle.remove()
+    return seen, value, grads
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 7])
+def test_causal_padding_runs_without_the_mask_and_gives_the_same_loss_and_gradients(llama, chunk_tokens):
+    """Right-padded rows whose pads carry no label (PaddingCollator's CAUSAL_PADDING) need only the
+    causal mask: the model gets no attention mask, and the loss and gradients are the masked run's."""
+    masked = text_batch(llama.config.vocab_size)
+    seen, reference, reference_grads = _masks_seen(llama, {**masked, "causal_padding": False}, chunk_tokens)
+    assert seen[0] is not None  # not marked: the mask is passed
+    seen, value, grads = _masks_seen(llama, {**masked, "causal_padding": True}, chunk_tokens)
+    assert seen == [None]
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=0)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_padding_collator_marks_causal_padding_only_when_every_token_is_attended():
+    from shardtune.data.collate import PaddingCollator
+
+    collate = PaddingCollator(pad_id=0)
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    assert collate(rows)["causal_padding"] is True
+    rows[0]["attention_mask"] = [1, 0, 1]  # a sample hiding one of its own tokens: the mask must stay
+    assert collate(rows)["causal_padding"] is False

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from ..config.errors import ShardtuneError
 from .packing import varlen_lengths
+from ..train.loss import CAUSAL_PADDING
 from .rows import IGNORE_INDEX
 
 
@@ -41,21 +42,30 @@ class Rows(Dataset):
 
 
 class PaddingCollator:
-    """Right-pads a micro-batch to its longest sample: pads get labels -100, attention 0."""
+    """Right-pads a micro-batch to its longest sample: pads get labels -100, attention 0.
+
+    When every sample attends to all its own tokens (no zeros in a row's own ``attention_mask``),
+    the batch is marked ``CAUSAL_PADDING``: the loss then runs without the mask (the pads sit after
+    every real token, so the causal mask alone keeps them out of every labelled position's view).
+    """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
         width = max(len(r["input_ids"]) for r in rows)
         out = {"input_ids": [], "labels": [], "attention_mask": []}
+        fully_attended = True
         for r in rows:
             n_pad = width - len(r["input_ids"])
             mask = r.get("attention_mask") or [1] * len(r["input_ids"])
+            fully_attended = fully_attended and all(mask)
             out["input_ids"].append(list(r["input_ids"]) + [self.pad_id] * n_pad)
             out["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * n_pad)
             out["attention_mask"].append(list(mask) + [0] * n_pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        batch: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        batch[CAUSAL_PADDING] = fully_attended
+        return batch
 
 
 class PackedCollator:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from .flops import batch_token_stats
-from .loss import IGNORE_INDEX, next_token_loss_sum
+from .loss import CAUSAL_PADDING, IGNORE_INDEX, next_token_loss_sum
 
 if TYPE_CHECKING:
     from .perf import EpochPerf, StepMeter, StepPerf
@@ -97,6 +97,8 @@ def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: Optional[int] = 
     """Sum (not mean) of next-token cross-entropy over the batch's label tokens, in fp32;
     ``chunk_tokens``: the head and the loss a chunk of label tokens at a time (train/loss.py)."""
     inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+    if batch.get(CAUSAL_PADDING):  # right padding without labels: the causal mask alone is exact
+        inputs.pop("attention_mask", None)
     return next_token_loss_sum(model, inputs, batch["labels"], chunk_tokens)
 
 
