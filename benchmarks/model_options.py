@@ -18,7 +18,8 @@ tokens (repeated) whose first 48 tokens are a prompt without labels (37% of the 
   (``parallel.compile.compile_decoder_layers``; the first step, which compiles, is timed apart),
   with the plain and the chunked loss;
 * ``optimizer``: ``AdamW.step()`` over all 35.3M parameters with random gradients, for the
-  ``for_loop``, ``foreach`` and ``fused`` implementations (``train.optim.build_optimizer``).
+  ``for_loop``, ``foreach`` and ``fused`` implementations (``train.optim.build_optimizer``), and
+  with bf16 weights (``--fsdp_config.pure_bf16``) torch's ``fused`` against ``anyprecision``.
 
 What it measures
 ----------------
@@ -60,7 +61,10 @@ VARIANTS = {
                       dict(checkpointing="every_k"), dict(checkpointing="ops")],
     "compile": [dict(compile=False), dict(compile=True), dict(compile=False, loss="chunked"),
                 dict(compile=True, loss="chunked")],
-    "optimizer": [dict(optimizer="for_loop"), dict(optimizer="foreach"), dict(optimizer="fused")],
+    "optimizer": [dict(optimizer="for_loop"), dict(optimizer="foreach"), dict(optimizer="fused"),
+                  # --fsdp_config.pure_bf16: bf16 weights, with torch's fused AdamW (bf16 state) or
+                  # --fsdp_config.optimizer anyprecision (bf16 state + a Kahan compensation buffer)
+                  dict(optimizer="fused", dtype="bf16"), dict(optimizer="anyprecision", dtype="bf16")],
 }
 
 
@@ -104,9 +108,13 @@ def worker(spec_path: str, out_path: str) -> None:
         compile_decoder_layers(model)
     chunk = 1024 if v.get("loss") == "chunked" else None
 
+    if v.get("dtype") == "bf16":
+        model.to(torch.bfloat16)
     if "optimizer" in v:
-        opt = build_optimizer(model.parameters(), train_config(optimizer_impl=OptimizerImpl(v["optimizer"])),
-                              fsdp_config())
+        anyprecision = v["optimizer"] == "anyprecision"
+        opt = build_optimizer(model.parameters(),
+                              train_config(optimizer_impl=OptimizerImpl("auto" if anyprecision else v["optimizer"])),
+                              fsdp_config(optimizer="anyprecision" if anyprecision else "AdamW"))
         for p in model.parameters():
             p.grad = torch.randn_like(p)
 

@@ -126,7 +126,7 @@ SIZES = {
                    batch_size=4, seq_len=128, steps=6, warmup=2, gemm_n=1024),
     "small": dict(model=dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
                              intermediate_size=1376, vocab_size=8192),
-                  batch_size=8, seq_len=512, steps=35, warmup=5, gemm_n=2048),
+                  batch_size=8, seq_len=512, steps=20, warmup=4, gemm_n=2048),  # ~20 min here
     "1b": dict(model=dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
                           intermediate_size=8192, vocab_size=128256, llama32=True),
                batch_size=4, seq_len=2048, steps=20, warmup=5, gemm_n=8192),
