@@ -31,7 +31,7 @@ from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
 from .checkpoint.preemption import PreemptionSignal
 from .checkpoint.sizes import human_size
 from .config import Config, ShardtuneError, describe_options, parse_args
-from .config.configs import BatchingStrategy, StateDictType
+from .config.configs import BatchingStrategy, StateDictType, defers_gradient_sync
 from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
 from .eval.quick import evaluate_after_training
@@ -46,7 +46,7 @@ from .parallel.activation_checkpointing import (check_activation_offload, enable
                                                 with_activation_offload)
 from .parallel.compile import check_compile, compile_decoder_layers, warm_up
 from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
-from .parallel.fsdp import accumulation_switch, clip_grad_norm, defers_gradient_sync, reshard, shard_model, weights_finite
+from .parallel.fsdp import accumulation_switch, clip_grad_norm, reshard, shard_model, weights_finite
 from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
@@ -184,19 +184,16 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily):
     return train_loader, eval_loader
 
 
-def _defers_gradient_sync(cfg: Config) -> bool:
-    return defers_gradient_sync(cfg.fsdp.gradient_sync, cfg.fsdp.sharding_strategy, full_parameter=not cfg.train.use_peft)
-
-
 def _describe_gradient_sync(cfg: Config) -> str:
-    n = cfg.train.gradient_accumulation_steps
-    if _defers_gradient_sync(cfg):
-        return (f"gradient accumulation: {n} micro-batches, gradients reduced once per step (each rank holds an "
-                "unsharded fp32 gradient of the trainable parameters until then; --fsdp_config.gradient_sync "
-                "every_micro_batch keeps only sharded ones)")
-    return (f"gradient accumulation: {n} micro-batches, gradients reduce-scattered after each one (only sharded "
-            "gradients are kept; --fsdp_config.gradient_sync last_micro_batch reduces once per step instead, "
-            "holding unsharded ones)")
+    n, f = cfg.train.gradient_accumulation_steps, cfg.fsdp
+    if not defers_gradient_sync(cfg.train, f):
+        return (f"gradient accumulation: {n} micro-batches, gradients reduce-scattered after each one (no unsharded "
+                "gradient is held; --fsdp_config.gradient_sync last_micro_batch reduces once per step instead)")
+    line = (f"gradient accumulation: {n} micro-batches, gradients reduced once per step (each rank holds an unsharded "
+            "fp32 gradient of the trainable parameters until then")
+    if f.sharding_strategy.value != "NO_SHARD":
+        line += "; --fsdp_config.gradient_sync every_micro_batch keeps only sharded ones"
+    return line + ")"
 
 
 def setup(cfg: Config, env: DistEnv) -> Components:
@@ -352,7 +349,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                                  position_of=position_after, save=save_resumable)
     hooks.append(step_saves)
     step = pos.step
-    sync = accumulation_switch(c.model, defer=_defers_gradient_sync(cfg))
+    sync = accumulation_switch(c.model, defer=defers_gradient_sync(t, cfg.fsdp))
     try:
         for epoch in range(pos.epoch, t.num_epochs):
             remaining = t.max_train_step - step if t.max_train_step > 0 else None
@@ -364,7 +361,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
                 start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,
                 max_steps=remaining, precision=c.precision, hooks=hooks, start_batch=start_batch,
-                gradient_sync=sync,
+                before_backward=sync,
                 on_non_finite="skip" if t.skip_nonfinite_steps else "stop",
                 progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
                 total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch), meter=meter,

@@ -68,8 +68,28 @@ def head_is_tied(model: torch.nn.Module) -> bool:
     return base.get_output_embeddings().weight is base.get_input_embeddings().weight
 
 
+def gradients_held(model: torch.nn.Module) -> list[bool]:
+    """Where the gradients of the micro-batches run so far are: [in a sharded .grad, in FSDP2's
+    running sum of reduce-scattered but not yet all-reduced gradients (HSDP, NO_SHARD; its private
+    ``_partial_reduce_output``, read here only to observe the reduction schedule)]."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [g for m in model.modules() if isinstance(m, FSDPModule) for g in m._get_fsdp_state()._fsdp_param_groups]
+    return [any(p.grad is not None for p in model.parameters() if p.requires_grad),
+            any(getattr(g, "_partial_reduce_output", None) is not None for g in groups)]
+
+
 def run_train(cfg, env, record_weights: bool = False) -> dict:
     c = setup(cfg, env)
+    held = []  # as each training micro-batch starts: see gradients_held
+    loss_fn = c.loss_fn
+
+    def recording(model, batch):
+        if model.training:  # not the evaluation's batches
+            held.append(gradients_held(model))
+        return loss_fn(model, batch)
+
+    c.loss_fn = recording
     before = snapshot(c.model)
     results = train(cfg, env, c)
     merge_saved_adapter(cfg, env, results)  # --merge_lora: what run() does once the process group is gone
@@ -82,7 +102,7 @@ def run_train(cfg, env, record_weights: bool = False) -> dict:
             "optimizer_tensors": sum(len(g["params"]) for g in c.optimizer.param_groups),
             "trainable": sorted(n for n, p in c.model.named_parameters() if p.requires_grad),
             "param_dtypes": sorted({str(p.dtype) for p in c.model.parameters()}),
-            "logits": trained_logits, "tied": head_is_tied(c.model)}
+            "logits": trained_logits, "tied": head_is_tied(c.model), "gradients_held": held}
 
 
 @torch.no_grad()

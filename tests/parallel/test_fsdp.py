@@ -228,6 +228,19 @@ def test_either_gradient_sync_schedule_matches_one_process(two_rank_results, sin
     assert _close(two_rank_results[case]["losses"], single_process[reference]), case
 
 
+@pytest.mark.parametrize("case, second_micro_batch", [
+    ("full_shard", [True, False]),  # auto, full-parameter: reduce-scattered into the sharded gradients
+    ("full_shard_sync_last", [False, False]),  # nothing reduced before the last micro-batch
+    ("hybrid_2x1", [False, True]),  # reduce-scattered, the all-reduce across replicas held for the last
+    ("lora", [False, False]),  # auto, adapters: once per step
+])
+def test_gradients_between_micro_batches_follow_the_schedule(two_rank_results, case, second_micro_batch):
+    """[sharded .grad present, FSDP's not-yet-all-reduced sum present] as each micro-batch of a step
+    (accumulation 2) starts: nothing before the first, the schedule's state before the second."""
+    held = two_rank_results[case]["gradients_held"]
+    assert held[0::2] == [[False, False]] * 3 and held[1::2] == [second_micro_batch] * 3, held
+
+
 @pytest.mark.parametrize("option", list(LORA_OPTIONS))
 def test_lora_options_under_fsdp_match_one_process(two_rank_results, single_process, option):
     r = two_rank_results[f"lora_{option}"]

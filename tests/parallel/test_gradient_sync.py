@@ -11,24 +11,27 @@ import json
 
 import pytest
 
-from shardtune.config import ConfigError, ShardingStrategy, parse_args
-from shardtune.config.configs import GradientSync
+from shardtune.config import ConfigError, ShardingStrategy, fsdp_config, parse_args, train_config
+from shardtune.config.configs import GradientSync, defers_gradient_sync
 from shardtune.finetuning import setup, train
 from shardtune.parallel.distributed import init_distributed, shutdown
-from shardtune.parallel.fsdp import defers_gradient_sync
 
 
-@pytest.mark.parametrize("strategy, full_parameter, defers", [
-    (ShardingStrategy.FULL_SHARD, True, False),  # unsharded fp32 gradients of the whole model: no
-    (ShardingStrategy.SHARD_GRAD_OP, True, False),
-    (ShardingStrategy.HYBRID_SHARD, True, False),
-    (ShardingStrategy.NO_SHARD, True, True),  # gradients are whole on every rank anyway
-    (ShardingStrategy.FULL_SHARD, False, True),  # adapters: a small trainable set
+@pytest.mark.parametrize("strategy, use_peft, defers", [
+    (ShardingStrategy.FULL_SHARD, False, False),  # unsharded fp32 gradients of the whole model: no
+    (ShardingStrategy.SHARD_GRAD_OP, False, False),
+    (ShardingStrategy.HYBRID_SHARD, False, False),
+    (ShardingStrategy.NO_SHARD, False, True),  # gradients are whole on every rank anyway
+    (ShardingStrategy.FULL_SHARD, True, True),  # adapters: a small trainable set
 ])
-def test_auto_defers_only_where_unsharded_gradients_are_cheap(strategy, full_parameter, defers):
-    assert defers_gradient_sync(GradientSync.auto, strategy, full_parameter) is defers
-    assert defers_gradient_sync(GradientSync.last_micro_batch, strategy, full_parameter) is True
-    assert defers_gradient_sync(GradientSync.every_micro_batch, strategy, full_parameter) is False
+def test_auto_defers_only_where_unsharded_gradients_are_cheap(strategy, use_peft, defers):
+    def rule(choice: GradientSync) -> bool:
+        return defers_gradient_sync(train_config(use_peft=use_peft),
+                                    fsdp_config(sharding_strategy=strategy, gradient_sync=choice))
+
+    assert rule(GradientSync.auto) is defers
+    assert rule(GradientSync.last_micro_batch) is True
+    assert rule(GradientSync.every_micro_batch) is False
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from shardtune.config import parse_args
+from shardtune.data.collate import PaddingCollator
 from shardtune.model.freeze import freeze_first_layers
 from shardtune.model.loading import load_model
 from shardtune.model.peft import apply_peft
@@ -95,10 +96,10 @@ def measure_step(model_dir, flags: list[str], checkpointing: bool, batching: str
     model.train()
     ids = torch.randint(0, 512, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
-    if batching == "padding":  # the second row ends early: transformers passes SDPA a mask
-        batch["attention_mask"] = torch.ones(BATCH, SEQ, dtype=torch.long)
-        batch["attention_mask"][1, SEQ * 3 // 4:] = 0
-        batch["labels"][batch["attention_mask"] == 0] = -100
+    if batching == "padding":  # the second row ends early, as the recipe's padding collator builds it
+        rows = [{"input_ids": r[:n].tolist(), "labels": r[:n].tolist()} for r, n in zip(ids, [SEQ, SEQ * 3 // 4])]
+        batch = PaddingCollator(pad_id=0)(rows + [{"input_ids": ids[i].tolist(), "labels": ids[i].tolist()}
+                                                 for i in range(2, BATCH)])
     else:  # two packed documents per row, as the packing collator sends them
         batch["position_ids"] = torch.cat([torch.arange(SEQ // 2), torch.arange(SEQ - SEQ // 2)]).repeat(BATCH, 1)
         batch.update(varlen_lengths(batch["position_ids"]))

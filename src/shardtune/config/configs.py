@@ -69,7 +69,7 @@ class CheckpointingPolicy(str, enum.Enum):
 
 
 class GradientSync(str, enum.Enum):
-    """When FSDP reduces gradients with --gradient_accumulation_steps > 1 (parallel/fsdp.py)."""
+    """When FSDP reduces gradients with --gradient_accumulation_steps > 1 (defers_gradient_sync)."""
 
     auto = "auto"  # every_micro_batch for full-parameter training with a sharded strategy, else last_micro_batch
     every_micro_batch = "every_micro_batch"  # reduce-scatter after each backward: only sharded gradients are kept
@@ -295,3 +295,22 @@ SECTIONS = {
 # Fields that parse but whose feature has not landed yet. Setting one to a non-default value
 # is an error (llama-recipes would silently ignore it). Remove an entry when its feature lands.
 NOT_IMPLEMENTED: dict[str, str] = {}
+
+
+def defers_gradient_sync(train: train_config, fsdp: fsdp_config) -> bool:
+    """Whether gradient accumulation under FSDP reduces gradients once per optimizer step (True)
+    instead of after every micro-batch's backward (False): ``--fsdp_config.gradient_sync``.
+
+    Deferring saves the collectives of all but the last micro-batch, but FSDP2 then holds an
+    unsharded fp32 gradient of every trainable parameter on every rank until the step ends: for
+    full-parameter training that is 4 bytes per parameter of the whole model (280 GB for 70B),
+    which defeats the sharding. So ``auto`` defers only where that costs little: NO_SHARD (every
+    rank holds whole gradients anyway) and adapter training (the trainable set is usually small;
+    LoRA on the head or embeddings and ``modules_to_save`` make it larger, and the planner counts
+    it). Reducing every micro-batch is llama-recipes', torchtune's and torchtitan's way; it sums
+    the reduced micro-batch gradients in the sharded gradient's dtype, which is bf16 under
+    ``--fsdp_config.pure_bf16`` (deferring sums them in fp32, as the unsharded gradients are).
+    """
+    if fsdp.gradient_sync is not GradientSync.auto:
+        return fsdp.gradient_sync is GradientSync.last_micro_batch
+    return fsdp.sharding_strategy is ShardingStrategy.NO_SHARD or train.use_peft

@@ -7,9 +7,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..batches import CAUSAL_PADDING
 from ..config.errors import ShardtuneError
 from .packing import varlen_lengths
-from ..train.loss import CAUSAL_PADDING
 from .rows import IGNORE_INDEX
 
 

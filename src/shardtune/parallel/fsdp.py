@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from ..config.configs import GradientSync, ShardingStrategy
+from ..config.configs import ShardingStrategy
 from ..model.family import decoder_layers
 
 
@@ -63,31 +63,15 @@ def shard_model(model: nn.Module, *, mesh: DeviceMesh, strategy: ShardingStrateg
     return model
 
 
-def defers_gradient_sync(choice: GradientSync, strategy: ShardingStrategy, full_parameter: bool) -> bool:
-    """Whether gradient accumulation reduces gradients once per optimizer step (True) instead of
-    after every micro-batch's backward (False).
-
-    Deferring saves the collectives of all but the last micro-batch, but FSDP2 then keeps an
-    unsharded fp32 gradient of every trainable parameter on every rank until the step ends: for
-    full-parameter training that is 4 bytes per parameter of the whole model (280 GB for 70B),
-    which defeats the sharding. So ``auto`` defers only where that costs little: NO_SHARD (every
-    rank holds whole gradients anyway) and adapter training (the trainable set is small).
-    Reducing every micro-batch is llama-recipes', torchtune's and torchtitan's way; the sum is
-    the same either way, up to float rounding order.
-    """
-    if choice is not GradientSync.auto:
-        return choice is GradientSync.last_micro_batch
-    return strategy is ShardingStrategy.NO_SHARD or not full_parameter
-
-
 def accumulation_switch(model: nn.Module, defer: bool) -> Callable[[bool], None]:
     """What gradient accumulation calls before each micro-batch's backward, with whether it is
     the step's last.
 
-    ``defer`` (:func:`defers_gradient_sync`): skip the reduction (reduce-scatter and HSDP's
+    ``defer`` (``config.defers_gradient_sync``): skip the reduction (reduce-scatter and HSDP's
     all-reduce) of all but the last micro-batch. Otherwise every micro-batch is reduce-scattered,
-    and only HSDP's all-reduce across replicas waits for the last one: FSDP2 sums the partial,
-    still sharded, results and all-reduces once (torchtitan does the same), which costs no memory.
+    and only the all-reduce across replicas (HSDP, NO_SHARD) waits for the last one: FSDP2 sums
+    the partial, still sharded, results in the reduce dtype and all-reduces once (torchtitan does
+    the same); no unsharded gradient is held.
     """
     if not isinstance(model, FSDPModule):
         return lambda last: None

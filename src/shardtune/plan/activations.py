@@ -75,9 +75,11 @@ class Attention:
 
 def attention_for(cfg: Config, device_type: str, compute_dtype: torch.dtype) -> Attention:
     """The kernel ``model/attention.py`` picks (assuming flash-attn is installed on the GPU machine
-    when ``--use_fast_kernels`` asks for it), and whether a mask is built: padded batches give one
-    when they hold pads; packed rows with SDPA always do (transformers builds the block mask from
-    the ``position_ids``, which the per-document kernel then does not use)."""
+    when ``--use_fast_kernels`` asks for it), and whether a mask is built: padded batches from the
+    built-in collator run on the causal mask alone (``causal_padding``: right pads without labels);
+    packed rows with SDPA always build one (transformers builds the block mask from the
+    ``position_ids``, which the per-document kernel then does not use). The planner models text
+    Llama runs, whose datasets use the built-in padding collator."""
     t = cfg.train
     packing = t.batching_strategy.value == "packing"
     kernel = choose_attention(t.use_fast_kernels, torch.device(device_type), compute_dtype,
@@ -86,7 +88,7 @@ def attention_for(cfg: Config, device_type: str, compute_dtype: torch.dtype) -> 
         return Attention(kernel, True)
     if kernel != SDPA:
         return Attention(kernel, False)
-    return Attention(SDPA, t.batch_size_training > 1)
+    return Attention(SDPA, False)
 
 
 def _norm(terms: dict, prefix: str, n: int, h: int, a: int, x_grad: bool, weight_trains: bool) -> None:

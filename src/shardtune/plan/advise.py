@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..config import Config, ShardingStrategy, ShardtuneError
-from ..config.configs import GradientSync
-from ..parallel.fsdp import defers_gradient_sync
+from ..config.configs import GradientSync, defers_gradient_sync
 from .estimate import Estimate, Hardware, estimate, layout_for
 from .shapes import ModelShapes, build_shapes
 
@@ -99,7 +98,7 @@ def _checkpointing(run: Run):
 def _sync_every_micro_batch(run: Run):
     t, f = run.cfg.train, run.cfg.fsdp
     if (not t.enable_fsdp or t.gradient_accumulation_steps == 1
-            or not defers_gradient_sync(f.gradient_sync, f.sharding_strategy, full_parameter=not t.use_peft)):
+            or not defers_gradient_sync(t, f)):
         return None
     return (_edit(run, fsdp__gradient_sync=GradientSync.every_micro_batch),
             "--fsdp_config.gradient_sync every_micro_batch",

@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 
 from ..config import Config, ConfigError, ShardingStrategy
-from ..parallel.fsdp import defers_gradient_sync
+from ..config.configs import defers_gradient_sync
 from ..train.loss import chunk_tokens_of
 from .activations import Activations, Attention, activation_bytes, attention_for
 from .shapes import ModelShapes, ParamSpec
@@ -265,8 +265,7 @@ def temporaries(shapes: ModelShapes, cfg: Config, layout: Layout, dtypes: Dtypes
                and (shapes.tied or not s.name.endswith("embed_tokens.weight")))
     root_reduce = root + _unit_trainable(shapes, 0, shard) * (dtypes.a + 4)
     accumulation = 0
-    if t.gradient_accumulation_steps > 1 and defers_gradient_sync(
-            cfg.fsdp.gradient_sync, cfg.fsdp.sharding_strategy, full_parameter=not t.use_peft):
+    if t.gradient_accumulation_steps > 1 and defers_gradient_sync(t, cfg.fsdp):
         accumulation = 4 * sum(s.numel for s in shapes.params if s.trainable)
     return Temporaries(gather, reduce, head * dtypes.a, root_reduce, accumulation, 0, step)
 
@@ -470,8 +469,7 @@ def step_time(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ac
 def _notes(shapes: ModelShapes, cfg: Config, layout: Layout) -> tuple[str, ...]:
     t = cfg.train
     notes = []
-    if layout.fsdp and t.gradient_accumulation_steps > 1 and defers_gradient_sync(
-            cfg.fsdp.gradient_sync, cfg.fsdp.sharding_strategy, full_parameter=not t.use_peft):
+    if layout.fsdp and t.gradient_accumulation_steps > 1 and defers_gradient_sync(t, cfg.fsdp):
         notes.append(
             f"--gradient_accumulation_steps {t.gradient_accumulation_steps} with gradients reduced once per step "
             "(--fsdp_config.gradient_sync): the recipe skips the reduce-scatter on all but the last micro-batch, so "

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protoc
 import torch
 from tqdm.auto import tqdm
 
+from ..batches import CAUSAL_PADDING
 from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from .flops import batch_token_stats
-from .loss import CAUSAL_PADDING, IGNORE_INDEX, next_token_loss_sum
+from .loss import IGNORE_INDEX, next_token_loss_sum
 
 if TYPE_CHECKING:
     from .perf import EpochPerf, StepMeter, StepPerf
@@ -169,7 +170,7 @@ def train_epoch(
     clip_grad: Optional[Callable[[], torch.Tensor]] = None,
     max_steps: Optional[int] = None,
     precision: Precision = Precision(),
-    gradient_sync: Callable[[bool], None] = lambda enabled: None,
+    before_backward: Callable[[bool], None] = lambda last: None,
     hooks: Iterable[StepHook] = (),
     progress_desc: str = "Training",
     total_steps_hint: Optional[int] = None,
@@ -187,6 +188,9 @@ def train_epoch(
     weights are still those of the step before); ``"skip"`` warns and goes on (the step counts
     for the schedule and the hooks, with ``StepResult.skipped``, but not in the epoch loss). With
     an fp16 grad scaler an infinite gradient is an overflow the scaler handles itself.
+
+    ``before_backward(last)`` runs before each micro-batch's forward and backward, with whether it
+    is the step's last (the recipe's FSDP gradient-reduction schedule, ``parallel.fsdp.accumulation_switch``).
 
     ``meter`` (``perf.StepMeter``) measures throughput, MFU and memory: per step into
     ``StepResult.perf`` (before the hooks see it) and the progress bar, per epoch into
@@ -221,7 +225,7 @@ def train_epoch(
         scale = env.world_size / max(global_labels, 1.0)
         local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(group):
-            gradient_sync(i == len(group) - 1)  # which reductions wait for the last micro-batch: the recipe's choice
+            before_backward(i == len(group) - 1)  # FSDP: which reductions wait for the last micro-batch
             with precision.autocast():
                 summed = loss_fn(model, batch)
             loss = summed * scale

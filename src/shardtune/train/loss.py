@@ -35,12 +35,6 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
-# A batch key (not a model input) a collator sets to True when every row is its real tokens
-# followed by pads that carry no label. Under the causal mask a labelled position then attends
-# only to real tokens, so the loss does not need the attention mask (train/loop.loss_sum drops
-# it): SDPA takes its causal kernel instead of building a [batch, seq, seq] mask and running the
-# masked one (about 10% of a 512-token step on CPU; docs/training.md#attention-kernels).
-CAUSAL_PADDING = "causal_padding"
 
 
 def chunk_tokens_of(train_cfg) -> Optional[int]:

@@ -1,0 +1,10 @@
+"""Markers a batch may carry besides the model's inputs: collators (``data/``) set them, the loss
+(``train/``) reads them, and the model never sees them. Here so that neither layer imports the other.
+"""
+
+# True when every row is its real tokens followed by pads that carry no label, and every real
+# token is attended. Under the causal mask a labelled position then attends only to real tokens,
+# so the loss does not need the attention mask (train/loop.loss_sum drops it): SDPA takes its
+# causal kernel instead of a built [batch, 1, seq, seq] mask and the masked kernel
+# (docs/training.md#attention-kernels).
+CAUSAL_PADDING = "causal_padding"
