@@ -55,3 +55,28 @@ def test_compile_refused_without_a_cpp_compiler():
         with pytest.raises(ShardtuneError, match="needs a C\\+\\+ compiler"):
             check_compile(torch.device("cpu"))
     check_compile(torch.device("cpu"))  # this machine has g++
+
+
+def test_padded_batches_with_and_without_pads_share_one_compiled_graph():
+    """The built-in collator's padded batches run without an attention mask (causal_padding), so a
+    compiled layer (dynamic shapes) neither recompiles for another length nor for a batch that has
+    pads: one graph for all of them."""
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardtune.data.collate import PaddingCollator
+    from shardtune.parallel.compile import compile_decoder_layers
+    from shardtune.train.loop import loss_sum
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+                                         attn_implementation="sdpa")).train()
+    compile_decoder_layers(model, dynamic=True)
+    collate = PaddingCollator(pad_id=0)
+    for lengths in ([20, 20], [20, 15], [31, 9], [12, 12]):
+        rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+        loss_sum(model, collate(rows), chunk_tokens=1024).backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
