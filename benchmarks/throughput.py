@@ -229,8 +229,9 @@ def worker(spec_path: str, out_path: str) -> None:
         other = common.other_cores(mark0, mark1, float(own))
         steps = len(log.ends)
         # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
-        stats = torch.tensor(meter.records[:steps], dtype=torch.float64,
-                             device=env.device).reshape(steps, 3)
+        k = cfg.train.gradient_accumulation_steps  # micro-batches per step: a step's figures are their sums
+        per_batch = torch.tensor(meter.records[:steps * k], dtype=torch.float64).reshape(steps, k, 3)
+        stats = per_batch.sum(dim=1).to(env.device)
         dist.all_reduce(stats)  # sum over ranks
         peak_mem = torch.tensor([max(log.gpu_max_allocated, default=0.0) if cuda
                                  else float(mem.peak.get("anon", 0))], dtype=torch.float64,
@@ -264,7 +265,7 @@ def recipe_args(args, model_dir: Path, data: Path, strategy: str, compiled: bool
          "--alpaca_dataset.data_path", str(data), "--enable_fsdp",
          "--fsdp_config.sharding_strategy", "FULL_SHARD", "--batching_strategy", strategy,
          "--context_length", str(args.context_length), "--batch_size_training", str(args.batch_size),
-         "--gradient_accumulation_steps", "1", "--num_epochs", "1",
+         "--gradient_accumulation_steps", str(args.gradient_accumulation_steps), "--num_epochs", "1",
          "--max_train_step", str(args.warmup + args.timed_steps), "--device", args.device,
          "--save_model", "False", "--run_validation", "False", "--num_workers_dataloader", "0",
          "--fsdp_config.fsdp_activation_checkpointing", str(args.activation_checkpointing),
@@ -273,6 +274,8 @@ def recipe_args(args, model_dir: Path, data: Path, strategy: str, compiled: bool
         a += ["--mixed_precision", "False", "--fsdp_config.mixed_precision", "False"]
     if compiled:  # compiled before the first step: compile time is not in the timed steps
         a += ["--compile"]
+    if args.gradient_sync != "auto":
+        a += ["--fsdp_config.gradient_sync", args.gradient_sync]
     return a
 
 
@@ -319,6 +322,10 @@ def main(argv=None) -> dict:
     p.add_argument("--gemm_n", type=int, default=None, help="GEMM probe size (2048 / 8192 for 1b)")
     p.add_argument("--gemm_reps", type=int, default=None, help="GEMM probe repetitions (6 CPU, 20 GPU)")
     p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step (default 1); a step's tokens are all of them")
+    p.add_argument("--gradient_sync", choices=("auto", "every_micro_batch", "last_micro_batch"), default="auto",
+                   help="--fsdp_config.gradient_sync, with --gradient_accumulation_steps > 1")
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
                    help="--compile (torch.compile of the decoder layers) off, on, or both (eager and compiled rows)")
     p.add_argument("--wait_quiet", type=float, default=0, metavar="SECONDS",
@@ -334,6 +341,8 @@ def main(argv=None) -> dict:
     gpu = args.device == "cuda"
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.size = args.size or ("1b" if gpu else "35m")
+    if args.gradient_sync != "auto" and args.gradient_accumulation_steps < 2:
+        p.error("--gradient_sync needs --gradient_accumulation_steps > 1")
     if args.dtype == "bf16" and not gpu:
         p.error("--dtype bf16 needs --device cuda: on CPU the recipe trains in fp32 "
                 "(shardtune.runtime.autocast_dtype)")
@@ -387,7 +396,7 @@ def main(argv=None) -> dict:
         layers, hidden = shape.layers, shape.attention_width
         tokenizer = load_tokenizer(str(model_dir))
         steps = args.warmup + args.timed_steps
-        need = steps * args.batch_size * max(ranks)
+        need = steps * args.gradient_accumulation_steps * args.batch_size * max(ranks)
         data = work / f"alpaca_{args.seed}.json"
         lens = write_data(data, tokenizer, context_length=args.context_length, need_samples=need,
                           need_chunks=need, seed=args.seed)
@@ -399,7 +408,8 @@ def main(argv=None) -> dict:
               f"{lens['median']}, mean {lens['mean']:.0f}, p90 {lens['p90']}, max {lens['max']} "
               f"({lens['truncated']} truncated to {args.context_length})")
         print(f"per rank: batch {args.batch_size}, context {args.context_length}; {args.warmup} warm-up "
-              f"+ {args.timed_steps} timed steps; activation checkpointing "
+              f"+ {args.timed_steps} timed steps of {args.gradient_accumulation_steps} micro-batch(es), gradient "
+              f"sync {args.gradient_sync}; activation checkpointing "
               f"{'on' if args.activation_checkpointing else 'off'}", flush=True)
         for r in ranks:
             threads = args.threads or max(1, cores // r)
