@@ -9,10 +9,10 @@ bf16/fp16, 4 for fp32), hidden ``h``, query width ``hq = heads x head_dim``, key
 * each RMSNorm: its input upcast to fp32 ``4·N·h`` and ``rsqrt`` ``4·N``; the normalised value
   ``a·N·h`` only if the norm's weight trains; its output ``a·N·h`` only if a consumer keeps it
   (a trainable projection, or a LoRA without dropout);
-* attention: ``q`` ``a·N·hq``, ``k`` and ``v`` ``a·N·hk`` each (``a·N·hq`` each when SDPA gets a
-  mask, because transformers then repeats the KV heads), the output ``a·N·hq`` (o_proj's input is
-  the same storage) and the fp32 log-sum-exp ``4·batch·heads·seq``; with a mask (padded batches)
-  torch's SDPA converts the boolean mask to an additive one per layer, ``a·batch·seq²``. Packed
+* attention: ``q`` ``a·N·hq``, ``k`` and ``v`` ``a·N·hk`` each, the output ``a·N·hq`` (o_proj's
+  input is the same storage) and the fp32 log-sum-exp ``4·batch·heads·seq`` (SDPA's causal kernel
+  and flash-attn; padded batches from the built-in collator run without a mask, so no KV heads are
+  repeated and no additive mask is made). Packed
   runs with SDPA use the per-document kernel (``model/packed_attention.py``): it keeps ``q``,
   ``k``, ``v`` and the output grouped by document length (``S`` slots: the tokens, each document
   rounded up to a multiple of 64), the log-sum-exp ``4·heads·S``, and the output back in token
@@ -58,19 +58,14 @@ from .shapes import ATTN_IN, MLP_IN, LayerGrads, LoraModule, ModelShapes
 @dataclass(frozen=True)
 class Attention:
     kernel: str  # "sdpa" | PACKED_SDPA | "flash_attention_2"
-    mask: bool  # a boolean mask is built (padded batches, packing with SDPA)
-
-    @property
-    def masked_sdpa(self) -> bool:
-        """SDPA's masked kernel: KV heads repeated, an additive mask per layer."""
-        return self.kernel == SDPA and self.mask
+    mask: bool  # transformers builds a boolean block mask once per forward (packing with SDPA)
 
     def describe(self) -> str:
         if self.kernel == PACKED_SDPA:
             return "SDPA per group of documents (no per-layer mask, KV heads not repeated)"
         if self.kernel != SDPA:
             return f"{self.kernel} (no mask, KV heads not repeated)"
-        return "SDPA with a mask (KV heads repeated, one additive mask per layer)" if self.mask else "SDPA, causal"
+        return "SDPA, causal"
 
 
 def attention_for(cfg: Config, device_type: str, compute_dtype: torch.dtype) -> Attention:
@@ -84,11 +79,7 @@ def attention_for(cfg: Config, device_type: str, compute_dtype: torch.dtype) -> 
     packing = t.batching_strategy.value == "packing"
     kernel = choose_attention(t.use_fast_kernels, torch.device(device_type), compute_dtype,
                               flash_installed=True, packing=packing).implementation
-    if kernel == PACKED_SDPA:
-        return Attention(kernel, True)
-    if kernel != SDPA:
-        return Attention(kernel, False)
-    return Attention(SDPA, False)
+    return Attention(kernel, mask=kernel == PACKED_SDPA)
 
 
 def _norm(terms: dict, prefix: str, n: int, h: int, a: int, x_grad: bool, weight_trains: bool) -> None:
@@ -145,12 +136,9 @@ def layer_saved(shapes: ModelShapes, lg: LayerGrads, *, tokens: int, batch: int,
         if _keeps_input(lg, "o_proj"):
             terms["attention output in token order (o_proj input)"] = a * n * hq
     elif attn_grad:
-        kv = hq if attention.masked_sdpa else hk
-        terms["q, k, v (after rotary)"] = a * n * (hq + 2 * kv)
+        terms["q, k, v (after rotary)"] = a * n * (hq + 2 * hk)
         terms["attention output"] = a * n * hq
         terms["log-sum-exp (fp32)"] = 4 * batch * shapes.heads * seq
-        if attention.masked_sdpa:
-            terms["additive attention mask"] = a * batch * seq * seq
     if "o_proj" in lg.lora:
         _lora_terms(terms, "o_proj", lg.lora["o_proj"], n, a, attn_grad, mask)
     h1_grad = attn_grad or trains("o_proj")
@@ -208,7 +196,7 @@ def activation_bytes(shapes: ModelShapes, *, batch: int, seq: int, a: int, atten
     else:  # one chunk's logits at a time, and the label positions' hidden states
         loss = 12 * min(loss_chunk_tokens, n) * shapes.vocab + a * n * shapes.hidden
     shared = 2 * a * n * shapes.head_dim  # rotary cos and sin
-    if attention.mask and attention.kernel in (SDPA, PACKED_SDPA):
+    if attention.mask:
         shared += batch * seq * seq  # the boolean mask all layers share
     # One layer's backward at its peak, in the MLP: the gradients of down_proj's input, of silu's
     # output and of up's output (3·a·N·I) and of the hidden state, next to the layer's saved
