@@ -49,6 +49,160 @@ def tiny_vision_model_dir(tmp_path_factory) -> Path:
     return build_tiny_mllama(tmp_path_factory.mktemp("tiny-vision"), seed=0)
 
 
+# Meta's published Llama 3.2 1B config.json and generation_config.json, key for key (transformers
+# 4.45's format: top-level rope_theta / rope_scaling, torch_dtype).
+META_LLAMA32_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256,
+}
+META_GENERATION_CONFIG = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": 128001, "temperature": 0.6,
+                          "top_p": 0.9, "transformers_version": "4.45.0.dev0"}
+# What the tiny model's own config decides (its size and token ids); the rest is Meta's.
+TINY_KEYS = ("bos_token_id", "eos_token_id", "head_dim", "hidden_size", "intermediate_size",
+             "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "vocab_size")
+
+
+@pytest.fixture(scope="session")
+def meta_format_model_dir(tmp_path_factory) -> Path:
+    """The tiny tied Llama in bf16 with config.json and generation_config.json in the format Meta
+    publishes Llama 3.2 in (llama3 rope scaling, rope_theta 500000): what outputs must keep."""
+    import json
+
+    from shardtune.demo.tiny import build_tiny_llama
+
+    path = build_tiny_llama(tmp_path_factory.mktemp("meta-llama"), seed=0, dtype=torch.bfloat16,
+                            tie_word_embeddings=True)
+    tiny = json.loads((path / "config.json").read_text())
+    config = {k: tiny[k] if k in TINY_KEYS else v for k, v in META_LLAMA32_CONFIG.items()}
+    generation = {k: tiny[k] if k in TINY_KEYS else v for k, v in META_GENERATION_CONFIG.items()}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tok = json.loads((path / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"  # as Meta's tokenizer_config.json
+    (path / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
+    return path
+
+
+PROBE_IDS = [[1, 17, 42, 99, 5, 230, 7, 64, 300, 11, 2, 150]]
+
+
+@pytest.fixture(scope="session")
+def meta_outputs(meta_format_model_dir, tmp_path_factory):
+    """Every kind of output written from the Meta-format base, by the code users run: the recipe's
+    full fine-tune export (fp32, with a step checkpoint), ``shardtune convert`` of that checkpoint
+    (its dtype, and --dtype bf16), and a LoRA run's ``--merge_lora`` folder; plus the logits of the
+    trained model and of the saved adapter on PROBE_IDS, in fp32."""
+    import json
+    import warnings
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.config import parse_args
+    from shardtune.convert import convert
+    from shardtune.finetuning import main as finetune
+    from shardtune.finetuning import setup, train
+    from shardtune.parallel.distributed import init_distributed
+
+    root = tmp_path_factory.mktemp("meta-outputs")
+    data = root / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Add {i} and {i + 1}.", "output": f"The answer is {2 * i + 1}."}
+                                for i in range(16)]))
+    args = ["--model_name", str(meta_format_model_dir), "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path",
+            str(data), "--device", "cpu", "--batching_strategy", "padding", "--batch_size_training", "4",
+            "--context_length", "64", "--lr", "1e-2", "--max_train_step", "2", "--run_validation", "False",
+            "--seed", "1"]
+    ids = torch.tensor(PROBE_IDS)
+    cfg = parse_args([*args, "--output_dir", str(root / "full"), "--save_every_n_steps", "2"]).config
+    c = setup(cfg, init_distributed("cpu"))
+    train(cfg, init_distributed("cpu"), c)
+    c.model.eval()
+    with torch.no_grad():
+        trained = c.model(input_ids=ids).logits.float()
+    (step,) = (root / "full").glob("checkpoints/*/step-*")
+    quiet = lambda _: None  # noqa: E731
+    convert(step, root / "converted", log=quiet)
+    convert(step, root / "converted-bf16", dtype="bf16", log=quiet)
+    finetune([*args, "--output_dir", str(root / "lora"), "--use_peft", "--lora_config.lora_dropout", "0",
+              "--merge_lora"])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(meta_format_model_dir, dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, str(root / "lora")).eval()(input_ids=ids).logits.float()
+    return SimpleNamespace(base=meta_format_model_dir, full=root / "full", converted=root / "converted",
+                           converted_bf16=root / "converted-bf16", merged=root / "lora" / "merged",
+                           trained_logits=trained, adapted_logits=adapted, ids=ids)
+
+
+# transformers 4.x for the outputs' consumer-side checks: the last 4.57 patch, and the
+# huggingface_hub and tokenizers releases its requirements allow (hub < 1.0, tokenizers <= 0.23.0).
+TRANSFORMERS4 = {"transformers": "4.57.6", "huggingface_hub": "0.36.2", "tokenizers": "0.22.2"}
+
+
+@pytest.fixture(scope="session")
+def transformers4_path() -> Path:
+    """A folder holding transformers 4.57 (and its hub client and tokenizers) only: first on a
+    subprocess's PYTHONPATH, it shadows this environment's transformers 5 while torch, safetensors
+    and the rest come from this environment. pip installs it once per machine into
+    ~/.cache/shardtune-tf4/<versions>; without a package registry the tests that need it skip."""
+    import shutil
+    import subprocess
+    import sys
+
+    key = "-".join(f"{name}{version}" for name, version in TRANSFORMERS4.items())
+    final = Path.home() / ".cache" / "shardtune-tf4" / key
+    if (final / ".complete").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    building = final.parent / f".{key}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--target", str(building), *(f"{name}=={version}" for name, version in TRANSFORMERS4.items())]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if proc is None or proc.returncode != 0:
+        shutil.rmtree(building, ignore_errors=True)
+        why = "timed out" if proc is None else (proc.stderr or proc.stdout).strip()[-600:]
+        pytest.skip(f"transformers 4.x checks need pip and a package registry to build {final} "
+                    f"({' '.join(cmd[3:])}): {why}")
+    (building / ".complete").write_text(" ".join(cmd) + "\n")
+    try:
+        os.replace(building, final)
+    except OSError:  # another session finished first: use its copy
+        shutil.rmtree(building, ignore_errors=True)
+    return final
+
+
+@pytest.fixture(scope="session")
+def keeps_base_config():
+    """check(out, base, dtype): out's config.json is base's, key for key and in its order, with
+    only torch_dtype set to ``dtype``; its generation_config.json is base's, byte for byte."""
+    import json
+
+    def check(out: Path, base: Path, dtype: str) -> dict:
+        got = json.loads((out / "config.json").read_text())
+        want = json.loads((base / "config.json").read_text())
+        expected = {**want, "torch_dtype": dtype}
+        assert got == expected, {k: (got.get(k), expected.get(k)) for k in {*got, *expected}
+                                 if got.get(k) != expected.get(k)}
+        assert list(got) == list(want)
+        assert (out / "generation_config.json").read_bytes() == (base / "generation_config.json").read_bytes()
+        return got
+
+    return check
+
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 
 

@@ -22,6 +22,7 @@ from ..parallel.distributed import DistEnv
 from .. import ownership
 from ..model.names import saved_names
 from .hf_stream import model_tensors, write_safetensors
+from .model_config import write_model_config
 from .progress import Progress
 from .safetensors_stream import TensorSpec
 
@@ -71,19 +72,16 @@ def _commit(tmp: Path, final: Path) -> None:
     ownership.commit_files(tmp, final, MODEL_FILE_PATTERNS)
 
 
-def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
-    """config.json (recording the dtype the weights are written in) and generation_config.json."""
-    model.config.save_pretrained(out)
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    name = str(dtype).removeprefix("torch.")
-    for key in ("dtype", "torch_dtype"):  # transformers 5 / 4 spelling
-        if key in cfg:
-            cfg[key] = name
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(out)
+def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype, *,
+                 base: Optional[str | Path] = None) -> None:
+    """config.json (recording the dtype the weights are written in) and generation_config.json:
+    the base model's own files, changed only where training changed them
+    (:func:`model_config.write_model_config`). ``base``: the model folder, config.json or cached hub
+    id the model was loaded from (default: the one ``from_pretrained`` recorded in its config)."""
+    if base is None:
+        base = getattr(model.config, "name_or_path", None)
+    write_model_config(out, model.config, dtype, base=base,
+                       generation_config=getattr(model, "generation_config", None))
 
 
 def _as_saved(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -247,7 +247,7 @@ def _write_model_files(conv: Conversion, tmp: Path) -> None:
         config.architectures = [type(conv.meta).__name__]
     with contextlib.suppress(Exception):
         config.dtype = conv.config_dtype
-    write_config(conv.meta, tmp, conv.config_dtype)
+    write_config(conv.meta, tmp, conv.config_dtype, base=conv.spec.name)  # the base's own config.json, kept
 
 
 def _write_adapter(conv: Conversion, tmp: Path) -> None:
