@@ -126,13 +126,16 @@ def write_model_config(out: str | Path, config, dtype: torch.dtype, *, base: Opt
     if source is not None:
         with contextlib.suppress(OSError, ValueError):
             original = json.loads(source.read_text())
-    if not isinstance(original, dict) or original.get("model_type") != getattr(config, "model_type", None):
+    base_config = None
+    if isinstance(original, dict) and original.get("model_type") == getattr(config, "model_type", None):
+        # transformers' reading of the base file; from a copy, as transformers 5 edits the dict it is
+        # given (it adds rope_theta into rope_scaling). A file it cannot read is not kept.
+        with contextlib.suppress(Exception):
+            base_config = type(config).from_dict(json.loads(json.dumps(original)))
+    if base_config is None:
         _transformers_config(config, out, dtype)
         source = None  # not this model's files: its generation config is not ours either
     else:
-        # transformers' reading of the base file; from a copy, as transformers 5 edits the dict it is
-        # given (it adds rope_theta into rope_scaling)
-        base_config = type(config).from_dict(json.loads(json.dumps(original)))
         data = updated_config(original, config, dtype, base_config)
         if data == original:
             shutil.copyfile(source, out / CONFIG_FILE)  # byte for byte, as the base wrote it
