@@ -33,7 +33,7 @@ def _transformers5(folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, list[
     return logits, AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]
 
 
-def test_outputs_load_in_transformers_4_with_the_same_rope_and_logits(meta_outputs, transformers4_path, tmp_path):
+def test_outputs_load_in_transformers_4_with_the_same_rope_and_logits(transformers4_path, meta_outputs, tmp_path):
     control = tmp_path / "transformers5-config"
     shutil.copytree(meta_outputs.full, control)
     AutoConfig.from_pretrained(meta_outputs.full).save_pretrained(control)  # what outputs used to carry
