@@ -110,3 +110,49 @@ def test_vision_template_renders_metas_chat_format(real_vocab_vision_model_dir):
     # with an image the template writes no system block, as Meta's format
     assert tok.encode(text, add_special_tokens=False) == _meta_dialog(with_image, system_block=False,
                                                                        image=png.getvalue())
+
+
+# --- the datasets' prompts with the real tokenizer, as llama-cookbook tokenises them ---
+
+def _cookbook_prompt_answer(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """samsum / grammar in llama-cookbook: encode(bos + prompt) + encode(answer + eos), no specials added."""
+    p = tok.encode(tok.bos_token + prompt, add_special_tokens=False)
+    a = tok.encode(answer + tok.eos_token, add_special_tokens=False)
+    return p + a, [IGNORE] * len(p) + a
+
+
+def test_alpaca_samsum_grammar_tokenise_as_the_cookbook(make_config, llama3_tokenizer, tmp_path):
+    tok = llama3_tokenizer
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Summarise.", "input": "Cats sleep 16 hours a day.", "output": "Cats sleep a lot."}] * 20
+    cfg = make_config("alpaca_dataset")
+    cfg.dataset_config.data_path = str(tmp_path / "alpaca.json")
+    Path(cfg.dataset_config.data_path).write_text(json.dumps(rows))
+    test, train = load_split(cfg, tok, "test"), load_split(cfg, tok, "train")
+    assert (len(test.samples), len(train.samples)) == (2, 38)  # the cookbook's n // 20
+    for sample, row in ((test.samples[0], rows[0]), (train.samples[-1], rows[-1])):
+        prompt = alpaca_prompt(row)  # cookbook: encode(prompt) / encode(prompt + output) + [eos]
+        ids = tok.encode(prompt + row["output"]) + [tok.eos_token_id]
+        n_prompt = len(tok.encode(prompt))
+        assert sample["input_ids"] == ids and ids[0] == 128000 and ids[-1] == 128009
+        assert sample["labels"] == [IGNORE] * n_prompt + ids[n_prompt:]
+
+    samsum = [{"id": str(i), "dialogue": f"Ann: lunch at {i}?\r\nBob: sure 👍", "summary": f"Lunch at {i}."}
+              for i in range(20)]
+    cfg = make_config("samsum_dataset", eval_fraction=0.1)
+    cfg.dataset_config.data_path = str(tmp_path / "samsum.json")
+    Path(cfg.dataset_config.data_path).write_text(json.dumps(samsum))
+    sample = load_split(cfg, tok, "test").samples[1]
+    ids, labels = _cookbook_prompt_answer(tok, SAMSUM_PROMPT.format(dialog=samsum[1]["dialogue"]), samsum[1]["summary"])
+    assert (sample["input_ids"], sample["labels"]) == (ids, labels)
+
+    import csv
+
+    train_csv = tmp_path / "grammar_train.csv"
+    with train_csv.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["input", "target"], ["she go to school", "She goes to school."]])
+    cfg = make_config("grammar_dataset")
+    cfg.dataset_config.train_split = cfg.dataset_config.test_split = str(train_csv)
+    sample = load_split(cfg, tok, "train").samples[0]
+    ids, labels = _cookbook_prompt_answer(tok, GRAMMAR_PROMPT.format(input="she go to school"), "She goes to school.")
+    assert (sample["input_ids"], sample["labels"]) == (ids, labels)
