@@ -149,56 +149,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # --- The real Llama 3 tokenizer and chat templates (issue 21) ---------------------------------
-# Built once per session from Meta's BPE file in the `llama-models` package (tiktoken format,
-# 128,000 ranks) with transformers' TikTokenConverter: Meta's split pattern, the 256 special
-# tokens of Hugging Face's Llama 3.1/3.2 tokenizers from id 128000, BOS added by a
-# TemplateProcessing post-processor. The chat templates are Meta's public Jinja text, kept in
+# Built once per session from Meta's BPE file in the `llama-models` package
+# (shardtune.demo.llama3). The chat templates are Meta's public Jinja text, kept in
 # tests/data/chat_templates/ (see the README there for where they come from).
 
 CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
-LLAMA3_BASE_VOCAB = 128_000
-LLAMA3_VOCAB = 128_256  # base ranks + 256 special tokens: the text model's vocab_size
-LLAMA3_NAMED_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
-                         "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-                         "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
-LLAMA3_STOP_IDS = [128001, 128008, 128009]  # Llama 3.2 Instruct's generation_config eos_token_id
-
-
-def llama3_special_tokens() -> list[str]:
-    """Ids 128000..128255 of Hugging Face's Llama 3.1/3.2 tokenizers, in order."""
-    named = list(LLAMA3_NAMED_SPECIALS)
-    return named + [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(named))]
-
-
-def build_llama3_tokenizer(chat_template: str | None = None, *, eos_token: str = "<|eot_id|>",
-                           pad_token: str | None = None):
-    """The real Llama 3 tokenizer as a ``PreTrainedTokenizerFast`` (Instruct: EOS = <|eot_id|>)."""
-    import llama_models
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    bpe = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Meta's pat_str (llama_models/llama3/tokenizer.py)
-    tok = TikTokenConverter(vocab_file=str(bpe), pattern=pattern,
-                            extra_special_tokens=llama3_special_tokens()).converted()
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                      special_tokens=[(bos, tok.token_to_id(bos))])])
-    specials = {"bos_token": bos, "eos_token": eos_token}
-    if pad_token:
-        specials["pad_token"] = pad_token
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=131072, chat_template=chat_template,
-                                   clean_up_tokenization_spaces=True, **specials)
 
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir(tmp_path_factory) -> Path:
     """A directory with the real Llama 3 tokenizer and Llama 3.2 Instruct's chat template."""
+    from shardtune.demo.llama3 import build_llama3_tokenizer
+
     path = tmp_path_factory.mktemp("llama3-tokenizer")
     template = (CHAT_TEMPLATES / "llama-3.2-instruct.jinja").read_text(encoding="utf-8")
     build_llama3_tokenizer(template).save_pretrained(path)
@@ -220,15 +182,16 @@ def llama3_chat_model_dir(llama3_tokenizer_dir, tmp_path_factory) -> Path:
 
     from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
+    from shardtune.demo.llama3 import INSTRUCT_STOP_IDS, VOCAB
     from shardtune.demo.tiny import tiny_llama_config
 
     path = tmp_path_factory.mktemp("llama3-chat-model")
     tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
     config = tiny_llama_config(tokenizer, hidden_size=16, intermediate_size=32)
-    config.vocab_size, config.pad_token_id = LLAMA3_VOCAB, None  # Llama 3.2 Instruct has no pad token
+    config.vocab_size, config.pad_token_id = VOCAB, None  # Llama 3.2 Instruct has no pad token
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
-    GenerationConfig(bos_token_id=128000, eos_token_id=LLAMA3_STOP_IDS).save_pretrained(path)
+    GenerationConfig(bos_token_id=128000, eos_token_id=list(INSTRUCT_STOP_IDS)).save_pretrained(path)
     for f in llama3_tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
     return path
@@ -244,24 +207,25 @@ def real_vocab_vision_model_dir(tmp_path_factory) -> Path:
     from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
+    from shardtune.demo.llama3 import INSTRUCT_STOP_IDS, VOCAB, build_llama3_tokenizer
     from shardtune.demo.tiny import IMAGE_TOKEN, tiny_mllama_config
 
     path = tmp_path_factory.mktemp("real-vocab-vision")
     template = (CHAT_TEMPLATES / "llama-3.2-vision-instruct.jinja").read_text(encoding="utf-8")
     tokenizer = build_llama3_tokenizer(template, pad_token="<|finetune_right_pad_id|>")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == LLAMA3_VOCAB
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == VOCAB
     processor = MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 28, "width": 28},
                                                                         max_image_tiles=2),
                                 tokenizer=tokenizer, chat_template=template)
     config = tiny_mllama_config(tokenizer, hidden_size=16)
-    config.text_config.vocab_size = LLAMA3_VOCAB  # <|image|> lives in the embedding's 8 extra rows
+    config.text_config.vocab_size = VOCAB  # <|image|> lives in the embedding's 8 extra rows
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = MllamaForConditionalGeneration(config)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    GenerationConfig(bos_token_id=128000, eos_token_id=LLAMA3_STOP_IDS,
+    GenerationConfig(bos_token_id=128000, eos_token_id=list(INSTRUCT_STOP_IDS),
                       pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
     return path
