@@ -4,9 +4,9 @@ Documents are placed once, longest first, each into the open chunk with the leas
 still fits it, or a new chunk when none does (best fit decreasing); no document is split (each is
 at most ``context_length`` long after ``load_split``), and a chunk keeps its documents in dataset
 order. On alpaca-style rows with the real Llama 3 tokenizer (benchmarks/packing_waste.py,
-docs/benchmarks.md) this leaves 1.7-2.7% of the slots as pads at 256 tokens and 0.5-0.7% at
-1024, where best fit in dataset order left 4.3-4.9% and 1.2-1.8% and next fit 16-23% and 4-7%;
-at 4096 a small dataset's last, part-filled chunks dominate (0.2-5.3% whatever the order).
+docs/benchmarks.md) 1.7-3.3% of the slots are pads at 256 tokens and 0.5-1.8% at 1024, where best
+fit in dataset order left 4.1-4.9% and 1.2-1.8%, and next fit 16-23% and 4-7%; at 4096 a small
+dataset's last, part-filled chunks dominate (0.2-5.3%, the same in any order).
 Chunks are shuffled per epoch anyway, so which documents share a chunk does not matter.
 
 ``position_ids`` restart at 0 for every document, which is how transformers 5 (masking_utils.
