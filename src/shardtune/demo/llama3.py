@@ -33,8 +33,15 @@ def special_tokens() -> list[str]:
 
 
 def bpe_file() -> Path:
-    import llama_models
+    try:
+        import llama_models
+        import tiktoken  # noqa: F401  (TikTokenConverter reads the file with it)
+    except ImportError as e:
+        from ..config.errors import ShardtuneError
 
+        raise ShardtuneError(f"The real Llama 3 tokenizer is built from Meta's BPE file in the llama-models "
+                             f"package and needs tiktoken ({e.name} is not installed): pip install "
+                             f"'shardtune[dev]' or pip install llama-models tiktoken.") from None
     return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 
 
