@@ -119,9 +119,9 @@ def _sentence(rng: random.Random, n_words: int) -> str:
     return " ".join(text)
 
 
-def alpaca_row(rng: random.Random) -> dict:
+def alpaca_row(rng: random.Random, output_median_words: float = 14) -> dict:
     """One alpaca-style row: short instruction, optional input (40%), log-normal output length."""
-    out_words = int(min(200, max(1, rng.lognormvariate(math.log(14), 1.0))))
+    out_words = int(min(200, max(1, rng.lognormvariate(math.log(output_median_words), 1.0))))
     has_input = rng.random() < 0.4
     return {"instruction": _sentence(rng, rng.randint(4, 16)),
             "input": _sentence(rng, int(rng.lognormvariate(math.log(8), 0.8))) if has_input else "",

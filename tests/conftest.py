@@ -300,3 +300,86 @@ def pytest_sessionfinish(session, exitstatus):
     marker = os.environ.get("SHARDTUNE_PYTEST_FINISHED")
     if marker:
         Path(marker).write_text(f"{session.testscollected} collected, exit status {int(exitstatus)}\n")
+
+
+# --- The real Llama 3 tokenizer and chat templates (issue 21) ---------------------------------
+# Built once per session from Meta's BPE file in the `llama-models` package
+# (shardtune.demo.llama3). The chat templates are Meta's public Jinja text, kept in
+# tests/data/chat_templates/ (see the README there for where they come from).
+
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory) -> Path:
+    """A directory with the real Llama 3 tokenizer and Llama 3.2 Instruct's chat template."""
+    from shardtune.demo.llama3 import build_llama3_tokenizer
+
+    path = tmp_path_factory.mktemp("llama3-tokenizer")
+    template = (CHAT_TEMPLATES / "llama-3.2-instruct.jinja").read_text(encoding="utf-8")
+    build_llama3_tokenizer(template).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_chat_model_dir(llama3_tokenizer_dir, tmp_path_factory) -> Path:
+    """A random tiny Llama (hidden 16, 2 layers) with the real vocabulary (128,256 ids) and the real
+    tokenizer + Instruct template: the paths that need real ids (chat masks by <|eot_id|> 128009)."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    from shardtune.demo.llama3 import INSTRUCT_STOP_IDS, VOCAB
+    from shardtune.demo.tiny import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("llama3-chat-model")
+    tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    config = tiny_llama_config(tokenizer, hidden_size=16, intermediate_size=32)
+    config.vocab_size, config.pad_token_id = VOCAB, None  # Llama 3.2 Instruct has no pad token
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    GenerationConfig(bos_token_id=128000, eos_token_id=list(INSTRUCT_STOP_IDS)).save_pretrained(path)
+    for f in llama3_tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_vocab_vision_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama 3.2 Vision (Mllama) whose ``MllamaProcessor`` is the real Llama 3
+    tokenizer + <|image|> at id 128256 (as Llama-3.2-11B-Vision-Instruct's) + a tiny image
+    processor + the Vision Instruct chat template; text vocab_size 128,256 as the real model's."""
+    import warnings
+
+    from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from shardtune.demo.llama3 import INSTRUCT_STOP_IDS, VOCAB, build_llama3_tokenizer
+    from shardtune.demo.tiny import IMAGE_TOKEN, tiny_mllama_config
+
+    path = tmp_path_factory.mktemp("real-vocab-vision")
+    template = (CHAT_TEMPLATES / "llama-3.2-vision-instruct.jinja").read_text(encoding="utf-8")
+    tokenizer = build_llama3_tokenizer(template, pad_token="<|finetune_right_pad_id|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == VOCAB
+    processor = MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 28, "width": 28},
+                                                                        max_image_tiles=2),
+                                tokenizer=tokenizer, chat_template=template)
+    config = tiny_mllama_config(tokenizer, hidden_size=16)
+    config.text_config.vocab_size = VOCAB  # <|image|> lives in the embedding's 8 extra rows
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MllamaForConditionalGeneration(config)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    GenerationConfig(bos_token_id=128000, eos_token_id=list(INSTRUCT_STOP_IDS),
+                      pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
+    return path

@@ -289,3 +289,12 @@ def test_packed_batch_with_varlen_inputs_attends_per_document_without_a_mask(tin
         (a, b) = _documents({"position_ids": batch["position_ids"][0]})[1]
         assert not torch.allclose(without[0, a:b], logits[0, a:b], atol=1e-4)
     assert checked >= 3
+
+
+def test_packing_places_the_longest_documents_first():
+    """Best fit decreasing: 2+5+4+3+2 tokens fill two chunks of 8 exactly (in dataset order, best
+    fit needs three: 2+5 | 4+3 | 2); each chunk keeps its documents in dataset order."""
+    from shardtune.data.packing import assign
+
+    assert assign([2, 5, 4, 3, 2], 8) == [[1, 3], [0, 2, 4]]
+    assert assign([4, 0, 4], 4) == [[0], [2]]  # ties keep dataset order; empty documents take no room

@@ -20,6 +20,7 @@ from .split import DataReport, TokenizedSplit
 IGNORE_INDEX = -100
 _KEYS = ("input_ids", "labels", "attention_mask")
 _MAX_REASONS = 3
+_ENCODING_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
 class BadRow(Exception):
@@ -64,9 +65,18 @@ def _int_list(row: Mapping, key: str) -> list[int]:
     value = row[key]
     if hasattr(value, "tolist"):  # torch tensors, numpy arrays
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, (list, tuple)):
         raise BadRow(f"{key!r} must be a list of ints, got {type(value).__name__}")
+    bad = [v for v in value if not isinstance(v, numbers.Integral) or isinstance(v, bool)]
+    if bad:
+        first, hint = bad[0], ""
+        if isinstance(first, str) and first in _ENCODING_KEYS:
+            # llama-cookbook's chat datasets iterate tokenizer.apply_chat_template(dialog): a list
+            # of ids in transformers 4, a BatchEncoding (its keys when iterated) in transformers 5.
+            hint = (" (the keys of a BatchEncoding: transformers 5's tokenizer.apply_chat_template returns "
+                    "one by default; call it with return_dict=False for the list of token ids, or take "
+                    "its ['input_ids'])")
+        raise BadRow(f"{key!r} must be a list of ints, but it holds a {type(first).__name__} ({first!r}){hint}")
     return [int(v) for v in value]
 
 
