@@ -25,7 +25,7 @@ class StoredImage:
     nbytes: int
     problem: str = ""
 
-    def load(self) -> bytes:  # pragma: no cover - every kind of store defines it
+    def load(self) -> Optional[bytes]:  # pragma: no cover - every kind of store defines it
         raise NotImplementedError
 
     def where(self) -> str:  # pragma: no cover
@@ -39,7 +39,7 @@ class ParquetImage(StoredImage):
     row: int = 0        # in the row group
     k: int = 0          # the image's place in the row's ``images``; -1: ``images`` is one image
 
-    def load(self) -> bytes:
+    def load(self) -> Optional[bytes]:
         value = _row_group_images(self.path, self.row_group)[self.row].as_py()
         return encoded_bytes(value if self.k < 0 else value[self.k])
 
@@ -53,7 +53,7 @@ class DatasetImage(StoredImage):
     row: int = 0
     k: int = 0
 
-    def load(self) -> bytes:
+    def load(self) -> Optional[bytes]:
         value = self.dataset[self.row].column("images")[0].as_py()
         return encoded_bytes(value if self.k < 0 else value[self.k])
 
