@@ -382,4 +382,26 @@ def real_vocab_vision_model_dir(tmp_path_factory) -> Path:
     processor.save_pretrained(path)
     GenerationConfig(bos_token_id=128000, eos_token_id=list(INSTRUCT_STOP_IDS),
                       pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
+
+
+REAL_VOCAB = 128_256  # Llama 3's vocabulary (Llama 3.2 1B/3B tie their head to it)
+
+
+@pytest.fixture(scope="session")
+def real_vocab_tied_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama of hidden size 64 with Llama 3's real vocabulary (128,256 rows) and tied
+    embeddings, as Llama 3.2 1B/3B: the embedding (32.8 MB in fp32) outweighs everything else, so
+    sizes of checkpoints, adapters and exports show whether it was written. The tokenizer is the
+    tiny one (ids below 512 index the same embedding)."""
+    from transformers import LlamaForCausalLM
+
+    from shardtune.demo.tiny import build_tokenizer, tiny_llama_config
+
+    path = tmp_path_factory.mktemp("real-vocab-tied-llama")
+    tokenizer = build_tokenizer()
+    config = tiny_llama_config(tokenizer, hidden_size=64, num_layers=2, tie_word_embeddings=True)
+    config.vocab_size = REAL_VOCAB
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path

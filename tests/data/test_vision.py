@@ -20,6 +20,7 @@ from PIL import Image
 from shardtune.config import ShardtuneError, parse_args
 from shardtune.data import build_dataloader, load_split, pad_fraction
 from shardtune.data.images import VisionCollator
+from shardtune.data.stored_images import DatasetImage
 from shardtune.data.vision import messages, split_indices
 
 IGNORE = -100
@@ -211,7 +212,8 @@ def test_saved_datasets_folder(tiny_processor, write_images, tmp_path):
     ds.save_to_disk(str(tmp_path / "one"))  # one split: divided by split_ratio as a file is
     pair = _both_splits(_cfg(tmp_path / "one"), tiny_processor)
     assert [_ids(s) for s in pair] == [_ids(s) for s in reference]
-    assert all(isinstance(ref, bytes) for s in pair[0].samples for ref in s["images"])
+    # the images stay in the memory-mapped dataset (encoded, undecoded) until a batch reads them
+    assert all(isinstance(ref, DatasetImage) and ref.nbytes for s in pair[0].samples for ref in s["images"])
     # a DatasetDict with both splits is used as it is (max_rows caps each)
     datasets.DatasetDict({"train": ds.select(range(6)), "test": ds.select(range(6, 10))}).save_to_disk(
         str(tmp_path / "two"))
@@ -390,3 +392,69 @@ def test_hub_offline_is_clear(tiny_processor):
     with pytest.raises(ShardtuneError, match=r"Could not load 'HuggingFaceM4/the_cauldron' subset 'ocrvqa'.*"
                                              r"--ocrvqa_dataset.data_path"):
         load_split(cfg, tiny_processor, "train")
+
+
+# --- images left in the source -----------------------------------------------------------------
+
+def _noise_png(seed: int, side: int = 96) -> bytes:
+    import io
+
+    import numpy as np
+
+    pixels = np.random.RandomState(seed).randint(0, 256, size=(side, side, 3)).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _embedded_source(kind: str, folder: Path, rows: list[dict]) -> Path:
+    if kind == "parquet":  # several row groups, as files of real size have
+        pq.write_table(pa.Table.from_pylist(rows), folder / "rows.parquet", row_group_size=7)
+        return folder / "rows.parquet"
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  "texts": datasets.List({"user": datasets.Value("string"),
+                                                          "assistant": datasets.Value("string")})})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(folder / "saved"))
+    return folder / "saved"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+def test_samples_keep_references_not_the_images_bytes(tiny_processor, tmp_path, kind):
+    """Sources that embed the images (OCR-VQA: ~165k rows) would put every image in every rank and
+    DataLoader worker: samples keep where each image is, and the collator reads a batch's own."""
+    data = [_noise_png(i) for i in range(24)]  # ~28 KB each
+    rows = [{"images": [{"bytes": b, "path": None}],
+             "texts": [{"user": f"What is image {i}?", "assistant": f"Noise {i}"}]} for i, b in enumerate(data)]
+    source = _embedded_source(kind, tmp_path, rows)
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    train = load_split(_cfg(source), tiny_processor, "train")
+    answers = [tiny_processor.tokenizer.decode(_label_runs(s["labels"])[0]) for s in train.samples]
+    in_split = sum(len(data[int(a.removeprefix("Noise ").removesuffix("<|eot_id|>"))]) for a in answers)
+    assert len(pickle.dumps(train.samples)) < in_split / 10  # what every worker is sent
+    # the batches are those of the same rows with their bytes in memory (data URLs)
+    inline = [{**r, "images": ["data:image/png;base64," + base64.b64encode(b).decode()]} for r, b in zip(rows, data)]
+    reference = load_split(_cfg(_jsonl(tmp_path / "inline.jsonl", inline)), tiny_processor, "train")
+    assert _ids(reference) == _ids(train)
+    collate = train.collate_fn
+    for start in range(0, len(train.samples), 8):
+        assert torch.equal(collate(train.samples[start:start + 8])["pixel_values"],
+                           collate(reference.samples[start:start + 8])["pixel_values"])
+    # the source was read, never written (no cache file beside a saved dataset)
+    if source.is_dir():
+        assert sorted(p for p in source.rglob("*") if p.is_file()) == files
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+
+
+def test_an_unreadable_embedded_image_names_its_file_and_row(tiny_processor, tmp_path):
+    rows = [{"images": [{"bytes": _noise_png(i), "path": None}], "texts": [{"user": "Q?", "assistant": "A."}]}
+            for i in range(10)]
+    rows[8]["images"] = [{"bytes": b"\x89PNG\r\n\x1a\n this is not an image", "path": None}]
+    path = _embedded_source("parquet", tmp_path, rows)
+    cfg = _cfg(path, "--ocrvqa_dataset.split_ratio", "0.5")
+    split = "train" if 8 in split_indices(10, 0.5, "x")[0] else "test"
+    with pytest.raises(ShardtuneError, match=r"rows.parquet, row 8 \(.*the row has an unreadable image 0 \(29 bytes of "
+                                             r"image data at .*rows.parquet, row group 1, row 1 of the group\): "
+                                             r"Unidentified.*--skip_bad_rows"):
+        load_split(cfg, tiny_processor, split)

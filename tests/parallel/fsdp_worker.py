@@ -9,7 +9,8 @@ losses, which parameters changed, how many tensors the optimizer holds and the t
 logits on a fixed input (an image + text probe for a vision model), and with "record_weights": true
 the trained weights; "logits" builds the model the way the recipe
 does and records its logits on a fixed input (and whether its head is tied to the embeddings);
-"adapter" builds it and records the full values of its new adapter weights. Rank 0 writes OUT.json.
+"adapter" builds it and records the full values of its new adapter weights. ``"logits": false`` skips
+the logits of a "train" case (a real-vocabulary model's are megabytes of JSON). Rank 0 writes OUT.json.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def gradients_held(model: torch.nn.Module) -> list[bool]:
             any(getattr(g, "_partial_reduce_output", None) is not None for g in groups)]
 
 
-def run_train(cfg, env, record_weights: bool = False) -> dict:
+def run_train(cfg, env, record_weights: bool = False, record_logits: bool = True) -> dict:
     c = setup(cfg, env)
     held = []  # as each training micro-batch starts: see gradients_held
     loss_fn = c.loss_fn
@@ -94,7 +95,7 @@ def run_train(cfg, env, record_weights: bool = False) -> dict:
     results = train(cfg, env, c)
     merge_saved_adapter(cfg, env, results)  # --merge_lora: what run() does once the process group is gone
     after = snapshot(c.model)
-    trained_logits = logits_of(c.model, c.tokenizer, env)
+    trained_logits = logits_of(c.model, c.tokenizer, env) if record_logits else None
     changed = sorted(n for n in before if not bitwise_equal(before[n], after[n]))
     weights = {n: t.tolist() for n, t in after.items()} if record_weights else None
     return {"weights": weights, "losses": results["train_step_loss"], "eval_loss": results["best_eval_loss"],
@@ -136,8 +137,11 @@ def main() -> None:
                 except ShardtuneError as exc:
                     out[name] = {"error": str(exc)}
                 continue
-            out[name] = (run_train(cfg, env, record_weights=True) if case.get("record_weights")
-                         else runner(cfg, env))
+            if runner is run_train:
+                out[name] = run_train(cfg, env, record_weights=bool(case.get("record_weights")),
+                                      record_logits=case.get("logits", True))
+            else:
+                out[name] = runner(cfg, env)
             if env.is_main:
                 print(f"case {name}: done", flush=True)
     finally:

@@ -64,3 +64,13 @@ def test_the_run_reports_its_peak_at_start_up(logged_run):
     lines = [ln for ln in logged_run.printed.splitlines() if ln.startswith("peak: ")]
     assert len(lines) == 1 and "TFLOP/s per device" in lines[0] and "measured" in lines[0]
     assert logged_run.metrics["peak_tflops"] > 0 and "GEMM" in logged_run.metrics["peak_source"]
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    """The probe's size count depends on the machine's speed: drawing its matrices from the global
+    RNG made the first LoRA run in a process (the one that measures) drop out differently."""
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    measure_gemm(torch.device("cpu"), torch.float32, budget_s=0.05, max_n=256, min_n=256)
+    assert torch.equal(torch.rand(4), expected)

@@ -21,10 +21,11 @@ from torch.distributed.tensor import DTensor
 from ..parallel.distributed import DistEnv
 from .. import ownership
 from ..model.names import saved_names
-from .hf_stream import model_tensors, write_safetensors
+from .hf_stream import full_tensor, model_tensors, write_safetensors
 from .model_config import write_model_config
 from .progress import Progress
 from .safetensors_stream import TensorSpec
+from .trainable import model_state
 
 # Files of a saved model or adapter: an earlier save's ones that a new save did not rewrite are stale.
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json",
@@ -53,13 +54,18 @@ def save_tokenizer(tokenizer, path: str | Path) -> None:
             cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def _full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict:
-    """Full (unsharded) state dict on CPU, gathered on every rank from FSDP-sharded params."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _trainable_full_state_dict(model: torch.nn.Module, env: DistEnv) -> dict:
+    """The trainable parameters, unsharded on CPU on rank 0 (every rank takes part in each gather).
+    Frozen weights are never gathered, tied aliases of frozen embeddings included (trainable.py)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True,
-                               ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options)
+    sharded = model_state(model, StateDictOptions(ignore_frozen_params=True))
+    full = {}
+    for name, value in sharded.items():  # the same order on every rank: one gather at a time
+        value = full_tensor(value.detach())
+        if env.is_main:
+            full[name] = value.cpu()
+    return full
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -136,10 +142,10 @@ def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, 
     state_dict = None
     if _is_sharded(model):
         # Every rank takes part in the gather; only rank 0 receives it and writes. An adapter never
-        # needs the frozen base, so only the trainable parameters are gathered. save_pretrained picks
-        # the adapter's tensors out of it (get_peft_model_state_dict): done here as well, a second
+        # needs the frozen base (nor a tied alias of it, lm_head.weight), so only the trainable
+        # parameters are gathered. save_pretrained picks the adapter's tensors out of it (get_peft_model_state_dict): done here as well, a second
         # pass would look for modules_to_save copies under the names the first pass gave them.
-        state_dict = _full_state_dict(model, trainable_only=True)
+        state_dict = _trainable_full_state_dict(model, env)
     if env.is_main:
         tmp = output_dir / f".saving-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
@@ -56,7 +56,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], specs: list[T
     writes it. Returns the weight map on rank 0."""
     if not is_main:
         for _, tensor in tensors:
-            _full(tensor.detach())  # this rank's part of the gather
+            full_tensor(tensor.detach())  # this rank's part of the gather
         return {}
     shards = plan_shards(specs, parse_size(max_shard_size))
     n = len(shards)
@@ -65,7 +65,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], specs: list[T
 
     def host_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for (name, tensor), spec in zip(tensors, flat):
-            yield name, _full(tensor.detach()).to("cpu", dtype=spec.dtype)
+            yield name, full_tensor(tensor.detach()).to("cpu", dtype=spec.dtype)
 
     write_shards(shards, host_tensors(), out_dir, files, metadata={"format": "pt"}, progress=progress)
     weight_map = {s.name: file for shard, file in zip(shards, files) for s in shard}

@@ -26,7 +26,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -36,6 +35,7 @@ from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from . import layout
 from .digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
+from .trainable import has_frozen, model_state
 
 TRAIN_STATE = "train_state.json"
 TRAIN_PARAMS = "train_params.yaml"
@@ -75,7 +75,8 @@ def _barrier(env: DistEnv) -> None:
 def _options(model: torch.nn.Module) -> StateDictOptions:
     # Frozen base weights (PEFT) are not saved: they come from --model_name on resume, so the
     # load is not strict about them (the fingerprint check guards against a different model).
-    frozen = any(not p.requires_grad for p in model.parameters())
+    # model_state leaves out their tied aliases too (trainable.py).
+    frozen = has_frozen(model)
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
@@ -89,7 +90,7 @@ def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
         tmp.mkdir(parents=True)
     _barrier(env)
     options = _options(model)
-    state = {"model": get_model_state_dict(model, options=options)}
+    state = {"model": model_state(model, options)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     dcp.save(state, checkpoint_id=str(tmp))
@@ -211,7 +212,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
                       "cannot be verified.", stacklevel=2)
     check_compatible(meta["fingerprint"], model, path)
     options = _options(model)
-    state = {"model": get_model_state_dict(model, options=options)}
+    state = {"model": model_state(model, options)}
     load_optim = optimizer is not None and meta.get("has_optimizer")
     if optimizer is not None and not load_optim and env.is_main:
         warnings.warn(f"Checkpoint {path} holds no optimizer state (it was an epoch save point "

@@ -1,7 +1,8 @@
 """Images of vision samples: references resolved and checked at load time, opened by the collator.
 
-A sample keeps its images as *references* (an absolute path, the encoded file's bytes, or an
-already decoded PIL image), so samples stay small and picklable; :class:`VisionCollator` opens
+A sample keeps its images as *references* (an absolute path, a place in a parquet file or a
+``datasets`` dataset (``stored_images.py``), the encoded bytes of a data URL, or an already
+decoded PIL image), so samples stay small and picklable; :class:`VisionCollator` reads and opens
 them per batch and runs the processor's image processor.
 """
 
@@ -17,8 +18,9 @@ import torch
 from ..config.errors import ShardtuneError
 from .collate import pad_token_id
 from .rows import IGNORE_INDEX, BadRow
+from .stored_images import StoredImage
 
-ImageRef = Union[str, bytes, Any]  # absolute path | encoded image file | PIL.Image.Image
+ImageRef = Union[str, StoredImage, bytes, Any]  # absolute path | stored image | encoded image | PIL image
 IMAGE_TOKEN = "<|image|>"
 _DATA_URL = "data:image/"
 
@@ -26,8 +28,9 @@ _DATA_URL = "data:image/"
 def image_ref(value: Any, k: int, base: Optional[Path]) -> ImageRef:
     """Row field ``images[k]`` -> a reference; a relative path is resolved against ``base`` (the
     data file's folder). Accepts a path, a ``data:image/...;base64,`` URL, raw bytes, an HF
-    ``Image`` feature as stored (``{"bytes": ..., "path": ...}``) or a PIL image."""
-    if _is_pil(value):
+    ``Image`` feature as stored (``{"bytes": ..., "path": ...}``), a stored image (its bytes left in
+    the source, already checked) or a PIL image."""
+    if _is_pil(value) or isinstance(value, StoredImage):
         return value
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
@@ -75,6 +78,8 @@ def describe(ref: ImageRef) -> str:
         return ref
     if isinstance(ref, bytes):
         return f"{len(ref)} bytes of image data"
+    if isinstance(ref, StoredImage):
+        return f"{ref.nbytes} bytes of image data at {ref.where()}"
     return "a decoded image"
 
 
@@ -82,24 +87,41 @@ def check_image(ref: ImageRef, k: int) -> None:
     """Raise BadRow unless ``ref`` decodes as an image, so a corrupt or truncated file fails at
     load time, not mid-training. PNG: ``verify`` (every chunk's checksum, no pixel decoding);
     JPEG: a full decode at 1/8 scale (``draft``), cheap and still reading the whole stream (JPEG's
-    ``verify`` checks nothing); other formats: a full decode."""
+    ``verify`` checks nothing); other formats: a full decode. A stored image was checked when its
+    row was read (``image_problem``): what that check found is raised here."""
     if _is_pil(ref):
         return
+    if isinstance(ref, StoredImage):
+        if ref.problem:
+            raise BadRow(ref.problem)
+        return
+    problem = image_problem(ref if isinstance(ref, str) else io.BytesIO(ref), k, describe(ref))
+    if problem:
+        raise BadRow(problem)
+
+
+def image_problem(source: Any, k: int, label: str) -> str:
+    """What is wrong with the image in ``source`` (a path or a file object), as a BadRow message
+    about image ``k`` (named by ``label``); "" when it decodes (see :func:`check_image`)."""
     from PIL import Image
 
     try:
-        with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as im:
+        with Image.open(source) as im:
             if 0 in im.size:
-                raise BadRow(f"has image {k} ({describe(ref)}) of size {im.size[0]}x{im.size[1]}")
+                return f"has image {k} ({label}) of size {im.size[0]}x{im.size[1]}"
             if im.format == "PNG":
                 im.verify()
             else:
                 im.draft("RGB", (1, 1))  # JPEG only; a no-op for other formats
                 im.load()
-    except BadRow:
-        raise
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        raise BadRow(f"has an unreadable image {k} ({describe(ref)}): {type(e).__name__}: {e}") from None
+        return f"has an unreadable image {k} ({label}): {type(e).__name__}: {e}"
+    return ""
+
+
+def check_stored(data: bytes, k: int, ref: StoredImage) -> str:
+    """The load-time check of a stored image's bytes, while its row is read."""
+    return image_problem(io.BytesIO(data), k, describe(ref))
 
 
 def open_image(ref: ImageRef):
@@ -109,7 +131,12 @@ def open_image(ref: ImageRef):
     if _is_pil(ref):
         return ref.convert("RGB")
     try:
-        with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as im:
+        if isinstance(ref, StoredImage):
+            ref_bytes = ref.load()
+            source = io.BytesIO(ref_bytes if ref_bytes is not None else b"")
+        else:
+            source = ref if isinstance(ref, str) else io.BytesIO(ref)
+        with Image.open(source) as im:
             return im.convert("RGB")
     except Exception as e:  # noqa: BLE001
         raise ShardtuneError(f"Could not decode the image {describe(ref)} while building a batch "

@@ -23,7 +23,9 @@ Each row is encoded at load time with the processor's chat template (images as `
 "image"}`` parts at the start of the first user turn) into ``input_ids``, ``labels`` and
 ``attention_mask`` plus its image references; labels are -100 except on each assistant answer and
 the end-of-turn token that closes it. Images are checked to open at load time;
-:class:`~shardtune.data.images.VisionCollator` decodes them per batch.
+:class:`~shardtune.data.images.VisionCollator` decodes them per batch. Samples hold references,
+not image bytes: images embedded in a parquet file or a ``datasets`` dataset stay there until a
+batch reads them (``stored_images.py``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +19,9 @@ from ..config.configs import ocrvqa_dataset
 from ..config.errors import ShardtuneError
 from .files import read_records
 from .hub import load_from_hub
+from .images import check_stored
 from .rows import row_name
+from .stored_images import DatasetImage, ParquetImage, store_images
 
 FLAG = "--ocrvqa_dataset.data_path"
 SPLIT_SEED = 42  # llama-recipes' ocrvqa_dataset.py: train_test_split(..., seed=42)
@@ -105,9 +108,44 @@ def read_source(config: ocrvqa_dataset, split: str):
     if path.suffix.lower() == ".csv":
         raise ShardtuneError(f"{path}: ocrvqa_dataset rows hold lists (images, texts), which CSV cannot; "
                              f"use a .jsonl, .json or .parquet file.")
+    if path.suffix.lower() == ".parquet" and path.is_file():
+        return _from_parquet(path, config, split)
     records, where = read_records(path, flag=FLAG)
     rows, idx, source = _choose({"": records}, config, split, str(path))
     return [rows[i] for i in idx], (lambda i: where(idx[i])), path.parent, source
+
+
+def _from_parquet(path: Path, config: ocrvqa_dataset, split: str):
+    """The split's rows, read one row group at a time, their embedded images left in the file
+    (``stored_images.ParquetImage``): no process holds more than a row group's bytes."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and OSError
+        raise ShardtuneError(f"{FLAG} {path} is not a readable parquet file ({type(e).__name__}: {e}).") from None
+    _, idx, source = _choose({"": range(parquet.metadata.num_rows)}, config, split, str(path))
+    position = {row: j for j, row in enumerate(idx)}
+    rows: list = [None] * len(idx)
+    start, resolved = 0, str(path.resolve())
+    for group in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(group).num_rows
+        wanted = [i for i in range(start, start + n) if i in position]
+        if wanted:
+            table = parquet.read_row_group(group).take([i - start for i in wanted])
+            for i, row in zip(wanted, table.to_pylist()):
+                make = partial(_parquet_image, resolved, group, i - start)
+                rows[position[i]] = store_images(row, make, check_stored)
+        start += n
+    return rows, (lambda i: row_name(idx[i])), path.parent, source
+
+
+def _parquet_image(path: str, group: int, row: int, k: int, nbytes: int) -> ParquetImage:
+    return ParquetImage(nbytes=nbytes, path=path, row_group=group, row=row, k=k)
+
+
+def _dataset_image(dataset, row: int, k: int, nbytes: int) -> DatasetImage:
+    return DatasetImage(nbytes=nbytes, dataset=dataset, row=row, k=k)
 
 
 def _from_datasets(ds, config: ocrvqa_dataset, split: str, source: str, base: Optional[Path]):
@@ -115,24 +153,21 @@ def _from_datasets(ds, config: ocrvqa_dataset, split: str, source: str, base: Op
 
     splits = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"": ds}
     rows, idx, name = _choose(splits, config, split, source)
-    if "images" in rows.column_names:  # keep encoded bytes: decoding every image now costs memory
-        rows = rows.cast_column("images", _undecoded(rows.features["images"]))
-    return rows.select(idx).to_list(), (lambda i: row_name(idx[i])), base, name
+    if "images" not in rows.column_names:  # every row is refused for it when encoded
+        return rows.select(idx).to_list(), (lambda i: row_name(idx[i])), base, name
+    # The rows as stored (arrow format: images are encoded bytes, never decoded; no cast, which
+    # would write a cache file into the dataset's folder), a chunk at a time; the images are left
+    # in the memory-mapped dataset (``stored_images.DatasetImage``).
+    stored = rows.with_format("arrow")
+    out = []
+    for start in range(0, len(idx), _CHUNK):
+        part = idx[start:start + _CHUNK]
+        for i, row in zip(part, stored[part].to_pylist()):
+            out.append(store_images(row, partial(_dataset_image, stored, i), check_stored))
+    return out, (lambda i: row_name(idx[i])), base, name
 
 
-def _undecoded(feature):
-    """The ``images`` feature with its ``Image`` parts set to ``decode=False``."""
-    import dataclasses
-
-    import datasets
-
-    if isinstance(feature, datasets.Image):
-        return datasets.Image(decode=False)
-    if isinstance(feature, list) and feature:
-        return [_undecoded(feature[0])]
-    if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List / Sequence
-        return dataclasses.replace(feature, feature=_undecoded(feature.feature))
-    return feature
+_CHUNK = 256  # rows read at once from a ``datasets`` dataset
 
 
 def _load_hub(config: ocrvqa_dataset):

@@ -112,9 +112,13 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4
     min_n = min(min_n or (4096 if cuda else 1024), max_n)
     deadline = time.perf_counter() + budget_s
     n, best, reps = 256, 0.0, 0
+    # Its own generator: how many sizes are drawn depends on the machine's speed, and drawing them
+    # from the global RNG would shift dropout's stream in the run that measures (the first in a
+    # process), so two runs with one seed would train differently.
+    generator = torch.Generator(device=device).manual_seed(0)
     while True:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
+        a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+        b = torch.randn(n, n, device=device, generator=generator).to(dtype)
         torch.mm(a, b)  # warm-up: kernel choice, first touch of the output
         sync()
         fastest = math.inf

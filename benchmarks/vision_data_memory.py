@@ -1,0 +1,163 @@
+"""Host RAM of ``--dataset ocrvqa_dataset`` per rank and per DataLoader worker, at real scale.
+
+What it measures
+----------------
+``--rows`` (default 20,000) rows of the_cauldron's shape, one generated PNG each (random pixels,
+``--side`` px square, ~10 KB: incompressible, like photos), written once under ``--workdir`` as
+
+* ``jsonl``: a JSON-lines file whose rows name their image files (one file per image), and
+* ``parquet``: one parquet file with the images embedded as Hugging Face ``Image`` features
+  (``{"bytes", "path"}``, row groups of 100 rows as ``datasets`` writes image columns), as
+  OCR-VQA / the_cauldron come from the hub.
+
+Then, per format, two fresh processes (spawned, as torchrun would start 2 ranks; no process group
+is needed: the loader takes rank and world size) each do what the recipe's ``setup_data`` does on
+its rank: ``load_split(cfg, processor, "train")`` and ``build_dataloader(..., rank=r,
+world_size=2, num_workers=1)`` (a fork-server worker that is sent the samples by pickling), then
+read ``--batches`` batches. Each rank reports its RSS (``psutil``) before loading, after
+``load_split``, and after the batches, the size of its pickled samples (what each worker is sent)
+and the RSS of its DataLoader worker. The processor is the tiny one (``shardtune.demo.tiny``:
+28-px tiles), so tokenising and the image processor cost little and RAM is the data's.
+
+Usage::
+
+    python benchmarks/vision_data_memory.py --workdir /tmp/vision-mem [--rows 20000] [--formats jsonl parquet]
+
+Run it against another source tree with ``PYTHONPATH=OTHER/src`` to compare (it uses only
+``load_split``, ``build_dataloader`` and ``build_tiny_processor``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+MIB = 2 ** 20
+
+
+def _png(seed: int, side: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, size=(side, side, 3)).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _texts(i: int) -> list[dict]:
+    return [{"user": f"What is the title of book {i}?", "assistant": f"The quick fox {i}"}]
+
+
+def generate(workdir: Path, rows: int, side: int) -> dict[str, Path]:
+    """The two sources (reused when already there with the same row count)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = workdir / "generated.json"
+    jsonl, parquet = workdir / "rows.jsonl", workdir / "rows.parquet"
+    if stamp.is_file() and json.loads(stamp.read_text()) == {"rows": rows, "side": side}:
+        return {"jsonl": jsonl, "parquet": parquet}
+    images = workdir / "images"
+    images.mkdir(exist_ok=True)
+    writer, batch, total = None, [], 0
+    with jsonl.open("w") as lines:
+        for i in range(rows):
+            data = _png(i, side)
+            total += len(data)
+            (images / f"{i}.png").write_bytes(data)
+            lines.write(json.dumps({"images": [f"images/{i}.png"], "texts": _texts(i)}) + "\n")
+            batch.append({"images": [{"bytes": data, "path": None}], "texts": _texts(i)})
+            if len(batch) == 100 or i == rows - 1:
+                table = pa.Table.from_pylist(batch)
+                writer = writer or pq.ParquetWriter(parquet, table.schema)
+                writer.write_table(table, row_group_size=100)
+                batch = []
+    writer.close()
+    stamp.write_text(json.dumps({"rows": rows, "side": side}))
+    print(f"generated {rows} images ({total / MIB:.0f} MiB of PNG) under {workdir}", flush=True)
+    return {"jsonl": jsonl, "parquet": parquet}
+
+
+def _rss(pid: int | None = None) -> float:
+    import psutil
+
+    return psutil.Process(pid or os.getpid()).memory_info().rss / MIB
+
+
+def rank_main(rank: int, world: int, source: str, batches: int, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from shardtune.config import parse_args
+    from shardtune.data import build_dataloader, load_split
+    from shardtune.demo.tiny import build_tiny_processor
+
+    processor = build_tiny_processor()
+    cfg = parse_args(["--dataset", "ocrvqa_dataset", "--ocrvqa_dataset.data_path", source,
+                      "--batching_strategy", "padding", "--context_length", "512"]).config
+    record = {"rank": rank, "rss_start": _rss()}
+    start = time.perf_counter()
+    split = load_split(cfg, processor, "train")
+    record.update(load_s=time.perf_counter() - start, rss_after_load=_rss(), samples=len(split.samples),
+                  pickled_mib=len(pickle.dumps(split.samples)) / MIB)
+    loader = build_dataloader(split.samples, tokenizer=processor, strategy="padding", batch_size=4,
+                              context_length=512, shuffle=True, seed=0, rank=rank, world_size=world,
+                              num_workers=1, collate_fn=split.collate_fn)
+    loader.batch_sampler.set_epoch(0)
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    workers = [w.pid for w in getattr(it, "_workers", [])]  # benchmark only: the worker's pid
+    record.update(rss_after_batches=_rss(), worker_rss=[_rss(pid) for pid in workers])
+    Path(out).write_text(json.dumps(record))
+    del it  # shuts its worker down
+
+
+def measure(source: Path, world: int, batches: int, workdir: Path) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    outs = [workdir / f"rank{r}.json" for r in range(world)]
+    for o in outs:
+        o.unlink(missing_ok=True)
+    procs = [ctx.Process(target=rank_main, args=(r, world, str(source), batches, str(outs[r])))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--side", type=int, default=56, help="image side in pixels (56: ~9.5 KB PNGs)")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--formats", nargs="+", default=["jsonl", "parquet"], choices=["jsonl", "parquet"])
+    args = ap.parse_args()
+    sources = generate(args.workdir, args.rows, args.side)
+    import shardtune
+
+    print(f"shardtune from {Path(shardtune.__file__).parent}", flush=True)
+    print("| format | rank | samples | load_split s | RSS start MiB | after load_split | after batches "
+          "| pickled samples MiB | worker RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fmt in args.formats:
+        for r in measure(sources[fmt], args.ranks, args.batches, args.workdir):
+            print(f"| {fmt} | {r['rank']} | {r['samples']} | {r['load_s']:.1f} | {r['rss_start']:.0f} | "
+                  f"{r['rss_after_load']:.0f} | {r['rss_after_batches']:.0f} | {r['pickled_mib']:.1f} | "
+                  f"{', '.join(f'{w:.0f}' for w in r['worker_rss'])} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
