@@ -145,13 +145,18 @@ def earlier_checkpoint(path: Path) -> Optional[Path]:
 def verify_checkpoint(path: Path, env: Optional[DistEnv] = None, advice: Optional[str] = None) -> bool:
     """Check every file of a checkpoint against its ``COMPLETE`` marker (the ranks of ``env`` in
     parallel, or this process alone); a difference is a :class:`DamagedFiles` error naming the
-    files. False when the checkpoint predates recorded digests (nothing to check against)."""
-    manifest = layout.read_manifest(path)
-    if not manifest:
-        return False
-    ranks, rank = (env.world_size, env.rank) if env is not None else (1, 0)
-    share = balanced_shares(path, sorted(manifest), ranks)[rank]
-    problems = sorted(p for part in _gather(env, problems_of(path, manifest, share)) for p in part)
+    files. False only when the checkpoint has no digest record (no marker, or the ``ok`` an older
+    shardtune wrote): nothing to check against. An unreadable marker is damage, not age."""
+    try:
+        manifest = layout.read_manifest(path)
+    except DamagedFiles as exc:  # a marker that exists but is not a digest record: damaged, not old
+        problems = exc.problems
+    else:
+        if manifest is None:
+            return False
+        ranks, rank = (env.world_size, env.rank) if env is not None else (1, 0)
+        share = balanced_shares(path, sorted(manifest), ranks)[rank]
+        problems = sorted(p for part in _gather(env, problems_of(path, manifest, share)) for p in part)
     if problems:
         if advice is None:
             earlier = earlier_checkpoint(path)
