@@ -302,9 +302,9 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     sampler = c.train_loader.batch_sampler
     batches_per_epoch = len(c.train_loader)  # a whole epoch: before a resume positions the sampler
     steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
-    checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(),
-                                keep_last_n=t.keep_last_n,
-                                data_of=lambda: DataRecord.of(sampler, rows_fingerprint(c.train_loader.dataset.samples)))
+    rows = c.train_loader.dataset.samples  # digested once, at the first save or resume: how positions are counted
+    checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(), keep_last_n=t.keep_last_n,
+                                data_of=lambda: DataRecord.of(sampler, rows_fingerprint(rows)))
     inside_output = top_entry_under(t.output_dir, checkpointer.run)
     pos = Position()
     resume_path = checkpointer.find_resume_point(t.resume, t.resume_from)

@@ -24,7 +24,7 @@ class Position:
     the ``trained`` samples, which an earlier layout trained)."""
 
     epoch: int = 0
-    batch: int = 0  # micro-batches of ``epoch`` already trained
+    batch: int = 0  # global batches (each rank's micro-batches) of ``epoch`` already trained
     step: int = 0  # optimizer steps done in the whole run
     best_val: Optional[float] = None
     saved_at: tuple = ()

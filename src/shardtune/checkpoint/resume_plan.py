@@ -228,8 +228,7 @@ def plan_resume(path: Path, state: dict, *, config: dict, world_size: int, sampl
             f"resume: data position: {len(skip)} samples of {where} were trained in global batches of "
             f"{old_batch} (seed {old_seed}); its other {len(sampler.lengths) - len(skip)} samples are trained "
             f"now in {remaining_batches} global batches of {new_batch} (seed {new_seed})"
-            + (f", {unused} left over that fill no batch (as --batch_size_training's last partial batch "
-               "always is)" if unused else ""))
+            + (f"; {unused} fill no batch and are left out, like any epoch's last partial batch" if unused else ""))
 
     epoch_end = step + math.ceil(remaining_batches / int(train["gradient_accumulation_steps"]))
     total = epoch_end + steps_per_epoch * max(0, num_epochs - epoch - 1)

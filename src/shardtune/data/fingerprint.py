@@ -29,10 +29,11 @@ def rows_fingerprint(samples: Sequence[Any]) -> str:
 def _bytes(value: Any) -> bytes:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
-        return array("q", value).tobytes()
+    if isinstance(value, (list, tuple)):
+        try:  # token ids: one C-level conversion
+            return array("q", value).tobytes()
+        except (TypeError, OverflowError):
+            return b"[" + b",".join(_bytes(v) for v in value) + b"]"
     if isinstance(value, (str, int, float, bool)) or value is None:
         return repr(value).encode()
-    if isinstance(value, (list, tuple)):
-        return b"[" + b",".join(_bytes(v) for v in value) + b"]"
     return type(value).__name__.encode()
