@@ -101,6 +101,19 @@ def test_changed_data_in_the_middle_of_an_epoch_is_refused(first, tmp_path, caps
         with pytest.raises(ShardtuneError, match=r"training data's content changed since the checkpoint \(46 "
                                                  r"rows then, 9 now\).*middle of epoch 1"):
             _resume(first, tmp_path, capsys)
+        # a checkpoint from before the data record (an older shardtune's, without digests too) is checked
+        # by its position: 3 batches of 2 done, and the shortened file's 5 training rows make 2
+        out = tmp_path / "old"
+        shutil.copytree(first["out"], out)
+        ckpt = out / "checkpoints" / "fine-tuned" / "step-000003"
+        state = json.loads((ckpt / "train_state.json").read_text())
+        del state["position"]["data"]
+        (ckpt / "train_state.json").write_text(json.dumps(state))
+        (ckpt / layout.COMPLETE_MARKER).write_text("ok\n")
+        _write_rows(first["data"], 6)
+        with pytest.raises(ShardtuneError, match=r"data position \(3 global batches of 2 rows done in epoch 1\) "
+                                                 r"is past the end of the training data, which makes 2 such batches"):
+            finetune(_args(first["model"], first["data"], out, "--resume"))
     finally:
         first["data"].write_text(original)
     other = _write_rows(tmp_path / "other.json", ROWS, "Say")  # another file: named with both paths
