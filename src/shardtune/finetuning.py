@@ -29,11 +29,13 @@ from .checkpoint.hf_stream import DTYPES
 from .checkpoint.listing import checkpoint_size
 from .checkpoint.manager import Checkpointer, Position, StepCheckpoints
 from .checkpoint.preemption import PreemptionSignal
+from .checkpoint.resume_plan import DataRecord
 from .checkpoint.sizes import human_size
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import BatchingStrategy, StateDictType, defers_gradient_sync
 from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
+from .data.fingerprint import rows_fingerprint
 from .eval.quick import evaluate_after_training
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
@@ -297,8 +299,12 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     clip = lambda: clip_grad_norm(trainable, clip_to)  # noqa: E731
 
     # Resume, then checkpoints every N steps and on pre-emption (a step hook).
-    checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(),
-                                keep_last_n=t.keep_last_n)
+    sampler = c.train_loader.batch_sampler
+    batches_per_epoch = len(c.train_loader)  # a whole epoch: before a resume positions the sampler
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    rows = c.train_loader.dataset.samples  # digested once, at the first save or resume: how positions are counted
+    checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(), keep_last_n=t.keep_last_n,
+                                data_of=lambda: DataRecord.of(sampler, rows_fingerprint(rows)))
     inside_output = top_entry_under(t.output_dir, checkpointer.run)
     pos = Position()
     resume_path = checkpointer.find_resume_point(t.resume, t.resume_from)
@@ -306,7 +312,14 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
         started = time.perf_counter()
         say(env, f"resuming from {resume_path} ({human_size(checkpoint_size(resume_path))}): checking its files' "
                  "digests, then loading")
-        pos = checkpointer.resume(resume_path, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler)
+        # each setting that differs from the checkpoint's: applied, remapped, or refused before loading
+        plan = checkpointer.plan(resume_path, sampler=sampler, steps_per_epoch=steps_per_epoch,
+                                 num_epochs=t.num_epochs, max_train_step=t.max_train_step)
+        for line in plan.lines:
+            say(env, line)
+        c.scheduler = build_scheduler(c.optimizer, t, steps_per_epoch=steps_per_epoch, total_steps=plan.total_steps,
+                                      resumed_epoch=plan.resumed_epoch)  # the run's remaining steps, this layout
+        pos = checkpointer.resume(resume_path, plan, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler)
         say(env, f"resumed from {resume_path} in {time.perf_counter() - started:.1f} s: epoch {pos.epoch + 1}, "
                  f"step {pos.step}")
         if 0 < t.max_train_step <= pos.step or pos.epoch >= t.num_epochs:
@@ -322,16 +335,14 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
         say(env, f"--resume: no complete checkpoint under {checkpointer.run} yet; starting from scratch")
     loggers = start_loggers(cfg, env, meter, resumed_at=pos.step if resume_path is not None else None)
     hooks.extend(loggers)
-    batches_per_epoch = len(c.train_loader)
-    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
     best_val = pos.best_val if pos.best_val is not None else math.inf
     saved_at = list(pos.saved_at)
 
     def position_after(result) -> Position:
-        done = result.epoch_batch >= batches_per_epoch
+        done = result.epoch_batch >= sampler.epoch_batches
         return Position(epoch=result.epoch + done, batch=0 if done else result.epoch_batch,
                         step=result.step, best_val=best_val if math.isfinite(best_val) else None,
-                        saved_at=tuple(saved_at))
+                        saved_at=tuple(saved_at), trained=() if done else tuple(sorted(sampler.skip)))
 
     def save_resumable(position: Position, with_optimizer: bool = True) -> None:
         refuse_non_finite(c.model, env, position.step, "checkpoint")
@@ -356,7 +367,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
             if (remaining is not None and remaining <= 0) or step_saves.stop_requested:
                 break
             start_batch = pos.batch if epoch == pos.epoch else 0
-            c.train_loader.batch_sampler.set_epoch(epoch, start_batch)  # a new order every epoch
+            sampler.set_epoch(epoch, start_batch, pos.trained if epoch == pos.epoch else ())  # a new order every epoch
             result = train_epoch(
                 c.model, c.train_loader, c.optimizer, c.scheduler, env=env, epoch=epoch,
                 start_step=step, accumulation_steps=t.gradient_accumulation_steps, clip_grad=clip,

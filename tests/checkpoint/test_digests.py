@@ -143,3 +143,31 @@ def test_the_two_rank_checkpoints_record_both_ranks_files(ranks):
     path = ranks / "full" / "checkpoints" / "fine-tuned" / "step-000002"
     assert {"__0_0.distcp", "__1_0.distcp", "rng-rank0.pt", "rng-rank1.pt"} <= set(layout.read_manifest(path))
     assert verify_checkpoint(path)
+
+
+def test_an_unreadable_complete_marker_is_damage_not_an_old_checkpoint(run, tmp_path):
+    """``garbage{`` in COMPLETE plus damaged shard bytes: resume refuses (naming the marker) instead
+    of warning that the checkpoint predates digests and loading it; --verify fails it. A marker
+    that holds an older shardtune's ``ok`` is still an old checkpoint, checked as far as it can be."""
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)
+    ckpt = out / "checkpoints" / "fine-tuned" / "step-000004"
+    (ckpt / layout.COMPLETE_MARKER).write_text("garbage{")
+    shard = ckpt / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    for i in range(64):
+        data[len(data) // 2 + i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DamagedFiles, match=r"COMPLETE marker .* is not valid JSON.*--resume_from .*step-000002"):
+        finetune(_args(run["model"], run["data"], out, "--max_train_step", "6", "--resume",
+                       "--save_model", "False"))
+    assert (ckpt / layout.COMPLETE_MARKER).read_text() == "garbage{"  # left as it was
+    proc = _cli("checkpoints", str(ckpt.parent), "--verify")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = dict(line.split(maxsplit=1) for line in proc.stdout.splitlines())
+    assert lines["step-000004"].startswith("DAMAGED") and "COMPLETE marker" in lines["step-000004"]
+    assert lines["step-000002"].startswith("verified")
+    # an older shardtune's marker: no digests to check, so the checkpoint is checked without them
+    good = out / "checkpoints" / "fine-tuned" / "step-000002"
+    (good / layout.COMPLETE_MARKER).write_text("ok\n")
+    assert layout.read_manifest(good) is None and not verify_checkpoint(good)

@@ -22,7 +22,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from .digests import DamagedFiles
+
 COMPLETE_MARKER = "COMPLETE"
+_PRE_DIGEST_MARKER = "ok"  # what COMPLETE held before shardtune recorded digests
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -73,13 +76,38 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
 
 
 def read_manifest(path: Path) -> Optional[dict[str, dict]]:
-    """The file digests a checkpoint's ``COMPLETE`` marker records; None for a marker written
-    before shardtune recorded them (it held just ``ok``)."""
-    try:
-        data = json.loads((path / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
+    """The file digests a checkpoint's ``COMPLETE`` marker records; None only for a checkpoint
+    that really has no digest record: no marker at all (llama-recipes'), or the marker an older
+    shardtune wrote before it recorded digests (just ``ok``). A marker that exists but cannot be
+    read or is not a complete record is a damaged checkpoint (:class:`DamagedFiles`): treating
+    it as "old" would switch verification off for exactly the checkpoints that need it."""
+    marker = path / COMPLETE_MARKER
+    if not marker.exists():
         return None
-    return data.get("files") if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+    try:
+        text = marker.read_text()
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, f"cannot be read ({exc})") from None
+    if text.strip() == _PRE_DIGEST_MARKER:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise _damaged(path, "is not valid JSON") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise _damaged(path, "records no file digests")
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise _damaged(path, f"has no size or sha256 for {name}")
+    return files
+
+
+def _damaged(path: Path, what: str) -> DamagedFiles:
+    return DamagedFiles(path, [f"its {COMPLETE_MARKER} marker (the record of every file's size and sha256) "
+                               f"{what}, so none of its files can be verified"],
+                        advice="It was not loaded: restore the folder from a good copy, or use an earlier checkpoint.")
 
 
 def commit(tmp: Path, final: Path, manifest: Optional[dict[str, dict]] = None) -> None:

@@ -11,31 +11,47 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-
 from ..parallel.distributed import DistEnv
 from . import layout
 from .preemption import PreemptionSignal
-from .sharded import load_checkpoint, read_train_state, save_checkpoint
+from .resume_plan import DataRecord, ResumePlan, plan_resume
+from .sharded import load_checkpoint, read_train_state, save_checkpoint, verify_before_loading
 
 
 @dataclass
 class Position:
-    """Where training is: the next epoch to run and how many of its micro-batches are done."""
+    """Where training is: the next epoch to run and how many of its global batches are done (after
+    the ``trained`` samples, which an earlier layout trained)."""
 
     epoch: int = 0
-    batch: int = 0  # micro-batches of ``epoch`` already trained
+    batch: int = 0  # global batches (each rank's micro-batches) of ``epoch`` already trained
     step: int = 0  # optimizer steps done in the whole run
     best_val: Optional[float] = None
     saved_at: tuple = ()
+    trained: tuple = ()  # samples of ``epoch`` trained under an earlier data layout (resume_plan.py)
 
 
 class Checkpointer:
-    def __init__(self, run: Path, *, env: DistEnv, config_dict: dict, keep_last_n: int = 0) -> None:
+    """``data_of()`` gives the run's :class:`DataRecord` (how its data position is counted), asked for
+    once, at the first save or resume: it digests every training row."""
+
+    def __init__(self, run: Path, *, env: DistEnv, config_dict: dict, keep_last_n: int = 0,
+                 data_of: Optional[Callable[[], DataRecord]] = None) -> None:
         self.run, self.env, self.config_dict, self.keep_last_n = run, env, config_dict, keep_last_n
+        self._data_of, self._data = data_of, None
+
+    @property
+    def data(self) -> Optional[DataRecord]:
+        if self._data is None and self._data_of is not None:
+            self._data = self._data_of()
+        return self._data
 
     def save(self, position: Position, *, model, optimizer, scheduler) -> Optional[Path]:
+        saved = asdict(position)
+        if self.data is not None:
+            saved["data"] = asdict(self.data)
         path = save_checkpoint(self.run, position.step, model=model, optimizer=optimizer,
-                               scheduler=scheduler, position=asdict(position),
+                               scheduler=scheduler, position=saved,
                                config_dict=self.config_dict, env=self.env)
         if self.env.is_main:
             layout.prune(self.run, self.keep_last_n)
@@ -59,10 +75,25 @@ class Checkpointer:
             return layout.latest_checkpoint(self.run)
         return None
 
-    def resume(self, path: Path, *, model, optimizer, scheduler) -> Position:
-        saved = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, env=self.env)
+    def plan(self, path: Path, *, sampler, steps_per_epoch: int, num_epochs: int,
+             max_train_step: int) -> ResumePlan:
+        """What resuming ``path`` under this run's config means (``resume_plan.py``), after checking its
+        files against their digests; refuses what cannot be continued before anything is loaded."""
+        state = read_train_state(path)
+        verify_before_loading(path, self.env)  # the files the plan reads are checked before they are trusted
+        return plan_resume(path, state, config=self.config_dict, world_size=self.env.world_size,
+                           sampler=sampler, data=self.data, steps_per_epoch=steps_per_epoch,
+                           num_epochs=num_epochs, max_train_step=max_train_step)
+
+    def resume(self, path: Path, plan: ResumePlan, *, model, optimizer, scheduler) -> Position:
+        """Load ``path`` into model, optimizer and scheduler, with ``plan``'s lr and weight decay and
+        data position."""
+        saved = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, env=self.env,
+                                hyper=plan.hyper, verified=True)
         known = set(Position.__dataclass_fields__)
-        return Position(**{k: v for k, v in saved.items() if k in known})
+        position = Position(**{k: v for k, v in saved.items() if k in known})
+        position.batch, position.trained = plan.start_batch, plan.skip
+        return position
 
 
 class StepCheckpoints:

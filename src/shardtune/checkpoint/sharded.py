@@ -146,13 +146,18 @@ def earlier_checkpoint(path: Path) -> Optional[Path]:
 def verify_checkpoint(path: Path, env: Optional[DistEnv] = None, advice: Optional[str] = None) -> bool:
     """Check every file of a checkpoint against its ``COMPLETE`` marker (the ranks of ``env`` in
     parallel, or this process alone); a difference is a :class:`DamagedFiles` error naming the
-    files. False when the checkpoint predates recorded digests (nothing to check against)."""
-    manifest = layout.read_manifest(path)
-    if not manifest:
-        return False
-    ranks, rank = (env.world_size, env.rank) if env is not None else (1, 0)
-    share = balanced_shares(path, sorted(manifest), ranks)[rank]
-    problems = sorted(p for part in _gather(env, problems_of(path, manifest, share)) for p in part)
+    files. False only when the checkpoint has no digest record (no marker, or the ``ok`` an older
+    shardtune wrote): nothing to check against. An unreadable marker is damage, not age."""
+    try:
+        manifest = layout.read_manifest(path)
+    except DamagedFiles as exc:  # a marker that exists but is not a digest record: damaged, not old
+        problems = exc.problems
+    else:
+        if manifest is None:
+            return False
+        ranks, rank = (env.world_size, env.rank) if env is not None else (1, 0)
+        share = balanced_shares(path, sorted(manifest), ranks)[rank]
+        problems = sorted(p for part in _gather(env, problems_of(path, manifest, share)) for p in part)
     if problems:
         if advice is None:
             earlier = earlier_checkpoint(path)
@@ -161,6 +166,14 @@ def verify_checkpoint(path: Path, env: Optional[DistEnv] = None, advice: Optiona
                       "without --resume, or restore the files from a good copy.")
         raise DamagedFiles(path, problems, advice)
     return True
+
+
+def verify_before_loading(path: Path, env: DistEnv) -> None:
+    """:func:`verify_checkpoint` by every rank; a checkpoint without a digest record is loaded with a
+    warning that its files cannot be verified."""
+    if not verify_checkpoint(path, env) and env.is_main:
+        warnings.warn(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
+                      "cannot be verified.", stacklevel=3)
 
 
 def read_train_state(path: Path) -> dict:
@@ -203,13 +216,14 @@ def check_compatible(saved: dict, model: torch.nn.Module, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    scheduler: Any, env: DistEnv) -> dict:
+                    scheduler: Any, env: DistEnv, hyper: Optional[dict] = None, verified: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG from ``path`` (its files verified against their
-    recorded digests first); returns the saved data position."""
+    recorded digests first); returns the saved data position. ``hyper`` (``lr``, ``weight_decay``):
+    this run's values, which replace the restored optimizer's and scheduler's. ``verified``: the
+    caller has checked the digests already."""
     meta = read_train_state(path)
-    if not verify_checkpoint(path, env) and env.is_main:
-        warnings.warn(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
-                      "cannot be verified.", stacklevel=2)
+    if not verified:
+        verify_before_loading(path, env)
     check_compatible(meta["fingerprint"], model, path)
     options = _options(model)
     state = {"model": model_state(model, options)}
@@ -220,6 +234,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
                       "resumed run is not an exact continuation.", stacklevel=2)
     if load_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+    _check_shapes(path, state)
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
@@ -232,16 +247,56 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
     set_model_state_dict(model, state["model"], options=options)
     if load_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
-    scheduler.load_state_dict(meta["scheduler"])
+    scheduler.load_state_dict(_with_hyper(meta["scheduler"], scheduler, optimizer, hyper))
     rng_file = path / f"rng-rank{env.rank}.pt"
     if meta.get("world_size") == env.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     elif env.is_main:
         warnings.warn(f"Checkpoint {path} was written by {meta.get('world_size')} ranks and is "
-                      f"resumed on {env.world_size}: model and optimizer are resharded. The data "
-                      "order is the original one only if batch_size_training x ranks is unchanged, "
-                      "and random streams (dropout) differ.", stacklevel=2)
+                      f"resumed on {env.world_size}: model and optimizer are resharded, the data position "
+                      "is counted in samples, and random streams (dropout) differ.", stacklevel=2)
     return meta["position"]
+
+
+def _with_hyper(saved: dict, scheduler: Any, optimizer: Optional[torch.optim.Optimizer],
+                hyper: Optional[dict]) -> dict:
+    """The saved scheduler state with this run's lr as its base, and the optimizer's lr and weight
+    decay set to match: restoring them unchanged would keep the checkpoint's values while the run
+    records the new ones."""
+    if not hyper:
+        return saved
+    state = dict(saved)
+    lr = hyper["lr"]
+    current = lr * scheduler.lr_lambdas[0](state["last_epoch"])  # the schedule's value at the resumed step
+    state["base_lrs"] = [lr] * len(state["base_lrs"])
+    state["_last_lr"] = [current] * len(state["base_lrs"])
+    for group in optimizer.param_groups if optimizer is not None else ():
+        group["lr"], group["initial_lr"] = current, lr
+        if "weight_decay" in hyper and "weight_decay" in group:
+            group["weight_decay"] = hyper["weight_decay"]
+    return state
+
+
+def _check_shapes(path: Path, state: dict) -> None:
+    """Name a tensor whose shape differs between the checkpoint and this run (another LoRA rank or
+    model size) instead of letting DCP report it as a damaged shard."""
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # an unreadable index is reported by the load itself
+        return
+    wrong = []
+    for name, tensor in state["model"].items():
+        meta = stored.get(f"model.{name}")
+        size = getattr(meta, "size", None)
+        if size is not None and isinstance(tensor, torch.Tensor) and tuple(size) != tuple(tensor.shape):
+            wrong.append(f"{name} is {list(size)} in the checkpoint and {list(tensor.shape)} here")
+    if wrong:
+        raise ShardtuneError(
+            f"Checkpoint {path} does not fit this run's model: {'; '.join(wrong[:3])}"
+            f"{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}. The checkpoint is intact; a setting "
+            "that sets these shapes differs from the one it was trained with (the model, --lora_config.r or "
+            "another adapter option: its train_params.yaml lists them). Resume with those settings, or start "
+            "a new run.")
 
 
 def _rng_state() -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from torch.utils.data import Sampler
 
@@ -31,6 +31,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
       Without ``drop_last``, a rank whose slice of the last global batch is empty gets one
       filler sample (a copy of the batch's first sample, labels masked) so all ranks run the same
       number of steps, as FSDP requires.
+    * ``set_epoch(epoch, start_batch, skip)``: ``skip`` holds samples of the epoch already trained
+      under another layout (a resume with another global batch size or seed); the epoch's batches
+      are formed from the other samples only, so each sample is still trained once per epoch.
     """
 
     def __init__(self, lengths: Sequence[int], *, batch_size: int, shuffle: bool, seed: int,
@@ -42,22 +45,51 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.group_by_length = group_by_length
         self.epoch, self.start_batch = 0, 0
+        self.skip: frozenset[int] = frozenset()
 
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's order; ``start_batch`` skips batches already trained (resume)."""
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int, start_batch: int = 0, skip: Iterable[int] = ()) -> None:
+        """Select the epoch's order; ``start_batch`` skips batches already trained (resume), and
+        ``skip`` samples already trained in this epoch under an earlier layout."""
+        self.epoch, self.start_batch, self.skip = epoch, start_batch, frozenset(skip)
+
+    def with_layout(self, *, global_batch_size: int, seed: int) -> "GlobalBatchSampler":
+        """The same rows batched another way (one process holding whole global batches): what an
+        earlier run with that global batch size and seed trained."""
+        return GlobalBatchSampler(self.lengths, batch_size=global_batch_size, shuffle=self.shuffle, seed=seed,
+                                  drop_last=self.drop_last, group_by_length=self.group_by_length)
+
+    def trained_samples(self, epoch: int, batches: int, skip: Iterable[int] = ()) -> set[int]:
+        """The samples of ``epoch``'s first ``batches`` global batches (with ``skip`` formed as in
+        ``set_epoch``), together with ``skip``: what a run that stopped there had trained."""
+        self.set_epoch(epoch, 0, skip)
+        done = set(self.skip)
+        for batch in self.global_batches()[:batches]:
+            done.update(batch)
+        return done
+
+    @property
+    def epoch_batches(self) -> int:
+        """Global batches of the current epoch, counting those ``start_batch`` skips."""
+        return self._total()
+
+    def _total(self) -> int:
+        n, size = len(self.lengths) - len(self.skip), self.global_batch_size
+        return n // size if self.drop_last else math.ceil(n / size)
 
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
         epoch = self.epoch if epoch is None else epoch
         rng = random.Random(f"shardtune:{self.seed}:{epoch}")  # str seeds are stable across runs
-        n, size = len(self.lengths), self.global_batch_size
-        order = list(range(n))
+        size = self.global_batch_size
+        order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)
+        if self.skip:  # trained earlier in this epoch under another layout
+            order = [i for i in order if i not in self.skip]
+        n = len(order)
         if self.group_by_length:
             order.sort(key=self.lengths.__getitem__)  # stable: equal lengths keep shuffled order
         rest = n % size
@@ -78,6 +110,4 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield self._local(batch)
 
     def __len__(self) -> int:
-        n, size = len(self.lengths), self.global_batch_size
-        total = n // size if self.drop_last else math.ceil(n / size)
-        return max(0, total - self.start_batch)
+        return max(0, self._total() - self.start_batch)

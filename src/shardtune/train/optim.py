@@ -9,7 +9,7 @@ then ``steplr`` (llama-recipes: multiply by ``gamma`` after each epoch), ``cosin
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -55,11 +55,13 @@ def adamw_kwargs(requested: OptimizerImpl, params: list[torch.nn.Parameter], sca
 
 
 def lr_factor(step: int, *, scheduler: Scheduler, warmup_steps: int, steps_per_epoch: int,
-              total_steps: int, gamma: float) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+              total_steps: int, gamma: float, resumed_epoch: Optional[tuple[int, int]] = None) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based). ``resumed_epoch`` is
+    ``(epoch, step at which it ends)`` for a run resumed in a layout with another number of steps per
+    epoch: steplr then counts epochs from there (``step // steps_per_epoch`` would not)."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if scheduler == Scheduler.steplr:
-        return warm * gamma ** (step // max(steps_per_epoch, 1))
+        return warm * gamma ** epoch_of_step(step, max(steps_per_epoch, 1), resumed_epoch)
     if scheduler == Scheduler.constant or step < warmup_steps:
         return warm
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -69,11 +71,19 @@ def lr_factor(step: int, *, scheduler: Scheduler, warmup_steps: int, steps_per_e
     return 1.0 - progress  # linear
 
 
+def epoch_of_step(step: int, steps_per_epoch: int, resumed_epoch: Optional[tuple[int, int]] = None) -> int:
+    """The epoch optimizer step ``step`` (0-based) belongs to."""
+    if resumed_epoch is None:
+        return step // steps_per_epoch
+    epoch, end = resumed_epoch
+    return epoch if step < end else epoch + 1 + (step - end) // steps_per_epoch
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg, *, steps_per_epoch: int,
-                    total_steps: int) -> LambdaLR:
+                    total_steps: int, resumed_epoch: Optional[tuple[int, int]] = None) -> LambdaLR:
     def factor(step: int) -> float:
         return lr_factor(step, scheduler=train_cfg.scheduler, warmup_steps=train_cfg.warmup_steps,
                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                         gamma=train_cfg.gamma)
+                         gamma=train_cfg.gamma, resumed_epoch=resumed_epoch)
 
     return LambdaLR(optimizer, factor)
