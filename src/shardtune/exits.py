@@ -40,10 +40,17 @@ def run_with_clean_errors(fn: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except Exception:
+    except Exception as exc:
         if _process_groups_started() == before:
             raise
-        traceback.print_exc()
+        from .parallel.distributed import peer_lost
+
+        lost = peer_lost(exc)
+        if lost:  # another rank died first: the launcher names it, this rank's traceback is noise
+            print(f"[rank {os.environ.get('RANK', '0')}] stopped: another rank of the job has gone ({lost}).",
+                  file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         code = 1
     if _process_groups_started() > before:
         from .parallel.distributed import end_process

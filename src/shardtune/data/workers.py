@@ -64,27 +64,47 @@ def worker_options(num_workers: int, rows: Any, collate_fn: Any) -> dict:
             "worker_init_fn": functools.partial(exit_with_parent, os.getpid(), psutil.Process().create_time())}
 
 
-def _start_fork_server() -> None:
-    """Start the fork server now, with SIGINT ignored (a disposition that survives its exec).
+# Signals meant for the rank that the fork server and its workers ignore (see _start_fork_server).
+_RANK_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    It spends seconds importing torch and the recipe before it installs its own SIGINT handling,
-    and a Ctrl-C meant for the job would otherwise end it mid-import with a KeyboardInterrupt
-    traceback. Its workers inherit the same: they stop with their rank, not on SIGINT.
+
+def _start_fork_server() -> None:
+    """Start the fork server now, with SIGINT, SIGTERM and SIGUSR1 ignored (ignored dispositions
+    survive its exec and every fork of a worker from it).
+
+    The fork server is started by the rank, so it and its workers are in the rank's process
+    group, and whatever signals that group reaches them too: Ctrl-C from a terminal, and the
+    SIGTERM that torchrun sends to each rank's whole group when it is itself told to stop (Slurm,
+    Kubernetes). A worker killed by it makes the rank fail with "DataLoader worker exited
+    unexpectedly" instead of finishing its step and saving a pre-emption checkpoint. So they
+    ignore these signals (workers again in ``exit_with_parent``) and stop with their rank
+    instead (``exit_with_parent``, the fork server's own end-of-parent check); SIGKILL still
+    ends them at once.
     """
     from multiprocessing import forkserver
 
     if threading.current_thread() is not threading.main_thread():  # signal.signal needs the main thread
         forkserver.ensure_running()
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _RANK_SIGNALS}
     try:
         forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> None:
-    """``worker_init_fn``: end this worker once the process that started it has gone."""
+    """``worker_init_fn``: ignore the rank's signals and end this worker once the process that
+    started it has gone.
+
+    The ignored dispositions come from the fork server, but PyTorch's worker loop installs its
+    own SIGTERM handler (which kills the worker unless its parent sent it) before it calls this
+    function; a SIGTERM meant for the rank would end the worker through it.
+    """
+    for sig in _RANK_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
     def watch() -> None:
         while not _gone(parent_pid, parent_started):
             time.sleep(_WATCH_INTERVAL_S)
