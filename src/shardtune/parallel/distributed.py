@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import NoReturn, Optional
@@ -108,8 +109,9 @@ def peer_lost(exc: BaseException) -> Optional[str]:
         seen.add(id(current))
         text = str(current)
         if any(marker in text for marker in _PEER_LOST):
-            first = text.strip().splitlines()[0] if text.strip() else type(current).__name__
-            return first.split(". ")[0]  # gloo adds advice sentences after the fact
+            first = text.strip().splitlines()[0]
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[.../pair.cc:553] " source location
+            return first.split(". ")[0]  # and the advice sentences after the fact
         current = current.__cause__ or current.__context__
     return None
 

@@ -20,6 +20,7 @@ import tempfile
 from typing import Sequence
 
 from ..config.errors import ShardtuneError
+from ..exits import PEER_LOST_EXIT
 
 
 def run_torchrun(args: Sequence[str], local_ranks: int) -> int:
@@ -60,20 +61,26 @@ def _report_failure(exc) -> int:
     # other ranks with a signal. Nothing to add.
     if 2 in codes.values() and all(code == 2 or code < 0 for code in codes.values()):
         return 2
-    # A rank that died of a signal (kill -9, the out-of-memory killer, a segfault) is the cause:
-    # the others then fail in their next collective ("connection closed by peer") and exit 1.
-    # torchrun's own stop signals are not among the failures (it records only the ranks it found
-    # dead before stopping the rest).
-    rank, code = min(codes.items(), key=lambda item: (item[1] >= 0, item[0]))
+    # The cause, first found: a rank that died of a signal (kill -9, the out-of-memory killer, a
+    # segfault), then a rank that failed on its own (exit code > 0), then one that torchrun
+    # stopped with its own SIGTERM once the job had failed, then one that stopped because its
+    # next collective found a peer gone (PEER_LOST_EXIT), lowest rank first within each.
+    def blame(item: tuple[int, int]) -> tuple[int, int]:
+        rank, code = item
+        if code < 0:
+            return (2 if -code in (signal.SIGTERM, signal.SIGINT) else 0, rank)
+        return (3 if code == PEER_LOST_EXIT else 1, rank)
+
+    rank, code = min(codes.items(), key=blame)
     others = len(codes) - 1
-    also = f" ({others} other rank{'s' if others > 1 else ''} failed after it)" if others else ""
+    also = f" {others} other rank{'s' if others > 1 else ''} of the job stopped after it." if others else ""
     if code < 0:
         sig = signal.Signals(-code).name
         hint = " (kill -9, or the out-of-memory killer: see `dmesg`)" if sig == "SIGKILL" else ""
-        print(f"error: rank {rank} (pid {failures[rank].pid}) was killed by {sig}{hint}{also}.",
+        print(f"error: rank {rank} (pid {failures[rank].pid}) was killed by {sig}{hint}.{also}",
               file=sys.stderr, flush=True)
         return 1
-    print(f"error: rank {rank} failed (exit code {code}); its output above says why{also}.",
+    print(f"error: rank {rank} failed (exit code {code}); its output above says why.{also}",
           file=sys.stderr, flush=True)
     return code
 
