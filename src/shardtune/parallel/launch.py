@@ -87,7 +87,8 @@ def _report_failure(exc) -> int:
 
 # torchrun options `shardtune finetune` forwards to the launcher instead of the recipe.
 _LAUNCH_OPTS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint",
-                "rdzv_id", "master_addr", "master_port", "max_restarts")
+                "rdzv_id", "master_addr", "master_port", "max_restarts",
+                "shutdown_timeout", "signals_to_handle")  # pre-emption: docs/checkpoints.md
 _LAUNCH_FLAGS = ("standalone",)  # torchrun options without a value
 
 
