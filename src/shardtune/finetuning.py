@@ -34,6 +34,7 @@ from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import BatchingStrategy, StateDictType, defers_gradient_sync
 from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
+from .data.registry import check_dataset_for_model
 from .eval.quick import evaluate_after_training
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
@@ -504,6 +505,7 @@ def _mean(values: list[float]) -> Optional[float]:
 def check_family_options(cfg: Config, family: ModelFamily) -> None:
     """Options that this model family cannot honour are refused, never silently ignored."""
     t = cfg.train
+    check_dataset_for_model(t.dataset, family.is_vision, t.model_name)
     if family.is_vision and t.batching_strategy.value == "packing":
         raise ShardtuneError(
             f"--batching_strategy packing is not available for vision models ({family.name}): a packed row "

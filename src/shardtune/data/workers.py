@@ -26,7 +26,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 import warnings
 from typing import Any, Optional
 
@@ -77,9 +76,8 @@ def _start_fork_server() -> None:
     SIGTERM that torchrun sends to each rank's whole group when it is itself told to stop (Slurm,
     Kubernetes). A worker killed by it makes the rank fail with "DataLoader worker exited
     unexpectedly" instead of finishing its step and saving a pre-emption checkpoint. So they
-    ignore these signals (workers again in ``exit_with_parent``) and stop with their rank
-    instead (``exit_with_parent``, the fork server's own end-of-parent check); SIGKILL still
-    ends them at once.
+    ignore these signals and stop with their rank instead (``exit_with_parent``: when the rank
+    stops them or is gone; the fork server: when the rank is gone); SIGKILL still ends them.
     """
     from multiprocessing import forkserver
 
@@ -95,20 +93,28 @@ def _start_fork_server() -> None:
 
 
 def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> None:
-    """``worker_init_fn``: ignore the rank's signals and end this worker once the process that
-    started it has gone.
+    """``worker_init_fn``: end this worker when the process that started it asks (SIGTERM from that
+    process: DataLoader and multiprocessing shut workers down so) or has gone, and on no other
+    signal meant for the rank.
 
-    The ignored dispositions come from the fork server, but PyTorch's worker loop installs its
-    own SIGTERM handler (which kills the worker unless its parent sent it) before it calls this
-    function; a SIGTERM meant for the rank would end the worker through it.
+    PyTorch's worker loop installs its own SIGTERM handler before it calls this function, and that
+    handler would end the worker on a SIGTERM from anyone (torchrun's to the rank's process
+    group, Slurm's to every process of the job). Ignoring SIGTERM outright would instead make
+    the parent's own shutdown wait for ever on a worker that does not stop. So the rank's signals
+    are blocked in this thread (and in every thread started from it) and a watcher thread takes
+    them with their sender: SIGTERM from the parent ends the worker, the rest are dropped.
     """
     for sig in _RANK_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_IGN)  # the fallback in any thread that does not block them
+    signal.pthread_sigmask(signal.SIG_BLOCK, _RANK_SIGNALS)  # kept pending for the watcher
 
     def watch() -> None:
-        while not _gone(parent_pid, parent_started):
-            time.sleep(_WATCH_INTERVAL_S)
-        os._exit(0)
+        while True:
+            info = signal.sigtimedwait(_RANK_SIGNALS, _WATCH_INTERVAL_S)
+            if info is not None and info.si_signo == signal.SIGTERM and info.si_pid == parent_pid:
+                os._exit(0)
+            if _gone(parent_pid, parent_started):
+                os._exit(0)
 
     threading.Thread(target=watch, name="shardtune-parent-watch", daemon=True).start()
 
