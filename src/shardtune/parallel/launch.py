@@ -59,7 +59,7 @@ def _report_failure(exc) -> int:
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
     # A user error (exit 2) is printed by the rank in one paragraph; torchrun then stops the
     # other ranks with a signal. Nothing to add.
-    if 2 in codes.values() and all(code == 2 or code < 0 for code in codes.values()):
+    if 2 in codes.values() and all(code in (2, PEER_LOST_EXIT) or code < 0 for code in codes.values()):
         return 2
     # The cause, first found: a rank that died of a signal (kill -9, the out-of-memory killer, a
     # segfault), then a rank that failed on its own (exit code > 0), then one that torchrun
