@@ -107,6 +107,7 @@ def test_tokenizer_name_may_be_a_folder_of_tokenizer_files_only(tiny_model_dir, 
         return subprocess.run([sys.executable, "-m", "shardtune", "finetune", "--model_name", str(tiny_model_dir),
                                "--tokenizer_name", tokenizer, "--dataset", "alpaca_dataset",
                                "--alpaca_dataset.data_path", str(data), "--device", "cpu", "--batch_size_training", "2",
+                               "--batching_strategy", "padding",
                                "--max_train_step", "1", "--num_epochs", "1", "--run_validation", "False",
                                "--save_model", "False", "--output_dir", str(tmp_path / f"out-{Path(tokenizer).name}")],
                               capture_output=True, text=True, timeout=300)
