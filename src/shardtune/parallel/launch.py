@@ -44,8 +44,8 @@ def run_torchrun(args: Sequence[str], local_ranks: int) -> int:
                 print(f"pre-empted ({sig.name}): every rank saved a checkpoint at step {max(saved.values())} "
                       "and stopped; run the same command with --resume to continue.", file=sys.stderr, flush=True)
                 return 0
-            print(f"interrupted ({sig.name}): the ranks were stopped", file=sys.stderr, end="", flush=True)
-            print(f" ({len(saved)} of {local_ranks} saved a checkpoint)." if saved else ".", file=sys.stderr, flush=True)
+            partly = f" ({len(saved)} of {local_ranks} saved a checkpoint)" if saved else ""
+            print(f"interrupted ({sig.name}): the ranks were stopped{partly}.", file=sys.stderr, flush=True)
             return 128 + int(sig)
         except ChildFailedError as exc:
             return _report_failure(exc)
