@@ -26,6 +26,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 import warnings
 from typing import Any, Optional
 
@@ -104,6 +105,8 @@ def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> 
     are blocked in this thread (and in every thread started from it) and a watcher thread takes
     them with their sender: SIGTERM from the parent ends the worker, the rest are dropped.
     """
+    if not hasattr(signal, "sigtimedwait"):  # macOS: no sender to tell apart; PyTorch's handler stays
+        return _watch_parent(parent_pid, parent_started)
     for sig in _RANK_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # the fallback in any thread that does not block them
     signal.pthread_sigmask(signal.SIG_BLOCK, _RANK_SIGNALS)  # kept pending for the watcher
@@ -115,6 +118,15 @@ def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> 
                 os._exit(0)
             if _gone(parent_pid, parent_started):
                 os._exit(0)
+
+    threading.Thread(target=watch, name="shardtune-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, parent_started: float) -> None:
+    def watch() -> None:
+        while not _gone(parent_pid, parent_started):
+            time.sleep(_WATCH_INTERVAL_S)
+        os._exit(0)
 
     threading.Thread(target=watch, name="shardtune-parent-watch", daemon=True).start()
 
