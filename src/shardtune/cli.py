@@ -64,7 +64,7 @@ def _finetune(argv: list[str]) -> None:
             launch.append("--standalone")  # a free local port: two jobs on one machine never collide
         from .parallel.launch import run_torchrun
 
-        code = run_torchrun([*launch, "-m", "shardtune.finetuning", *rest])
+        code = run_torchrun([*launch, "-m", "shardtune.finetuning", *rest], local_ranks=nproc)
         if code:
             raise SystemExit(code)
         return

@@ -13,6 +13,9 @@ from typing import Callable
 from .config.errors import ShardtuneError
 
 _RANK_ERROR_GRACE_S = 3.0
+# The exit code of a rank that stopped because another rank of the job went away (its
+# collective failed): the launcher then names the other rank as the cause (parallel/launch.py).
+PEER_LOST_EXIT = 3
 
 
 def run_with_clean_errors(fn: Callable[[], object]) -> None:
@@ -40,11 +43,19 @@ def run_with_clean_errors(fn: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except Exception:
+    except Exception as exc:
         if _process_groups_started() == before:
             raise
-        traceback.print_exc()
+        from .parallel.distributed import peer_lost
+
+        lost = peer_lost(exc)
         code = 1
+        if lost:  # another rank died first: the launcher names it, this rank's traceback is noise
+            print(f"[rank {os.environ.get('RANK', '0')}] stopped: another rank of the job has gone ({lost}).",
+                  file=sys.stderr, flush=True)
+            code = PEER_LOST_EXIT
+        else:
+            traceback.print_exc()
     if _process_groups_started() > before:
         from .parallel.distributed import end_process
 

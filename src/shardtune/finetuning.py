@@ -36,11 +36,13 @@ from .config.configs import BatchingStrategy, StateDictType, defers_gradient_syn
 from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
 from .data.fingerprint import rows_fingerprint
+from .data.registry import check_dataset_for_model
 from .eval.quick import evaluate_after_training
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
-from .model.loading import check_model_source, check_vocab_fits, load_config, load_inputs, load_model, match_vocab
+from .model.loading import (check_model_source, check_tokenizer_source, check_vocab_fits, load_config, load_inputs,
+                            load_model, match_vocab)
 from .ownership import check_output_dir, record as record_owned
 from .model.peft import apply_peft
 from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
@@ -514,6 +516,7 @@ def _mean(values: list[float]) -> Optional[float]:
 def check_family_options(cfg: Config, family: ModelFamily) -> None:
     """Options that this model family cannot honour are refused, never silently ignored."""
     t = cfg.train
+    check_dataset_for_model(t.dataset, family.is_vision, t.model_name)
     if family.is_vision and t.batching_strategy.value == "packing":
         raise ShardtuneError(
             f"--batching_strategy packing is not available for vision models ({family.name}): a packed row "
@@ -548,7 +551,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     if (Path(t.model_name) / "config.json").is_file():  # a hub id's config is read once ranks start
         check_family_options(cfg, family_for_config(load_config(t.model_name)))
     if t.tokenizer_name:
-        check_model_source(t.tokenizer_name, "--tokenizer_name")
+        check_tokenizer_source(t.tokenizer_name, "--tokenizer_name")
     check_data_source(cfg)
     check_world_size(t.enable_fsdp, world_size)
     board = tensorboard_dir(t.output_dir, t.tensorboard_dir) if t.use_tensorboard else None

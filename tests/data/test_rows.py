@@ -135,3 +135,28 @@ def test_custom_bad_row_names_source_and_row(make_config, tiny_tokenizer, tmp_pa
     split = load_split(cfg, tiny_tokenizer, "train")
     assert split.report.skipped_bad == 1 and len(split.samples) == 3
     json.dumps(split.samples)  # plain lists, serialisable
+
+
+def test_a_one_row_file_says_the_row_went_to_the_eval_split(tiny_model_dir, tmp_path):
+    """Through the CLI: the one row is the eval split's (at least one row is held out), so the
+    message says that, not "raise --context_length or use --overlong truncate"."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
+    proc = subprocess.run([sys.executable, "-m", "shardtune", "finetune", "--model_name", str(tiny_model_dir),
+                           "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data), "--device", "cpu",
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "has 1 row and the first 1 is held out as the eval split" in proc.stderr, proc.stderr
+    assert "--overlong" not in proc.stderr and "no usable examples" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_rows_cut_to_their_prompt_do_not_suggest_the_default_policy(alpaca_cfg, tiny_tokenizer):
+    rows = [{"instruction": " ".join(["describe the task"] * 40), "output": "Done."}] * 20
+    cfg = alpaca_cfg(rows, context_length=40, overlong="truncate")
+    with pytest.raises(ShardtuneError, match=r"no usable examples.*Raise --context_length: cut to it") as info:
+        load_split(cfg, tiny_tokenizer, "train")
+    assert "--overlong truncate" not in str(info.value)

@@ -155,3 +155,12 @@ def test_cli_chat_and_generate_through_stdin(chat_model, loaded):
     assert gen.returncode == 0, gen.stderr[-3000:]
     expected = generate_batch(model, tok, [Prompt(text="a b c"), Prompt(text="hello")], Sampling(max_new_tokens=5))
     assert gen.stdout == "".join(f"[{i}] {p}\n{c}\n\n" for i, (p, c) in enumerate(zip(["a b c", "hello"], expected), 1))
+
+
+def test_cli_chat_with_stdin_closed_ends_like_empty_input(chat_model):
+    """`shardtune chat MODEL <&-`: Python's sys.stdin is None; that is the end of input, not an
+    AttributeError traceback."""
+    chat = subprocess.run(["bash", "-c", 'exec "$0" -m shardtune chat "$1" --max_new_tokens 5 <&-',
+                           sys.executable, str(chat_model)], capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "Traceback" not in chat.stderr and chat.stdout == "", chat.stderr[-3000:]

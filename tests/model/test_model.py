@@ -84,3 +84,36 @@ def test_fsdp_qlora_storage_must_be_the_dtype_fsdp_gathers_in():
     check_storage_for_fsdp(quantization_config(quant_storage="bfloat16"), torch.bfloat16)
     with pytest.raises(ConfigError, match="--quantization_config.quant_storage bfloat16"):
         check_storage_for_fsdp(quantization_config(quant_storage="float32"), torch.bfloat16)
+
+
+def test_tokenizer_name_may_be_a_folder_of_tokenizer_files_only(tiny_model_dir, tmp_path):
+    """`--tokenizer_name DIR` with only what tokenizer.save_pretrained writes (no config.json), which
+    AutoTokenizer loads: a 1-step run through the CLI uses it; a folder without tokenizer files is
+    refused in one paragraph."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path / "tok"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tok_dir)
+    assert not (tok_dir / "config.json").exists()
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(8)]))
+
+    def finetune(tokenizer: str):
+        return subprocess.run([sys.executable, "-m", "shardtune", "finetune", "--model_name", str(tiny_model_dir),
+                               "--tokenizer_name", tokenizer, "--dataset", "alpaca_dataset",
+                               "--alpaca_dataset.data_path", str(data), "--device", "cpu", "--batch_size_training", "2",
+                               "--batching_strategy", "padding",
+                               "--max_train_step", "1", "--num_epochs", "1", "--run_validation", "False",
+                               "--save_model", "False", "--output_dir", str(tmp_path / f"out-{Path(tokenizer).name}")],
+                              capture_output=True, text=True, timeout=300)
+
+    ok = finetune(str(tok_dir))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    (tmp_path / "empty").mkdir()
+    bad = finetune(str(tmp_path / "empty"))
+    assert bad.returncode == 2 and "holds no tokenizer" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -165,3 +165,42 @@ def test_ctrl_c_under_the_launcher_is_one_line_and_exit_130(tmp_path, tiny_model
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-4000:]
     assert "interrupted (SIGINT)" in err, err[-4000:]
+
+
+def test_kill_9_of_one_rank_names_that_rank_and_its_signal(tmp_path, tiny_model_dir):
+    """A rank killed by SIGKILL (kill -9, the OOM killer) is the cause; the rank that then fails in
+    its next collective says so in one line, and the launcher's last line names the killed rank."""
+    import signal
+
+    import psutil
+
+    rows = [{"instruction": f"Say {i}.", "output": " ".join(["word"] * 20)} for i in range(2000)]
+    data = tmp_path / "big.json"
+    data.write_text(json.dumps(rows))
+    cmd = [sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2", "--enable_fsdp",
+           "--device", "cpu", "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+           "--alpaca_dataset.data_path", str(data), "--batching_strategy", "padding",
+           "--batch_size_training", "2", "--num_epochs", "1", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    try:
+        seen = b""
+        while b"loss=" not in seen:  # the ranks train (tqdm's postfix after a step)
+            chunk = proc.stdout.read1(4096)
+            assert chunk, seen.decode(errors="replace")[-3000:]
+            seen += chunk
+        ranks = {c.environ().get("RANK"): c for c in psutil.Process(proc.pid).children()}
+        victim = ranks["1"]
+        os.kill(victim.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                p.kill()
+            proc.communicate()
+    out = (seen + rest).decode(errors="replace")
+    assert proc.returncode == 1, out[-4000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"error: rank 1 (pid {victim.pid}) was killed by SIGKILL"), out[-4000:]
+    assert "Traceback" not in out, out[-6000:]
+    if "[rank 0]" in out:  # rank 0 may also be stopped by the launcher before its next collective
+        assert "[rank 0] stopped: another rank of the job has gone (" in out, out[-4000:]

@@ -42,6 +42,41 @@ def test_lora_parameter_count_of_8b():
     assert {s.itemsize for s in shapes.params if s.trainable} == {4}  # peft keeps adapters in fp32
 
 
+def test_lora_count_equals_peft_on_a_real_model(tiny_model_dir):
+    """The planner's adapter shapes (built on the meta device) against peft's own adapter on the
+    real tiny model, with a rank above the model's width and DoRA's magnitude vectors."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.model.peft import peft_config_for
+    from shardtune.plan.shapes import model_config
+
+    for flags in (["--lora_config.r", "100"], ["--lora_config.r", "3", "--lora_config.use_dora", "true",
+                                              "--lora_config.target_modules", "q_proj,k_proj,v_proj,o_proj"]):
+        cfg = cfg_of("--use_peft", *flags)
+        planned = build_shapes(model_config(str(tiny_model_dir)), cfg).trainable_params
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        real = get_peft_model(base, peft_config_for(cfg, base))
+        assert planned == sum(p.numel() for p in real.parameters() if p.requires_grad) > 0, flags
+
+
+def test_plan_allocates_no_adapter_whatever_the_lora_rank():
+    """r=1,000,000 on the 1b shape: q_proj's lora_A alone would be 8.2 GB. The plan runs under a
+    6 GiB address-space limit, so one real adapter tensor fails it (it did: peft builds adapters
+    on the CPU before moving them to the base layer's meta device)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    out = subprocess.run([sys.executable, "-m", "shardtune", "plan", "--size", "1b", "--use_peft",
+                          "--lora_config.r", "1000000", "--json"], capture_output=True, text=True,
+                         timeout=600, preexec_fn=limit)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trainable = 16 * 1_000_000 * (2048 + 2048 + 2048 + 512)  # q_proj and v_proj of 16 layers
+    assert json.loads(out.stdout)["model"]["trainable_parameters"] == trainable
+
+
 def test_fsdp2_padding_rule():
     spec = ParamSpec("w", (101, 3), 4, True, 1)
     assert padded_numel(spec, 2) == 51 * 3

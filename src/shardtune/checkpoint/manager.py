@@ -117,4 +117,5 @@ class StepCheckpoints:
             self._save(self.position_of(result))
             self.last_saved_step = result.step
         if preempted:
+            self.preemption.report_saved(result.step)
             self.stop_requested = True

@@ -3,12 +3,19 @@
 The handler only sets a flag. After each optimizer step the ranks agree (one all-reduce of a
 scalar) whether any of them was signalled, so all of them stop after the same step, save one
 consistent checkpoint and exit 0.
+
+torchrun, told to stop (``kill -TERM <launcher>``, what Slurm and Kubernetes send), signals each
+rank's process group and then raises the signal in itself. So that ``shardtune finetune`` can
+still exit 0 when the job was saved, the launcher names a folder in ``REPORT_ENV`` and each rank
+writes a file there once its pre-emption checkpoint is committed (``report_saved``).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -16,6 +23,19 @@ import torch
 from ..parallel.distributed import DistEnv
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REPORT_ENV = "SHARDTUNE_PREEMPTION_REPORTS"  # a folder, set by `shardtune finetune` for its ranks
+_REPORT_PREFIX = "saved-local-rank-"
+
+
+def saved_reports(folder: str | Path) -> dict[int, int]:
+    """{local rank: checkpoint step} of the ranks that reported a committed pre-emption save."""
+    found = {}
+    for path in Path(folder).glob(f"{_REPORT_PREFIX}*"):
+        try:
+            found[int(path.name[len(_REPORT_PREFIX):])] = int(path.read_text())
+        except ValueError:  # a report being written as the launcher looks: not saved yet
+            continue
+    return found
 
 
 class PreemptionSignal:
@@ -37,6 +57,15 @@ class PreemptionSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+
+    def report_saved(self, step: int) -> None:
+        """Tell this rank's launcher (``REPORT_ENV``, when set) that the checkpoint at ``step`` is
+        committed: written and renamed into place by every rank."""
+        folder = os.environ.get(REPORT_ENV)
+        if folder and Path(folder).is_dir():
+            tmp = Path(folder, f".tmp-{self.env.local_rank}")
+            tmp.write_text(str(step))
+            tmp.replace(Path(folder, f"{_REPORT_PREFIX}{self.env.local_rank}"))  # never read half-written
 
     def requested(self) -> bool:
         """True on every rank if any rank has been signalled (a collective: call it on all ranks)."""

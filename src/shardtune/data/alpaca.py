@@ -12,7 +12,7 @@ from typing import Any
 from ..config.configs import alpaca_dataset, train_config
 from .files import read_records
 from .prompts import alpaca_prompt
-from .rows import IGNORE_INDEX, RawSplit, eval_count, text_field
+from .rows import IGNORE_INDEX, RawSplit, split_off_eval, text_field
 
 FLAG = "--alpaca_dataset.data_path"
 
@@ -32,10 +32,6 @@ def encode(row: Any, tokenizer) -> dict[str, list[int]]:
 
 def load(config: alpaca_dataset, tokenizer, split: str, train: train_config) -> RawSplit:
     rows, where = read_records(config.data_path, flag=FLAG)
-    n_eval = eval_count(len(rows), train.eval_fraction, config.data_path)
-    if split == "train":
-        part, offset = rows[n_eval:], n_eval
-    else:
-        part, offset = rows[:n_eval], 0
+    part, offset = split_off_eval(rows, split, train.eval_fraction, str(config.data_path))
     return RawSplit(source=str(config.data_path), rows=part, encode=partial(encode, tokenizer=tokenizer),
                     where=lambda i: where(i + offset))

@@ -19,6 +19,19 @@ DATASETS: dict[str, Callable[..., RawSplit]] = {
     "ocrvqa_dataset": vision.load,  # Llama 3.2 Vision: pass the processor as the tokenizer
 }
 SPLITS = ("train", "test")
+# Datasets of text rows encoded with a tokenizer; a vision model is fed image + text batches by
+# its processor (ocrvqa_dataset, or a custom_dataset whose file builds them).
+TEXT_DATASETS = frozenset({"alpaca_dataset", "grammar_dataset", "samsum_dataset"})
+
+
+def check_dataset_for_model(name: str, model_is_vision: bool, model_name: str) -> None:
+    """Refuse a text-only dataset for a vision model before any work starts."""
+    if model_is_vision and name in TEXT_DATASETS:
+        raise ShardtuneError(
+            f"--dataset {name} is a text dataset, but --model_name {model_name!r} is a Llama 3.2 Vision model, "
+            "which is fed image + text batches by its processor. Use a vision dataset (--dataset "
+            "ocrvqa_dataset, or --dataset custom_dataset with a file that builds image + text batches: "
+            "docs/vision.md), or fine-tune a text Llama on this dataset.")
 
 
 # Cheap checks of a dataset's source that can run before any rank starts (no data is read).

@@ -115,6 +115,21 @@ def eval_count(n: int, fraction: float, source: str) -> int:
     return max(1, math.floor(n * fraction + 1e-9))  # +eps: 60 * 0.05 must give 3, not 2
 
 
+def split_off_eval(rows: Sequence[Any], split: str, fraction: float, source: str) -> tuple[Sequence[Any], int]:
+    """The rows of ``split`` from a source without a test split, and the position of its first row:
+    the first ``eval_count`` rows are the eval split, the rest train (llama-recipes' alpaca)."""
+    n_eval = eval_count(len(rows), fraction, source)
+    if split != "train":
+        return rows[:n_eval], 0
+    if len(rows) <= n_eval:
+        raise ShardtuneError(
+            f"{source} has {len(rows)} row{'s' if len(rows) != 1 else ''} and the first {n_eval} "
+            f"{'is' if n_eval == 1 else 'are'} held out as the eval split (--eval_fraction {fraction}, at "
+            "least one row, with or without --run_validation), which leaves none to train on. Add rows "
+            f"to the file (with {n_eval + 1} rows, one trains).")
+    return rows[n_eval:], n_eval
+
+
 def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: OverlongPolicy,
              skip_bad_rows: bool) -> TokenizedSplit:
     """Encode every row and apply the bad-row and overlong policies; counts go into the report."""
@@ -141,11 +156,17 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
             samples.append(sample)
     report.samples = len(samples)
     if not samples:
+        if report.dropped_overlong and overlong is OverlongPolicy.drop:
+            hint = "Raise --context_length, or use --overlong truncate."
+        elif report.dropped_overlong:  # truncated, only the prompt was left: nothing to learn from
+            hint = ("Raise --context_length: cut to it, those rows kept only their prompt and no "
+                    "answer token to learn from.")
+        else:
+            hint = "Check the data source."
         raise ShardtuneError(
             f"{raw.source} ({split} split) gives no usable examples: {report.rows_read} rows read, "
             f"{report.skipped_bad} bad rows skipped, {report.dropped_overlong} dropped as longer than "
-            f"--context_length {context_length}. Check the data source, raise --context_length, or "
-            f"use --overlong truncate.")
+            f"--context_length {context_length}. {hint}")
     return TokenizedSplit(samples=samples, report=report, collate_fn=raw.collate_fn, source=raw.source)
 
 

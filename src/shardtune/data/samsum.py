@@ -24,7 +24,7 @@ from .encoding import prompt_answer
 from .files import FORMATS, read_records, require_columns
 from .hub import load_from_hub
 from .prompts import SAMSUM_PROMPT
-from .rows import RawSplit, eval_count, text_field
+from .rows import RawSplit, split_off_eval, text_field
 
 HUB_NAME = "Samsung/samsum"
 FLAG = "--samsum_dataset.data_path"
@@ -62,8 +62,7 @@ def load(config: samsum_dataset, tokenizer, split: str, train: train_config) -> 
         return RawSplit(source=str(file), rows=rows, encode=enc, where=where)
     rows, where = read_records(path, flag=FLAG)
     require_columns(rows, COLUMNS, path, FLAG)
-    n_eval = eval_count(len(rows), train.eval_fraction, str(path))
-    part, offset = (rows[n_eval:], n_eval) if split == "train" else (rows[:n_eval], 0)
+    part, offset = split_off_eval(rows, split, train.eval_fraction, str(path))
     return RawSplit(source=str(path), rows=part, encode=enc, where=lambda i: where(i + offset))
 
 

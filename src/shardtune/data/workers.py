@@ -64,27 +64,65 @@ def worker_options(num_workers: int, rows: Any, collate_fn: Any) -> dict:
             "worker_init_fn": functools.partial(exit_with_parent, os.getpid(), psutil.Process().create_time())}
 
 
-def _start_fork_server() -> None:
-    """Start the fork server now, with SIGINT ignored (a disposition that survives its exec).
+# Signals meant for the rank that the fork server and its workers ignore (see _start_fork_server).
+_RANK_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    It spends seconds importing torch and the recipe before it installs its own SIGINT handling,
-    and a Ctrl-C meant for the job would otherwise end it mid-import with a KeyboardInterrupt
-    traceback. Its workers inherit the same: they stop with their rank, not on SIGINT.
+
+def _start_fork_server() -> None:
+    """Start the fork server now, with SIGINT, SIGTERM and SIGUSR1 ignored (ignored dispositions
+    survive its exec and every fork of a worker from it).
+
+    The fork server is started by the rank, so it and its workers are in the rank's process
+    group, and whatever signals that group reaches them too: Ctrl-C from a terminal, and the
+    SIGTERM that torchrun sends to each rank's whole group when it is itself told to stop (Slurm,
+    Kubernetes). A worker killed by it makes the rank fail with "DataLoader worker exited
+    unexpectedly" instead of finishing its step and saving a pre-emption checkpoint. So they
+    ignore these signals and stop with their rank instead (``exit_with_parent``: when the rank
+    stops them or is gone; the fork server: when the rank is gone); SIGKILL still ends them.
     """
     from multiprocessing import forkserver
 
     if threading.current_thread() is not threading.main_thread():  # signal.signal needs the main thread
         forkserver.ensure_running()
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _RANK_SIGNALS}
     try:
         forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> None:
-    """``worker_init_fn``: end this worker once the process that started it has gone."""
+    """``worker_init_fn``: end this worker when the process that started it asks (SIGTERM from that
+    process: DataLoader and multiprocessing shut workers down so) or has gone, and on no other
+    signal meant for the rank.
+
+    PyTorch's worker loop installs its own SIGTERM handler before it calls this function, and that
+    handler would end the worker on a SIGTERM from anyone (torchrun's to the rank's process
+    group, Slurm's to every process of the job). Ignoring SIGTERM outright would instead make
+    the parent's own shutdown wait for ever on a worker that does not stop. So the rank's signals
+    are blocked in this thread (and in every thread started from it) and a watcher thread takes
+    them with their sender: SIGTERM from the parent ends the worker, the rest are dropped.
+    """
+    if not hasattr(signal, "sigtimedwait"):  # macOS: no sender to tell apart; PyTorch's handler stays
+        return _watch_parent(parent_pid, parent_started)
+    for sig in _RANK_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # the fallback in any thread that does not block them
+    signal.pthread_sigmask(signal.SIG_BLOCK, _RANK_SIGNALS)  # kept pending for the watcher
+
+    def watch() -> None:
+        while True:
+            info = signal.sigtimedwait(_RANK_SIGNALS, _WATCH_INTERVAL_S)
+            if info is not None and info.si_signo == signal.SIGTERM and info.si_pid == parent_pid:
+                os._exit(0)
+            if _gone(parent_pid, parent_started):
+                os._exit(0)
+
+    threading.Thread(target=watch, name="shardtune-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, parent_started: float) -> None:
     def watch() -> None:
         while not _gone(parent_pid, parent_started):
             time.sleep(_WATCH_INTERVAL_S)

@@ -102,14 +102,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     image = image_for(args)
     model, inputs = load_for_inference(args.model, args.base, args.device, inference_dtype(args.dtype, args.device))
     session = ChatSession(model, inputs, sampling, system=args.system, image=image)
-    interactive = sys.stdin.isatty()
+    stdin = sys.stdin  # None when the process was started with stdin closed (`<&-`): no input at all
+    interactive = stdin is not None and stdin.isatty()
     if interactive:
         print(HELP)
 
     def read() -> str:
         if interactive:
             return input("you> ")
-        line = sys.stdin.readline()
+        line = stdin.readline() if stdin is not None else ""
         if not line:
             raise EOFError
         return line.rstrip("\n")

@@ -44,9 +44,29 @@ def check_model_source(name: str, what: str = "--model_name") -> None:
             "or a hub id such as meta-llama/Llama-3.1-8B.")
 
 
+# The files one of which a folder needs for AutoTokenizer / AutoProcessor to load it without a
+# config.json (tokenizer_config.json names the class; the others are read by the fast or slow
+# tokenizer classes; a processor folder has its own config).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json",
+                    "processor_config.json", "preprocessor_config.json")
+
+
+def check_tokenizer_source(name: str, what: str = "--tokenizer_name") -> None:
+    """Like ``check_model_source``, but a folder that holds only tokenizer (or processor) files,
+    as ``tokenizer.save_pretrained`` writes, is a valid source: AutoTokenizer loads it."""
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").is_file():
+        if any((path / file).is_file() for file in _TOKENIZER_FILES):
+            return
+        raise ShardtuneError(
+            f"{what} {name!r} holds no tokenizer: none of {', '.join(_TOKENIZER_FILES)} is in it. Point it "
+            "at a folder written by tokenizer.save_pretrained (or a model folder with its tokenizer).")
+    check_model_source(name, what)
+
+
 def load_tokenizer(name: str, what: str = "--tokenizer_name") -> PreTrainedTokenizerBase:
     """The tokenizer of ``name``; ``what`` is the flag that named it (for error messages)."""
-    check_model_source(name, what)
+    check_tokenizer_source(name, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
@@ -66,7 +86,7 @@ def load_processor(name: str, what: str = "--model_name"):
     tokenizer padding on the right and a pad token, as training needs."""
     from transformers import AutoProcessor
 
-    check_model_source(name, what)
+    check_tokenizer_source(name, what)
     try:
         processor = AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as exc:

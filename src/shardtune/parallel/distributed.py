@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,29 @@ def shutdown() -> None:
 def process_groups_started() -> int:
     """How many process groups ``init_distributed`` has started in this process so far."""
     return _groups_started
+
+
+# What gloo and NCCL raise in a rank whose peer has gone (killed, crashed, out of memory) during
+# a collective. The cause is the peer, which the launcher names; this rank's traceback would only
+# point at the collective it was in.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited")
+
+
+def peer_lost(exc: BaseException) -> Optional[str]:
+    """The first line of ``exc`` (or of an exception it came from) when it says that another
+    rank of the job has gone, else None."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if any(marker in text for marker in _PEER_LOST):
+            first = text.strip().splitlines()[0]
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[.../pair.cc:553] " source location
+            return first.split(". ")[0]  # and the advice sentences after the fact
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def end_process(code: int) -> NoReturn:

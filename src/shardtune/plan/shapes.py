@@ -195,7 +195,11 @@ def _with_peft(model, cfg: Config):
     from ..model.peft import apply_peft
 
     try:
-        return apply_peft(model, cfg)
+        # peft builds each adapter's layers on the default device and only then moves them to the
+        # base layer's (meta) device: created on the meta device instead, no adapter tensor is ever
+        # allocated or initialised (a LoRA of rank 100,000 on an 8B model would be 210 GB).
+        with torch.device("meta"):
+            return apply_peft(model, cfg)
     except ValueError as exc:  # peft's own message, e.g. a target module the model does not have
         raise ConfigError(f"PEFT options do not fit this model: {str(exc)[:400]}") from None
 
