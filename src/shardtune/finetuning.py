@@ -35,6 +35,7 @@ from .config.configs import BatchingStrategy, StateDictType, defers_gradient_syn
 from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
 from .eval.quick import evaluate_after_training
+from .host_malloc import release_free_memory, tune_host_malloc
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
@@ -559,12 +560,14 @@ def run(cfg: Config) -> dict:
     t = cfg.train
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)
+    tune_host_malloc(cpu_work=env.device.type == "cpu")  # steps reuse host buffers, not fresh pages
     if foreign:
         say(env, f"note: --overwrite_output_dir: {len(foreign)} entries shardtune did not write are in "
                  f"{t.output_dir} ({', '.join(foreign[:8])}); those with the names of files this run "
                  "writes will be replaced, the others stay and from_pretrained may read some of them.")
     try:
         components = setup(cfg, env)
+        release_free_memory()  # loading's transient peak, kept by the tuned heap, goes back
         results = train(cfg, env, components)
     finally:
         shutdown()

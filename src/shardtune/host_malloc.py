@@ -1,0 +1,81 @@
+"""Keep large host buffers in glibc's heap, so that a CPU training step reuses memory instead of
+asking the kernel for fresh pages.
+
+Why: torch's CPU allocator is plain ``posix_memalign``/``free``. glibc serves a request above its
+mmap threshold (dynamic, at most 32 MiB by default) with a fresh ``mmap`` and returns it with
+``munmap`` on ``free``. At Llama-3.2-1B width nearly every buffer of a step is larger than that
+(a gathered MLP weight is 64 MiB in fp32, a gathered tied embedding 1 GiB, the logits of a batch
+hundreds of MiB), so every step page-faults gigabytes in anew and the kernel zeroes each page:
+a 2-rank LoRA run spent 23-49% of its CPU time in the kernel, with ~12 M minor faults per rank for
+4 steps (docs/benchmarks.md, "Real shape"). With mmap off and trimming bounded, freed buffers
+stay in the heap and the next step reuses them.
+
+``SHARDTUNE_MALLOC_TUNING``: unset or ``auto`` tunes processes whose work runs on the CPU (the
+caller says so); ``1`` tunes any process; ``0`` leaves glibc's defaults. Only glibc is touched
+(other C libraries, macOS and Windows keep their allocator), and only host memory: CUDA memory
+has its own caching allocator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+from typing import Optional
+
+ENV = "SHARDTUNE_MALLOC_TUNING"
+
+# mallopt parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+# -1: never give the heap's free top back to the kernel (man mallopt). A finite threshold is no
+# good: mallopt takes an int (at most 2 GiB), and a 1B-width step frees more than that at once,
+# which then faults in again on the next step (replayed here: 572k faults a step instead of 0).
+TRIM_THRESHOLD = -1
+
+_applied: Optional[bool] = None  # what tune_host_malloc did in this process (None: not asked yet)
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def wanted(cpu_work: bool) -> bool:
+    """Whether ``SHARDTUNE_MALLOC_TUNING`` asks for the tuning in a process whose heavy work is
+    (``cpu_work``) or is not on the CPU."""
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    return cpu_work
+
+
+def tune_host_malloc(cpu_work: bool) -> bool:
+    """Serve every main-thread allocation from glibc's heap (``M_MMAP_MAX`` 0) and keep its free
+    memory (``M_TRIM_THRESHOLD`` -1); returns whether the tuning is in effect.
+
+    Call it once the process knows where its work runs, before the big allocations. Freed memory
+    then stays resident for reuse: call :func:`release_free_memory` after a phase whose transient
+    peak the rest of the run does not need again (model loading)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    libc = _glibc() if wanted(cpu_work) else None
+    _applied = bool(libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1
+                    and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+    return _applied
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the kernel (``malloc_trim``) when the tuning is on:
+    without it they would stay resident after a one-off peak."""
+    libc = _glibc() if _applied else None
+    if libc is not None:
+        libc.malloc_trim(0)
