@@ -86,3 +86,30 @@ def test_auto_leaves_a_process_whose_work_is_not_on_the_cpu_alone_and_1_forces_i
     forced = _run(_direct(cpu_work=False), "1")
     assert forced["tuned"] is True
     assert forced["faults"] < PAGES
+
+
+def test_the_step_hook_gives_a_steps_freed_buffers_back_to_the_kernel():
+    script = textwrap.dedent("""
+        import json, torch
+        from shardtune.host_malloc import ReleaseAfterStep, tune_host_malloc
+
+        def rss():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+
+        assert tune_host_malloc(cpu_work=True)
+        buf = torch.empty(256 << 20, dtype=torch.uint8)
+        buf.fill_(1)
+        small = torch.ones(1000)
+        del buf
+        kept = rss()
+        ReleaseAfterStep().after_step(None)
+        print(json.dumps({"kept": kept, "released": rss()}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The tuned heap keeps the freed 256 MiB resident until the hook hands it back.
+    assert result["kept"] - result["released"] > 200 << 20

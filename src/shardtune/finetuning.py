@@ -35,7 +35,7 @@ from .config.configs import BatchingStrategy, StateDictType, defers_gradient_syn
 from .convert.mergeable import check_mergeable
 from .data import build_dataloader, check_data_source, load_split, pad_fraction
 from .eval.quick import evaluate_after_training
-from .host_malloc import release_free_memory, tune_host_malloc
+from .host_malloc import ReleaseAfterStep, release_free_memory, tune_host_malloc
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
@@ -286,7 +286,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     say(env, meter.describe())
     metrics = MetricsLog()
     metrics.info = meter.meta()
-    hooks: list = [metrics, *extra_hooks]
+    hooks: list = [metrics, *extra_hooks, ReleaseAfterStep()]  # after metrics: RSS is the step's peak
     if t.flop_counter:  # its count goes to metrics.json (late binding: a resume replaces the log)
         hooks.append(FlopMeasure(t.flop_counter_start, print_fn=lambda *a: say(env, *a),
                                  on_measured=lambda record: metrics.add_flop_count(record)))

@@ -5,10 +5,12 @@ Why: torch's CPU allocator is plain ``posix_memalign``/``free``. glibc serves a 
 mmap threshold (dynamic, at most 32 MiB by default) with a fresh ``mmap`` and returns it with
 ``munmap`` on ``free``. At Llama-3.2-1B width nearly every buffer of a step is larger than that
 (a gathered MLP weight is 64 MiB in fp32, a gathered tied embedding 1 GiB, the logits of a batch
-hundreds of MiB), so every step page-faults gigabytes in anew and the kernel zeroes each page:
-a 2-rank LoRA run spent 23-49% of its CPU time in the kernel, with ~12 M minor faults per rank for
-4 steps (docs/benchmarks.md, "Real shape"). With mmap off and trimming bounded, freed buffers
-stay in the heap and the next step reuses them.
+hundreds of MiB; ~11 GB mapped and unmapped per rank and step), so every step page-faults
+gigabytes in anew and the kernel zeroes each page: a 2-rank LoRA run spent 20-49% of its CPU time
+in the kernel, with ~12 M minor faults per rank for 4 steps (docs/benchmarks.md, "Real shape").
+With mmap off and no automatic trimming, a freed buffer stays in the heap and the step's next
+buffer of that size reuses it; :class:`ReleaseAfterStep` hands the free pages back between steps.
+Huge pages are no cure: they cut the faults ~100x but not the kernel time (zeroing dominates).
 
 ``SHARDTUNE_MALLOC_TUNING``: unset or ``auto`` tunes processes whose work runs on the CPU (the
 caller says so); ``1`` tunes any process; ``0`` leaves glibc's defaults. Only glibc is touched
@@ -29,6 +31,7 @@ ENV = "SHARDTUNE_MALLOC_TUNING"
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 # -1: never give the heap's free top back to the kernel (man mallopt). A finite threshold is no
 # good: mallopt takes an int (at most 2 GiB), and a 1B-width step frees more than that at once,
 # which then faults in again on the next step (replayed here: 572k faults a step instead of 0).
@@ -58,8 +61,8 @@ def wanted(cpu_work: bool) -> bool:
 
 
 def tune_host_malloc(cpu_work: bool) -> bool:
-    """Serve every main-thread allocation from glibc's heap (``M_MMAP_MAX`` 0) and keep its free
-    memory (``M_TRIM_THRESHOLD`` -1); returns whether the tuning is in effect.
+    """Serve every allocation from glibc's one main heap (``M_ARENA_MAX`` 1, ``M_MMAP_MAX`` 0) and
+    keep its free memory (``M_TRIM_THRESHOLD`` -1); returns whether the tuning is in effect.
 
     Call it once the process knows where its work runs, before the big allocations. Freed memory
     then stays resident for reuse: call :func:`release_free_memory` after a phase whose transient
@@ -68,9 +71,28 @@ def tune_host_malloc(cpu_work: bool) -> bool:
     if _applied is not None:
         return _applied
     libc = _glibc() if wanted(cpu_work) else None
-    _applied = bool(libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1
+    # One arena: gloo's worker threads allocate the temporary flat buffer of every all-gather (as
+    # large as the gathered unit); in a thread arena of their own a buffer over 64 MiB is always
+    # mmap-ed, whatever M_MMAP_MAX says.
+    _applied = bool(libc is not None and libc.mallopt(M_ARENA_MAX, 1) == 1
+                    and libc.mallopt(M_MMAP_MAX, 0) == 1
                     and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
     return _applied
+
+
+class ReleaseAfterStep:
+    """A train-loop step hook: :func:`release_free_memory` after every optimizer step.
+
+    Within a step the tuned heap reuses what earlier buffers of the step freed (a 1B-width step
+    gathers a 232 MiB layer 18 times and a 1 GiB embedding 4 times); between steps the free pages
+    go back to the kernel, so the heap cannot grow step after step through fragmentation (it did:
+    4.98 -> 6.95 GiB at step ends over 4 steps without this) and RSS between steps is what is live."""
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, result) -> None:
+        release_free_memory()
 
 
 def release_free_memory() -> None:
