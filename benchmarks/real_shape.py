@@ -21,11 +21,11 @@ runs the recipe's module in a child of a small wrapper (``--worker``) that repor
 ``wait4`` figures, so every rank has its own user/sys/faults/peak RSS. Next to them it prints
 ``shardtune plan``'s estimate of the same command (host RAM per rank and per host).
 
-``--malloc_tuning off`` sets ``SHARDTUNE_MALLOC_TUNING=0`` for every process (the "before" of
-docs/benchmarks.md's table: glibc's default malloc); the default leaves shardtune's tuning on.
+``--malloc_tuning on`` sets ``SHARDTUNE_MALLOC_TUNING=1`` for every process (shardtune's opt-in
+glibc malloc tuning, src/shardtune/host_malloc.py); the default ``off`` sets it to ``0``.
 
-    python benchmarks/real_shape.py                         # 4 layers, 2 ranks (a few minutes)
-    python benchmarks/real_shape.py --malloc_tuning off     # the same with glibc's defaults
+    python benchmarks/real_shape.py                         # 4 layers, 2 ranks (a few minutes alone)
+    python benchmarks/real_shape.py --malloc_tuning on      # the same with the malloc tuning
     python benchmarks/real_shape.py --layers 16 --json out.json
 """
 
@@ -229,8 +229,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=4, help="--batch_size_training (default 4)")
     p.add_argument("--context_length", type=int, default=256)
     p.add_argument("--rows", type=int, default=200, help="rows of the generated alpaca file")
-    p.add_argument("--malloc_tuning", choices=("on", "off"), default="on",
-                   help="off: SHARDTUNE_MALLOC_TUNING=0, glibc malloc's defaults (the 'before')")
+    p.add_argument("--malloc_tuning", choices=("on", "off"), default="off",
+                   help="on: SHARDTUNE_MALLOC_TUNING=1 (opt-in heap reuse); off (default): glibc's defaults")
     p.add_argument("--phases", default="finetune,generate,convert,plan",
                    help="comma-separated subset of finetune,generate,convert,plan")
     p.add_argument("--seed", type=int, default=0)
@@ -274,7 +274,8 @@ def main(argv=None) -> dict:
         host = results["plan"].get("per_host", {})
         gpu = results["plan"].get("per_gpu", {})
         print(f"plan: per rank {common.mib(gpu.get('total_bytes', 0))} MiB; per host "
-              + ", ".join(f"{k} {common.mib(v)} MiB" for k, v in host.items() if isinstance(v, int)))
+              + ", ".join(f"{k[:-6]} {common.mib(v)} MiB" for k, v in host.items()
+                          if k.endswith("_bytes") and isinstance(v, int)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results

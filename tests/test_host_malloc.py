@@ -1,6 +1,6 @@
 """Host malloc tuning: a CPU process reuses its large buffers instead of page-faulting them in anew.
 
-Each case runs in a fresh interpreter (glibc's settings are per process and cannot be undone) and
+The tuning is opt-in (``SHARDTUNE_MALLOC_TUNING``). Each case runs in a fresh interpreter (glibc's settings are per process and cannot be undone) and
 counts the minor page faults of a loop that allocates, writes and frees a 64 MiB tensor, as a
 training step does with gathered weights and logits. Without the tuning every iteration faults
 all 16,384 pages in again; with it, none once the heap has grown to its working size.
@@ -36,7 +36,7 @@ LOOP = textwrap.dedent(f"""
             del buf
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
-    faults(3 * {ROUNDS})  # warm-up: the heap grows to its working size (measured: 4-7 rounds)
+    faults(6 * {ROUNDS})  # warm-up: the heap grows to its working size (measured: 4-10 rounds)
     print(json.dumps({{"tuned": tuned, "faults": faults({ROUNDS})}}))
 """)
 
@@ -56,7 +56,7 @@ def _direct(cpu_work: bool) -> str:
     return f"from shardtune.host_malloc import tune_host_malloc\ntuned = tune_host_malloc(cpu_work={cpu_work})\n"
 
 
-def test_a_cpu_run_of_the_recipe_leaves_its_process_reusing_large_buffers(tiny_model_dir, tmp_path):
+def test_with_auto_a_cpu_run_of_the_recipe_leaves_its_process_reusing_large_buffers(tiny_model_dir, tmp_path):
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps([{"instruction": f"Count to {i}.", "input": "", "output": str(i)}
                                 for i in range(16)]))
@@ -70,19 +70,22 @@ def test_a_cpu_run_of_the_recipe_leaves_its_process_reusing_large_buffers(tiny_m
         main({args!r})
         tuned = host_malloc._applied
     """)
-    result = _run(prelude, None)
-    assert result["faults"] < PAGES  # 10 rounds of 64 MiB faulted in less than one buffer's pages
+    result = _run(prelude, "auto")
+    # Untuned, the 10 rounds fault 10 buffers in; tuned, at most 2 after a recipe ran (measured:
+    # the heap may still grow a little, its holes split by the recipe's long-lived small blocks).
+    assert result["faults"] < ROUNDS * PAGES // 4
     assert result["tuned"] is True
 
 
-def test_without_the_tuning_every_round_faults_its_buffer_in_again():
-    result = _run(_direct(cpu_work=True), "0")  # the off switch, in a CPU process
+@pytest.mark.parametrize("value", [None, "0"])
+def test_by_default_or_with_0_every_round_faults_its_buffer_in_again(value):
+    result = _run(_direct(cpu_work=True), value)  # opt-in: a CPU process keeps glibc's defaults
     assert result["tuned"] is False
     assert result["faults"] > ROUNDS * PAGES // 2  # what the tuned runs avoid (measured: 10 x 16,384)
 
 
 def test_auto_leaves_a_process_whose_work_is_not_on_the_cpu_alone_and_1_forces_it():
-    assert _run(_direct(cpu_work=False), None)["tuned"] is False
+    assert _run(_direct(cpu_work=False), "auto")["tuned"] is False
     forced = _run(_direct(cpu_work=False), "1")
     assert forced["tuned"] is True
     assert forced["faults"] < PAGES
@@ -108,6 +111,7 @@ def test_the_step_hook_gives_a_steps_freed_buffers_back_to_the_kernel():
         print(json.dumps({"kept": kept, "released": rss()}))
     """)
     env = {k: v for k, v in os.environ.items() if k != ENV}
+    env[ENV] = "1"
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

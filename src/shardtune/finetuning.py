@@ -560,7 +560,7 @@ def run(cfg: Config) -> dict:
     t = cfg.train
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)
-    tune_host_malloc(cpu_work=env.device.type == "cpu")  # steps reuse host buffers, not fresh pages
+    tune_host_malloc(cpu_work=env.device.type == "cpu")  # opt-in: SHARDTUNE_MALLOC_TUNING
     if foreign:
         say(env, f"note: --overwrite_output_dir: {len(foreign)} entries shardtune did not write are in "
                  f"{t.output_dir} ({', '.join(foreign[:8])}); those with the names of files this run "
