@@ -38,6 +38,7 @@ from .data import build_dataloader, check_data_source, load_split, pad_fraction
 from .data.fingerprint import rows_fingerprint
 from .data.registry import check_dataset_for_model
 from .eval.quick import evaluate_after_training
+from .host_malloc import ReleaseAfterStep, release_free_memory, tune_host_malloc
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
@@ -289,7 +290,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     say(env, meter.describe())
     metrics = MetricsLog()
     metrics.info = meter.meta()
-    hooks: list = [metrics, *extra_hooks]
+    hooks: list = [metrics, *extra_hooks, ReleaseAfterStep()]  # after metrics: RSS is the step's peak
     if t.flop_counter:  # its count goes to metrics.json (late binding: a resume replaces the log)
         hooks.append(FlopMeasure(t.flop_counter_start, print_fn=lambda *a: say(env, *a),
                                  on_measured=lambda record: metrics.add_flop_count(record)))
@@ -573,12 +574,14 @@ def run(cfg: Config) -> dict:
     t = cfg.train
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)
+    tune_host_malloc(cpu_work=env.device.type == "cpu")  # opt-in: SHARDTUNE_MALLOC_TUNING
     if foreign:
         say(env, f"note: --overwrite_output_dir: {len(foreign)} entries shardtune did not write are in "
                  f"{t.output_dir} ({', '.join(foreign[:8])}); those with the names of files this run "
                  "writes will be replaced, the others stay and from_pretrained may read some of them.")
     try:
         components = setup(cfg, env)
+        release_free_memory()  # loading's transient peak, kept by the tuned heap, goes back
         results = train(cfg, env, components)
     finally:
         shutdown()
