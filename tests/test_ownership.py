@@ -49,6 +49,15 @@ def test_inputs_are_never_an_output_and_a_file_is_refused(tmp_path):
         _check(tmp_path / "file", True)
 
 
+def test_an_output_inside_an_input_is_refused_even_with_the_flag(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(ShardtuneError, match=r"'.*model/out' is inside the path --model_name reads from"):
+            _check(model / "out", overwrite, **{"--model_name": str(model)})
+    assert _check(tmp_path / "out", **{"--model_name": str(model)}) == []  # beside it is fine
+
+
 def test_a_damaged_marker_is_an_error_not_an_empty_list(tmp_path):
     (tmp_path / MARKER).write_text("{not json")
     with pytest.raises(ShardtuneError, match="is damaged"):
