@@ -124,8 +124,9 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], int, str]]:
         "convert_damaged_model": (["convert", p["adapter"], f"{r}/outputs/merged", "--merge", "--model", p["damaged"]],
                                   2, r"damaged-model/model\.safetensors .*truncated or corrupt"),
         # a destination inside the source would be deleted with it (--keep_last_n prunes step folders)
-        "convert_into_its_source": (["convert", p["adapter"], f"{p['adapter']}/converted"], 2,
-                                    r"destination .*adapter/converted is inside the source"),
+        "convert_into_its_source": (["convert", p["adapter"], f"{p['adapter']}/merged", "--merge", "--model",
+                                     p["model"]], 2,
+                                    r"destination .*adapter/merged is inside the source"),
         "two_ranks_output_inside_the_model": (["finetune", "--nproc_per_node", "2", "--enable_fsdp",
                                                *ft("x", out=f"{p['model']}/out")[1:]], 2,
                                               r"is inside the path --model_name reads from"),

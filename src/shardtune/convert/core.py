@@ -89,9 +89,9 @@ def check_destination(dst: Path, src: Path, overwrite: bool, protected: Optional
         raise ShardtuneError(f"The destination {dst} is (or contains) the source {src}; choose another folder.")
     if ownership.is_inside(dst, src) and not _owned_by_source(dst, src):
         raise ShardtuneError(
-            f"The destination {dst} is inside the source {src}. A converted model there would be deleted "
-            "with its checkpoint (--keep_last_n prunes whole step folders) and mixed into the files "
-            "readers take for the checkpoint's own. Choose a folder outside the source.")
+            f"The destination {dst} is inside the source {src}. A converted model there would be mixed "
+            "into the source's files and deleted with them (a run's --keep_last_n prunes a step "
+            "checkpoint's folder whole). Choose a folder outside the source.")
     ownership.check_not_an_input(dst, "DST", protected or {})
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ShardtuneError(
