@@ -92,7 +92,10 @@ def check_destination(dst: Path, src: Path, overwrite: bool, protected: Optional
             f"The destination {dst} is inside the source {src}. A converted model there would be mixed "
             "into the source's files and deleted with them (a run's --keep_last_n prunes a step "
             "checkpoint's folder whole). Choose a folder outside the source.")
-    ownership.check_not_an_input(dst, "DST", protected or {})
+    # --merge_lora reads its tokenizer from the output folder that also holds merged/ (recorded there)
+    inputs = {flag: other for flag, other in (protected or {}).items()
+              if not (other and ownership.is_inside(dst, Path(other)) and _owned_by_source(dst, Path(other)))}
+    ownership.check_not_an_input(dst, "DST", inputs)
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ShardtuneError(
             f"The destination {dst} is not empty. Pass --overwrite to replace what an earlier conversion "
@@ -102,7 +105,7 @@ def check_destination(dst: Path, src: Path, overwrite: bool, protected: Optional
 def _owned_by_source(dst: Path, src: Path) -> bool:
     """``dst`` is a folder that the shardtune output ``src`` records as its own (the recipe's
     ``--merge_lora`` writes ``<output_dir>/merged`` from the adapter in ``<output_dir>``)."""
-    if not src.is_dir():
+    if not (src.is_dir() and ownership.is_inside(dst, src)):
         return False
     entry = dst.resolve().relative_to(src.resolve()).parts
     return bool(entry) and entry[0] + "/" in ownership.owned(src)
