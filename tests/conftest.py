@@ -291,6 +291,34 @@ def ranks(tiny_model_dir, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size="3M", read_only=False) -> Path``: a real small (or read-only) file system
+    mounted under ``tmp_path``, unmounted at teardown; the test is skipped where mounting is not
+    permitted (not root, no CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str = "3M", read_only: bool = False) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                                  capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("cannot mount a tmpfs here: no mount command")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Where SHARDTUNE_PYTEST_FINISHED names a file, write it when the run reaches its end.
 

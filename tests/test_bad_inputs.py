@@ -79,6 +79,14 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], int, str]]:
         "clip_nan": (ft("clip_nan", "--gradient_clipping_threshold", "nan"), 2, r"must be a finite number"),
         "weight_decay_nan": (ft("weight_decay_nan", "--weight_decay", "nan"), 2, r"--weight_decay must be a finite number"),
         "output_is_the_model": (ft("x", "--overwrite_output_dir", out=p["model"]), 2, r"is the path --model_name reads from"),
+        # shardtune never writes into or around the folders it reads from
+        "output_inside_the_model": (ft("x", out=f"{p['model']}/out"), 2,
+                                    r"--output_dir '.*model/out' is inside the path --model_name reads from"),
+        "output_inside_the_tokenizer": (ft("x", "--tokenizer_name", p["other_size"], out=f"{p['other_size']}/out"), 2,
+                                        r"is inside the path --tokenizer_name reads from"),
+        "output_inside_the_adapter": (ft("x", "--use_peft", "--from_peft_checkpoint", p["adapter"],
+                                         out=f"{p['adapter']}/out"), 2,
+                                      r"is inside the path --from_peft_checkpoint reads from"),
         "output_holds_foreign_files": (ft("x", out=f"{r}/someone-elses-dir"), 2,
                                        r"holds files shardtune did not write \(special_tokens_map\.json\).*--overwrite_output_dir"),
         "output_is_a_file": (ft("x", out=f"{r}/a-file"), 2, r"is a file"),
@@ -115,6 +123,13 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], int, str]]:
         # convert reads --model's weights when it merges an adapter into it
         "convert_damaged_model": (["convert", p["adapter"], f"{r}/outputs/merged", "--merge", "--model", p["damaged"]],
                                   2, r"damaged-model/model\.safetensors .*truncated or corrupt"),
+        # a destination inside the source would be deleted with it (--keep_last_n prunes step folders)
+        "convert_into_its_source": (["convert", p["adapter"], f"{p['adapter']}/merged", "--merge", "--model",
+                                     p["model"]], 2,
+                                    r"destination .*adapter/merged is inside the source"),
+        "two_ranks_output_inside_the_model": (["finetune", "--nproc_per_node", "2", "--enable_fsdp",
+                                               *ft("x", out=f"{p['model']}/out")[1:]], 2,
+                                              r"is inside the path --model_name reads from"),
         "two_ranks_not_utf8": (["finetune", "--nproc_per_node", "2", "--enable_fsdp", *ft("two_ranks", data="latin1.json")[1:]], 2,
                                r"latin1\.json is not UTF-8 text"),
     }

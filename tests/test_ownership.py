@@ -49,6 +49,15 @@ def test_inputs_are_never_an_output_and_a_file_is_refused(tmp_path):
         _check(tmp_path / "file", True)
 
 
+def test_an_output_inside_an_input_is_refused_even_with_the_flag(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(ShardtuneError, match=r"'.*model/out' is inside the path --model_name reads from"):
+            _check(model / "out", overwrite, **{"--model_name": str(model)})
+    assert _check(tmp_path / "out", **{"--model_name": str(model)}) == []  # beside it is fine
+
+
 def test_a_damaged_marker_is_an_error_not_an_empty_list(tmp_path):
     (tmp_path / MARKER).write_text("{not json")
     with pytest.raises(ShardtuneError, match="is damaged"):
@@ -82,3 +91,38 @@ def test_inputs_inside_the_output_and_foreign_whole_folders_are_refused_even_wit
                          replaced_whole=["checkpoints/", "merged/"])
     assert check_output_dir(out, flag="--output_dir", overwrite=True, overwrite_flag="--x",
                             replaced_whole=["merged/"]) == ["checkpoints/"]
+
+
+def test_a_read_only_output_is_refused_before_any_work(tiny_model_dir, tmp_path, tmpfs):
+    """Root ignores file modes, not a read-only mount: a real one (a tmpfs mounted ro)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    read_only = tmpfs("1M", read_only=True)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(8)]))
+    common = ["finetune", "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+              "--alpaca_dataset.data_path", str(data), "--device", "cpu", "--max_train_step", "1"]
+    cases = {
+        "--output_dir": [*common, "--output_dir", str(read_only / "out")],
+        "--dist_checkpoint_root_folder": [*common, "--output_dir", str(tmp_path / "out"), "--save_every_n_steps", "1",
+                                          "--dist_checkpoint_root_folder", str(read_only / "ckpts")],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(item):
+        flag, args = item
+        return flag, subprocess.run([sys.executable, "-m", "shardtune", *args], capture_output=True, text=True,
+                                    timeout=300, env=env)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(pool.map(run, cases.items()))
+    for flag, proc in results.items():
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flag, proc.stderr[-3000:])
+        assert f"error: {flag} '{read_only}/" in proc.stderr, proc.stderr[-3000:]
+        assert f"cannot be created: {read_only} is on a read-only file system" in proc.stderr, proc.stderr[-3000:]
+        assert "train data:" not in proc.stdout  # refused before the data, the model or training
+    assert not (tmp_path / "out").exists()  # nothing written anywhere

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Optional, Sequence
 
@@ -56,15 +57,19 @@ def _finetune(argv: list[str]) -> None:
     if launch and (nproc > 1 or any(t.startswith("--nnodes") for t in launch)):
         # Validate here first so a bad flag or path fails once, not once per rank.
         from .config import parse_args
-        from .finetuning import preflight
+        from .finetuning import hold_outputs, preflight
 
-        preflight(parse_args(rest).config, nproc)
+        cfg = parse_args(rest).config
+        preflight(cfg, nproc)
         single_node = not any(t.startswith(("--nnodes", "--rdzv", "--master_", "--node_rank")) for t in launch)
         if single_node and "--standalone" not in launch:
             launch.append("--standalone")  # a free local port: two jobs on one machine never collide
         from .parallel.launch import run_torchrun
 
-        code = run_torchrun([*launch, "-m", "shardtune.finetuning", *rest], local_ranks=nproc)
+        # --output_dir is this job's until every rank has ended. Across nodes, global rank 0 takes
+        # the lock instead: each node's launcher would otherwise lock a shared folder against the others.
+        with hold_outputs(cfg, launcher=True) if single_node else contextlib.nullcontext():
+            code = run_torchrun([*launch, "-m", "shardtune.finetuning", *rest], local_ranks=nproc)
         if code:
             raise SystemExit(code)
         return

@@ -9,6 +9,7 @@ Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import yaml
@@ -44,7 +45,8 @@ from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_to
 from .model.attention import AttentionChoice, choose_attention
 from .model.loading import (check_model_source, check_tokenizer_source, check_vocab_fits, load_config, load_inputs,
                             load_model, match_vocab)
-from .ownership import check_output_dir, record as record_owned
+from .output_lock import hold_unless_launcher_does
+from .ownership import check_not_an_input, check_output_dir, check_writable, record as record_owned, remove_stale_temps
 from .model.peft import apply_peft
 from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
 from .parallel.activation_checkpointing import (check_activation_offload, enable_activation_checkpointing,
@@ -559,18 +561,51 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     if board is not None:
         check_tensorboard_dir(board, {"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
                                       "--from_peft_checkpoint": t.from_peft_checkpoint}, t.output_dir)
-    whole = [entry for entry in (top_entry_under(t.output_dir, checkpoint_run_dir(cfg)),
+    ckpt = checkpoint_run_dir(cfg)
+    whole = [entry for entry in (top_entry_under(t.output_dir, ckpt),
                                  "merged/" if t.merge_lora else None,
                                  top_entry_under(t.output_dir, board) if board is not None else None) if entry]
-    return check_output_dir(t.output_dir, flag="--output_dir", overwrite=t.overwrite_output_dir,
-                            overwrite_flag="--overwrite_output_dir", replaced_whole=whole,
-                            protected={"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
-                                       "--from_peft_checkpoint": t.from_peft_checkpoint})
+    inputs = {"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
+              "--from_peft_checkpoint": t.from_peft_checkpoint}
+    foreign = check_output_dir(t.output_dir, flag="--output_dir", overwrite=t.overwrite_output_dir,
+                               overwrite_flag="--overwrite_output_dir", replaced_whole=whole, protected=inputs)
+    check_writable(t.output_dir, "--output_dir")
+    if writes_resumable_checkpoints(cfg) and not top_entry_under(t.output_dir, ckpt):  # elsewhere
+        check_not_an_input(ckpt, "--dist_checkpoint_root_folder", inputs)
+        check_writable(ckpt, "--dist_checkpoint_root_folder")
+    if board is not None:
+        check_writable(board, "--tensorboard_dir")
+    return foreign
+
+
+@contextlib.contextmanager
+def hold_outputs(cfg: Config, launcher: bool = False) -> Iterator[None]:
+    """One run per --output_dir: the launcher (``launcher``: it tells its ranks), a single process,
+    or rank 0 of a bare torchrun launch locks it for the run's life, and removes what an
+    interrupted earlier save left there (no other run can be writing it now)."""
+    lock = None
+    if int(os.environ.get("RANK", 0)) == 0:
+        lock = hold_unless_launcher_does(cfg.train.output_dir)
+        if lock is not None:
+            remove_stale_temps(cfg.train.output_dir)
+            if launcher:
+                lock.export_to_children()
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def run(cfg: Config) -> dict:
     """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses)."""
     foreign = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    with hold_outputs(cfg):  # one run per --output_dir, until this run has written everything
+        return run_held(cfg, foreign)
+
+
+def run_held(cfg: Config, foreign: list[str]) -> dict:
+    """:func:`run` once its options passed preflight and its output folder is held."""
     t = cfg.train
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)

@@ -24,6 +24,8 @@ from .checkpoint.layout import fsync_path
 from .config.errors import ShardtuneError
 
 MARKER = ".shardtune-files.json"
+# The lock a run holds on its output folder (output_lock.py): shardtune's, never a foreign file.
+LOCK = ".shardtune-lock"
 # Names only shardtune uses for its in-progress writes (left behind by a crash mid-save).
 _TEMP_PATTERNS = (".saving-*", "*.json.tmp", MARKER + ".tmp")
 
@@ -45,7 +47,7 @@ def owned(directory: str | Path) -> set[str]:
 
 def _is_owned(entry: Path, names: set[str]) -> bool:
     name = entry.name
-    if name == MARKER or any(fnmatch.fnmatch(name, p) for p in _TEMP_PATTERNS):
+    if name in (MARKER, LOCK) or any(fnmatch.fnmatch(name, p) for p in _TEMP_PATTERNS):
         return True
     return (name + "/" if entry.is_dir() else name) in names
 
@@ -119,24 +121,20 @@ def is_inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_flag: str,
+def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_flag: Optional[str],
                      protected: Mapping[str, Optional[str]] = {},
                      replaced_whole: Iterable[str] = ()) -> list[str]:
     """Refuse an output directory shardtune may not write into; returns the foreign entries
     that ``overwrite`` lets it write beside (empty when there are none).
 
-    ``protected`` maps flags to the paths the command reads from: they are never the output or
-    inside it, whatever ``overwrite`` says. ``replaced_whole`` names the folders the command
+    ``protected`` maps flags to the paths the command reads from: they are never the output,
+    inside it or around it, whatever ``overwrite`` says (``check_not_an_input``). Without an
+    overwrite option (``overwrite_flag`` None) foreign files are always refused. ``replaced_whole`` names the folders the command
     writes as a whole (``merged/``, ``checkpoints/``): a foreign one is refused even with
     ``overwrite``, since writing it would replace the user's folder.
     """
     out = Path(path)
-    for other_flag, other in protected.items():
-        if other and Path(other).exists() and is_inside(Path(other), out):
-            where = "is" if _same_place(out, Path(other)) else "holds"
-            raise ShardtuneError(
-                f"{flag} {str(path)!r} {where} the path {other_flag} reads from ({other}); writing there "
-                f"could replace the files this command reads. Choose another {flag}.")
+    check_not_an_input(out, flag, protected)
     if out.exists() and not out.is_dir():
         raise ShardtuneError(f"{flag} {str(path)!r} is a file, but a directory is needed (it is created "
                              f"if missing). Choose another {flag}.")
@@ -148,13 +146,75 @@ def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_
             f"writes a folder of that name (whole). Move it, or choose another {flag}.")
     if foreign and not overwrite:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        way_out = f"Choose another {flag}" + (
+            "." if overwrite_flag is None else
+            f", or pass {overwrite_flag} to write beside them (shardtune then replaces the files whose "
+            "names it writes, such as config.json or the weights, and leaves the others in place).")
         raise ShardtuneError(
             f"{flag} {str(path)!r} holds files shardtune did not write ({shown}). shardtune writes only "
             "into a new or empty directory, or one holding only an earlier shardtune run's files, so "
-            f"that nothing of yours is replaced or mixed into its output. Choose another {flag}, or "
-            f"pass {overwrite_flag} to write beside them (shardtune then replaces the files whose "
-            "names it writes, such as config.json or the weights, and leaves the others in place).")
+            f"that nothing of yours is replaced or mixed into its output. {way_out}")
     return foreign
+
+
+def check_not_an_input(out: Path, flag: str, protected: Mapping[str, Optional[str]]) -> None:
+    """Refuse an output that is, holds, or lies inside a path the command reads from (``protected``:
+    flag -> path): writing there could replace the inputs, and a later clean-up of the output (or
+    of the input: a checkpoint pruned by ``--keep_last_n``) would delete the other."""
+    for other_flag, other in protected.items():
+        if not (other and Path(other).exists()):
+            continue  # a hub id, or nothing given
+        if is_inside(Path(other), out):
+            where = "is" if _same_place(out, Path(other)) else "holds"
+        elif is_inside(out, Path(other)):
+            where = "is inside"
+        else:
+            continue
+        raise ShardtuneError(
+            f"{flag} {str(out)!r} {where} the path {other_flag} reads from ({other}); shardtune never "
+            "writes into or around the folders it reads from, since writing there could replace or "
+            f"mix with the files this command reads. Choose another {flag}, outside {other}.")
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, a folder this process cannot create or write files in: a run would
+    otherwise train to its end and lose the work at the first save. The nearest existing folder on
+    the way is asked (``access`` reports a read-only mount even to root); nothing is written."""
+    path = Path(path).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # a file on the way is refused with its own message (check_output_dir)
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "is on a read-only file system" if read_only else "is not writable by this user"
+    what = f"{flag} {str(path)!r} " + ("" if existing == path else f"cannot be created: {existing} ")
+    raise ShardtuneError(
+        f"{what}{why}. The run would train and then lose its work at the first save, so nothing was "
+        f"started. Choose a writable {flag}.")
+
+
+def remove_stale_temps(directory: str | Path) -> list[str]:
+    """Remove what interrupted shardtune writes left at the top of ``directory`` (``.saving-<pid>``
+    folders, the ``*.json.tmp`` of recorded files). Only for a run that holds the folder's
+    lock (``output_lock.py``): no other run can be writing them then."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    mine = owned(directory) | {MARKER}
+    removed = []
+    for entry in sorted(directory.iterdir()):
+        # "x.json.tmp" only beside a recorded "x.json": a user's own *.tmp file is not ours
+        if entry.name.startswith(".saving-") or (entry.name.endswith(".json.tmp") and entry.name[:-4] in mine):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
 
 
 def commit_files(tmp: Path, final: Path, stale_patterns: Iterable[str]) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from shardtune.data.prompts import alpaca_prompt
 from shardtune.demo.accuracy import score
+from shardtune.ownership import foreign_entries, owned
 from shardtune.demo.task import INSTRUCTION, KINDS, kind_of, make_code, make_examples, write_task_data
 
 CAPITALS, EVENS, SMALLS, ODDS = (members for _, members in KINDS)
@@ -104,6 +105,23 @@ def test_score_is_exact_match_ignoring_surrounding_whitespace():
 
 # --- the command ------------------------------------------------------------------------------
 
+def test_demo_refuses_a_folder_holding_files_it_did_not_write_before_writing_anything(tmp_path):
+    """The demo follows finetune's ownership rules: a user's data/train.json is never replaced."""
+    out_dir = tmp_path / "mine"
+    (out_dir / "data").mkdir(parents=True)
+    (out_dir / "data" / "train.json").write_text('[{"instruction": "my own", "output": "data"}]')
+    before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "shardtune", "demo", "--output_dir", str(out_dir)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds files shardtune did not write (data/)" in errors[0], proc.stderr[-3000:]
+    assert "Choose another --output_dir." in errors[0] and "[1/6]" not in proc.stdout
+    assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before  # nothing written
+
+
+
 @pytest.mark.slow
 def test_shardtune_demo_learns_and_writes_a_hugging_face_model(tmp_path):
     out_dir = tmp_path / "demo"
@@ -124,6 +142,8 @@ def test_shardtune_demo_learns_and_writes_a_hugging_face_model(tmp_path):
     assert converted and float(converted[1]) <= 1e-5 and converted[2] == "the same model", proc.stdout[-2000:]
     assert list((out_dir / "converted").glob("*.safetensors"))
 
+    # the demo's folders are recorded as its own: a rerun into this folder is allowed
+    assert owned(out_dir) == {"base-model/", "data/", "model/", "converted/"} and foreign_entries(out_dir) == []
     model_dir = out_dir / "model"
     assert list(model_dir.glob("*.safetensors")), sorted(p.name for p in model_dir.iterdir())
     assert (model_dir / "config.json").is_file()

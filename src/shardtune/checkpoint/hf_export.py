@@ -24,6 +24,7 @@ from ..model.names import saved_names
 from .hf_stream import full_tensor, model_tensors, write_safetensors
 from .model_config import write_model_config
 from .progress import Progress
+from .space import disk_full, is_out_of_space, tensor_bytes
 from .safetensors_stream import TensorSpec
 from .trainable import model_state
 
@@ -78,6 +79,14 @@ def _commit(tmp: Path, final: Path) -> None:
     ownership.commit_files(tmp, final, MODEL_FILE_PATTERNS)
 
 
+def _abandon(tmp: Path, output_dir: Path, exc: BaseException, what: str, needed: int) -> None:
+    """A save into ``output_dir`` failed: its temporary folder goes, and a full disk is said so."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_out_of_space(exc):
+        raise disk_full(output_dir, what, needed, "What was saved there before (and any checkpoint) is "
+                        "untouched.") from None
+
+
 def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype, *,
                  base: Optional[str | Path] = None) -> None:
     """config.json (recording the dtype the weights are written in) and generation_config.json:
@@ -111,17 +120,22 @@ def export_full_model(model: torch.nn.Module, tokenizer, output_dir: str | Path,
     # the files' headers come first: global shapes (a DTensor's .shape) and the written dtypes
     specs = [TensorSpec(name, tuple(t.shape), dtype or t.dtype if t.is_floating_point() else t.dtype)
              for name, t in tensors]
-    progress = Progress("export", sum(sp.nbytes for sp in specs), len(specs)) if env.is_main else None
+    needed = sum(sp.nbytes for sp in specs)
+    progress = Progress("export", needed, len(specs)) if env.is_main else None
     try:
         write_safetensors(tensors, specs, tmp, is_main=env.is_main, max_shard_size=max_shard_size,
                           progress=progress)
+        if env.is_main:
+            write_config(model, tmp, dtype or first_dtype)
+            save_tokenizer(tokenizer, tmp)
+            _commit(tmp, output_dir)
+    except Exception as exc:
+        if env.is_main:
+            _abandon(tmp, output_dir, exc, "the model's export", needed)
+        raise
     finally:
         if progress is not None:
             progress.close()
-    if env.is_main:
-        write_config(model, tmp, dtype or first_dtype)
-        save_tokenizer(tokenizer, tmp)
-        _commit(tmp, output_dir)
     if env.distributed:
         dist.barrier()
     return output_dir if env.is_main else None
@@ -149,10 +163,16 @@ def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, 
     if env.is_main:
         tmp = output_dir / f".saving-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, state_dict=state_dict)
-        save_tokenizer(tokenizer, tmp)
-        _commit(tmp, output_dir)
+        try:
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp, state_dict=state_dict)
+            save_tokenizer(tokenizer, tmp)
+            _commit(tmp, output_dir)
+        except Exception as exc:
+            trainable = state_dict if state_dict is not None else {n: p for n, p in model.named_parameters()
+                                                                   if p.requires_grad}
+            _abandon(tmp, output_dir, exc, "the adapter", tensor_bytes(trainable))
+            raise
     if env.distributed:
         dist.barrier()
     return output_dir if env.is_main else None

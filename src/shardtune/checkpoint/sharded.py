@@ -35,6 +35,7 @@ from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from . import layout
 from .digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
+from .space import disk_full, is_out_of_space, tensor_bytes
 from .trainable import has_frozen, model_state
 
 TRAIN_STATE = "train_state.json"
@@ -93,22 +94,51 @@ def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
     state = {"model": model_state(model, options)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
-    _injected_delay()
-    if env.is_main:
-        meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
-                "has_optimizer": optimizer is not None, "world_size": env.world_size,
-                "fingerprint": model_fingerprint(model), "versions": _versions()}
-        (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=2, default=str))
-        (tmp / TRAIN_PARAMS).write_text(yaml.safe_dump({**config_dict, "versions": _versions()},
-                                                      sort_keys=False))
-    _barrier(env)  # every rank's shard and RNG file is on disk
+    needed, failed = tensor_bytes(state), None
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+        _injected_delay()
+        if env.is_main:
+            meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
+                    "has_optimizer": optimizer is not None, "world_size": env.world_size,
+                    "fingerprint": model_fingerprint(model), "versions": _versions()}
+            (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=2, default=str))
+            (tmp / TRAIN_PARAMS).write_text(yaml.safe_dump({**config_dict, "versions": _versions()},
+                                                          sort_keys=False))
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        failed = exc
+    # every rank's shard and RNG file is on disk, or some rank failed: all ranks learn which
+    _settle_save(failed, tmp, step, needed, env)
     manifest = _digests(tmp, env)  # each rank hashes its share of the files
+    failed = None
     if env.is_main:
-        layout.commit(tmp, final, manifest)
-    _barrier(env)
+        try:
+            layout.commit(tmp, final, manifest)
+        except OSError as exc:
+            failed = exc
+    _settle_save(failed, tmp, step, needed, env)
     return final if env.is_main else None
+
+
+def _settle_save(failed: Optional[BaseException], tmp: Path, step: int, needed: int, env: DistEnv) -> None:
+    """A collective every rank reaches after its part of a save: when any rank failed, the partial
+    checkpoint is removed and every rank raises (none is left waiting in a barrier). A full disk
+    is a :class:`ShardtuneError` that says so; another error is re-raised where it happened."""
+    outcomes = _gather(env, None if failed is None else (is_out_of_space(failed), f"{type(failed).__name__}: {failed}"))
+    failures = {rank: o for rank, o in enumerate(outcomes) if o is not None}
+    if not failures:
+        return
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # every rank is past its writes
+    if any(space for space, _ in failures.values()):
+        raise disk_full(tmp.parent, f"the checkpoint of step {step}", needed,
+                        "The earlier checkpoints are untouched (`shardtune checkpoints "
+                        f"{tmp.parent}` lists them; --resume continues from the newest).")
+    if failed is not None:
+        raise failed
+    rank, (_, text) = next(iter(failures.items()))
+    raise RuntimeError(f"rank {rank} failed while saving the checkpoint of step {step}: {text.splitlines()[0]}")
 
 
 def _injected_delay() -> None:

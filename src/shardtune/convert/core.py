@@ -85,18 +85,30 @@ def check_destination(dst: Path, src: Path, overwrite: bool, protected: Optional
     and a non-empty folder without --overwrite."""
     if dst.exists() and not dst.is_dir():
         raise ShardtuneError(f"The destination {dst} is a file; pass a folder (it is created if missing).")
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or dst_r in src_r.parents:
+    if ownership.is_inside(src, dst):
         raise ShardtuneError(f"The destination {dst} is (or contains) the source {src}; choose another folder.")
-    for flag, other in (protected or {}).items():
-        other_r = Path(other).resolve() if other and Path(other).exists() else None
-        if other_r is not None and (other_r == dst_r or dst_r in other_r.parents):
-            raise ShardtuneError(f"The destination {dst} is (or holds) {other}, which {flag} reads from; "
-                                 "writing there could replace its files. Choose another folder.")
+    if ownership.is_inside(dst, src) and not _owned_by_source(dst, src):
+        raise ShardtuneError(
+            f"The destination {dst} is inside the source {src}. A converted model there would be mixed "
+            "into the source's files and deleted with them (a run's --keep_last_n prunes a step "
+            "checkpoint's folder whole). Choose a folder outside the source.")
+    # --merge_lora reads its tokenizer from the output folder that also holds merged/ (recorded there)
+    inputs = {flag: other for flag, other in (protected or {}).items()
+              if not (other and ownership.is_inside(dst, Path(other)) and _owned_by_source(dst, Path(other)))}
+    ownership.check_not_an_input(dst, "DST", inputs)
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ShardtuneError(
             f"The destination {dst} is not empty. Pass --overwrite to replace what an earlier conversion "
             "wrote there (files shardtune did not write are left in place), or choose an empty or new folder.")
+
+
+def _owned_by_source(dst: Path, src: Path) -> bool:
+    """``dst`` is a folder that the shardtune output ``src`` records as its own (the recipe's
+    ``--merge_lora`` writes ``<output_dir>/merged`` from the adapter in ``<output_dir>``)."""
+    if not (src.is_dir() and ownership.is_inside(dst, src)):
+        return False
+    entry = dst.resolve().relative_to(src.resolve()).parts
+    return bool(entry) and entry[0] + "/" in ownership.owned(src)
 
 
 def _temp_dir(dst: Path) -> Path:

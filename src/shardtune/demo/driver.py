@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ..config.errors import ShardtuneError
+from ..output_lock import OutputLock, hold
+from ..ownership import check_output_dir, check_writable, record
 
 # One intra-op thread: at this size a second thread saves only ~30% of a step on an idle machine,
 # and on a busy shared one (other work on the cores) two threads were 2-4x *slower* per step.
@@ -42,6 +44,8 @@ CONVERT_TOLERANCE = 1e-5
 N_LOGIT_ROWS = 8
 
 Rows = list[dict]
+# What a demo writes in its --output_dir (each folder whole): recorded in the ownership marker.
+DEMO_ENTRIES = ("base-model/", "data/", "model/", "converted/")
 
 
 @dataclass(frozen=True)
@@ -90,16 +94,20 @@ def finetune_args(task: DemoTask, model_dir: Path, data: Path, out: Path, seed: 
 
 
 def run_finetune(args: list[str], nproc: int, out: Path) -> dict:
-    """The real recipe: in this process, or on ``nproc`` FSDP ranks launched with torchrun."""
+    """The real recipe: in this process, or on ``nproc`` FSDP ranks launched the way a user launches
+    them (``shardtune finetune --nproc_per_node N``): its launcher checks the options once and ends
+    a failed rank with one line, not torchrun's ``ChildFailedError`` traceback."""
     if nproc == 1:
         from ..finetuning import main as finetune
 
         return finetune(args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "shardtune.finetuning", *args]
+    cmd = [sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", str(nproc), *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(NUM_THREADS)}
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise ShardtuneError(f"the {nproc}-rank fine-tune failed (its error is printed above).")
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        print(f"the demo stopped at step 4: the {nproc}-rank fine-tune failed (its error is above).",
+              file=sys.stderr, flush=True)
+        raise SystemExit(code)
     metrics = json.loads((out / "metrics.json").read_text())
     val = metrics.get("val_epoch_loss") or []
     return {"best_eval_loss": min(val) if val else None, "steps": len(metrics["train_step_loss"])}
@@ -141,8 +149,27 @@ def run_demo(task: DemoTask, output_dir: str | Path, seed: int = 0, nproc: int =
     Raises ``SystemExit(1)`` if the model did not learn or the converted checkpoint differs."""
     if not 1 <= nproc <= task.global_batch or task.global_batch % nproc:
         raise ShardtuneError(f"--nproc_per_node must divide the demo's global batch of {task.global_batch}.")
-    torch.set_num_threads(NUM_THREADS)
     root = Path(output_dir)
+    lock = claim_output_dir(root)
+    try:
+        return _run_demo(task, root, seed, nproc)
+    finally:
+        lock.release()
+
+
+def claim_output_dir(root: Path) -> OutputLock:
+    """The demo follows ``finetune``'s ownership rules: it writes only into a new or empty folder, or
+    its own earlier output (a rerun), records its folders before writing them, and holds the folder
+    for its whole run. Anything else is refused before a file is written."""
+    check_output_dir(root, flag="--output_dir", overwrite=False, overwrite_flag=None)
+    check_writable(root, "--output_dir")
+    lock = hold(root)
+    record(root, added=DEMO_ENTRIES)
+    return lock
+
+
+def _run_demo(task: DemoTask, root: Path, seed: int, nproc: int) -> dict:
+    torch.set_num_threads(NUM_THREADS)
     base_dir, model_out, data_dir = root / "base-model", root / "model", root / "data"
     started = time.perf_counter()
     print(f"[1/6] building a tiny random {task.model_label} in {base_dir}")

@@ -1,0 +1,99 @@
+"""One run per output folder: a run holds an exclusive lock on its output folder for its whole life.
+
+The lock is ``fcntl.flock`` on ``<folder>/.shardtune-lock`` (``ownership.LOCK``, which the
+ownership rules count as shardtune's, so it never blocks the folder's next run). The kernel
+releases it when the holding process ends, however it ends (a crash, SIGKILL, a lost node), so a
+dead run never leaves a folder locked. The file is never deleted: deleting it while another
+process waits on it would let two runs hold "the" lock at once.
+
+``shardtune finetune --nproc_per_node N`` takes the lock in the launcher and tells its ranks so
+through ``HELD_ENV`` (``<pid>:<lock path>``); a rank that sees its launcher holding the lock of its
+own output folder does not take it again (it could not: the launcher holds it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config.errors import ShardtuneError
+from .ownership import LOCK
+
+HELD_ENV = "SHARDTUNE_HELD_OUTPUT_LOCK"
+
+
+class OutputLock:
+    """An held lock on ``folder``; ``release()`` (or the process's end) lets the next run in."""
+
+    def __init__(self, folder: Path, fd: int) -> None:
+        self.folder, self.path, self._fd = folder, folder / LOCK, fd
+        self._exported = False
+
+    def release(self) -> None:
+        if self._exported:
+            os.environ.pop(HELD_ENV, None)
+            self._exported = False
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def export_to_children(self) -> None:
+        """Let processes this one starts (torchrun's ranks) know that their output folder is held."""
+        os.environ[HELD_ENV] = f"{os.getpid()}:{self.path.resolve()}"
+        self._exported = True
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" ({text})" if text else ""
+
+
+def hold(folder: str | Path, flag: str = "--output_dir") -> OutputLock:
+    """Create ``folder`` if needed and lock it for this process; a folder another live shardtune
+    process holds is a clear error."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ShardtuneError(
+            f"{flag} {str(folder)!r} is in use by another shardtune run{_holder(path)}: two runs writing "
+            "one folder would replace each other's model and checkpoints. Wait for that run to end, or "
+            f"choose another {flag}. (The lock is released when that process ends, even by a crash.)") from None
+    os.ftruncate(fd, 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.write(fd, f"process {os.getpid()} on {os.uname().nodename}, started {started}: "
+                 f"{' '.join(sys.argv[:3])}\n".encode())
+    return OutputLock(folder, fd)
+
+
+def held_by_launcher(folder: str | Path) -> bool:
+    """True in a rank whose launcher (``HELD_ENV``) holds the lock of ``folder`` and is alive."""
+    value = os.environ.get(HELD_ENV, "")
+    pid, _, path = value.partition(":")
+    if not (pid.isdigit() and path):
+        return False
+    if Path(path) != (Path(folder) / LOCK).resolve():
+        return False
+    try:
+        os.kill(int(pid), 0)  # the launcher is still alive (then it still holds the lock)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def hold_unless_launcher_does(folder: str | Path, flag: str = "--output_dir") -> Optional[OutputLock]:
+    """The lock of ``folder`` for this run: taken here, or None when this rank's launcher holds it."""
+    return None if held_by_launcher(folder) else hold(folder, flag)
