@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..config.errors import ShardtuneError
+from ..notes import note
 from ..parallel.distributed import DistEnv
 from . import layout
 from .digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
@@ -207,16 +207,16 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
     recorded digests first); returns the saved data position."""
     meta = read_train_state(path)
     if not verify_checkpoint(path, env) and env.is_main:
-        warnings.warn(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
-                      "cannot be verified.", stacklevel=2)
+        note(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
+             "cannot be verified.")
     check_compatible(meta["fingerprint"], model, path)
     options = _options(model)
     state = {"model": get_model_state_dict(model, options=options)}
     load_optim = optimizer is not None and meta.get("has_optimizer")
     if optimizer is not None and not load_optim and env.is_main:
-        warnings.warn(f"Checkpoint {path} holds no optimizer state (it was an epoch save point "
-                      "written without --save_optimizer): the optimizer starts afresh, so the "
-                      "resumed run is not an exact continuation.", stacklevel=2)
+        note(f"Checkpoint {path} holds no optimizer state (it was an epoch save point "
+             "written without --save_optimizer): the optimizer starts afresh, so the "
+             "resumed run is not an exact continuation.")
     if load_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     try:
@@ -236,10 +236,10 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
     if meta.get("world_size") == env.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     elif env.is_main:
-        warnings.warn(f"Checkpoint {path} was written by {meta.get('world_size')} ranks and is "
-                      f"resumed on {env.world_size}: model and optimizer are resharded. The data "
-                      "order is the original one only if batch_size_training x ranks is unchanged, "
-                      "and random streams (dropout) differ.", stacklevel=2)
+        note(f"Checkpoint {path} was written by {meta.get('world_size')} ranks and is "
+             f"resumed on {env.world_size}: model and optimizer are resharded. The data "
+             "order is the original one only if batch_size_training x ranks is unchanged, "
+             "and random streams (dropout) differ.")
     return meta["position"]
 
 
