@@ -57,6 +57,7 @@ from .train.metrics import MetricsLog
 from .train.optim import build_optimizer, build_scheduler
 from .train.perf import StepMeter
 from .train.profiler import StepProfiler
+from .train.progress import quiet_library_bars
 from .train.tensorboard_log import TensorBoardLogger, check_tensorboard_dir, tensorboard_dir
 from .train.wandb_log import WandbLogger
 
@@ -556,6 +557,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
 def run(cfg: Config) -> dict:
     """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses)."""
     foreign = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    quiet_library_bars()  # in a log file: plain progress lines only (train/progress.py)
     t = cfg.train
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)
