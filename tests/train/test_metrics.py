@@ -168,22 +168,3 @@ def test_gpu_steps_report_the_table_peak_and_gpu_memory(tiny_model_dir):
     assert all(0 < p.mfu < 1 for p in seen)  # a tiny model is far from any GPU's peak
     assert result.perf.gpu_max_allocated_gib == pytest.approx(max(p.gpu_max_allocated_gib for p in seen))
 
-
-def test_progress_lines_come_at_a_steady_interval(capsys, monkeypatch):
-    from shardtune.train import progress
-
-    clock = iter(float(t) for t in range(1000))
-    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))  # one second per call
-    bar = progress.LoopProgress("Training Epoch 1/1", total=59, bar=False)
-    for i in range(59):
-        bar.update({"loss": f"{1 + i / 100:.4f}", "lr": "1.00e-04"})
-    bar.close()
-    lines = capsys.readouterr().out.splitlines()
-    steps = [int(ln.split()[4].split("/")[0]) for ln in lines]
-    # the first step, then every 6 steps (10% of 59) or 30 s, and the last
-    assert steps == [1, 7, 13, 19, 25, 31, 37, 43, 49, 55, 59], lines
-    assert lines[-1].startswith("Training Epoch 1/1: step 59/59 (100%) loss=1.5800 lr=1.00e-04 elapsed=")
-    quiet = progress.LoopProgress("Training", total=3, enabled=False, bar=False)
-    quiet.update({"loss": "1"})
-    quiet.close()
-    assert capsys.readouterr().out == ""
