@@ -57,6 +57,21 @@ def _inputs(root: Path, tiny_model_dir: Path) -> dict[str, str]:
     (root / "bad-prompts.jsonl").write_text('{"prompt": "fine"}\n{"question": "no prompt key"}\n')
     (root / "not-a-checkpoint").mkdir()
     (root / "not-a-checkpoint" / "notes.txt").write_text("hello")
+    # custom dataset files whose collators return the wrong thing; under outputs/ (not compared)
+    # because importing them writes their __pycache__ beside them
+    custom = root / "outputs" / "custom-datasets"
+    custom.mkdir(parents=True)
+    for name, returned in {"tuple_collator": "ids, ids.clone()",
+                           "no_labels_collator": "{'input_ids': ids, 'attention_mask': torch.ones_like(ids)}"}.items():
+        (custom / f"{name}.py").write_text(
+            "import torch\n"
+            "def get_custom_dataset(dataset_config, tokenizer, split):\n"
+            "    return [{'input_ids': [1, 5, 6, 7], 'labels': [1, 5, 6, 7]}] * 8\n"
+            "def get_data_collator(tokenizer):\n"
+            "    def collate(rows):\n"
+            "        ids = torch.tensor([r['input_ids'] for r in rows])\n"
+            f"        return {returned}\n"
+            "    return collate\n")
     return {"model": str(model), "damaged": str(damaged), "other_size": str(other_size), "adapter": str(adapter),
             "root": str(root)}
 
@@ -130,6 +145,18 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], int, str]]:
         "two_ranks_output_inside_the_model": (["finetune", "--nproc_per_node", "2", "--enable_fsdp",
                                                *ft("x", out=f"{p['model']}/out")[1:]], 2,
                                               r"is inside the path --model_name reads from"),
+        # a custom collator's batch is checked where it is made, not met as a KeyError in the loop
+        "collator_returns_tuple": (["finetune", "--model_name", p["model"], "--dataset", "custom_dataset",
+                                    "--custom_dataset.file", f"{r}/outputs/custom-datasets/tuple_collator.py",
+                                    "--device", "cpu", "--batching_strategy", "padding", "--output_dir", f"{r}/outputs/tuple"], 2,
+                                   r"tuple_collator\.py \(get_data_collator\) returned a tuple; a data collator "
+                                   r"must return a mapping .* with input_ids and labels tensors"),
+        "collator_without_labels": (["finetune", "--model_name", p["model"], "--dataset", "custom_dataset",
+                                     "--custom_dataset.file", f"{r}/outputs/custom-datasets/no_labels_collator.py",
+                                     "--device", "cpu", "--batching_strategy", "padding",
+                                     "--output_dir", f"{r}/outputs/no-labels"], 2,
+                                    r"no_labels_collator\.py \(get_data_collator\) returned a batch without "
+                                    r"labels tensors \(it has input_ids, attention_mask\)"),
         "two_ranks_not_utf8": (["finetune", "--nproc_per_node", "2", "--enable_fsdp", *ft("two_ranks", data="latin1.json")[1:]], 2,
                                r"latin1\.json is not UTF-8 text"),
     }

@@ -64,6 +64,7 @@ from .train.metrics import MetricsLog
 from .train.optim import build_optimizer, build_scheduler
 from .train.perf import StepMeter
 from .train.profiler import StepProfiler
+from .train.progress import quiet_library_bars
 from .train.tensorboard_log import TensorBoardLogger, check_tensorboard_dir, tensorboard_dir
 from .train.wandb_log import WandbLogger
 
@@ -606,6 +607,7 @@ def run(cfg: Config) -> dict:
 
 def run_held(cfg: Config, foreign: list[str]) -> dict:
     """:func:`run` once its options passed preflight and its output folder is held."""
+    quiet_library_bars()  # in a log file: plain progress lines only (train/progress.py)
     t = cfg.train
     env = init_distributed(t.device, need_group=t.enable_fsdp,
                            cpu_collectives=t.enable_fsdp and cfg.fsdp.fsdp_cpu_offload)

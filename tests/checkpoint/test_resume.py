@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -91,14 +92,14 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(runs):
     assert error and "--use_peft is False in the checkpoint and True now" in error
 
 
-def test_two_rank_checkpoint_resumes_in_one_process_on_the_same_global_batch(runs):
+def test_two_rank_checkpoint_resumes_in_one_process_on_the_same_global_batch(runs, capsys):
     r = runs["results"]
     full = r["full_uninterrupted"]["losses"]
     ckpt = runs["dirs"]["full"] / "checkpoints" / "fine-tuned" / "step-000004"
     args = [*_common(runs["model"], runs["data"], runs["root"] / "single"), "--batch_size_training", "4",
             "--resume_from", str(ckpt)]
-    with pytest.warns(UserWarning, match="resumed on 1"):
-        resumed = finetune(args)["train_step_loss"]
+    resumed = finetune(args)["train_step_loss"]
+    assert re.search(r"^note: Checkpoint .* was written by 2 ranks and is resumed on 1", capsys.readouterr().err, re.M)
     assert _close(resumed, full[4:], rtol=1e-4)
 
 
@@ -107,11 +108,12 @@ def test_two_rank_checkpoint_resumes_in_one_process_on_another_global_batch(runs
     other 14 are trained in 7 micro-batches (4 steps of 2), then epoch 2's 23 in 12 steps."""
     ckpt = runs["dirs"]["full"] / "checkpoints" / "fine-tuned" / "step-000004"
     capsys.readouterr()
-    with pytest.warns(UserWarning, match="resumed on 1"):
-        results = finetune([*_common(runs["model"], runs["data"], runs["root"] / "single-b2"),
-                            "--batch_size_training", "2", "--resume_from", str(ckpt)])
+    results = finetune([*_common(runs["model"], runs["data"], runs["root"] / "single-b2"),
+                        "--batch_size_training", "2", "--resume_from", str(ckpt)])
+    captured = capsys.readouterr()
+    assert re.search(r"^note: Checkpoint .* was written by 2 ranks and is resumed on 1", captured.err, re.M)
     assert ("32 samples of epoch 1 were trained in global batches of 4 (seed 3); its other 14 samples are "
-            "trained now in 7 global batches of 2") in capsys.readouterr().out
+            "trained now in 7 global batches of 2") in captured.out
     assert results["steps"] == 4 + 4 + 12
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -267,7 +269,7 @@ def test_custom_named_function_and_return_types(custom_cfg, tiny_tokenizer, fn, 
 def test_custom_collator_comes_from_get_data_collator(custom_cfg, tiny_tokenizer):
     cfg = custom_cfg("my_data.py:myfn", CUSTOM + COLLATOR)
     split = load_split(cfg, tiny_tokenizer, "train")
-    assert type(split.collate_fn).__name__ == "Collator" and split.collate_fn.processor is tiny_tokenizer
+    assert type(split.collate_fn.inner).__name__ == "Collator" and split.collate_fn.inner.processor is tiny_tokenizer
     loader = build_dataloader(split.samples, tokenizer=tiny_tokenizer, strategy="padding", batch_size=3,
                               context_length=512, shuffle=False, seed=0, collate_fn=split.collate_fn)
     batch = next(iter(loader))
@@ -322,3 +324,84 @@ def test_custom_rows_go_to_their_collator_unchanged(custom_cfg, tiny_tokenizer):
                               context_length=512, shuffle=False, seed=0, drop_last=False,
                               collate_fn=split.collate_fn)
     assert [b["texts"] for b in loader] == [["row 0", "row 1"], ["row 2", "row 3"], ["row 4"]]
+
+
+# llama-cookbook style: the tokenizer's own BatchEncoding (a UserDict, not a dict), labels added
+BATCH_ENCODING = '''
+def get_custom_dataset(dataset_config, tokenizer, split):
+    return [{"text": f"Say {i}." + " word" * (i % 4)} for i in range(12 if split == "train" else 4)]
+
+def get_data_collator(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    def collate(rows):
+        batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+    return collate
+'''
+
+
+def test_custom_collator_batch_encoding_is_a_batch(custom_cfg, tiny_tokenizer):
+    """Counted (pad fraction) and masked (a filler row on the rank whose slice ran short) as a dict is."""
+    from transformers import BatchEncoding
+
+    from shardtune.data import pad_fraction
+
+    from shardtune.data.custom import load_module
+
+    cfg = custom_cfg("my_data.py", BATCH_ENCODING)
+    split = load_split(cfg, tiny_tokenizer, "test")  # 4 rows
+    assert isinstance(load_module(Path(cfg.dataset_config.file)).get_data_collator(tiny_tokenizer)(split.samples),
+                      BatchEncoding)
+    args = dict(tokenizer=tiny_tokenizer, strategy="padding", batch_size=2, context_length=512, shuffle=False,
+                seed=0, drop_last=False, collate_fn=split.collate_fn)
+    filler = build_dataloader(split.samples[:1], rank=1, world_size=2, **args)  # rank 1's slice is empty
+    filler.batch_sampler.set_epoch(0)
+    (batch,) = list(filler)
+    assert type(batch) is dict and bool((batch["labels"] == -100).all())
+    loader = build_dataloader(split.samples, **args)
+    loader.batch_sampler.set_epoch(0)
+    assert pad_fraction(loader) > 0  # the rows differ in length
+
+
+def test_custom_collator_batch_encoding_trains(tiny_model_dir, tmp_path):
+    from shardtune.finetuning import main as finetune
+
+    (tmp_path / "cookbook_text.py").write_text(BATCH_ENCODING)
+    out = finetune(["--model_name", str(tiny_model_dir), "--dataset", "custom_dataset",
+                    "--custom_dataset.file", str(tmp_path / "cookbook_text.py"), "--batching_strategy", "padding",
+                    "--batch_size_training", "4", "--num_epochs", "1", "--device", "cpu", "--lr", "1e-2",
+                    "--save_model", "False", "--output_dir", str(tmp_path / "out")])
+    losses = out["train_step_loss"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert out["avg_eval_loss"] is not None and math.isfinite(out["avg_eval_loss"])
+
+
+WRONG_COLLATORS = '''
+import torch
+
+def get_custom_dataset(dataset_config, tokenizer, split):
+    return [{"input_ids": [1, 5, 6, 7], "labels": [1, 5, 6, 7]}] * 4
+
+def get_data_collator(tokenizer):
+    def collate(rows):
+        ids = torch.tensor([r["input_ids"] for r in rows])
+        return RETURNED
+    return collate
+'''
+
+
+@pytest.mark.parametrize("returned,message", [
+    ("(ids, ids.clone())", r"my_data\.py \(get_data_collator\) returned a tuple; a data collator must return a "
+                           r"mapping .* with input_ids and labels tensors"),
+    ("{'input_ids': ids, 'attention_mask': torch.ones_like(ids)}",
+     r"my_data\.py \(get_data_collator\) returned a batch without labels tensors \(it has input_ids, "
+     r"attention_mask\); a data collator must return a mapping"),
+])
+def test_custom_collator_wrong_batches_are_named(custom_cfg, tiny_tokenizer, returned, message):
+    split = load_split(custom_cfg("my_data.py", WRONG_COLLATORS.replace("RETURNED", returned)), tiny_tokenizer, "train")
+    loader = build_dataloader(split.samples, tokenizer=tiny_tokenizer, strategy="padding", batch_size=2,
+                              context_length=512, shuffle=False, seed=0, collate_fn=split.collate_fn)
+    with pytest.raises(ShardtuneError, match=message):
+        next(iter(loader))

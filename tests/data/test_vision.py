@@ -372,6 +372,32 @@ def test_custom_vision_dataset_file(tiny_processor, write_images, tmp_path):
                          context_length=512, shuffle=False, seed=0, collate_fn=split.collate_fn)
 
 
+def test_cookbook_collator_batch_feature_is_accepted(tiny_processor, write_images, tmp_path):
+    """llama-cookbook's collator returns the processor's BatchFeature (a UserDict, not a dict):
+    every batch of both ranks' loaders, fillers included, arrives as a plain dict with the images."""
+    from transformers import BatchFeature
+
+    from shardtune.data.custom import load_module
+
+    shutil.copy(CUSTOM_FILE, tmp_path / "ocrvqa_dataset.py")
+    rows = _jsonl(tmp_path / "rows.jsonl", _rows(write_images(10)))
+    cfg = parse_args(["--dataset", "custom_dataset", "--custom_dataset.file", str(tmp_path / "ocrvqa_dataset.py"),
+                      "--custom_dataset.data_path", str(rows), "--batching_strategy", "padding"]).config
+    split = load_split(cfg, tiny_processor, "train")  # 9 samples: rank 1's last batch holds a filler
+    cookbook = load_module(tmp_path / "ocrvqa_dataset.py").get_data_collator(tiny_processor)
+    assert isinstance(cookbook([split.samples[0]]), BatchFeature)
+    seen = 0
+    for rank in (0, 1):
+        loader = build_dataloader(split.samples, tokenizer=tiny_processor, strategy="padding", batch_size=2,
+                                  context_length=512, shuffle=False, seed=0, rank=rank, world_size=2,
+                                  drop_last=False, collate_fn=split.collate_fn, required_keys=("pixel_values",))
+        loader.batch_sampler.set_epoch(0)
+        for batch in loader:
+            assert type(batch) is dict and KEYS <= set(batch)
+            seen += int((batch["labels"] != IGNORE).any(dim=1).sum())
+    assert seen == 9  # the filler row carries no labels
+
+
 def test_overlong_samples_are_truncated_with_their_images(tiny_processor, write_images, tmp_path):
     rows = _rows(write_images(10))
     full = load_split(_cfg(_jsonl(tmp_path / "rows.jsonl", rows)), tiny_processor, "train")

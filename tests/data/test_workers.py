@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import psutil
 import pytest
@@ -76,14 +77,20 @@ class _Collate:
         return rows
 
 
-def test_data_that_cannot_reach_a_worker_is_loaded_in_process_with_a_warning(monkeypatch):
-    with pytest.warns(UserWarning, match="data collator cannot be sent to a worker"):
+def test_data_that_cannot_reach_a_worker_is_loaded_in_process_with_a_note(monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain note, not a Python warning
         assert worker_options(2, [{"a": 1}], lambda rows: rows) == {"num_workers": 0}
+    assert capsys.readouterr().err.startswith("note: --num_workers_dataloader 2: the data collator cannot be sent")
     custom = types.ModuleType(f"{MODULE_PREFIX}mine_0000")  # a custom dataset file's module
     custom_collate = type("Collator", (_Collate,), {"__module__": custom.__name__})
     custom.Collator = custom_collate
     monkeypatch.setitem(sys.modules, custom.__name__, custom)
-    with pytest.warns(UserWarning, match="defined in the custom dataset file"):
-        assert worker_options(1, [{"a": 1}], custom_collate()) == {"num_workers": 0}
+    assert worker_options(1, [{"a": 1}], custom_collate()) == {"num_workers": 0}
+    assert "defined in the custom dataset file" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # the other ranks stay quiet
+    assert worker_options(1, [{"a": 1}], custom_collate()) == {"num_workers": 0}
+    assert capsys.readouterr().err == ""
     assert worker_options(0, [{"a": 1}], None) == {"num_workers": 0}
     assert worker_options(1, [{"a": 1}], _Collate())["persistent_workers"]

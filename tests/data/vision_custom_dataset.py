@@ -3,7 +3,8 @@
 Same interface as llama-recipes' recipes/quickstart/finetuning/datasets/ocrvqa_dataset.py, but the
 rows come from a local JSON-lines file (``--custom_dataset.data_path``, images as paths relative to
 it) instead of the hub: ``get_custom_dataset`` returns raw rows with PIL images, and the collator
-from ``get_data_collator`` runs the processor on a batch and builds the labels.
+from ``get_data_collator`` runs the processor on a batch, adds the labels and returns the
+processor's ``BatchFeature`` unchanged (a ``UserDict``, not a ``dict``), as the cookbook's does.
 """
 
 import json
@@ -65,7 +66,7 @@ class VisionDataCollator:
         labels = [self._labels(row.tolist()) for row in batch["input_ids"]]
         batch["labels"] = torch.tensor(labels)
         batch["labels"][batch["attention_mask"] == 0] = -100
-        return dict(batch)
+        return batch
 
 
 def get_data_collator(processor):

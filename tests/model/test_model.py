@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -34,7 +36,9 @@ def test_freeze_llm_only_is_for_vision_models(model):
 
 def test_lora_trains_only_adapters(model):
     cfg = parse_args(["--use_peft", "--lora_config.r", "4"]).config
-    peft_model = apply_peft(model, cfg)
+    with warnings.catch_warnings():  # no FutureWarning from peft's read of is_gradient_checkpointing
+        warnings.simplefilter("error")
+        peft_model = apply_peft(model, cfg)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any("q_proj.lora_A" in n for n in trainable) and any("v_proj.lora_B" in n for n in trainable)

@@ -17,6 +17,7 @@ import torch
 from shardtune.finetuning import main as finetune
 
 RTOL = 1e-4
+COOKBOOK_FILE = Path(__file__).parents[1] / "data" / "vision_custom_dataset.py"
 
 
 def _close(a: list[float], b: list[float], rtol: float = RTOL) -> bool:
@@ -82,8 +83,20 @@ def results(setting, run_fsdp_cases):
                                      "--output_dir", resume_out)},
         "resumed": {"args": _fsdp(_with(c, "--max_train_step", "5"), "--save_every_n_steps", "2",
                                   "--output_dir", resume_out, "--resume")},
+        # seed 004's command with a llama-cookbook style --custom_dataset.file whose collator
+        # returns the processor's BatchFeature (a UserDict) unchanged
+        "cookbook_custom_dataset": {"args": _fsdp(_cookbook(c, root), *LORA)},
     }
     return run_fsdp_cases(root, cases)
+
+
+def _cookbook(common: list[str], root: Path) -> list[str]:
+    import shutil
+
+    dataset = shutil.copy(COOKBOOK_FILE, root / "ocrvqa_dataset.py")
+    args = _with(common, "--dataset", "custom_dataset")
+    args[args.index("--ocrvqa_dataset.data_path")] = "--custom_dataset.data_path"
+    return [*args, "--custom_dataset.file", str(dataset), "--custom_dataset.test_split", "test"]
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +171,12 @@ def test_lora_targets_the_language_model_and_matches_one_process(results, single
     assert all("language_model" in n for n in r["trainable"])  # q_proj/v_proj of the LLM, not the tower
     assert _close(r["losses"], single["lora"]), (r["losses"], single["lora"])
     assert _close(results["lora_low_cpu"]["losses"], single["lora"])
+
+
+def test_cookbook_custom_dataset_with_batch_feature_batches_trains(results):
+    r = results["cookbook_custom_dataset"]
+    assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"]), r["losses"]
+    assert r["changed"] and all(".lora_" in n for n in r["trainable"])
 
 
 def test_lora_adapter_loads_with_peft_on_the_vision_model_and_changes_its_logits(results, setting):

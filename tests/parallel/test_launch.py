@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,6 +117,14 @@ def test_shardtune_finetune_launches_two_fsdp_ranks_end_to_end(tmp_path, tiny_mo
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_step_loss"]
+    # A quiet log (issues 21.5, 22): no Python warnings (runpy's "found in sys.modules" from every
+    # DataLoader worker, the resource tracker's "leaked semaphore objects" at exit, shardtune's
+    # own notes), and no progress-bar frames in a pipe, but plain progress lines
+    noise = [ln for ln in proc.stderr.splitlines() if "Warning" in ln or "warnings.warn" in ln or "leaked" in ln]
+    assert not noise, proc.stderr[-3000:]
+    assert "\r" not in proc.stdout + proc.stderr
+    assert re.search(r"^Training Epoch 1/1: step 4/4 \(100%\) loss=\S+ tok_s=\S+ tflops=\S+ mfu=\S+ mem=\S+ lr=",
+                     proc.stdout, re.M), proc.stdout[-3000:]
 
 
 def test_two_node_launch_line_with_hybrid_shard(tmp_path, tiny_model_dir):

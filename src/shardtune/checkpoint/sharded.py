@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..config.errors import ShardtuneError
+from ..notes import note
 from ..parallel.distributed import DistEnv
 from . import layout
 from .digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
@@ -200,10 +200,10 @@ def verify_checkpoint(path: Path, env: Optional[DistEnv] = None, advice: Optiona
 
 def verify_before_loading(path: Path, env: DistEnv) -> None:
     """:func:`verify_checkpoint` by every rank; a checkpoint without a digest record is loaded with a
-    warning that its files cannot be verified."""
+    note that its files cannot be verified."""
     if not verify_checkpoint(path, env) and env.is_main:
-        warnings.warn(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
-                      "cannot be verified.", stacklevel=3)
+        note(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
+             "cannot be verified.")
 
 
 def read_train_state(path: Path) -> dict:
@@ -259,9 +259,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
     state = {"model": model_state(model, options)}
     load_optim = optimizer is not None and meta.get("has_optimizer")
     if optimizer is not None and not load_optim and env.is_main:
-        warnings.warn(f"Checkpoint {path} holds no optimizer state (it was an epoch save point "
-                      "written without --save_optimizer): the optimizer starts afresh, so the "
-                      "resumed run is not an exact continuation.", stacklevel=2)
+        note(f"Checkpoint {path} holds no optimizer state (it was an epoch save point "
+             "written without --save_optimizer): the optimizer starts afresh, so the "
+             "resumed run is not an exact continuation.")
     if load_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     _check_shapes(path, state)
@@ -282,9 +282,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
     if meta.get("world_size") == env.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     elif env.is_main:
-        warnings.warn(f"Checkpoint {path} was written by {meta.get('world_size')} ranks and is "
-                      f"resumed on {env.world_size}: model and optimizer are resharded, the data position "
-                      "is counted in samples, and random streams (dropout) differ.", stacklevel=2)
+        note(f"Checkpoint {path} was written by {meta.get('world_size')} ranks and is "
+             f"resumed on {env.world_size}: model and optimizer are resharded, the data position "
+             "is counted in samples, and random streams (dropout) differ.")
     return meta["position"]
 
 

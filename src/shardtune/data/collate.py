@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -86,6 +87,33 @@ class PackedCollator:
         return batch
 
 
+# What every batch must carry for the loop (train/loop.py): the model's input and the loss's targets.
+BATCH_TENSORS = ("input_ids", "labels")
+
+
+def plain_batch(batch: Any, collator: str) -> dict[str, Any]:
+    """``batch`` as a plain dict, after checking it is a mapping with ``BATCH_TENSORS`` tensors.
+
+    A collator may return any mapping: ``processor(...)`` and ``tokenizer(..., return_tensors="pt")``
+    return a ``BatchFeature`` / ``BatchEncoding`` (``UserDict``s, not ``dict``s), and cookbook-style
+    collators return those unchanged. The loop, the loss and the FLOP counts then see one type.
+    ``collator`` names the collator in the error (e.g. the custom dataset file it came from).
+    """
+    needs = ("a mapping (a dict, or the BatchFeature / BatchEncoding a processor or tokenizer returns) "
+             f"with {' and '.join(BATCH_TENSORS)} tensors of shape [batch, sequence] (labels -100 where "
+             "no loss is wanted), plus attention_mask and, for a vision model, the processor's image "
+             "tensors")
+    if not isinstance(batch, Mapping):
+        raise ShardtuneError(f"{collator} returned a {type(batch).__name__}; a data collator must return "
+                             f"{needs}.")
+    missing = [k for k in BATCH_TENSORS if not torch.is_tensor(batch.get(k))]
+    if missing:
+        have = ", ".join(map(str, batch)) or "nothing"
+        raise ShardtuneError(f"{collator} returned a batch without {' or '.join(missing)} tensors (it has "
+                             f"{have}); a data collator must return {needs}.")
+    return dict(batch)
+
+
 class MaskFillers:
     """Runs ``inner`` on the rows, then sets the labels of filler rows to -100 so they add no loss
     and no label tokens (they exist only to keep ranks in step).
@@ -100,6 +128,8 @@ class MaskFillers:
 
     def __call__(self, items: list[tuple[Any, bool]]) -> Any:
         batch = self.inner([row for row, _ in items])
+        if isinstance(batch, Mapping) and not isinstance(batch, dict):  # a BatchFeature / BatchEncoding
+            batch = dict(batch)
         missing = [k for k in self.required if not isinstance(batch, dict) or batch.get(k) is None]
         if missing:
             raise ShardtuneError(

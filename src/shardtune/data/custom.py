@@ -15,6 +15,11 @@ rows (e.g. ``{"images": [...], "texts": [...]}``) and ``get_data_collator(proces
 collator that runs the processor and returns ``input_ids``, ``attention_mask``, ``labels``,
 ``pixel_values``, ``aspect_ratio_ids``, ``aspect_ratio_mask`` and ``cross_attention_mask``. Such
 batches cannot be packed: use ``--batching_strategy padding``.
+
+A collator may return any mapping: llama-cookbook's collators return the processor's
+``BatchFeature`` (or a tokenizer's ``BatchEncoding``) with ``labels`` added, unchanged. Anything
+else (a tuple, a batch without ``labels``) is refused at the first batch with an error that names
+the file (``collate.plain_batch``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Callable, Optional
 
 from ..config.configs import custom_dataset, train_config
 from ..config.errors import ShardtuneError
+from .collate import plain_batch
 from .rows import RawSplit, check_tokenized
 
 FLAG = "--custom_dataset.file"
@@ -94,6 +100,18 @@ def _encode_for_collator(row: Any) -> Any:
     return row
 
 
+class CustomCollator:
+    """A custom dataset file's collator, whose batches are checked and made plain dicts
+    (``collate.plain_batch``), so that a wrong return value is named here, not met as a
+    ``KeyError`` deep in the loop. ``source`` is the file, for the error."""
+
+    def __init__(self, inner: Callable, source: str) -> None:
+        self.inner, self.source = inner, source
+
+    def __call__(self, rows: list) -> dict[str, Any]:
+        return plain_batch(self.inner(rows), f"The data collator of {self.source} ({COLLATOR_FUNCTION})")
+
+
 def data_collator(module: ModuleType, tokenizer, source: str) -> Optional[Callable]:
     factory = getattr(module, COLLATOR_FUNCTION, None)
     if factory is None:
@@ -102,7 +120,7 @@ def data_collator(module: ModuleType, tokenizer, source: str) -> Optional[Callab
     if not callable(collator):
         raise ShardtuneError(f"{source}: {COLLATOR_FUNCTION}(processor) returned a "
                              f"{type(collator).__name__}; it must return a callable collate function.")
-    return collator
+    return CustomCollator(collator, source)
 
 
 def load(config: custom_dataset, tokenizer, split: str, train: train_config) -> RawSplit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -66,12 +67,12 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
 
 
 def _length(sample: Any) -> int:
-    ids = sample.get("input_ids") if isinstance(sample, dict) else None
+    ids = sample.get("input_ids") if isinstance(sample, Mapping) else None
     return len(ids) if ids is not None else 0  # raw rows for a custom collator: no grouping
 
 
 def _attended(sample: Any) -> int:
-    mask = sample.get("attention_mask") if isinstance(sample, dict) else None
+    mask = sample.get("attention_mask") if isinstance(sample, Mapping) else None
     return int(sum(mask)) if mask is not None else _length(sample)
 
 
@@ -91,10 +92,10 @@ def pad_fraction(loader: DataLoader) -> float:
             pad += slots - sum(rows.attended[i] for i in real)
     else:
         for batch in loader:
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             if mask is not None:
                 total += mask.numel()
                 pad += int((mask == 0).sum())
-            elif isinstance(batch, dict) and "input_ids" in batch:
+            elif isinstance(batch, Mapping) and "input_ids" in batch:
                 total += batch["input_ids"].numel()
     return pad / total if total else 0.0

@@ -15,7 +15,7 @@ is gone (after ``end_process``, a crash or a kill), instead of lingering with it
 
 Workers receive the dataset and collator by pickling. A collator or rows from a custom dataset
 file (imported under ``custom.MODULE_PREFIX``, a module no other process can import) cannot be
-sent; such a loader reads its batches in the training process instead, with a warning.
+sent; such a loader reads its batches in the training process instead, with a note.
 """
 
 from __future__ import annotations
@@ -25,23 +25,38 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
-import warnings
 from typing import Any, Optional
 
 import psutil
 
+from ..notes import note
 from .custom import MODULE_PREFIX
 
 START_METHOD = "forkserver"
-# Imported once by the fork server, so that a worker forked from it starts in milliseconds: a new
-# worker runs the main module's top level again (multiprocessing's rule for fork-server and spawned
-# processes, which is why scripts guard their entry point with ``if __name__ == "__main__"``), and
-# that is cheap only when what it imports is loaded. "__main__" covers a script run by path;
-# shardtune.finetuning is the main module of `python -m shardtune.finetuning` / torchrun and
-# imports the rest (transformers, peft). Measured: ~2 s per worker start without it, ~0.1 s with.
-_PRELOAD = ["__main__", "torch", "shardtune.finetuning"]
+_PACKAGE = __name__.split(".")[0]
+
+
+def _preload() -> list[str]:
+    """What the fork server imports once, so that a worker forked from it starts in milliseconds.
+
+    A new worker runs the main module's top level again (multiprocessing's rule for fork-server
+    and spawned processes, which is why scripts guard their entry point with ``if __name__ ==
+    "__main__"``), and that is cheap only when what it imports is loaded: torch, and the shardtune
+    modules this rank has loaded (they import transformers and peft). Measured: ~2 s per worker
+    start without them, ~0.1 s with. "__main__" covers a script run by path. The main module of
+    ``python -m shardtune.finetuning`` (torchrun) is left out under its own name: the worker runs
+    it by that name with runpy, which warns ("'shardtune.finetuning' found in sys.modules ...
+    prior to execution") in every worker when the fork server has imported it already.
+    """
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    ours = sorted(name for name in list(sys.modules)
+                  if name.split(".")[0] == _PACKAGE and name != main)
+    return ["__main__", "torch", *ours]
+
+
 _WATCH_INTERVAL_S = 1.0
 
 
@@ -51,14 +66,14 @@ def worker_options(num_workers: int, rows: Any, collate_fn: Any) -> dict:
         return {"num_workers": 0}
     reason = _why_not_sendable(rows, collate_fn)
     if reason is not None:
-        warnings.warn(f"--num_workers_dataloader {num_workers}: {reason}, so batches are built in the "
-                      "training process (as with --num_workers_dataloader 0). Define the collator "
-                      "and row types in an importable module to use worker processes.", stacklevel=3)
+        note(f"--num_workers_dataloader {num_workers}: {reason}, so batches are built in the "
+             "training process (as with --num_workers_dataloader 0). Define the collator "
+             "and row types in an importable module to use worker processes.")
         return {"num_workers": 0}
     if START_METHOD not in multiprocessing.get_all_start_methods():  # Windows: spawn is the default
         return {"num_workers": num_workers, "persistent_workers": True}
     context = multiprocessing.get_context(START_METHOD)
-    context.set_forkserver_preload(_PRELOAD)
+    context.set_forkserver_preload(_preload())
     _start_fork_server()
     return {"num_workers": num_workers, "persistent_workers": True, "multiprocessing_context": context,
             "worker_init_fn": functools.partial(exit_with_parent, os.getpid(), psutil.Process().create_time())}

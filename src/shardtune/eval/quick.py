@@ -21,6 +21,7 @@ loss only: their samples are not token lists a prompt can be cut from.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -55,7 +56,7 @@ def answer_case(sample: Any, tokenizer, stops: Sequence[int]) -> Optional[Answer
     """The prompt (tokens before the first trained label, pads dropped) and the reference (that
     run of trained labels up to its first stop id, decoded) of a tokenised sample; None for a
     sample that is not a dict of token lists."""
-    if not isinstance(sample, dict) or "input_ids" not in sample or "labels" not in sample:
+    if not isinstance(sample, Mapping) or "input_ids" not in sample or "labels" not in sample:
         return None
     ids, labels = list(sample["input_ids"]), list(sample["labels"])
     mask = list(sample.get("attention_mask") or [1] * len(ids))

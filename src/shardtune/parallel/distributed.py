@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -125,8 +126,15 @@ def end_process(code: int) -> NoReturn:
     aborts the process ("terminate called without an active exception", SIGABRT; seen here in
     about 1 of 10 rank exits, pytorch/pytorch#190489 and #75097 report hangs of the same kind).
     The job's work is complete and on disk by now (checkpoints and exports are fsynced), so the
-    only thing to keep is what sits in Python's stdout/stderr buffers.
+    only thing to keep is what sits in Python's stdout/stderr buffers, and the named semaphores
+    of DataLoader worker pools: each pool's queues and stop event hold 11 (``multiprocessing``
+    registers them with its resource tracker and unlinks them when they are freed, or at a normal
+    exit). A reference cycle through the recipe's frames can keep a loader alive to this point
+    (seen on rank 0), and ``os._exit`` skips both the cycle collector and multiprocessing's exit
+    hooks, so the tracker reported "22 leaked semaphore objects" at every run's end. Collecting
+    the cycles first shuts the pools down and frees their semaphores the ordinary way.
     """
+    gc.collect()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

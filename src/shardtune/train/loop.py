@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
-from tqdm.auto import tqdm
-
 from ..batches import CAUSAL_PADDING
 from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from .flops import batch_token_stats
 from .loss import IGNORE_INDEX, next_token_loss_sum
+from .progress import LoopProgress
 
 if TYPE_CHECKING:
     from .perf import EpochPerf, StepMeter, StepPerf
@@ -207,7 +206,7 @@ def train_epoch(
     epoch_start = time.perf_counter()
     steps_done = 0
     batches_done = start_batch
-    bar = tqdm(total=total_steps_hint, desc=progress_desc, disable=not env.is_main, dynamic_ncols=True)
+    bar = LoopProgress(progress_desc, total_steps_hint, enabled=env.is_main)  # a tqdm bar, or plain lines in a log
     for group in _groups(loader, accumulation_steps):
         if max_steps is not None and steps_done >= max_steps:
             break
@@ -244,8 +243,7 @@ def train_epoch(
             bar.close()
             raise NonFiniteStep(step + 1, epoch, problem)
         if problem:  # --skip_nonfinite_steps: the step happens (schedule, hooks, position) without an update
-            if env.is_main:
-                bar.write(f"step {step + 1}: {problem}; skipped (--skip_nonfinite_steps): no update")
+            bar.write(f"step {step + 1}: {problem}; skipped (--skip_nonfinite_steps): no update")
             if precision.scaler:
                 precision.scaler.update()  # unscale_ was called; update() ends the step (and lowers the scale)
         elif precision.scaler:
@@ -272,9 +270,8 @@ def train_epoch(
             run_doc_len_sq += global_sq
         for hook in hooks:
             hook.after_step(result)
-        bar.update(1)
         shown = meter.postfix(result.perf) if result.perf is not None else {"tok_s": f"{result.tokens_per_s:,.0f}"}
-        bar.set_postfix({"loss": f"{result.loss:.4f}", **shown, "lr": f"{lr:.2e}"})  # in this order
+        bar.update({"loss": f"{result.loss:.4f}", **shown, "lr": f"{lr:.2e}"})  # in this order
         if any(getattr(hook, "stop_requested", False) for hook in hooks):
             break
     bar.close()
@@ -296,7 +293,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, env: DistEnv,
     total = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, labels, inputs
     start = time.perf_counter()
     steps = 0
-    for batch in tqdm(loader, desc=progress_desc, disable=not env.is_main, dynamic_ncols=True):
+    batches = len(loader) if hasattr(loader, "__len__") else None
+    if max_steps is not None and batches is not None:
+        batches = min(batches, max_steps)
+    bar = LoopProgress(progress_desc, batches, enabled=env.is_main, unit="batch")
+    for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
         batch = to_device(batch, env.device)
@@ -305,6 +306,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, env: DistEnv,
         total[1] += label_tokens(batch)
         total[2] += input_tokens(batch)
         steps += 1
+        bar.update()
+    bar.close()
     env.all_reduce_sum(total)
     model.train()
     return LoopResult(loss=float(total[0] / total[1].clamp(min=1)), steps=steps,
