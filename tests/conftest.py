@@ -410,6 +410,7 @@ def real_vocab_vision_model_dir(tmp_path_factory) -> Path:
     processor.save_pretrained(path)
     GenerationConfig(bos_token_id=128000, eos_token_id=list(INSTRUCT_STOP_IDS),
                       pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
+    return path
 
 
 REAL_VOCAB = 128_256  # Llama 3's vocabulary (Llama 3.2 1B/3B tie their head to it)
