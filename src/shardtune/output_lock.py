@@ -3,8 +3,9 @@
 The lock is ``fcntl.flock`` on ``<folder>/.shardtune-lock`` (``ownership.LOCK``, which the
 ownership rules count as shardtune's, so it never blocks the folder's next run). The kernel
 releases it when the holding process ends, however it ends (a crash, SIGKILL, a lost node), so a
-dead run never leaves a folder locked. The file is never deleted: deleting it while another
-process waits on it would let two runs hold "the" lock at once.
+dead run never leaves a folder locked. The file is deleted only with a folder the run created
+and left empty (it failed before writing anything); no run waits on the lock (a second run is
+refused at once), so that cannot let two runs hold it.
 
 ``shardtune finetune --nproc_per_node N`` takes the lock in the launcher and tells its ranks so
 through ``HELD_ENV`` (``<pid>:<lock path>``); a rank that sees its launcher holding the lock of its
@@ -29,17 +30,24 @@ HELD_ENV = "SHARDTUNE_HELD_OUTPUT_LOCK"
 class OutputLock:
     """An held lock on ``folder``; ``release()`` (or the process's end) lets the next run in."""
 
-    def __init__(self, folder: Path, fd: int) -> None:
+    def __init__(self, folder: Path, fd: int, created: bool = False) -> None:
         self.folder, self.path, self._fd = folder, folder / LOCK, fd
         self._exported = False
+        self._created = created  # the folder did not exist before this run
 
     def release(self) -> None:
         if self._exported:
             os.environ.pop(HELD_ENV, None)
             self._exported = False
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        if self._created and [p.name for p in self.folder.iterdir()] == [LOCK]:
+            # A run that failed before writing anything leaves no folder behind. Removed while
+            # still held: a run started meanwhile was refused (non-blocking lock), not queued on it.
+            self.path.unlink(missing_ok=True)
+            self.folder.rmdir()
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
 
     def export_to_children(self) -> None:
         """Let processes this one starts (torchrun's ranks) know that their output folder is held."""
@@ -59,6 +67,7 @@ def hold(folder: str | Path, flag: str = "--output_dir") -> OutputLock:
     """Create ``folder`` if needed and lock it for this process; a folder another live shardtune
     process holds is a clear error."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -74,7 +83,7 @@ def hold(folder: str | Path, flag: str = "--output_dir") -> OutputLock:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     os.write(fd, f"process {os.getpid()} on {os.uname().nodename}, started {started}: "
                  f"{' '.join(sys.argv[:3])}\n".encode())
-    return OutputLock(folder, fd)
+    return OutputLock(folder, fd, created)
 
 
 def held_by_launcher(folder: str | Path) -> bool:
