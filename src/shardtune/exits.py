@@ -10,7 +10,7 @@ import time
 import traceback
 from typing import Callable
 
-from .config.errors import ShardtuneError
+from .config.errors import SameOnEveryRank, ShardtuneError
 
 _RANK_ERROR_GRACE_S = 3.0
 # The exit code of a rank that stopped because another rank of the job went away (its
@@ -32,13 +32,16 @@ def run_with_clean_errors(fn: Callable[[], object]) -> None:
         code = 0
     except ShardtuneError as exc:
         rank = os.environ.get("RANK", "0")
-        if rank != "0":
+        if rank != "0" and isinstance(exc, SameOnEveryRank):
+            pass  # rank 0 says it
+        elif rank != "0":
             # A user error (bad flag, path, data) is usually raised on every rank alike. Rank 0
             # reports it and torchrun then stops the other ranks; a rank > 0 speaks only if it
             # is still alive after a grace period, i.e. when the error was its own.
             time.sleep(_RANK_ERROR_GRACE_S)
-        prefix = f"[rank {rank}] " if rank != "0" else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        if rank == "0" or not isinstance(exc, SameOnEveryRank):
+            prefix = f"[rank {rank}] " if rank != "0" else ""
+            print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..config.errors import ShardtuneError
+from ..config.errors import SameOnEveryRank, ShardtuneError
 from ..notes import note
 from ..parallel.distributed import DistEnv
 from . import layout
@@ -132,9 +132,10 @@ def _settle_save(failed: Optional[BaseException], tmp: Path, step: int, needed: 
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # every rank is past its writes
     if any(space for space, _ in failures.values()):
-        raise disk_full(tmp.parent, f"the checkpoint of step {step}", needed,
-                        "The earlier checkpoints are untouched (`shardtune checkpoints "
-                        f"{tmp.parent}` lists them; --resume continues from the newest).")
+        error = disk_full(tmp.parent, f"the checkpoint of step {step}", needed,
+                          "The earlier checkpoints are untouched (`shardtune checkpoints "
+                          f"{tmp.parent}` lists them; --resume continues from the newest).")
+        raise SameOnEveryRank(str(error))  # every rank knows it; rank 0 (which freed the space) says it
     if failed is not None:
         raise failed
     rank, (_, text) = next(iter(failures.items()))
