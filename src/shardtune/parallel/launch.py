@@ -22,6 +22,12 @@ from typing import Sequence
 from ..config.errors import ShardtuneError
 from ..exits import PEER_LOST_EXIT
 
+# A rank that a signal ends (kill -9, the OOM killer, torchrun's SIGTERM after another rank failed)
+# never closes its DataLoader worker queues: its multiprocessing resource tracker frees their
+# semaphores and warns "There appear to be N leaked semaphore objects" after the launcher's last
+# line, which already names the cause. Only that warning is filtered (its category and message).
+LEAKED_SEMAPHORE_FILTER = "ignore:resource_tracker:UserWarning"
+
 
 def run_torchrun(args: Sequence[str], local_ranks: int) -> int:
     """``torchrun ARGS`` (starting ``local_ranks`` ranks here) in this process; returns the job's
@@ -34,6 +40,8 @@ def run_torchrun(args: Sequence[str], local_ranks: int) -> int:
 
     with tempfile.TemporaryDirectory(prefix="shardtune-preemption-") as reports:
         os.environ[REPORT_ENV] = reports  # the ranks inherit the launcher's environment
+        warnings_before = os.environ.get("PYTHONWARNINGS")
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings_before, LEAKED_SEMAPHORE_FILTER]))
         try:
             torchrun_main(list(args))
             return 0
@@ -51,6 +59,10 @@ def run_torchrun(args: Sequence[str], local_ranks: int) -> int:
             return _report_failure(exc)
         finally:
             os.environ.pop(REPORT_ENV, None)
+            if warnings_before is None:
+                os.environ.pop("PYTHONWARNINGS", None)
+            else:
+                os.environ["PYTHONWARNINGS"] = warnings_before
 
 
 def _report_failure(exc) -> int:
