@@ -87,7 +87,9 @@ def test_auto_leaves_a_process_whose_work_is_not_on_the_cpu_alone_and_1_forces_i
     assert _run(_direct(cpu_work=False), "auto")["tuned"] is False
     forced = _run(_direct(cpu_work=False), "1")
     assert forced["tuned"] is True
-    assert forced["faults"] < PAGES
+    # untuned: 10 buffers faulted in; tuned: at most 2 (the heap may still grow a little: seen once
+    # in a full-suite run, 2 buffers)
+    assert forced["faults"] < ROUNDS * PAGES // 4
 
 
 def test_the_step_hook_gives_a_steps_freed_buffers_back_to_the_kernel():
