@@ -118,3 +118,14 @@ def test_the_step_hook_gives_a_steps_freed_buffers_back_to_the_kernel():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # The tuned heap keeps the freed 256 MiB resident until the hook hands it back.
     assert result["kept"] - result["released"] > 200 << 20
+
+
+def test_an_unknown_setting_is_an_error_not_silently_off(monkeypatch):
+    from shardtune.config.errors import ShardtuneError
+    from shardtune.host_malloc import wanted
+
+    monkeypatch.setenv(ENV, "atuo")
+    with pytest.raises(ShardtuneError, match="'atuo' is not a setting"):
+        wanted(cpu_work=True)
+    monkeypatch.setenv(ENV, "off")
+    assert wanted(cpu_work=True) is False

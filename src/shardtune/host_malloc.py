@@ -29,6 +29,8 @@ import os
 import platform
 from typing import Optional
 
+from .config.errors import ShardtuneError
+
 ENV = "SHARDTUNE_MALLOC_TUNING"
 
 # mallopt parameters (glibc's malloc.h).
@@ -58,7 +60,13 @@ def wanted(cpu_work: bool) -> bool:
     value = os.environ.get(ENV, "0").strip().lower()
     if value == "auto":
         return cpu_work
-    return value in ("1", "on", "true", "yes")
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("", "0", "off", "false", "no"):
+        return False
+    raise ShardtuneError(  # a typo would otherwise leave the tuning silently off
+        f"{ENV}={os.environ[ENV]!r} is not a setting of the host malloc tuning: use 0 (glibc's defaults, "
+        "the default), auto (tune processes whose work runs on the CPU) or 1 (tune every process).")
 
 
 def tune_host_malloc(cpu_work: bool) -> bool:
