@@ -120,6 +120,8 @@ def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> 
     are blocked in this thread (and in every thread started from it) and a watcher thread takes
     them with their sender: SIGTERM from the parent ends the worker, the rest are dropped.
     """
+    threading.excepthook = functools.partial(_quiet_when_parent_gone, parent_pid, parent_started,
+                                             threading.excepthook)
     if not hasattr(signal, "sigtimedwait"):  # macOS: no sender to tell apart; PyTorch's handler stays
         return _watch_parent(parent_pid, parent_started)
     for sig in _RANK_SIGNALS:
@@ -135,6 +137,30 @@ def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> 
                 os._exit(0)
 
     threading.Thread(target=watch, name="shardtune-parent-watch", daemon=True).start()
+
+
+# How long a worker waits, after a connection to its rank broke, for the rank to be gone: a killed
+# process closes its sockets a moment before the kernel marks it a zombie.
+_GONE_WAIT_S = 5.0
+
+
+def _quiet_when_parent_gone(parent_pid: int, parent_started: float, default, args) -> None:
+    """``threading.excepthook`` of a worker: a thread whose connection to the rank broke because the
+    rank is gone ends the worker quietly instead of printing a traceback.
+
+    The worker sends each batch's tensors as file descriptors, which multiprocessing's
+    ``resource_sharer`` thread hands over when the rank connects to it. A rank killed in that
+    moment (kill -9, the OOM killer) resets the connection, and the thread's traceback would land
+    in the job's output after the launcher's one-line account of the kill. Any other error, or one
+    while the rank lives, is printed as before.
+    """
+    if issubclass(args.exc_type, (ConnectionError, EOFError)):
+        deadline = time.monotonic() + _GONE_WAIT_S
+        while time.monotonic() < deadline:
+            if _gone(parent_pid, parent_started):
+                os._exit(0)
+            time.sleep(0.05)
+    default(args)
 
 
 def _watch_parent(parent_pid: int, parent_started: float) -> None:
