@@ -20,15 +20,13 @@ self-attention; the vision tower's FLOPs are not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-if TYPE_CHECKING:  # loop.py imports this module (token counts), so no runtime import back
-    from .loop import StepResult
-
-IGNORE_INDEX = -100  # = loop.IGNORE_INDEX (not imported: see above)
+from ..batches import IGNORE_INDEX
+from .types import StepResult
 
 
 @dataclass(frozen=True)
@@ -176,7 +174,7 @@ class FlopMeasure:
             self._mode = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
             self._mode.__enter__()
 
-    def after_step(self, result: "StepResult") -> None:
+    def after_step(self, result: StepResult) -> None:
         if self._mode is None:
             return
         self._mode.__exit__(None, None, None)

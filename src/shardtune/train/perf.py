@@ -13,7 +13,6 @@ waiting for the data loader (the epoch figures include it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,28 +20,9 @@ import torch
 from ..parallel.distributed import DistEnv
 from .flops import ModelShape, model_flops, weight_grad_params
 from .peak import Peak, resolve_peak
+from .types import EpochPerf, StepPerf
 
 GiB = 1024 ** 3
-
-
-@dataclass
-class StepPerf:
-    tokens_per_s: float  # non-pad tokens of all ranks per second
-    tflops: float  # model TFLOP/s per device
-    mfu: float  # model FLOP/s per device / peak
-    model_flops: float  # per device, this step
-    host_rss_gib: float  # this rank's resident set at the step's end
-    gpu_max_allocated_gib: Optional[float] = None  # this rank's peak during the step (GPU runs)
-    gpu_max_reserved_gib: Optional[float] = None
-
-
-@dataclass
-class EpochPerf:
-    tflops: float
-    mfu: float
-    host_rss_max_gib: float  # max over the epoch's step ends and all ranks
-    gpu_max_allocated_gib: Optional[float] = None  # max over the epoch's steps and all ranks
-    gpu_max_reserved_gib: Optional[float] = None
 
 
 class HostMemory:
