@@ -73,6 +73,13 @@ def model_flops(shape: ModelShape, tokens: float, doc_len_sq: float,
     return (4 * n + 2 * n_w) * tokens + 12 * shape.layers * shape.attention_width * doc_len_sq
 
 
+def mfu(flops: float, seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: ``flops`` (model FLOPs of one device, :func:`model_flops` divided
+    by the devices that shared the work) done in ``seconds``, over the device's ``peak_flops``
+    (FLOP/s, ``peak.py``). The recipe's live figure and ``benchmarks/`` both divide here."""
+    return flops / max(seconds, 1e-9) / peak_flops
+
+
 def forward_flops(shape: ModelShape, tokens: float, doc_len_sq: float) -> float:
     """Model FLOPs of a forward pass alone (evaluation)."""
     return 2 * shape.matmul_params * tokens + 4 * shape.layers * shape.attention_width * doc_len_sq
