@@ -269,3 +269,13 @@ def test_architecture_doc_names_every_command():
     text = ARCHITECTURE.read_text()
     missing = [c for c in COMMANDS if f"shardtune {c}" not in text]
     assert not missing, f"docs/architecture.md does not name the commands {missing}"
+
+
+def test_architecture_doc_cites_only_files_that_exist():
+    """A page or module the architecture page points to is in the repository (it once cited a
+    DESIGN.md that was not)."""
+    text = ARCHITECTURE.read_text()
+    cited = set(re.findall(r"[\w./-]+\.md\b", text))
+    missing = sorted(c for c in cited if not any((base / c).is_file() for base in (ROOT, ROOT / "docs")))
+    assert not missing, f"docs/architecture.md cites files that are not in the repository: {missing}"
+
