@@ -303,7 +303,7 @@ def test_merge_lora_gives_the_saved_adapters_logits_for_every_layer_kind(tiny_mo
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from shardtune.ownership import MARKER, owned
+    from shardtune.outputs.ownership import MARKER, owned
 
     out = _merge_run(tiny_model_dir, tmp_path, *lora)
     saved = load_file(str(out / "adapter_model.safetensors"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shardtune.ownership import LOCK, foreign_entries, verify_recorded
+from shardtune.outputs.ownership import LOCK, foreign_entries, verify_recorded
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 

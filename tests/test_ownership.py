@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardtune.config import ShardtuneError
-from shardtune.ownership import MARKER, check_output_dir, commit_files, foreign_entries, owned, record
+from shardtune.outputs.ownership import MARKER, check_output_dir, commit_files, foreign_entries, owned, record
 
 
 def _check(path, overwrite=False, **protected):

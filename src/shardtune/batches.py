@@ -1,6 +1,11 @@
-"""Markers a batch may carry besides the model's inputs: collators (``data/``) set them, the loss
-(``train/``) reads them, and the model never sees them. Here so that neither layer imports the other.
+"""What a batch carries besides the model's inputs, and the label value that is no target:
+collators (``data/``) set them, the loss (``train/``) and the evaluation (``eval/``) read them,
+and the model never sees the markers. Here so that neither layer imports the other.
 """
+
+# The label of a position that is not a target (prompt, pad, image tokens): skipped by the loss
+# and by the token counts. The one definition; PyTorch's cross_entropy default and Hugging Face's.
+IGNORE_INDEX = -100
 
 # True when every row is its real tokens followed by pads that carry no label, and every real
 # token is attended. Under the causal mask a labelled position then attends only to real tokens,

@@ -1,4 +1,4 @@
-"""The ``shardtune`` command: finetune, demo, generate.
+"""The ``shardtune`` command: one subcommand each, dispatched to its module in the command layer.
 
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
     shardtune demo [--vision] [--output_dir DIR] [--nproc_per_node N] [--seed S]
@@ -88,21 +88,21 @@ def _demo(argv: list[str]) -> None:
 
 
 def _generate(argv: list[str]) -> None:
-    from .infer.generate import main as generate_main
+    from .commands.generate import main as generate_main
 
     generate_main(argv)
 
 
 def _chat(argv: list[str]) -> None:
-    from .infer.chat import main as chat_main
+    from .commands.chat import main as chat_main
 
     chat_main(argv)
 
 
 def _checkpoints(argv: list[str]) -> None:
-    from .checkpoint.listing import main as listing_main
+    from .commands.checkpoints import main as checkpoints_main
 
-    listing_main(argv)
+    checkpoints_main(argv)
 
 
 def _convert(argv: list[str]) -> None:
@@ -130,7 +130,7 @@ def _plan(argv: list[str]) -> None:
 
 
 def _plot(argv: list[str]) -> None:
-    from .train.plots import main as plot_main
+    from .commands.plot import main as plot_main
 
     plot_main(argv)
 

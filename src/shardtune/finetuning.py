@@ -46,7 +46,7 @@ from .model.attention import AttentionChoice, choose_attention
 from .model.loading import (check_model_source, check_tokenizer_source, check_vocab_fits, load_config, load_inputs,
                             load_model, match_vocab)
 from .output_lock import hold_unless_launcher_does
-from .ownership import check_not_an_input, check_output_dir, check_writable, record as record_owned, remove_stale_temps
+from .outputs.ownership import check_not_an_input, check_output_dir, check_writable, record as record_owned, remove_stale_temps
 from .model.peft import apply_peft
 from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
 from .parallel.activation_checkpointing import (check_activation_offload, enable_activation_checkpointing,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config.errors import ShardtuneError
-from .ownership import LOCK
+from .outputs.ownership import LOCK
 
 HELD_ENV = "SHARDTUNE_HELD_OUTPUT_LOCK"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from shardtune.checkpoint import layout
-from shardtune.checkpoint.digests import DamagedFiles, digest_file
+from shardtune.outputs.digests import DamagedFiles, digest_file
 from shardtune.checkpoint.sharded import verify_checkpoint
 from shardtune.finetuning import main as finetune
 
@@ -65,7 +65,7 @@ def test_the_complete_marker_records_every_file_with_its_sha256(run):
 
 
 def test_the_exported_model_records_its_digests_and_generate_checks_them(run, tmp_path):
-    from shardtune import ownership
+    from shardtune.outputs import ownership
 
     recorded = ownership.recorded_digests(run["out"])
     assert "model.safetensors" in recorded and "config.json" in recorded

@@ -12,7 +12,7 @@ import pytest
 
 from shardtune.data.prompts import alpaca_prompt
 from shardtune.demo.accuracy import score
-from shardtune.ownership import foreign_entries, owned
+from shardtune.outputs.ownership import foreign_entries, owned
 from shardtune.demo.task import INSTRUCTION, KINDS, kind_of, make_code, make_examples, write_task_data
 
 CAPITALS, EVENS, SMALLS, ODDS = (members for _, members in KINDS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardtune import ownership
+from shardtune.outputs import ownership
 from shardtune.config import ConfigError, ShardtuneError, describe_options, parse_args
 from shardtune.data.alpaca import encode as alpaca_encode
 from shardtune.data.encoding import prompt_answer

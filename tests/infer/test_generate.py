@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from shardtune.config.errors import ShardtuneError
-from shardtune.infer.generate import chat_stop_ids, main, vision_inputs
+from shardtune.commands.generate import main
+from shardtune.infer.generate import chat_stop_ids, vision_inputs
 from shardtune.infer.loading import load_for_inference
 
 QUESTION = "What colour is the shape?"

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from shardtune import ownership
+from shardtune.outputs import ownership
 from shardtune.train.loop import LoopResult, StepResult
 from shardtune.train.metrics import MetricsLog
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from shardtune.config import ConfigError, parse_args
-from shardtune.train.peak import lookup_gpu, measure_gemm, resolve_peak, table_peak
+from shardtune.train.flops import mfu
+from shardtune.train.peak import gemm_peak, lookup_gpu, measure_gemm, resolve_peak, table_peak
 
 
 @pytest.mark.parametrize("name, label", [
@@ -33,6 +34,30 @@ def test_the_table_peak_follows_the_compute_dtype():
     assert "dense bf16" in table_peak(h100, torch.bfloat16).source
     assert table_peak("Tesla V100-SXM2-32GB", torch.bfloat16) is None  # no bf16 tensor cores: measured
     assert table_peak("Tesla V100-SXM2-32GB", torch.float16).flops == pytest.approx(125e12)
+
+
+@pytest.mark.parametrize("name, label", [("NVIDIA H800 PCIe", "H800 PCIe"), ("NVIDIA H800", "H800 SXM"),
+                                         ("NVIDIA A800-SXM4-80GB", "A800")])
+def test_export_variants_have_their_silicon_s_figures(name, label):
+    """The one table also knows the cards benchmarks/ had in its own (H800, A800)."""
+    gpu = lookup_gpu(name)
+    assert gpu.label == label
+    twin = lookup_gpu(name.replace("H800", "H100").replace("A800", "A100"))
+    assert (gpu.bf16, gpu.fp16, gpu.tf32, gpu.fp32) == (twin.bf16, twin.fp16, twin.tf32, twin.fp32)
+
+
+def test_the_fixed_size_gemm_probe_reports_best_and_median_after_the_barrier():
+    calls = []
+    state = torch.get_rng_state()
+    result = gemm_peak("cpu", torch.float32, 128, reps=3, barrier=lambda: calls.append(1))
+    assert calls == [1] and result["n"] == 128 and result["reps"] == 3
+    assert math.isfinite(result["best"]) and result["best"] >= result["median"] > 0
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator, as the run's probe
+
+
+def test_mfu_is_model_flop_rate_over_peak():
+    assert mfu(6e12, 2.0, 1e13) == pytest.approx(0.3)
+    assert mfu(1e12, 0.0, 1e12) == pytest.approx(1e9)  # a zero time is floored at 1 ns, not a ZeroDivisionError
 
 
 def test_the_cpu_gemm_is_short_positive_and_finite():

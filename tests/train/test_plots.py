@@ -2,10 +2,10 @@
 
 import pytest
 
-from shardtune import ownership
+from shardtune.outputs import ownership
 from shardtune.cli import main as cli
 from shardtune.config import ShardtuneError
-from shardtune.train.plots import plot_file
+from shardtune.commands.plot import plot_file
 
 PNGS = ("loss.png", "perplexity.png", "throughput.png", "memory.png")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shardtune import ownership
+from shardtune.outputs import ownership
 from shardtune.config import ConfigError, ShardtuneError, parse_args
 from shardtune.train.metrics import TAGS
 

@@ -9,7 +9,6 @@ only when complete, so an interrupted save never leaves a half-written model beh
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..parallel.distributed import DistEnv
-from .. import ownership
+from ..outputs import ownership
+from ..outputs.atomic import temp_path
 from ..model.names import saved_names
 from .hf_stream import full_tensor, model_tensors, write_safetensors
 from .model_config import write_model_config
@@ -111,7 +111,7 @@ def export_full_model(model: torch.nn.Module, tokenizer, output_dir: str | Path,
                       dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB") -> Optional[Path]:
     """Stream the model's tensors into an HF model directory, atomically (rank 0 writes)."""
     output_dir = Path(output_dir)
-    tmp = output_dir / f".saving-{os.getpid()}"
+    tmp = temp_path(output_dir / "model")  # rank 0's folder; the other ranks only send tensors
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -161,7 +161,7 @@ def save_hf_model(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, 
         # pass would look for modules_to_save copies under the names the first pass gave them.
         state_dict = _trainable_full_state_dict(model, env)
     if env.is_main:
-        tmp = output_dir / f".saving-{os.getpid()}"
+        tmp = temp_path(output_dir / "adapter")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)

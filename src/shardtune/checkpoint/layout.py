@@ -2,7 +2,7 @@
 
     <dist_checkpoint_root_folder>/<dist_checkpoint_folder>/
         step-000200/      DCP files (__<rank>_0.distcp, .metadata), train_params.yaml, COMPLETE
-                          (COMPLETE lists every file with its size and SHA-256: checkpoint/digests.py)
+                          (COMPLETE lists every file with its size and SHA-256: outputs/digests.py)
         step-000400/
         latest            text file naming the newest complete checkpoint
 
@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .digests import DamagedFiles
+from ..outputs.atomic import atomic_write, fsync_path
+from ..outputs.digests import DamagedFiles
 
 COMPLETE_MARKER = "COMPLETE"
 _PRE_DIGEST_MARKER = "ok"  # what COMPLETE held before shardtune recorded digests
@@ -123,10 +124,7 @@ def commit(tmp: Path, final: Path, manifest: Optional[dict[str, dict]] = None) -
         os.replace(final, replaced)
     os.replace(tmp, final)
     fsync_path(final.parent)
-    pointer_tmp = final.parent / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name + "\n")
-    os.replace(pointer_tmp, final.parent / LATEST)
-    fsync_path(final.parent)
+    atomic_write(final.parent / LATEST, final.name + "\n")
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
 
@@ -153,15 +151,3 @@ def prune(run: Path, keep_last_n: int) -> list[Path]:
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old)
     return removed
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (after renames), to disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..outputs.atomic import atomic_write
 from ..parallel.distributed import DistEnv
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -63,9 +64,7 @@ class PreemptionSignal:
         committed: written and renamed into place by every rank."""
         folder = os.environ.get(REPORT_ENV)
         if folder and Path(folder).is_dir():
-            tmp = Path(folder, f".tmp-{self.env.local_rank}")
-            tmp.write_text(str(step))
-            tmp.replace(Path(folder, f"{_REPORT_PREFIX}{self.env.local_rank}"))  # never read half-written
+            atomic_write(Path(folder, f"{_REPORT_PREFIX}{self.env.local_rank}"), str(step))  # never read half-written
 
     def requested(self) -> bool:
         """True on every rank if any rank has been signalled (a collective: call it on all ranks)."""

@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .layout import fsync_path
+from ..outputs.atomic import fsync_path
 from .progress import Progress
 
 _DTYPE_NAMES = {

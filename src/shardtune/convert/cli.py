@@ -15,7 +15,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..config.errors import ShardtuneError
-from .core import DTYPE_CHOICES, convert
+from .conversion import DTYPE_CHOICES
+from .core import convert
 from .inspection import format_report, inspect_path
 
 CONVERT_DESCRIPTION = """Convert a checkpoint into a Hugging Face model folder (config, tokenizer,

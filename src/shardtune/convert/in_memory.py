@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..checkpoint.progress import Progress
 from ..config.errors import ShardtuneError
-from .core import Conversion, prepare, read_refs
+from .conversion import Conversion, prepare, read_refs
 
 
 def open_checkpoint(path: str, *, model: Optional[str] = None,

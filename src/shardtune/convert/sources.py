@@ -424,7 +424,7 @@ def verify_source(src: Source, log: Callable[[str], None] = print) -> None:
     """Check a source's files against the digests shardtune recorded when it wrote them (a
     difference is an error naming the files, before anything is read or written); say once
     when a source records none and what is checked instead."""
-    from .. import ownership
+    from ..outputs import ownership
     from ..checkpoint.sharded import verify_checkpoint
 
     if src.kind == "shardtune":

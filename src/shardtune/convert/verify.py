@@ -23,7 +23,7 @@ import torch
 from ..config.errors import ShardtuneError
 from ..model.loading import from_pretrained_checked
 from ..model.probes import PROBE_TOKENS, probe_inputs, probe_logits
-from .core import Conversion, read_refs, stream
+from .conversion import Conversion, read_refs, stream
 from .in_memory import apply_adapter
 from .sources import hf_weight_files
 

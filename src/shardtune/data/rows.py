@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from ..batches import IGNORE_INDEX
 from ..config.configs import OverlongPolicy
 from ..config.errors import ShardtuneError
 from .split import DataReport, TokenizedSplit
 
-IGNORE_INDEX = -100
 _KEYS = ("input_ids", "labels", "attention_mask")
 _MAX_REASONS = 3
 _ENCODING_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")

@@ -31,7 +31,7 @@ import torch
 
 from ..config.errors import ShardtuneError
 from ..output_lock import OutputLock, hold
-from ..ownership import check_output_dir, check_writable, record
+from ..outputs.ownership import check_output_dir, check_writable, record
 
 # One intra-op thread: at this size a second thread saves only ~30% of a step on an idle machine,
 # and on a busy shared one (other work on the cores) two threads were 2-4x *slower* per step.

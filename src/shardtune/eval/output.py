@@ -3,7 +3,7 @@
 A results file carries ``"written_by": "shardtune eval"``; an existing file is replaced only when
 it carries that mark, so a file of yours at the ``--output`` path is never overwritten. The
 directories the command reads a model from are not written into unless they are a shardtune
-output directory (one with an ownership marker, see :mod:`shardtune.ownership`); in such a
+output directory (one with an ownership marker, see :mod:`shardtune.outputs.ownership`); in such a
 directory the file is recorded in the marker, so that a later run into it sees it as its own.
 """
 
@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .. import ownership
 from ..config.errors import ShardtuneError
+from ..outputs import ownership
+from ..outputs.atomic import atomic_write
 
 WRITTEN_BY = "shardtune eval"
 DEFAULT_DIR = "eval_out"
@@ -59,9 +60,7 @@ def write_results(path: Path, results: dict) -> Path:
     """Write ``results`` (marked as shardtune eval's) to ``path`` atomically; in a shardtune output
     directory the file is recorded in its marker."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"written_by": WRITTEN_BY, **results}, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps({"written_by": WRITTEN_BY, **results}, indent=2) + "\n")
     if (path.parent / ownership.MARKER).is_file():
         ownership.record(path.parent, added=[path.name])
     return path

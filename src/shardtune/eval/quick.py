@@ -28,7 +28,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .. import ownership
+from ..outputs import ownership
+from ..outputs.atomic import atomic_write
+from ..batches import IGNORE_INDEX
 from ..config import Config
 from ..config.configs import BatchingStrategy
 from ..config.errors import ShardtuneError
@@ -36,7 +38,6 @@ from ..model.loading import text_tokenizer
 from .answers import default_max_new_tokens, generate_from_ids, score, stop_ids
 
 SPLITS = ("test", "train", "all")  # all: the test split's samples, then the train split's
-IGNORE_INDEX = -100
 N_EXAMPLES = 3  # answers shown in the table and kept in the JSON without --log_samples
 # --run_eval_after scores the answers of at most this many samples of the eval split (the loss
 # covers all of it): generating answers costs far more than a forward pass.
@@ -191,9 +192,7 @@ def add_to_metrics(output_dir: str | Path, result: dict) -> Path:
     if not isinstance(metrics, dict):
         metrics = {}
     metrics[METRICS_KEY] = result
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(metrics, indent=2))
     ownership.record(out, added=[path.name])
     return path
 

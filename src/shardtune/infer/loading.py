@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from ..config.errors import ShardtuneError
-from ..ownership import verify_recorded
-from ..convert.core import tokenizer_folder
+from ..outputs.ownership import verify_recorded
+from ..convert.conversion import tokenizer_folder
 from ..convert.in_memory import build_model, open_checkpoint
 from ..convert.sources import hf_weight_files
 from ..model.family import ModelFamily, family_for_config

@@ -20,15 +20,13 @@ self-attention; the vision tower's FLOPs are not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-if TYPE_CHECKING:  # loop.py imports this module (token counts), so no runtime import back
-    from .loop import StepResult
-
-IGNORE_INDEX = -100  # = loop.IGNORE_INDEX (not imported: see above)
+from ..batches import IGNORE_INDEX
+from .types import StepResult
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,13 @@ def model_flops(shape: ModelShape, tokens: float, doc_len_sq: float,
     n = shape.matmul_params
     n_w = n if weight_grad_params is None else min(weight_grad_params, n)
     return (4 * n + 2 * n_w) * tokens + 12 * shape.layers * shape.attention_width * doc_len_sq
+
+
+def mfu(flops: float, seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: ``flops`` (model FLOPs of one device, :func:`model_flops` divided
+    by the devices that shared the work) done in ``seconds``, over the device's ``peak_flops``
+    (FLOP/s, ``peak.py``). The recipe's live figure and ``benchmarks/`` both divide here."""
+    return flops / max(seconds, 1e-9) / peak_flops
 
 
 def forward_flops(shape: ModelShape, tokens: float, doc_len_sq: float) -> float:
@@ -176,7 +181,7 @@ class FlopMeasure:
             self._mode = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
             self._mode.__enter__()
 
-    def after_step(self, result: "StepResult") -> None:
+    def after_step(self, result: StepResult) -> None:
         if self._mode is None:
             return
         self._mode.__exit__(None, None, None)

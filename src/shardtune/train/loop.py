@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 import torch
 from ..batches import CAUSAL_PADDING
@@ -23,9 +23,10 @@ from ..parallel.distributed import DistEnv
 from .flops import batch_token_stats
 from .loss import IGNORE_INDEX, next_token_loss_sum
 from .progress import LoopProgress
+from .types import LoopResult, StepHook, StepResult
 
 if TYPE_CHECKING:
-    from .perf import EpochPerf, StepMeter, StepPerf
+    from .perf import StepMeter
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values",
                  "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask",
@@ -45,52 +46,6 @@ class Precision:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
-
-
-@dataclass
-class StepResult:
-    step: int  # optimizer steps completed in the run, after this one
-    epoch: int
-    loss: float  # global token-mean loss of this step
-    label_tokens: int
-    input_tokens: int  # non-pad tokens fed, summed over ranks
-    seconds: float
-    lr: float
-    epoch_batch: int = 0  # micro-batches of this epoch consumed so far (resume offset included)
-    skipped: bool = False  # non-finite and skipped (--skip_nonfinite_steps): no update, loss is NaN/inf
-    doc_len_sq: int = 0  # Σ document length² over ranks (the attention term of the model FLOPs)
-    perf: Optional["StepPerf"] = None  # throughput, MFU and memory, when the loop has a meter
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.input_tokens / max(self.seconds, 1e-9)
-
-
-@dataclass
-class LoopResult:
-    loss: float
-    steps: int
-    label_tokens: int
-    input_tokens: int
-    seconds: float
-    doc_len_sq: int = 0
-    perf: Optional["EpochPerf"] = None
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50.0))
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.input_tokens / max(self.seconds, 1e-9)
-
-
-class StepHook(Protocol):
-    """Called around every optimizer step. A hook may set ``stop_requested`` to end the epoch
-    after the current step (pre-emption)."""
-
-    def before_step(self, step: int) -> None: ...
-    def after_step(self, result: StepResult) -> None: ...
 
 
 def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: Optional[int] = None) -> torch.Tensor:

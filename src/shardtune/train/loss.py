@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from ..batches import IGNORE_INDEX
+
 DEFAULT_CHUNK_TOKENS = 1024
 
 

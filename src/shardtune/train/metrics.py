@@ -22,8 +22,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .. import ownership
-from .loop import LoopResult, StepResult
+from ..outputs import ownership
+from ..outputs.atomic import atomic_write
+from .types import LoopResult, StepResult
 
 JSONL = "metrics.jsonl"
 JSON = "metrics.json"
@@ -182,7 +183,7 @@ class MetricsLog:
         log = out / JSONL
         if self._replace:  # the run's first write: its whole history, replacing an earlier run's
             lines = [{"kind": "run", **self.info}] + self.records
-            _atomic_write(log, "".join(json.dumps(r) + "\n" for r in lines))
+            atomic_write(log, "".join(json.dumps(r) + "\n" for r in lines))
             self._replace = False
         elif self._written < len(self.records):
             with open(log, "a") as f:
@@ -191,16 +192,9 @@ class MetricsLog:
                 os.fsync(f.fileno())
         self._written = len(self.records)
         path = out / JSON
-        _atomic_write(path, json.dumps(data))
+        atomic_write(path, json.dumps(data))
         plot_metrics(data, out)
         return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # temporary names ownership.py knows as shardtune's in-progress writes
-    tmp = path.with_suffix(".json.tmp") if path.suffix == ".json" else path.with_name(f".saving-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _read_json(path: Path) -> dict:

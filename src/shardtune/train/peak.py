@@ -1,5 +1,7 @@
 """The peak FLOP/s per device that MFU divides by: ``--peak_tflops``, else the data-sheet figure of
 a known GPU in the compute dtype, else a short GEMM measured at start-up (CPUs, unknown GPUs).
+The one GPU table (:data:`GPU_PEAKS`, :func:`table_peak`) and the one GEMM probe (:func:`measure_gemm`
+for the run, :func:`gemm_peak` for a fixed size) of the project; ``benchmarks/`` imports them.
 
 Every figure in the table is *dense* (no 2:4 structured sparsity, which the data sheets often
 quote as the headline number at twice the dense rate) and per GPU, in TFLOP/s, from the vendors'
@@ -14,7 +16,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,10 +36,13 @@ GPU_PEAKS: tuple[GpuPeak, ...] = (
     GpuPeak("H100 NVL", ("H100", "NVL"), 835.5, 835.5, 417.5, 60.0),
     GpuPeak("H100 PCIe", ("H100", "PCIE"), 756.5, 756.5, 378.0, 51.2),
     GpuPeak("H100 SXM", ("H100",), 989.4, 989.4, 494.7, 66.9),  # "NVIDIA H100 80GB HBM3"
+    GpuPeak("H800 PCIe", ("H800", "PCIE"), 756.5, 756.5, 378.0, 51.2),  # H100 silicon, export variant
+    GpuPeak("H800 SXM", ("H800",), 989.4, 989.4, 494.7, 66.9),
     GpuPeak("GH200", ("GH200",), 989.4, 989.4, 494.7, 66.9),
     GpuPeak("H200 NVL", ("H200", "NVL"), 835.5, 835.5, 417.5, 60.0),
     GpuPeak("H200 SXM", ("H200",), 989.4, 989.4, 494.7, 66.9),
     GpuPeak("A100", ("A100",), 312.0, 312.0, 156.0, 19.5),  # SXM4 and PCIe, 40 and 80 GB alike
+    GpuPeak("A800", ("A800",), 312.0, 312.0, 156.0, 19.5),  # A100 silicon, export variant
     GpuPeak("L40S", ("L40S",), 362.05, 362.05, 183.0, 91.6),
     GpuPeak("L40", ("L40",), 181.05, 181.05, 90.5, 90.5),
     GpuPeak("L4", ("L4",), 121.0, 121.0, 60.0, 30.3),
@@ -98,6 +103,40 @@ def table_peak(device_name: str, dtype: torch.dtype, tf32: bool = False) -> Opti
     return Peak(tflops * 1e12, f"{device_name}: {gpu.label} data sheet, dense {kind}")
 
 
+def _sync_of(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _time_mm(a: torch.Tensor, b: torch.Tensor, sync: Callable[[], None]) -> float:
+    """Seconds of one ``a @ b``, the device synchronised after it."""
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    sync()
+    return time.perf_counter() - t0
+
+
+def gemm_peak(device: torch.device | str, dtype: torch.dtype, n: int, reps: int = 6,
+              barrier: Optional[Callable[[], None]] = None) -> dict:
+    """FLOP/s of an ``n``x``n``x``n`` matmul (2·n³ FLOPs) in ``dtype`` on ``device``: ``{"best",
+    "median", "n", "reps"}`` of ``reps`` timed products after two warm-ups. On a CPU it uses the
+    current ``torch.get_num_threads()``; ``barrier`` (a callable) is called before timing, so that
+    ranks running at the same time time their products together (benchmarks/: the launch's peak
+    is the sum over its ranks). The inputs come from their own generator (the global RNG is left
+    alone, as in :func:`measure_gemm`)."""
+    device = torch.device(device)
+    sync = _sync_of(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    sync()
+    if barrier is not None:
+        barrier()
+    rates = sorted(2 * n ** 3 / max(_time_mm(a, b, sync), 1e-9) for _ in range(reps))
+    return {"best": rates[-1], "median": rates[len(rates) // 2], "n": n, "reps": reps}
+
+
 def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4,
                  max_n: Optional[int] = None, min_n: Optional[int] = None) -> tuple[float, str]:
     """Best FLOP/s of square matmuls in ``dtype`` on ``device`` within about ``budget_s`` seconds
@@ -107,7 +146,7 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4
     gave a peak 30x too low, and an MFU of 3000%). Returns (FLOP/s, how it was measured)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    sync = _sync_of(device)
     max_n = max_n or (8192 if cuda else 2048)
     min_n = min(min_n or (4096 if cuda else 1024), max_n)
     deadline = time.perf_counter() + budget_s
@@ -123,10 +162,7 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4
         sync()
         fastest = math.inf
         for _ in range(3):  # the fastest of a few: one descheduled product must not decide
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync()
-            fastest, reps = min(fastest, time.perf_counter() - t0), reps + 1
+            fastest, reps = min(fastest, _time_mm(a, b, sync)), reps + 1
             if time.perf_counter() >= deadline:
                 break
         best = max(best, 2 * n ** 3 / max(fastest, 1e-9))
@@ -134,10 +170,7 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4
             break  # the next size (8x the work, 4 products) would not fit in the budget
         n *= 2
     while time.perf_counter() + fastest < deadline:  # the largest size again, in the time left
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best, reps = max(best, 2 * n ** 3 / max(time.perf_counter() - t0, 1e-9)), reps + 1
+        best, reps = max(best, 2 * n ** 3 / max(_time_mm(a, b, sync), 1e-9)), reps + 1
     threads = torch.get_num_threads()
     where = "GPU" if cuda else f"CPU, {threads} thread{'s' if threads != 1 else ''}"
     name = str(dtype).removeprefix("torch.")

@@ -13,36 +13,16 @@ waiting for the data loader (the epoch figures include it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..parallel.distributed import DistEnv
-from .flops import ModelShape, model_flops, weight_grad_params
+from .flops import ModelShape, mfu, model_flops, weight_grad_params
 from .peak import Peak, resolve_peak
+from .types import EpochPerf, StepPerf
 
 GiB = 1024 ** 3
-
-
-@dataclass
-class StepPerf:
-    tokens_per_s: float  # non-pad tokens of all ranks per second
-    tflops: float  # model TFLOP/s per device
-    mfu: float  # model FLOP/s per device / peak
-    model_flops: float  # per device, this step
-    host_rss_gib: float  # this rank's resident set at the step's end
-    gpu_max_allocated_gib: Optional[float] = None  # this rank's peak during the step (GPU runs)
-    gpu_max_reserved_gib: Optional[float] = None
-
-
-@dataclass
-class EpochPerf:
-    tflops: float
-    mfu: float
-    host_rss_max_gib: float  # max over the epoch's step ends and all ranks
-    gpu_max_allocated_gib: Optional[float] = None  # max over the epoch's steps and all ranks
-    gpu_max_reserved_gib: Optional[float] = None
 
 
 class HostMemory:
@@ -112,8 +92,8 @@ class StepMeter:
             reserved = torch.cuda.max_memory_reserved(self.env.device)
         for i, value in enumerate((rss, alloc or 0, reserved or 0)):
             self._epoch_max[i] = max(self._epoch_max[i], float(value))
-        return StepPerf(tokens_per_s=tokens / max(seconds, 1e-9), tflops=rate / 1e12, mfu=rate / self.peak.flops,
-                        model_flops=flops, host_rss_gib=rss / GiB,
+        return StepPerf(tokens_per_s=tokens / max(seconds, 1e-9), tflops=rate / 1e12,
+                        mfu=mfu(flops, seconds, self.peak.flops), model_flops=flops, host_rss_gib=rss / GiB,
                         gpu_max_allocated_gib=None if alloc is None else alloc / GiB,
                         gpu_max_reserved_gib=None if reserved is None else reserved / GiB)
 
@@ -125,9 +105,9 @@ class StepMeter:
 
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         host, alloc, reserved = (float(v) for v in peaks.tolist())
-        rate = model_flops(self.shape, tokens, doc_len_sq, self.weight_grad_params) / self.env.world_size
-        rate /= max(seconds, 1e-9)
-        return EpochPerf(tflops=rate / 1e12, mfu=rate / self.peak.flops, host_rss_max_gib=host / GiB,
+        flops = model_flops(self.shape, tokens, doc_len_sq, self.weight_grad_params) / self.env.world_size
+        return EpochPerf(tflops=flops / max(seconds, 1e-9) / 1e12, mfu=mfu(flops, seconds, self.peak.flops),
+                         host_rss_max_gib=host / GiB,
                          gpu_max_allocated_gib=alloc / GiB if self._cuda else None,
                          gpu_max_reserved_gib=reserved / GiB if self._cuda else None)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from ..config.errors import ConfigError, ShardtuneError
-from ..ownership import is_inside
+from ..outputs.ownership import is_inside
 from .loop import LoopResult, StepResult
 from .metrics import epoch_record, scalars, step_record, val_record
 

@@ -19,15 +19,13 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
-from .checkpoint.digests import DamagedFiles, digest_files, files_of, is_weight_file, problems_of
-from .checkpoint.layout import fsync_path
-from .config.errors import ShardtuneError
+from ..config.errors import ShardtuneError
+from .atomic import TEMP_PATTERN, atomic_write, fsync_path
+from .digests import DamagedFiles, digest_files, files_of, is_weight_file, problems_of
 
 MARKER = ".shardtune-files.json"
 # The lock a run holds on its output folder (output_lock.py): shardtune's, never a foreign file.
 LOCK = ".shardtune-lock"
-# Names only shardtune uses for its in-progress writes (left behind by a crash mid-save).
-_TEMP_PATTERNS = (".saving-*", "*.json.tmp", MARKER + ".tmp")
 
 
 def owned(directory: str | Path) -> set[str]:
@@ -47,7 +45,8 @@ def owned(directory: str | Path) -> set[str]:
 
 def _is_owned(entry: Path, names: set[str]) -> bool:
     name = entry.name
-    if name in (MARKER, LOCK) or any(fnmatch.fnmatch(name, p) for p in _TEMP_PATTERNS):
+    # the name only shardtune uses for its in-progress writes (left behind by a crash mid-save)
+    if name in (MARKER, LOCK) or fnmatch.fnmatch(name, TEMP_PATTERN):
         return True
     return (name + "/" if entry.is_dir() else name) in names
 
@@ -95,14 +94,12 @@ def record(directory: str | Path, added: Iterable[str] = (), removed: Iterable[s
            digests: Optional[Mapping[str, dict]] = None) -> None:
     """Update the marker of ``directory`` (atomically): ``added`` entries are shardtune's now,
     ``removed`` ones are gone, and ``digests`` (file name -> size and SHA-256, see
-    ``checkpoint/digests.py``) replace the recorded ones of those files. Folder entries end with ``/``."""
+    ``digests.py``) replace the recorded ones of those files. Folder entries end with ``/``."""
     directory = Path(directory)
     names = (owned(directory) | set(added)) - set(removed)
     known = {k: v for k, v in {**recorded_digests(directory), **(digests or {})}.items() if k in names}
-    tmp = directory / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"written_by": "shardtune", "entries": sorted(names), "digests": known},
-                              indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, directory / MARKER)
+    atomic_write(directory / MARKER, json.dumps({"written_by": "shardtune", "entries": sorted(names),
+                                                 "digests": known}, indent=1, sort_keys=True) + "\n")
 
 
 def _same_place(a: Path, b: Path) -> bool:
@@ -198,17 +195,15 @@ def check_writable(path: str | Path, flag: str) -> None:
 
 
 def remove_stale_temps(directory: str | Path) -> list[str]:
-    """Remove what interrupted shardtune writes left at the top of ``directory`` (``.saving-<pid>``
-    folders, the ``*.json.tmp`` of recorded files). Only for a run that holds the folder's
-    lock (``output_lock.py``): no other run can be writing them then."""
+    """Remove what interrupted shardtune writes left at the top of ``directory`` (files and
+    folders named ``.saving-*``, see ``atomic.py``). Only for a run that holds the folder's lock
+    (``output_lock.py``): no other run can be writing them then."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    mine = owned(directory) | {MARKER}
     removed = []
     for entry in sorted(directory.iterdir()):
-        # "x.json.tmp" only beside a recorded "x.json": a user's own *.tmp file is not ours
-        if entry.name.startswith(".saving-") or (entry.name.endswith(".json.tmp") and entry.name[:-4] in mine):
+        if fnmatch.fnmatch(entry.name, TEMP_PATTERN):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
