@@ -98,11 +98,11 @@ def adopt_template(config: chat_dataset, tokenizer) -> Optional[str]:
 
     if not config.chat_template:
         return None
-    template = read_template_file(config.chat_template)
-    changed = template != _own_template(tokenizer)
+    template, own = read_template_file(config.chat_template), _own_template(tokenizer)
     for owner in {id(tokenizer): tokenizer, id(text_tokenizer(tokenizer)): text_tokenizer(tokenizer)}.values():
         owner.chat_template = template
-    what = "replaces the tokenizer's own" if changed else "equals the tokenizer's own"
+    what = ("the tokenizer had none" if own is None else "equals the tokenizer's own" if own == template
+            else "replaces the tokenizer's own")
     return f"chat template: {config.chat_template} ({what}; saved with the model)"
 
 
