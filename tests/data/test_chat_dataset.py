@@ -278,3 +278,74 @@ def test_hub_name_offline_is_a_clear_error(make_config, llama3_tokenizer):
     with pytest.raises(ShardtuneError, match=r"Could not load the chat dataset 'someone/no-such-chat-dataset' split "
                                              r"'train' from the Hugging Face Hub.*\.jsonl"):
         load_split(cfg, llama3_tokenizer, "train")
+
+
+# --- Llama 3.2 Vision ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vision_processor(real_vocab_vision_model_dir):
+    """The processor the recipe loads for the real-vocabulary tiny Llama 3.2 Vision model: the real
+    Llama 3 tokenizer + <|image|> and the Llama 3.2 Vision Instruct template."""
+    from shardtune.model.loading import load_inputs
+
+    return load_inputs(str(real_vocab_vision_model_dir))
+
+
+def _vision_rows(names: list[str]) -> list[dict]:
+    rows = []
+    for i, name in enumerate(names):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What is picture {i}?"}]},
+                    {"role": "assistant", "content": f"Picture {i}."}]
+        if i % 2:
+            messages += [{"role": "user", "content": "Are you sure?"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]
+        rows.append({"messages": messages, "images": [name]})
+    return rows
+
+
+def test_vision_conversations_go_through_the_processor(make_config, vision_processor, write_images, tmp_path):
+    """Image conversations for Llama 3.2 Vision: the ids are processor.apply_chat_template's (the
+    image given in its part, as the processor loads it), each answer and its <|eot_id|> are
+    trained, the images are kept as references."""
+    proc, tok = vision_processor, vision_processor.tokenizer
+    rows = _vision_rows(write_images(4))
+    split = load_split(_cfg(make_config, _write(tmp_path / "v.jsonl", rows)), proc, "train")
+    assert len(split.samples) == 3 and split.collate_fn is not None
+    for sample, row in zip(split.samples, rows[1:]):
+        messages = json.loads(json.dumps(row["messages"]))
+        messages[0]["content"][0]["path"] = str(tmp_path / row["images"][0])
+        want = proc.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][0]
+        assert sample["input_ids"] == want
+        assert sample["images"] == [str((tmp_path / row["images"][0]).resolve())]
+        answers = [(m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]) + "<|eot_id|>"
+                   for m in row["messages"] if m["role"] == "assistant"]
+        assert _runs(tok, sample["input_ids"], sample["labels"]) == answers
+    batch = split.collate_fn(split.samples)
+    assert batch["pixel_values"].shape[0] == 3 and batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_vision_rows_without_images_or_with_a_system_message_are_bad(make_config, vision_processor, write_images,
+                                                                     tmp_path):
+    rows = _vision_rows(write_images(4))
+    text_only = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    with_system = {**rows[0], "messages": [{"role": "system", "content": "Be brief."}, *rows[0]["messages"]]}
+    for bad, reason in ((text_only, "has no image"), (with_system, "incompatible with system messages")):
+        path = _write(tmp_path / "v.jsonl", rows[:2] + [bad] + rows[2:])
+        with pytest.raises(ShardtuneError, match=rf"(?s)v\.jsonl, row 2, line 3 .*{reason}"):
+            load_split(_cfg(make_config, path), vision_processor, "train")
+
+
+def test_ocrvqa_rows_are_chat_rows(vision_processor, write_images, tmp_path):
+    """The cookbook's OCR-VQA format is a special case: its row and the same conversation as a
+    chat row encode to the same sample."""
+    from shardtune.config import ChatTrainOn
+    from shardtune.data import chat_dataset, vision
+
+    proc = vision_processor
+    names = write_images(2)
+    turns = [("What is shown?", "A block."), ("Which colour?", "Red.")]
+    ocrvqa_row = {"images": names, "texts": [{"user": u, "assistant": a} for u, a in turns]}
+    chat_row = {"messages": vision.messages(turns, n_images=2), "images": names}
+    template = vision.chat_template(proc)
+    enc = chat_dataset.Encoder(proc, template, ChatTrainOn.assistant, 4096, False, tmp_path)
+    assert chat_dataset.encode(chat_row, enc) == vision.encode(ocrvqa_row, proc, template, tmp_path)
