@@ -35,7 +35,7 @@ from .checkpoint.sizes import human_size
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import BatchingStrategy, StateDictType, defers_gradient_sync
 from .convert.mergeable import check_mergeable
-from .data import build_dataloader, check_data_source, load_split, pad_fraction
+from .data import adopt_dataset_template, build_dataloader, check_data_source, load_split, pad_fraction
 from .data.fingerprint import rows_fingerprint
 from .data.registry import check_dataset_for_model
 from .eval.quick import evaluate_after_training
@@ -214,6 +214,9 @@ def setup(cfg: Config, env: DistEnv) -> Components:
     if cfg.fsdp.activation_offload:
         check_activation_offload(env.device)
     tokenizer = load_inputs(t.model_name, t.tokenizer_name)  # the processor of a vision model
+    template_line = adopt_dataset_template(cfg, tokenizer)  # --chat_dataset.chat_template goes out with the model
+    if template_line:
+        say(env, template_line)
     for line in describe_precision(cfg, env):
         say(env, line)
     say(env, attention_for(cfg, env).describe())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,31 @@ def setting(tiny_model_dir, tmp_path_factory):
               "--gradient_accumulation_steps", "2", "--gradient_clipping",
               "--gradient_clipping_threshold", "0.5"]
     return {"root": root, "common": common, "model": tiny_model_dir}
+
+
+CHATML = Path(__file__).parents[1] / "data" / "chat_templates" / "chatml.jinja"
+
+
+@pytest.fixture(scope="module")
+def chat(setting):
+    """The common flags on --dataset chat_dataset: conversations (a system message, two exchanges
+    in some) rendered by the ChatML template file (the tiny tokenizer has no template of its own)."""
+    rows = []
+    for i in range(60):
+        messages = [{"role": "user", "content": f"Add {i} and {i + 1}."},
+                    {"role": "assistant", "content": f"The answer is {2 * i + 1}."}]
+        if i % 3 == 0:
+            messages = [{"role": "system", "content": "Be brief."}, *messages,
+                        {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+        rows.append({"messages": messages})
+    data = setting["root"] / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = list(setting["common"])
+    c[c.index("--dataset") + 1] = "chat_dataset"
+    at = c.index("--alpaca_dataset.data_path")
+    c[at:at + 2] = ["--chat_dataset.data_path", str(data), "--chat_dataset.chat_template", str(CHATML)]
+    c[c.index("--context_length") + 1] = "256"  # the tiny tokenizer spells ChatML's markers in many tokens
+    return {"common": c, "out": setting["root"] / "chat-out"}
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +116,13 @@ def _single(common: list[str], *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(setting, tied, run_fsdp_cases):
-    c, tc = setting["common"], tied["common"]
+def two_rank_results(setting, tied, chat, run_fsdp_cases):
+    c, tc, cc = setting["common"], tied["common"], chat["common"]
     cases = {
+        # --dataset chat_dataset, padded (saving the model: the template file goes out with it) and packed
+        "chat": {"args": _fsdp(cc, "--batching_strategy", "padding", "--save_model", "True",
+                               "--output_dir", str(chat["out"]))},
+        "chat_packing": {"args": _fsdp(cc, "--batching_strategy", "packing")},
         "full_shard": {"args": _fsdp(c)},
         "no_activation_checkpointing": {"args": _fsdp(c, "--fsdp_config.fsdp_activation_checkpointing", "False")},
         "shard_grad_op": {"args": _fsdp(c, "--fsdp_config.sharding_strategy", "SHARD_GRAD_OP")},
@@ -179,9 +209,11 @@ def _close(a: list[float], b: list[float], rtol: float = RTOL) -> bool:
 
 
 @pytest.fixture(scope="module")
-def single_process(setting):
-    c = setting["common"]
+def single_process(setting, chat):
+    c, cc = setting["common"], chat["common"]
     return {
+        "chat": finetune(_single(cc, "--batching_strategy", "padding"))["train_step_loss"],
+        "chat_packing": finetune(_single(cc, "--batching_strategy", "packing"))["train_step_loss"],
         "full": finetune(_single(c))["train_step_loss"],
         "packing": finetune(_single(c, "--batching_strategy", "packing"))["train_step_loss"],
         "lora": finetune(_single(c, "--use_peft", "--peft_method", "lora"))["train_step_loss"],
@@ -207,6 +239,21 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(two_rank_results, 
 
 def test_packing_under_fsdp_equals_one_process(two_rank_results, single_process):
     assert _close(two_rank_results["packing"]["losses"], single_process["packing"])
+
+
+@pytest.mark.parametrize("case", ["chat", "chat_packing"])
+def test_chat_dataset_under_fsdp_equals_one_process(two_rank_results, single_process, case):
+    """--dataset chat_dataset, padded and packed: 2 ranks give one process's losses."""
+    fsdp = two_rank_results[case]["losses"]
+    assert len(fsdp) == 3 and _close(fsdp, single_process[case]), (fsdp, single_process[case])
+
+
+def test_chat_dataset_template_file_goes_out_with_the_model(two_rank_results, chat):
+    """--chat_dataset.chat_template is the template the saved model's tokenizer carries."""
+    from transformers import AutoTokenizer
+
+    assert two_rank_results["chat"]["losses"]
+    assert AutoTokenizer.from_pretrained(chat["out"]).chat_template == CHATML.read_text()
 
 
 @pytest.mark.parametrize("case", ["no_activation_checkpointing", "shard_grad_op", "no_shard",

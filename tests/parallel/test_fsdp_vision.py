@@ -86,6 +86,8 @@ def results(setting, run_fsdp_cases):
         # seed 004's command with a llama-cookbook style --custom_dataset.file whose collator
         # returns the processor's BatchFeature (a UserDict) unchanged
         "cookbook_custom_dataset": {"args": _fsdp(_cookbook(c, root), *LORA)},
+        # the same image conversations as --dataset chat_dataset rows
+        "chat": {"args": _fsdp(_chat(c, setting))},
     }
     return run_fsdp_cases(root, cases)
 
@@ -99,11 +101,33 @@ def _cookbook(common: list[str], root: Path) -> list[str]:
     return [*args, "--custom_dataset.file", str(dataset), "--custom_dataset.test_split", "test"]
 
 
+def _chat(common: list[str], setting: dict) -> list[str]:
+    """The common flags on --dataset chat_dataset, over the_cauldron rows written as chat rows
+    (an image part and the question, then the answer) beside them."""
+    import json
+
+    source = Path(common[common.index("--ocrvqa_dataset.data_path") + 1])
+    data = source.parent / "chat.jsonl"
+    if not data.is_file():
+        rows = []
+        for line in source.read_text().splitlines():
+            row = json.loads(line)
+            turn = row["texts"][0]
+            rows.append({"images": row["images"], "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn["user"]}]},
+                {"role": "assistant", "content": turn["assistant"]}]})
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = _with(common, "--dataset", "chat_dataset")
+    at = args.index("--ocrvqa_dataset.data_path")
+    args[at:at + 2] = ["--chat_dataset.data_path", str(data)]
+    return args
+
+
 @pytest.fixture(scope="module")
 def single(setting):
     c, root = setting["common"], setting["root"]
     out = root / "single-out"
-    return {"full": finetune(_single(c, "--save_model", "True", "--output_dir", str(out)))["train_step_loss"],
+    return {"chat": finetune(_single(_chat(c, setting)))["train_step_loss"],"full": finetune(_single(c, "--save_model", "True", "--output_dir", str(out)))["train_step_loss"],
             "full_out": out,
             "lora": finetune(_single(c, *LORA))["train_step_loss"]}
 
@@ -135,6 +159,13 @@ def test_two_ranks_equal_one_process_in_losses_and_weights(results, single, sett
     assert set(two) == set(one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_chat_dataset_image_conversations_under_fsdp_equal_one_process(results, single):
+    """--dataset chat_dataset with image conversations trains Llama 3.2 Vision on 2 ranks as one process does."""
+    r = results["chat"]
+    assert len(r["losses"]) == 3 and _close(r["losses"], single["chat"]), (r["losses"], single["chat"])
+    assert any("vision_model" in n for n in r["changed"]) and any("cross_attn" in n for n in r["changed"])
 
 
 @pytest.mark.parametrize("case", ["no_activation_checkpointing", "shard_grad_op", "no_shard", "hybrid_2x1", "low_cpu"])

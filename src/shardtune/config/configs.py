@@ -49,6 +49,12 @@ class OverlongPolicy(str, enum.Enum):
     drop = "drop"
 
 
+class ChatTrainOn(str, enum.Enum):
+    assistant = "assistant"  # every assistant turn (its content, tool calls and end-of-turn token)
+    last = "last"  # only the conversation's final assistant turn
+    all = "all"  # every token of the conversation
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -273,12 +279,27 @@ class ocrvqa_dataset:
     max_rows: int = 0  # use only the first N rows of the source (of each split), before splitting (0: all)
 
 
+@dataclass
+class chat_dataset:
+    """Multi-turn conversations (OpenAI ``messages`` or ShareGPT ``conversations`` rows) rendered
+    with the chat template and trained on the assistant turns; see data/chat_dataset.py."""
+    dataset: str = "chat_dataset"
+    data_path: str = ""  # a .json/.jsonl/.parquet file, a folder of <split>.<ext> files, or a hub dataset name
+    train_split: str = "train"  # folder / hub: the split to train on
+    test_split: str = "test"  # folder / hub: the eval split; "": the first eval_fraction of the train split
+    subset: str = ""  # hub: the dataset's configuration name
+    chat_template: str = ""  # a Jinja file rendering the conversations (and saved with the model); "": the tokenizer's
+    train_on: ChatTrainOn = ChatTrainOn.assistant  # which tokens carry labels: assistant | last | all
+    cut_at_turn: bool = False  # over-long conversations: keep the whole turns that fit (system message kept)
+
+
 DATASET_CONFIGS = {
     "samsum_dataset": samsum_dataset,
     "grammar_dataset": grammar_dataset,
     "alpaca_dataset": alpaca_dataset,
     "custom_dataset": custom_dataset,
     "ocrvqa_dataset": ocrvqa_dataset,
+    "chat_dataset": chat_dataset,
 }
 
 # Sections addressable as ``--<section>.<field>`` / YAML sub-mappings.

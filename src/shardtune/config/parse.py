@@ -46,7 +46,8 @@ _FLAT_SECTIONS = ("train_config", "fsdp_config", "lora_config", "llama_adapter_c
 # Flat names that belong to one section only even though another section has a same-named
 # field: ``--dataset`` selects the dataset, it does not rename a dataset config.
 _FLAT_EXCLUDE = {("samsum_dataset", "dataset"), ("grammar_dataset", "dataset"),
-                 ("alpaca_dataset", "dataset"), ("custom_dataset", "dataset")}
+                 ("alpaca_dataset", "dataset"), ("custom_dataset", "dataset"),
+                 ("chat_dataset", "dataset")}
 _TRUE = {"true", "yes", "1", "on", "y", "t"}
 _FALSE = {"false", "no", "0", "off", "n", "f"}
 _NONE = {"none", "null", "~", ""}

@@ -5,10 +5,10 @@ The recipe calls ``load_split`` for each split, ``build_dataloader`` on its samp
 """
 
 from .loader import build_dataloader, pad_fraction
-from .registry import DATASETS, check_data_source, load_split
+from .registry import DATASETS, adopt_dataset_template, check_data_source, load_split
 from .rows import IGNORE_INDEX
 from .sampler import GlobalBatchSampler
 from .split import DataReport, TokenizedSplit
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "DataReport", "GlobalBatchSampler", "TokenizedSplit",
-           "build_dataloader", "check_data_source", "load_split", "pad_fraction"]
+           "adopt_dataset_template", "build_dataloader", "check_data_source", "load_split", "pad_fraction"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from ..config.errors import ShardtuneError
 from ..config.parse import Config
-from . import alpaca, custom, grammar, samsum, vision
+from . import alpaca, chat_dataset, custom, grammar, samsum, vision
 from .rows import RawSplit, finalize
 from .split import TokenizedSplit
 
@@ -17,6 +17,7 @@ DATASETS: dict[str, Callable[..., RawSplit]] = {
     "samsum_dataset": samsum.load,
     "custom_dataset": custom.load,
     "ocrvqa_dataset": vision.load,  # Llama 3.2 Vision: pass the processor as the tokenizer
+    "chat_dataset": chat_dataset.load,  # text or vision: the tokenizer or the processor
 }
 SPLITS = ("train", "test")
 # Datasets of text rows encoded with a tokenizer; a vision model is fed image + text batches by
@@ -38,6 +39,7 @@ def check_dataset_for_model(name: str, model_is_vision: bool, model_name: str) -
 SOURCE_CHECKS: dict[str, Callable[..., None]] = {
     "samsum_dataset": samsum.check_source,
     "ocrvqa_dataset": vision.check_source,
+    "chat_dataset": chat_dataset.check_source,
 }
 
 
@@ -51,6 +53,15 @@ def check_data_source(cfg: Config) -> None:
     check = SOURCE_CHECKS.get(name)
     if check is not None:
         check(cfg.dataset_config)
+
+
+def adopt_dataset_template(cfg: Config, tokenizer) -> Optional[str]:
+    """Give the tokenizer (or processor) the chat template the dataset renders with, where the
+    dataset names its own (``--chat_dataset.chat_template``), so the saved model carries the
+    template it was trained on. Returns a line for the log, or None when nothing changed."""
+    if cfg.train.dataset == "chat_dataset":
+        return chat_dataset.adopt_template(cfg.dataset_config, tokenizer)
+    return None
 
 
 def load_split(cfg: Config, tokenizer, split: str) -> TokenizedSplit:

@@ -27,6 +27,18 @@ class BadRow(Exception):
     """A row that cannot become a training example; the message says why (without the where)."""
 
 
+class Overlong(Exception):
+    """Raised by an ``encode`` that applies its own context-length policy (a chat row cut at a turn
+    boundary) when nothing of the row fits: counted as dropped, as an overlong row."""
+
+
+@dataclass
+class Cut:
+    """Returned by an ``encode`` that cut its row to fit the context length itself: counted as truncated."""
+
+    sample: dict
+
+
 def row_name(i: int) -> str:
     return f"row {i}"
 
@@ -140,6 +152,9 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
         report.rows_read += 1
         try:
             sample = raw.encode(row)
+        except Overlong:
+            report.dropped_overlong += 1
+            continue
         except BadRow as e:
             if not skip_bad_rows:
                 raise ShardtuneError(
@@ -150,6 +165,9 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
             if len(report.bad_examples) < _MAX_REASONS:
                 report.bad_examples.append(f"{raw.where(i)}: {e}")
             continue
+        if isinstance(sample, Cut):
+            report.truncated += 1
+            sample = sample.sample
         if raw.tokenized or (isinstance(sample, Mapping) and "input_ids" in sample):
             sample = _fit(sample, context_length, overlong, report)
         if sample is not None:

@@ -37,8 +37,9 @@ from typing import Any, Optional
 
 from ..config.configs import ocrvqa_dataset, train_config
 from ..config.errors import ShardtuneError
+from .chat_masks import span_labels, turn_spans
 from .images import IMAGE_TOKEN, VisionCollator, check_image, image_ref
-from .rows import IGNORE_INDEX, BadRow, RawSplit
+from .rows import BadRow, RawSplit
 from .vision_sources import FLAG, SPLIT_SEED, check_source, read_source, split_indices
 
 __all__ = ["FLAG", "SPLIT_SEED", "VisionCollator", "check_source", "encode", "load", "messages",
@@ -104,7 +105,8 @@ def _render(processor, template: str, msgs: list[dict], generation_prompt: bool 
 
 
 def encode(row: Any, processor, template: str, base: Optional[Path]) -> dict[str, Any]:
-    """One row -> ``input_ids``, ``labels``, ``attention_mask`` and ``images`` (references)."""
+    """One row -> ``input_ids``, ``labels``, ``attention_mask`` and ``images`` (references); the
+    answers and their end-of-turn tokens are located from the template's renderings (chat_masks.py)."""
     from transformers.models.mllama.processing_mllama import build_string_from_input
 
     from ..model.loading import text_tokenizer
@@ -112,27 +114,15 @@ def encode(row: Any, processor, template: str, base: Optional[Path]) -> dict[str
     turns = _turns(row)
     refs = _images(row, base)
     msgs = messages(turns, len(refs))
-    full = _render(processor, template, msgs)
-    spans = []  # [start, end) characters of each answer + its end-of-turn, in `full`
-    for t in range(len(turns)):
-        before = _render(processor, template, msgs[:2 * t + 1], generation_prompt=True)
-        after = _render(processor, template, msgs[:2 * t + 2])
-        if not (full.startswith(before) and full.startswith(after) and len(before) < len(after)):
-            raise ShardtuneError(
-                "The chat template does not render a conversation as the concatenation of its turns "
-                "(the rendering up to an assistant answer is not a prefix of the whole), so the "
-                "answers cannot be located for the labels. Use the model's own chat template.")
-        spans.append((len(before), len(after)))
+    render = partial(_render, processor, template)
+    full = render(msgs)
+    spans = turn_spans(render, msgs, full, range(1, len(msgs), 2))
     tokenizer = text_tokenizer(processor)
     # As MllamaProcessor does: a BOS is added if the text has none (after leading image tokens).
     text = build_string_from_input(full, tokenizer.bos_token, IMAGE_TOKEN) if tokenizer.bos_token else full
-    shift = len(text) - len(full)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(a + shift <= start < b + shift for a, b in spans):
-            labels[i] = ids[i]
+    labels = span_labels(ids, enc["offset_mapping"], spans, shift=len(text) - len(full))
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     n_tokens = sum(t == image_id for t in ids)
     if n_tokens != len(refs):
