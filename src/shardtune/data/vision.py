@@ -35,10 +35,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
+from ..batches import IGNORE_INDEX
 from ..config.configs import ocrvqa_dataset, train_config
 from ..config.errors import ShardtuneError
 from .images import IMAGE_TOKEN, VisionCollator, check_image, image_ref
-from .rows import IGNORE_INDEX, BadRow, RawSplit
+from .rows import BadRow, RawSplit
 from .vision_sources import FLAG, SPLIT_SEED, check_source, read_source, split_indices
 
 __all__ = ["FLAG", "SPLIT_SEED", "VisionCollator", "check_source", "encode", "load", "messages",
