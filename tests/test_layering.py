@@ -155,10 +155,10 @@ OUTPUTS = "shardtune.outputs"
 # What the outputs layer (ownership, digests, atomic writes) may import: only the error type and
 # itself. Everything that writes sits above it.
 OUTPUTS_MAY_IMPORT = ("shardtune.outputs", "shardtune.config.errors")
-# The command layer: argument parsing and `main`s live only here.
-COMMAND_LAYER = ("shardtune.cli", "shardtune.commands", "shardtune.finetuning", "shardtune.__main__",
-                 "shardtune.convert.__main__", "shardtune.convert.cli", "shardtune.eval.cli",
-                 "shardtune.plan.cli", "shardtune.demo.run")
+# The command layer: argument parsing and `main`s live only here: cli.py, commands/, the recipe,
+# any package's own cli.py or __main__.py, and the demo command.
+COMMAND_LAYER = ("shardtune.cli", "shardtune.commands", "shardtune.finetuning", "shardtune.demo.run",
+                 *(m for m in MODULES if m.rsplit(".", 1)[-1] in ("cli", "__main__")))
 # Library packages that never import the command layer or the recipe.
 LIBRARY = ("shardtune.checkpoint", "shardtune.config", "shardtune.data", "shardtune.model",
            "shardtune.parallel", "shardtune.train", "shardtune.outputs", "shardtune.infer")

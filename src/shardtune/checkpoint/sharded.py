@@ -32,9 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..config.errors import SameOnEveryRank, ShardtuneError
 from ..notes import note
+from ..outputs.digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
 from ..parallel.distributed import DistEnv
 from . import layout
-from ..outputs.digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
 from .space import disk_full, is_out_of_space, tensor_bytes
 from .trainable import has_frozen, model_state
 

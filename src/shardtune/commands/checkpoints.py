@@ -17,7 +17,6 @@ from ..checkpoint.listing import describe
 from ..checkpoint.sharded import verify_checkpoint
 from ..checkpoint.sizes import human_size
 from ..config.errors import ShardtuneError
-from ..convert.sources import open_source
 from ..outputs.digests import DamagedFiles
 
 
@@ -25,6 +24,8 @@ def check_without_digests(path: Path) -> str:
     """A checkpoint with no recorded digests: sizes against its DCP index, then every tensor read
     and checked finite. Returns what was checked; raises ShardtuneError for what is wrong."""
     import torch
+
+    from ..convert.sources import open_source  # the readers of every checkpoint kind: only when needed
 
     src = open_source(path)  # a missing or truncated shard file is an error here
     non_finite = []

@@ -4,9 +4,9 @@ The recipe calls ``load_split`` for each split, ``build_dataloader`` on its samp
 ``loader.batch_sampler.set_epoch(epoch)`` before each epoch.
 """
 
+from ..batches import IGNORE_INDEX
 from .loader import build_dataloader, pad_fraction
 from .registry import DATASETS, adopt_dataset_template, check_data_source, load_split
-from .rows import IGNORE_INDEX
 from .sampler import GlobalBatchSampler
 from .split import DataReport, TokenizedSplit
 

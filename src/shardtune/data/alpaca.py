@@ -9,10 +9,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from ..batches import IGNORE_INDEX
 from ..config.configs import alpaca_dataset, train_config
 from .files import read_records
 from .prompts import alpaca_prompt
-from .rows import IGNORE_INDEX, RawSplit, split_off_eval, text_field
+from .rows import RawSplit, split_off_eval, text_field
 
 FLAG = "--alpaca_dataset.data_path"
 

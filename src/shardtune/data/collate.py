@@ -8,10 +8,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..batches import CAUSAL_PADDING
+from ..batches import CAUSAL_PADDING, IGNORE_INDEX
 from ..config.errors import ShardtuneError
 from .packing import varlen_lengths
-from .rows import IGNORE_INDEX
 
 
 def pad_token_id(tokenizer) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .rows import IGNORE_INDEX
+from ..batches import IGNORE_INDEX
 
 
 def prompt_answer(tokenizer, prompt: str, answer: str) -> dict[str, list[int]]:

@@ -15,9 +15,10 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..batches import IGNORE_INDEX
 from ..config.errors import ShardtuneError
 from .collate import pad_token_id
-from .rows import IGNORE_INDEX, BadRow
+from .rows import BadRow
 from .stored_images import StoredImage
 
 ImageRef = Union[str, StoredImage, bytes, Any]  # absolute path | stored image | encoded image | PIL image

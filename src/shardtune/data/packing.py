@@ -26,8 +26,8 @@ from typing import Sequence
 
 import torch
 
+from ..batches import IGNORE_INDEX
 from ..config.errors import ShardtuneError
-from .rows import IGNORE_INDEX
 
 
 def assign(lengths: Sequence[int], context_length: int) -> list[list[int]]:

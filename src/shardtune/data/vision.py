@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
+from ..batches import IGNORE_INDEX
 from ..config.configs import ocrvqa_dataset, train_config
 from ..config.errors import ShardtuneError
 from .chat_masks import span_labels, turn_spans

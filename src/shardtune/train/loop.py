@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 import torch
-from ..batches import CAUSAL_PADDING
+from ..batches import CAUSAL_PADDING, IGNORE_INDEX
 from ..config.errors import ShardtuneError
 from ..parallel.distributed import DistEnv
 from .flops import batch_token_stats
-from .loss import IGNORE_INDEX, next_token_loss_sum
+from .loss import next_token_loss_sum
 from .progress import LoopProgress
 from .types import LoopResult, StepHook, StepResult
 
