@@ -53,7 +53,8 @@ def test_a_run_reads_the_model_config_and_chooses_attention_once(tiny_model_dir,
 
     for name in calls:
         monkeypatch.setattr(recipe, name, counted(name, getattr(recipe, name)))
-    rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 1)))} for i in range(16)]
+    rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 1)))}
+            for i in range(16)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     results = recipe.main(["--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
                            "--alpaca_dataset.data_path", str(tmp_path / "rows.json"), "--output_dir",
