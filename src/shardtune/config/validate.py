@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 
 from .configs import NOT_IMPLEMENTED, SECTIONS, ShardingStrategy
-from .errors import ConfigError
+from .errors import ConfigError, ShardtuneError
 
 
 def _check_not_implemented(cfg) -> None:
@@ -249,3 +249,34 @@ def _check_quantization(cfg) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("--quantization needs the bitsandbytes package: pip install 'shardtune[qlora]' "
                           "(the official bitsandbytes; it runs 4-bit and 8-bit layers on CUDA and on CPUs).")
+
+
+def check_family_options(cfg, is_vision: bool, family: str) -> None:
+    """Options that the model's family (``model.family.ModelFamily``: whether it is a vision model,
+    its name) cannot honour are refused, never silently ignored. It needs the model's config, so it
+    runs where that is read (the launcher, for a local model, and every rank), after ``validate``;
+    the dataset's own check is ``data.registry``'s."""
+    t = cfg.train
+    if is_vision and t.batching_strategy.value == "packing":
+        raise ShardtuneError(
+            f"--batching_strategy packing is not available for vision models ({family}): a packed row "
+            "would join several samples' images and text, and each image must stay with its own "
+            "text. Pass --batching_strategy padding (as llama-recipes' vision examples do).")
+    if is_vision and t.quantization:
+        raise ShardtuneError(
+            f"--quantization (QLoRA) is not supported for vision models ({family}) yet. Use LoRA "
+            "without --quantization (--use_peft --peft_method lora), or --freeze_LLM_only.")
+    if is_vision and t.use_peft and t.peft_method.value == "llama_adapter":
+        raise ShardtuneError(
+            "--peft_method llama_adapter is for text models: peft's LLaMA-Adapter wraps Llama's "
+            "self-attention and does not know Llama 3.2 Vision's. Use --peft_method lora.")
+    for flag, on in (("--freeze_LLM_only", t.freeze_LLM_only), ("--freeze_vision_tower", t.freeze_vision_tower)):
+        if on and not is_vision:
+            raise ShardtuneError(
+                f"{flag} is for vision models (Llama 3.2 Vision / Mllama), which have a language model and a "
+                "vision tower to freeze separately; this model has none. Use --freeze_layers or --use_peft.")
+        if on and t.use_peft:  # peft freezes every base weight: the parts the flag keeps would not train
+            raise ShardtuneError(
+                f"{flag} chooses which base weights train, but --use_peft freezes all of them and trains only "
+                "the adapter, so the flag would change nothing. Use one or the other (a LoRA can reach "
+                "the vision tower through --lora_config.target_modules with dotted names: docs/vision.md).")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-from .rows import IGNORE_INDEX, BadRow
+from ..batches import IGNORE_INDEX
+from .rows import BadRow
 
 Render = Callable[[list, bool], str]  # (messages, add_generation_prompt) -> text; raises BadRow
 Span = tuple[int, int]

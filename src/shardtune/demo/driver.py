@@ -127,7 +127,7 @@ def convert_checkpoint(task: DemoTask, ft_args: list[str], dst: Path, reference:
     from ..checkpoint.layout import latest_checkpoint
     from ..config import parse_args
     from ..convert.core import convert
-    from ..finetuning import checkpoint_run_dir
+    from ..checkpoint.manager import checkpoint_run_dir
 
     run = checkpoint_run_dir(parse_args(ft_args).config)
     ckpt = latest_checkpoint(run)

@@ -118,6 +118,16 @@ def is_inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def top_entry_under(directory: str | Path, path: str | Path) -> Optional[str]:
+    """The top-level folder of ``directory`` that holds ``path`` (``"checkpoints/"``), or None: the
+    entry a run records as its own before it writes there."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(directory).resolve())
+    except ValueError:
+        return None
+    return rel.parts[0] + "/" if rel.parts else None
+
+
 def check_output_dir(path: str | Path, *, flag: str, overwrite: bool, overwrite_flag: Optional[str],
                      protected: Mapping[str, Optional[str]] = {},
                      replaced_whole: Iterable[str] = ()) -> list[str]:
