@@ -7,7 +7,7 @@ the functions appear in the order they run (main → run → preflight → setup
 Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml`` and
 ``key=value`` overrides work too, and ``--print-config`` shows the resolved configuration.
 When to save, what to load on resume and pre-emption are the checkpoint package's
-(``checkpoint/manager.py``); where training is, is one ``TrainState`` (``train/state.py``).
+(``checkpoint/manager.py``); where training is, is one ``TrainState`` (``checkpoint/state.py``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from .train.optim import build_optimizer, build_scheduler
 from .train.perf import StepMeter
 from .train.profiler import StepProfiler
 from .train.progress import quiet_library_bars
-from .train.state import TrainState
+from .checkpoint.state import TrainState
 from .train.tensorboard_log import TensorBoardLogger, check_tensorboard_dir, tensorboard_dir
 from .train.wandb_log import WandbLogger
 
@@ -385,6 +385,8 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
     say(env, meter.describe())
     checkpoints = CheckpointManager(cfg, env, model=c.model, tokenizer=c.tokenizer, optimizer=c.optimizer,
                                     scheduler=c.scheduler, train_loader=c.train_loader,
+                                    scheduler_for=functools.partial(build_scheduler, c.optimizer, cfg.train,
+                                                                    steps_per_epoch=c.steps_per_epoch),
                                     steps_per_epoch=c.steps_per_epoch, log=functools.partial(say, env))
     state = checkpoints.load()  # resumed (the scheduler rebuilt for the remaining steps), or fresh
     c.scheduler = checkpoints.scheduler

@@ -2,7 +2,7 @@
 
 The recipe asks one :class:`CheckpointManager` (as torchtitan's trainer asks its own): ``load``
 resumes from ``--resume`` / ``--resume_from`` or starts fresh and returns the run's
-:class:`~shardtune.train.state.TrainState`; as a step hook the manager advances that state after
+:class:`~shardtune.checkpoint.state.TrainState`; as a step hook the manager advances that state after
 every optimizer step and saves every ``save_every_n_steps`` steps (``should_save``) and on
 pre-emption (then asks the loop to stop); ``save_epoch_end`` applies llama-recipes' rule at the end
 of an epoch (with validation, save only when the eval loss improves). ``keep_last_n`` prunes older
@@ -24,8 +24,7 @@ from ..data.fingerprint import rows_fingerprint
 from ..outputs.ownership import record as record_owned, top_entry_under
 from ..parallel.distributed import DistEnv
 from ..parallel.fsdp import weights_finite
-from ..train.optim import build_scheduler
-from ..train.state import TrainState
+from .state import TrainState
 from . import layout
 from .hf_export import save_hf_model
 from .hf_stream import DTYPES
@@ -140,9 +139,11 @@ class CheckpointManager:
     there, so the curves always reach the newest checkpoint)."""
 
     def __init__(self, cfg: Config, env: DistEnv, *, model: torch.nn.Module, tokenizer, optimizer,
-                 scheduler, train_loader, steps_per_epoch: int, log: Callable[[str], None]) -> None:
+                 scheduler, scheduler_for: Callable[..., Any], train_loader, steps_per_epoch: int,
+                 log: Callable[[str], None]) -> None:
         self.cfg, self.env, self.log = cfg, env, log
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
+        self.scheduler_for = scheduler_for  # (total_steps=, resumed_epoch=) -> the schedule of a resumed run
         self.sampler, self.steps_per_epoch = train_loader.batch_sampler, steps_per_epoch
         rows = train_loader.dataset.samples  # digested once, at the first save or resume: how positions are counted
         self.checkpointer = Checkpointer(checkpoint_run_dir(cfg), env=env, config_dict=cfg.to_dict(),
@@ -176,8 +177,7 @@ class CheckpointManager:
                                       num_epochs=t.num_epochs, max_train_step=t.max_train_step)
         for line in plan.lines:
             self.log(line)
-        self.scheduler = build_scheduler(self.optimizer, t, steps_per_epoch=self.steps_per_epoch,
-                                         total_steps=plan.total_steps, resumed_epoch=plan.resumed_epoch)
+        self.scheduler = self.scheduler_for(total_steps=plan.total_steps, resumed_epoch=plan.resumed_epoch)
         self.state = self.checkpointer.resume(path, plan, model=self.model, optimizer=self.optimizer,
                                               scheduler=self.scheduler)
         self.resumed_from = path

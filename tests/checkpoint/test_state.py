@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from shardtune.train.state import TrainState
+from shardtune.checkpoint.state import TrainState
 
 
 def test_state_dict_is_train_state_json_position_in_its_key_order():
