@@ -48,15 +48,17 @@ Per rank and per operation it records
 
 The growth includes memory that glibc keeps after ``free`` (gathered tensors of a few MB land
 below its dynamic mmap threshold and stay in the heap or a thread arena). The environment passes
-through to the ranks, so ``MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/checkpoint_io.py``
+through to the ranks, so ``MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks.checkpoint_io``
 shows the figures without that retention (every tensor >= 1 MiB is mmap-ed and returned at free).
 
 The naive path is also split into its two phases (gather, then ``save_file``). At the end the
 driver checks that the HF export and the naive file hold bit-identical tensors (both launches
 start from the same seed and take the same step on one thread per rank).
 
-    python benchmarks/checkpoint_io.py                       # ~258M params (~1 GB), 2 ranks, ~2 min
-    python benchmarks/checkpoint_io.py --layers 8 --json out.json --workdir /tmp/ckio
+    python -m benchmarks.checkpoint_io                       # ~258M params (~1 GB), 2 ranks, ~2 min
+    python -m benchmarks.checkpoint_io --layers 8 --json out.json --workdir /tmp/ckio
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 """
 
 from __future__ import annotations
@@ -67,15 +69,11 @@ import gc
 import json
 import os
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 METHODS = ("sharded", "hf", "naive")
 
@@ -356,7 +354,7 @@ def run_method(method: str, model_dir: Path, work: Path, args) -> list[dict]:
     spec_path, out_path = work / f"spec_{method}.json", work / f"result_{method}.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    common.torchrun(Path(__file__), args.ranks, ["--worker", str(spec_path), str(out_path)],
+    common.torchrun(__spec__.name, args.ranks, ["--worker", str(spec_path), str(out_path)],  # this module
                     threads=args.threads, log_path=work / f"log_{method}.txt")
     return json.loads(out_path.read_text())
 
@@ -381,8 +379,8 @@ def compare_exports(hf_dir: Path, naive_file: Path) -> str:
     return f"DIFFERENT: {len(differ)} tensors differ, {len(missing)} missing from the HF export"
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint_io", description=__doc__.split("\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (and docs/benchmarks.md) for the method.")
     p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
@@ -398,52 +396,36 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     common.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
-        return {}
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        p.error(f"unknown methods: {sorted(unknown)}")
+    return p
 
-    info = common.machine_info("cpu")
-    common.print_machine(info)
-    busy = common.other_processes_busy()
-    if busy:
-        print("note: other processes are using the CPU (affects the times only):\n  " + "\n  ".join(busy))
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="shardtune_ckio_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+
+def measure_methods(methods: list[str], work: Path, args) -> dict:
+    """Build the model, run each method's launch, compare the two exports."""
+    model_dir = common.build_llama(work, args, "fp32")
+    counts = common.param_count(model_dir)
+    model_bytes = counts["total"] * 4
+    print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} "
+          f"layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
+          f"{common.mib(model_bytes)} MiB; {args.ranks} ranks x {args.threads} thread(s), gloo, "
+          "FSDP2 via setup_model --low_cpu_fsdp, one AdamW step before saving", flush=True)
     results: dict[str, list[dict]] = {}
     foreign: dict[str, float] = {}
-    try:
-        model_dir = common.build_llama(work, args, "fp32")
-        counts = common.param_count(model_dir)
-        model_bytes = counts["total"] * 4
-        print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} "
-              f"layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
-              f"{common.mib(model_bytes)} MiB; {args.ranks} ranks x {args.threads} thread(s), gloo, "
-              "FSDP2 via setup_model --low_cpu_fsdp, one AdamW step before saving", flush=True)
-        for method in methods:
-            t0 = time.perf_counter()
-            load = common.ForeignLoad().start()
-            results[method] = run_method(method, model_dir, work, args)
-            foreign[method] = load.stop()
-            print(f"  {method}: launch done in {time.perf_counter() - t0:.0f} s (other processes "
-                  f"used {foreign[method] or 0:.2f} cores meanwhile)", flush=True)
-        check = None
-        if "hf" in results and "naive" in results:
-            check = compare_exports(work / "out_hf" / "hf",
-                                    work / "out_naive" / "naive" / "model.safetensors")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    for method in methods:
+        t0 = time.perf_counter()
+        load = common.ForeignLoad().start()
+        results[method] = run_method(method, model_dir, work, args)
+        foreign[method] = load.stop()
+        print(f"  {method}: launch done in {time.perf_counter() - t0:.0f} s (other processes "
+              f"used {foreign[method] or 0:.2f} cores meanwhile)", flush=True)
+    check = None
+    if "hf" in results and "naive" in results:
+        check = compare_exports(work / "out_hf" / "hf", work / "out_naive" / "naive" / "model.safetensors")
+    return {"counts": counts, "model_bytes": model_bytes, "results": results, "foreign": foreign,
+            "check": check}
 
+
+def table_rows(methods: list[str], results: dict, model_bytes: int) -> tuple[list, list]:
+    """(the main table's rows, the per-rank detail rows): one per operation."""
     rows, detail = [], []
     for method in methods:
         recs = sorted(results[method], key=lambda r: r["rank"])
@@ -466,6 +448,12 @@ def main(argv=None) -> dict:
                            " / ".join(f"{o['seconds']:.1f}" for o in per_rank),
                            str(op.get("restored", "")),
                            "" if op.get("cached_before") is None else f"{op['cached_before']:.0%}"])
+    return rows, detail
+
+
+def report(methods: list[str], m: dict, args) -> None:
+    results, model_bytes = m["results"], m["model_bytes"]
+    rows, detail = table_rows(methods, results, model_bytes)
     r0 = sorted(next(iter(results.values())), key=lambda r: r["rank"])
     print()
     print("Per rank after set-up + 1 step: param shards "
@@ -491,17 +479,30 @@ def main(argv=None) -> dict:
     if "hf" in results:
         h0 = sorted(results["hf"], key=lambda r: r["rank"])[0]
         print(f"HF export wrote {len(h0['files'])} safetensors files ({args.max_shard_size} max each)")
-    if check:
-        print(f"HF export vs naive file: {check}")
-    out = {"machine": info, "params": counts, "model_bytes": model_bytes, "ranks": args.ranks,
-           "threads": args.threads, "max_shard_size": args.max_shard_size, "results": results,
-           "hf_vs_naive": check, "other_processes_cores": foreign}
+    if m["check"]:
+        print(f"HF export vs naive file: {m['check']}")
+
+
+def main(argv=None) -> dict:
+    p = parser()
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
+        return {}
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods: {sorted(unknown)}")
+    info = common.announce_machine("cpu", "note: other processes are using the CPU (affects the times only)")
+    with common.work_folder(args.workdir, "shardtune_ckio_") as work:
+        m = measure_methods(methods, work, args)
+    report(methods, m, args)
+    out = {"machine": info, "params": m["counts"], "model_bytes": m["model_bytes"], "ranks": args.ranks,
+           "threads": args.threads, "max_shard_size": args.max_shard_size, "results": m["results"],
+           "hf_vs_naive": m["check"], "other_processes_cores": m["foreign"]}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return out
 
 
 if __name__ == "__main__":
-    from shardtune.exits import run_with_clean_errors
-
-    run_with_clean_errors(main)  # a rank ends without interpreter teardown (see end_process)
+    common.entry(main)  # a rank ends without interpreter teardown (see shardtune.exits)

@@ -41,9 +41,11 @@ counted in that rank's RSS until the file is closed: peak RSS = private memory +
 part of the checkpoint. The table therefore shows private and file-mapped peaks separately;
 docs/benchmarks.md discusses what that means for the goal.
 
-    python benchmarks/low_cpu_memory.py                          # 155M params, 2 ranks (< 1 min)
-    python benchmarks/low_cpu_memory.py --checkpoint_dtype bf16  # as Llama checkpoints ship
-    python benchmarks/low_cpu_memory.py --hidden 768 --layers 8 --json out.json
+    python -m benchmarks.low_cpu_memory                          # 155M params, 2 ranks (< 1 min)
+    python -m benchmarks.low_cpu_memory --checkpoint_dtype bf16  # as Llama checkpoints ship
+    python -m benchmarks.low_cpu_memory --hidden 768 --layers 8 --json out.json
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 """
 
 from __future__ import annotations
@@ -51,14 +53,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 MODES = ("baseline", "normal", "low_cpu")
 
@@ -136,7 +134,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, args) -> list[dict]:
     spec_path, out_path = work / f"spec_{mode}.json", work / f"out_{mode}.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    warning = common.torchrun(Path(__file__), args.ranks, ["--worker", str(spec_path), str(out_path)],
+    warning = common.torchrun(__spec__.name, args.ranks, ["--worker", str(spec_path), str(out_path)],
                               threads=args.threads, log_path=work / f"log_{mode}.txt",
                               result=out_path)
     if warning:
@@ -183,7 +181,8 @@ def summarise(results: dict[str, list[dict]], model_bytes: int) -> tuple[list, d
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.low_cpu_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Results and their interpretation: docs/benchmarks.md.")
     p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
@@ -197,25 +196,11 @@ def main(argv=None) -> dict:
                         "on CPU either way; bf16 (as Llama checkpoints ship) makes loading convert")
     p.add_argument("--seed", type=int, default=0)
     common.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
         return {}
-
-    info = common.machine_info("cpu")
-    common.print_machine(info)
-    busy = common.other_processes_busy()
-    if busy:
-        print("note: other processes are using the CPU (affects the set-up seconds only):\n  "
-              + "\n  ".join(busy))
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="shardtune_lowcpu_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
-    try:
+    info = common.announce_machine("cpu", "note: other processes are using the CPU (affects the set-up seconds only)")
+    with common.work_folder(args.workdir, "shardtune_lowcpu_") as work:
         model_dir = common.build_llama(work, args, args.checkpoint_dtype)
         counts = common.param_count(model_dir)
         file_bytes = common.safetensors_bytes(model_dir)
@@ -232,9 +217,6 @@ def main(argv=None) -> dict:
             results[mode] = run_mode(mode, model_dir, work, args)
             print(f"  {mode}: launch done in {time.perf_counter() - t0:.0f} s", flush=True)
         rows, summary = summarise(results, model_bytes)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     base = summary["baseline"]
     print()
@@ -267,6 +249,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from shardtune.exits import run_with_clean_errors
-
-    run_with_clean_errors(main)  # a rank ends without interpreter teardown (see end_process)
+    common.entry(main)  # a rank ends without interpreter teardown (see shardtune.exits)

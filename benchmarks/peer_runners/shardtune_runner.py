@@ -8,18 +8,15 @@ Also the source of the batch plan: ``plan_batches`` asks the recipe's own ``setu
 loader and records the first ``steps`` batches, which every other framework then replays. The run
 checks that the batches it trained on are those of the plan.
 
-    .venv/bin/python benchmarks/peer_runners/shardtune_runner.py SPEC.json
+    .venv/bin/python -m benchmarks.peer_runners.shardtune_runner SPEC.json      (from the repository root)
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _runner  # noqa: E402  (puts benchmarks/ on sys.path)
-import common  # noqa: E402
+from .. import common
+from . import _runner
 
 DATA_FILE = Path(__file__).resolve().parent / "shardtune_data.py"
 STRATEGY = {"padded": "padding", "packed": "packing"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shardtune.config import ConfigError, parse_args
-from shardtune.train.peak import lookup_gpu, measure_gemm, resolve_peak, table_peak
+from shardtune.train.peak import gemm_rate, lookup_gpu, measure_gemm, resolve_peak, table_peak
 
 
 @pytest.mark.parametrize("name, label", [
@@ -74,3 +74,16 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     torch.manual_seed(1)
     measure_gemm(torch.device("cpu"), torch.float32, budget_s=0.05, max_n=256, min_n=256)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_fixed_size_probe_of_the_benchmarks_times_every_product_after_the_barrier():
+    """``gemm_rate`` (benchmarks/ throughput and peers): the barrier comes before the timed
+    products, best >= median > 0, and the global RNG is left alone."""
+    calls = []
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    rate = gemm_rate(torch.device("cpu"), torch.float32, 128, reps=3, barrier=lambda: calls.append(1))
+    assert torch.equal(torch.rand(4), expected)
+    assert calls == [1] and rate.n == 128 and rate.reps == 3
+    assert math.isfinite(rate.best) and rate.best >= rate.median > 0

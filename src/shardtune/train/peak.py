@@ -14,7 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -123,25 +123,59 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4
         sync()
         fastest = math.inf
         for _ in range(3):  # the fastest of a few: one descheduled product must not decide
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync()
-            fastest, reps = min(fastest, time.perf_counter() - t0), reps + 1
+            fastest, reps = min(fastest, _product_seconds(a, b, sync)), reps + 1
             if time.perf_counter() >= deadline:
                 break
-        best = max(best, 2 * n ** 3 / max(fastest, 1e-9))
+        best = max(best, _gemm_flops(n, fastest))
         if n >= max_n or n >= min_n and fastest * 8 * 4 > deadline - time.perf_counter():
             break  # the next size (8x the work, 4 products) would not fit in the budget
         n *= 2
     while time.perf_counter() + fastest < deadline:  # the largest size again, in the time left
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best, reps = max(best, 2 * n ** 3 / max(time.perf_counter() - t0, 1e-9)), reps + 1
+        best, reps = max(best, _gemm_flops(n, _product_seconds(a, b, sync))), reps + 1
     threads = torch.get_num_threads()
     where = "GPU" if cuda else f"CPU, {threads} thread{'s' if threads != 1 else ''}"
     name = str(dtype).removeprefix("torch.")
     return best, f"measured: {name} {n}x{n} GEMM on the {where}, best of {reps}"
+
+
+@dataclass(frozen=True)
+class GemmRate:
+    best: float  # FLOP/s of the fastest product
+    median: float
+    n: int
+    reps: int
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 6,
+              barrier: Optional[Callable[[], None]] = None) -> GemmRate:
+    """FLOP/s of ``reps`` timed n×n×n products in ``dtype`` on ``device`` (after two untimed
+    ones): a fixed-size probe, for measurements that compare runs at one size (benchmarks/).
+    ``barrier`` is called just before timing, so that ranks probing at once share the machine
+    alike. On a CPU it uses the current ``torch.get_num_threads()``."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG is left alone
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    sync()
+    if barrier is not None:
+        barrier()
+    rates = sorted(_gemm_flops(n, _product_seconds(a, b, sync)) for _ in range(reps))
+    return GemmRate(best=rates[-1], median=rates[len(rates) // 2], n=n, reps=reps)
+
+
+def _product_seconds(a: torch.Tensor, b: torch.Tensor, sync: Callable[[], None]) -> float:
+    """Wall time of one ``a @ b``, finished (``sync``)."""
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    sync()
+    return time.perf_counter() - t0
+
+
+def _gemm_flops(n: int, seconds: float) -> float:
+    return 2 * n ** 3 / max(seconds, 1e-9)  # an n×n×n product is 2·n³ FLOPs
 
 
 def resolve_peak(device: torch.device, dtype: torch.dtype, override_tflops: Optional[float] = None) -> Peak:
