@@ -383,14 +383,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint_io", description=__doc__.split("\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (and docs/benchmarks.md) for the method.")
-    p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=20)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv_heads", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--seed", type=int, default=0)
+    common.add_llama_args(p, layers=20)
     p.add_argument("--seq_len", type=int, default=32, help="tokens of the one training step")
     p.add_argument("--max_shard_size", default="200MB", help="HF export shard size (default 200MB)")
     p.add_argument("--methods", default=",".join(METHODS),

@@ -40,6 +40,19 @@ def add_run_args(p) -> None:
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
 
 
+def add_llama_args(p, *, layers: int) -> None:
+    """The launch options of a torchrun benchmark on a random Llama (ranks, threads) and that
+    Llama's sizes and seed, which ``build_llama`` reads."""
+    p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv_heads", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def parse_or_work(p, argv: Optional[Sequence[str]], worker: Callable[[str, str], None]):
     """Parse ``argv``; in a worker process (``--worker SPEC OUT``, how the driver launches its
     ranks) run ``worker`` and return None, else return the parsed options."""

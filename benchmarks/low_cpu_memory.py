@@ -180,44 +180,42 @@ def summarise(results: dict[str, list[dict]], model_bytes: int) -> tuple[list, d
     return rows, summary
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.low_cpu_memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Results and their interpretation: docs/benchmarks.md.")
-    p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv_heads", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=2816)
+    common.add_llama_args(p, layers=12)
     p.add_argument("--checkpoint_dtype", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the weights on disk (default fp32). The recipe trains in fp32 "
                         "on CPU either way; bf16 (as Llama checkpoints ship) makes loading convert")
-    p.add_argument("--seed", type=int, default=0)
     common.add_run_args(p)
-    args = common.parse_or_work(p, argv, worker)
-    if args is None:
-        return {}
-    info = common.announce_machine("cpu", "note: other processes are using the CPU (affects the set-up seconds only)")
-    with common.work_folder(args.workdir, "shardtune_lowcpu_") as work:
-        model_dir = common.build_llama(work, args, args.checkpoint_dtype)
-        counts = common.param_count(model_dir)
-        file_bytes = common.safetensors_bytes(model_dir)
-        model_bytes = counts["total"] * 4  # one copy as the recipe holds it on CPU: fp32
-        print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, "
-              f"{args.layers} layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
-              f"{common.mib(model_bytes)} MiB; safetensors on disk ({args.checkpoint_dtype}) = "
-              f"{common.mib(file_bytes)} MiB; {args.ranks} ranks, {args.threads} thread(s) each",
-              flush=True)
-        warm_page_cache(model_dir)
-        results = {}
-        for mode in MODES:
-            t0 = time.perf_counter()
-            results[mode] = run_mode(mode, model_dir, work, args)
-            print(f"  {mode}: launch done in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows, summary = summarise(results, model_bytes)
+    return p
 
+
+def measure_modes(work: Path, args) -> dict:
+    """Build the model, warm the page cache, one launch per mode; -> figures and the table rows."""
+    model_dir = common.build_llama(work, args, args.checkpoint_dtype)
+    counts = common.param_count(model_dir)
+    file_bytes = common.safetensors_bytes(model_dir)
+    model_bytes = counts["total"] * 4  # one copy as the recipe holds it on CPU: fp32
+    print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, "
+          f"{args.layers} layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
+          f"{common.mib(model_bytes)} MiB; safetensors on disk ({args.checkpoint_dtype}) = "
+          f"{common.mib(file_bytes)} MiB; {args.ranks} ranks, {args.threads} thread(s) each",
+          flush=True)
+    warm_page_cache(model_dir)
+    results = {}
+    for mode in MODES:
+        t0 = time.perf_counter()
+        results[mode] = run_mode(mode, model_dir, work, args)
+        print(f"  {mode}: launch done in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows, summary = summarise(results, model_bytes)
+    return {"counts": counts, "file_bytes": file_bytes, "model_bytes": model_bytes, "results": results,
+            "rows": rows, "summary": summary}
+
+
+def report(m: dict, args) -> None:
+    summary, model_bytes = m["summary"], m["model_bytes"]
     base = summary["baseline"]
     print()
     print("Per-rank baseline (imports + process group + tokenizer, no model): peak RSS "
@@ -228,7 +226,7 @@ def main(argv=None) -> dict:
     print(common.table(
         ["mode", "peak RSS, sum MiB", "beyond baseline MiB", "/ model",
          "private (anon) peak MiB", "/ model", "file-mapped peak MiB", "PSS peak MiB",
-         "/ model", "RSS after set-up MiB", "param shards MiB", "set-up s"], rows))
+         "/ model", "RSS after set-up MiB", "param shards MiB", "set-up s"], m["rows"]))
     print("(all columns after the second are beyond the baseline launch, summed over ranks; "
           "anon/file/PSS peaks are sampled every 5 ms)")
     print()
@@ -240,9 +238,20 @@ def main(argv=None) -> dict:
     same = abs(n["checksum"] - lc["checksum"]) <= 1e-6 * max(1.0, abs(n["checksum"]))
     print(f"weights checksum normal {n['checksum']:.6f} vs low_cpu {lc['checksum']:.6f}: "
           f"{'same' if same else 'DIFFERENT'}")
-    out = {"machine": info, "params": counts, "model_bytes": model_bytes, "file_bytes": file_bytes,
+
+
+def main(argv=None) -> dict:
+    p = parser()
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
+        return {}
+    info = common.announce_machine("cpu", "note: other processes are using the CPU (affects the set-up seconds only)")
+    with common.work_folder(args.workdir, "shardtune_lowcpu_") as work:
+        m = measure_modes(work, args)
+    report(m, args)
+    out = {"machine": info, "params": m["counts"], "model_bytes": m["model_bytes"], "file_bytes": m["file_bytes"],
            "checkpoint_dtype": args.checkpoint_dtype, "ranks": args.ranks, "threads": args.threads,
-           "summary": summary, "raw": results}
+           "summary": m["summary"], "raw": m["results"]}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return out
