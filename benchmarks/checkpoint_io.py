@@ -218,119 +218,147 @@ def _zero_state(model, optimizer) -> None:
                     (v.to_local() if hasattr(v, "to_local") else v).zero_()
 
 
-def worker(spec_path: str, out_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    import torch
-    import torch.distributed as dist
+class Rank:
+    """One rank's state after the recipe's set-up and one training step."""
 
-    from shardtune.config import parse_args
-    from shardtune.finetuning import setup_model
-    from shardtune.model.loading import load_tokenizer
-    from shardtune.parallel.distributed import init_distributed, shutdown
-    from shardtune.train.optim import build_optimizer, build_scheduler
+    def __init__(self, spec: dict) -> None:
+        import torch
 
-    method, out_dir = spec["method"], Path(spec["out_dir"])
-    env = init_distributed("cpu", need_group=True)
-    torch.set_num_threads(spec["threads"])
-    cfg = parse_args(spec["args"]).config
-    tokenizer = load_tokenizer(spec["model_dir"])
-    torch.manual_seed(0)
-    t_setup = time.perf_counter()
-    model = setup_model(cfg, env, tokenizer)
-    optimizer = build_optimizer(model.parameters(), cfg.train, cfg.fsdp)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=1, total_steps=1)
-    gen = torch.Generator().manual_seed(1000 + env.rank)
-    ids = torch.randint(0, model.config.vocab_size, (1, spec["seq_len"]), generator=gen)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    del loss, ids
-    setup_seconds = time.perf_counter() - t_setup
+        from shardtune.config import parse_args
+        from shardtune.finetuning import setup_model
+        from shardtune.model.loading import load_tokenizer
+        from shardtune.parallel.distributed import init_distributed
+        from shardtune.train.optim import build_optimizer, build_scheduler
 
-    param_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes
-                      for p in model.parameters())
-    optim_bytes = sum((v.to_local() if hasattr(v, "to_local") else v).nbytes
-                      for s in optimizer.state.values() for v in s.values()
-                      if isinstance(v, torch.Tensor))
-    records: list[dict] = []
-    extra: dict = {"param_bytes": param_bytes, "optim_bytes": optim_bytes,
-                   "setup_seconds": setup_seconds}
+        self.env = env = init_distributed("cpu", need_group=True)
+        torch.set_num_threads(spec["threads"])
+        cfg = parse_args(spec["args"]).config
+        self.tokenizer = load_tokenizer(spec["model_dir"])
+        torch.manual_seed(0)
+        t_setup = time.perf_counter()
+        self.model = model = setup_model(cfg, env, self.tokenizer)
+        self.optimizer = optimizer = build_optimizer(model.parameters(), cfg.train, cfg.fsdp)
+        self.scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=1, total_steps=1)
+        gen = torch.Generator().manual_seed(1000 + env.rank)
+        ids = torch.randint(0, model.config.vocab_size, (1, spec["seq_len"]), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        del loss, ids
+        self.setup_seconds = time.perf_counter() - t_setup
 
-    def sync_out(target: Path) -> float:
+    def sizes(self) -> dict:
+        import torch
+
+        return {"param_bytes": sum((p.to_local() if hasattr(p, "to_local") else p).nbytes
+                                   for p in self.model.parameters()),
+                "optim_bytes": sum((v.to_local() if hasattr(v, "to_local") else v).nbytes
+                                   for s in self.optimizer.state.values() for v in s.values()
+                                   if isinstance(v, torch.Tensor)),
+                "setup_seconds": self.setup_seconds}
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def fsync_seconds(self, target: Path) -> float:
         t0 = time.perf_counter()
-        if env.is_main:
+        if self.env.is_main:
             fsync_tree(target)
         return time.perf_counter() - t0
 
-    if method == "sharded":
-        from shardtune.checkpoint import layout
-        from shardtune.checkpoint.sharded import load_checkpoint, save_checkpoint
+    def disk_bytes(self, target: Path) -> int:
+        return du(target) if self.env.is_main else 0
 
-        run = out_dir / "run"
-        checksum = _state_checksum(model, optimizer)
-        measured("sharded save", lambda: save_checkpoint(
-            run, 1, model=model, optimizer=optimizer, scheduler=scheduler,
-            position={"epoch": 0, "step": 1}, config_dict={"benchmark": "checkpoint_io"}, env=env),
-            records, dist.barrier)
-        path = run / layout.step_dir_name(1)
-        extra["disk_bytes"] = du(path) if env.is_main else 0
-        extra["fsync_seconds"] = sync_out(path)  # DCP already fsync-ed: ~0
-        for label, evict in (("sharded load (warm cache)", False), ("sharded load (cold cache)", True)):
-            _zero_state(model, optimizer)
-            if evict and env.is_main:
-                fsync_tree(path, evict=True)
-            cached = cached_fraction(path) if env.is_main else None
-            measured(label, lambda: load_checkpoint(path, model=model, optimizer=optimizer,
-                                                    scheduler=scheduler, env=env),
-                     records, dist.barrier)
-            records[-1]["cached_before"] = cached
-            records[-1]["restored"] = abs(_state_checksum(model, optimizer) - checksum) <= 1e-9 * max(
-                1.0, abs(checksum))
-    elif method == "hf":
-        from shardtune.checkpoint.hf_export import save_hf_model
 
-        target = out_dir / "hf"
-        measured(f"HF streaming export ({spec['max_shard_size']} shards)",
-                 lambda: save_hf_model(model, tokenizer, target, env=env,
-                                       max_shard_size=spec["max_shard_size"]),
-                 records, dist.barrier)
-        extra["fsync_seconds"] = sync_out(target)
-        extra["disk_bytes"] = du(target) if env.is_main else 0
-        extra["files"] = sorted(f.name for f in target.glob("*.safetensors")) if env.is_main else []
-    elif method == "naive":
-        from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def sharded(rank: Rank, out_dir: Path, spec: dict, records: list) -> dict:
+    """DCP save, then two loads (warm and cold page cache) into zeroed state, each verified."""
+    from shardtune.checkpoint import layout
+    from shardtune.checkpoint.sharded import load_checkpoint, save_checkpoint
 
-        target = out_dir / "naive"
-        if env.is_main:
-            target.mkdir(parents=True, exist_ok=True)
-        phases: dict = {}
+    model, optimizer, scheduler, env = rank.model, rank.optimizer, rank.scheduler, rank.env
+    run = out_dir / "run"
+    checksum = _state_checksum(model, optimizer)
+    measured("sharded save", lambda: save_checkpoint(
+        run, 1, model=model, optimizer=optimizer, scheduler=scheduler,
+        position={"epoch": 0, "step": 1}, config_dict={"benchmark": "checkpoint_io"}, env=env),
+        records, rank.barrier)
+    path = run / layout.step_dir_name(1)
+    extra = {"disk_bytes": rank.disk_bytes(path), "fsync_seconds": rank.fsync_seconds(path)}  # DCP fsync-ed: ~0
+    for label, evict in (("sharded load (warm cache)", False), ("sharded load (cold cache)", True)):
+        _zero_state(model, optimizer)
+        if evict and env.is_main:
+            fsync_tree(path, evict=True)
+        cached = cached_fraction(path) if env.is_main else None
+        measured(label, lambda: load_checkpoint(path, model=model, optimizer=optimizer,
+                                                scheduler=scheduler, env=env),
+                 records, rank.barrier)
+        records[-1]["cached_before"] = cached
+        records[-1]["restored"] = abs(_state_checksum(model, optimizer) - checksum) <= 1e-9 * max(
+            1.0, abs(checksum))
+    return extra
 
-        def naive() -> None:
-            t0 = time.perf_counter()
-            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                       cpu_offload=True))
-            phases["gather_seconds"] = time.perf_counter() - t0
-            phases["rss_after_gather"] = rss()
-            phases["held_bytes"] = sum(t.nbytes for t in sd.values() if isinstance(t, torch.Tensor))
-            if env.is_main:
-                t1 = time.perf_counter()
-                save_file(sd, str(target / "model.safetensors"), metadata={"format": "pt"})
-                phases["write_seconds"] = time.perf_counter() - t1
-            del sd
 
-        measured("naive full-state-dict gather + save_file", naive, records, dist.barrier)
-        extra.update(phases)
-        extra["gather_growth"] = phases["rss_after_gather"] - records[-1]["rss_before"]
-        extra["fsync_seconds"] = sync_out(target)
-        extra["disk_bytes"] = du(target) if env.is_main else 0
-    else:
+def hf(rank: Rank, out_dir: Path, spec: dict, records: list) -> dict:
+    """The streaming Hugging Face export."""
+    from shardtune.checkpoint.hf_export import save_hf_model
+
+    target = out_dir / "hf"
+    measured(f"HF streaming export ({spec['max_shard_size']} shards)",
+             lambda: save_hf_model(rank.model, rank.tokenizer, target, env=rank.env,
+                                   max_shard_size=spec["max_shard_size"]),
+             records, rank.barrier)
+    return {"fsync_seconds": rank.fsync_seconds(target), "disk_bytes": rank.disk_bytes(target),
+            "files": sorted(f.name for f in target.glob("*.safetensors")) if rank.env.is_main else []}
+
+
+def naive(rank: Rank, out_dir: Path, spec: dict, records: list) -> dict:
+    """A full state dict gathered on every rank (rank 0 holds it all), saved as one file."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    target = out_dir / "naive"
+    if rank.env.is_main:
+        target.mkdir(parents=True, exist_ok=True)
+    phases: dict = {}
+
+    def gather_and_save() -> None:
+        t0 = time.perf_counter()
+        sd = get_model_state_dict(rank.model, options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+        phases["gather_seconds"] = time.perf_counter() - t0
+        phases["rss_after_gather"] = rss()
+        phases["held_bytes"] = sum(t.nbytes for t in sd.values() if isinstance(t, torch.Tensor))
+        if rank.env.is_main:
+            t1 = time.perf_counter()
+            save_file(sd, str(target / "model.safetensors"), metadata={"format": "pt"})
+            phases["write_seconds"] = time.perf_counter() - t1
+        del sd
+
+    measured("naive full-state-dict gather + save_file", gather_and_save, records, rank.barrier)
+    return {**phases, "gather_growth": phases["rss_after_gather"] - records[-1]["rss_before"],
+            "fsync_seconds": rank.fsync_seconds(target), "disk_bytes": rank.disk_bytes(target)}
+
+
+RUNS = {"sharded": sharded, "hf": hf, "naive": naive}  # METHODS' measurements
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    from shardtune.parallel.distributed import shutdown
+
+    spec = json.loads(Path(spec_path).read_text())
+    method = spec["method"]
+    if method not in RUNS:
         raise ValueError(method)
-
-    record = {"rank": env.rank, "method": method, "ops": records, **extra}
-    common.write_gathered(env, record, out_path)
+    rank = Rank(spec)
+    records: list[dict] = []
+    extra = {**rank.sizes(), **RUNS[method](rank, Path(spec["out_dir"]), spec, records)}
+    record = {"rank": rank.env.rank, "method": method, "ops": records, **extra}
+    common.write_gathered(rank.env, record, out_path)
     shutdown()
 
 

@@ -168,7 +168,7 @@ def ensure_peer_venv(venv: Path, rebuild: bool = False) -> dict:
     venv.parent.mkdir(parents=True, exist_ok=True)
     # --without-pip: GPU images' system Pythons often lack ensurepip (scripts/setup.sh does the same).
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (venv / VENV_MARKER).write_text("created by benchmarks/peers.py\n")
+    (venv / VENV_MARKER).write_text("created by benchmarks.peers\n")
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     # Plain path lines: .venv's folders come after the peer venv's own, so what pip installs

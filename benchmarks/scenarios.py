@@ -70,7 +70,7 @@ SCENARIOS: tuple[Scenario, ...] = (
        "--hidden 64 --layers 2 --heads 4 --kv_heads 4 --intermediate 128", "smoke: a 2-layer model"),
     _s("real_shape", "real_shape", "", "seed PEFT command, generate and convert --merge at Llama-3.2-1B width"),
     _s("real_shape.malloc_tuning", "real_shape", "--malloc_tuning on", "the same with SHARDTUNE_MALLOC_TUNING=1"),
-    _s("real_shape.smoke", "real_shape", "--layers 1 --steps 1 --batch_size 1 --context_length 32 --rows 8",
+    _s("real_shape.smoke", "real_shape", "--layers 1 --steps 1 --batch_size 1 --rows 16",
        "smoke: one layer of the 1B width, one step"),
     _s("checkpoint_io", "checkpoint_io", "", "sharded save/load, HF export and a naive gather, ~1 GB model"),
     _s("checkpoint_io.smoke", "checkpoint_io",

@@ -165,41 +165,86 @@ def batch_stats(batch: dict) -> tuple[int, int, int]:
     return nonpad, batch["input_ids"].numel(), sq
 
 
-def worker(spec_path: str, out_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+class StepClock:
+    """A step hook handed to the recipe's train(): a wall-clock stamp at the end of every step."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.tokens_per_s: list[float] = []  # the recipe's own per-step figures
+        self.mfu: list[float] = []  # against the recipe's peak (not this script's GEMM probe)
+        self.gpu_max_allocated: list[float] = []  # bytes, the step's peak (reset per step)
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, r) -> None:
+        self.ends.append(time.perf_counter())
+        self.tokens_per_s.append(r.tokens_per_s)
+        if r.perf is not None:
+            self.mfu.append(r.perf.mfu)
+            self.gpu_max_allocated.append((r.perf.gpu_max_allocated_gib or 0.0) * 2**30)
+
+
+def run_case(case: dict, env) -> dict:
+    """One case in this rank: the recipe's ``setup`` + ``train``, timed per step; its figures
+    summed (tokens) or maxed (memory) over ranks."""
     import torch
     import torch.distributed as dist
 
     import shardtune.finetuning as recipe
     from shardtune.config import parse_args
+
+    cuda = env.device.type == "cuda"
+    cfg = parse_args(case["args"]).config
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    mark0 = common.cpu_marks()
+    with common.PeakSampler(interval=0.005) as mem:
+        c = recipe.setup(cfg, env)
+        meter = common.RecordingLoader(c.train_loader, batch_stats)
+        c.train_loader = meter
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize()
+        log = StepClock()
+        results = recipe.train(cfg, env, c, extra_hooks=[log])
+    mark1 = common.cpu_marks()
+    own = torch.tensor([mark1[2] - mark0[2]], dtype=torch.float64, device=env.device)
+    dist.all_reduce(own)  # CPU seconds of all ranks during this run
+    other = common.other_cores(mark0, mark1, float(own))
+    steps = len(log.ends)
+    # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
+    k = cfg.train.gradient_accumulation_steps  # micro-batches per step: a step's figures are their sums
+    per_batch = torch.tensor(meter.records[:steps * k], dtype=torch.float64).reshape(steps, k, 3)
+    stats = per_batch.sum(dim=1).to(env.device)
+    dist.all_reduce(stats)  # sum over ranks
+    peak_mem = torch.tensor([max(log.gpu_max_allocated, default=0.0) if cuda
+                             else float(mem.peak.get("anon", 0))], dtype=torch.float64,
+                            device=env.device)
+    dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+    stats, peak_mem = stats.cpu(), peak_mem.cpu()
+    return {"name": case["name"], "ranks": env.world_size, "strategy": case["strategy"],
+            "compile": case["compile"], "step_ends": log.ends,
+            "stats": stats.tolist(), "losses": results["train_step_loss"],
+            "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.tokens_per_s,
+            "recipe_mfu": log.mfu, "other_cores": other}
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    import torch.distributed as dist
+
     from shardtune.parallel.distributed import init_distributed, shutdown
     from shardtune.train.peak import gemm_rate
 
-    class StepClock:
-        """A step hook handed to the recipe's train(): a wall-clock stamp at the end of every step."""
-
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.tokens_per_s: list[float] = []  # the recipe's own per-step figures
-            self.mfu: list[float] = []  # against the recipe's peak (not this script's GEMM probe)
-            self.gpu_max_allocated: list[float] = []  # bytes, the step's peak (reset per step)
-
-        def before_step(self, step: int) -> None:
-            pass
-
-        def after_step(self, r) -> None:
-            self.ends.append(time.perf_counter())
-            self.tokens_per_s.append(r.tokens_per_s)
-            if r.perf is not None:
-                self.mfu.append(r.perf.mfu)
-                self.gpu_max_allocated.append((r.perf.gpu_max_allocated_gib or 0.0) * 2**30)
-
     env = init_distributed(spec["device"], need_group=True)
-    cuda = env.device.type == "cuda"
-    if not cuda:
+    if env.device.type != "cuda":
         torch.set_num_threads(spec["threads"])
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def probe() -> list[float]:
         r = gemm_rate(env.device, dtype, spec["gemm_n"], reps=spec["gemm_reps"], barrier=dist.barrier)
@@ -208,43 +253,7 @@ def worker(spec_path: str, out_path: str) -> None:
     probes = [probe()]
     runs = []
     for case in spec["cases"]:
-        cfg = parse_args(case["args"]).config
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        dist.barrier()
-        mark0 = common.cpu_marks()
-        with common.PeakSampler(interval=0.005) as mem:
-            c = recipe.setup(cfg, env)
-            meter = common.RecordingLoader(c.train_loader, batch_stats)
-            c.train_loader = meter
-            dist.barrier()
-            sync()
-            log = StepClock()
-            results = recipe.train(cfg, env, c, extra_hooks=[log])
-        mark1 = common.cpu_marks()
-        own = torch.tensor([mark1[2] - mark0[2]], dtype=torch.float64, device=env.device)
-        dist.all_reduce(own)  # CPU seconds of all ranks during this run
-        other = common.other_cores(mark0, mark1, float(own))
-        steps = len(log.ends)
-        # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
-        k = cfg.train.gradient_accumulation_steps  # micro-batches per step: a step's figures are their sums
-        per_batch = torch.tensor(meter.records[:steps * k], dtype=torch.float64).reshape(steps, k, 3)
-        stats = per_batch.sum(dim=1).to(env.device)
-        dist.all_reduce(stats)  # sum over ranks
-        peak_mem = torch.tensor([max(log.gpu_max_allocated, default=0.0) if cuda
-                                 else float(mem.peak.get("anon", 0))], dtype=torch.float64,
-                                device=env.device)
-        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
-        stats, peak_mem = stats.cpu(), peak_mem.cpu()
-        runs.append({"name": case["name"], "ranks": env.world_size, "strategy": case["strategy"],
-                     "compile": case["compile"],
-                     "step_ends": log.ends,
-                     "stats": stats.tolist(), "losses": results["train_step_loss"],
-                     "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.tokens_per_s,
-                     "recipe_mfu": log.mfu, "other_cores": other})
-        del c, meter, results
+        runs.append(run_case(case, env))
         gc.collect()
     probes.append(probe())
     rates = torch.tensor(probes, dtype=torch.float64)  # [probe, (best, median)]

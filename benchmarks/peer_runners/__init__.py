@@ -1,4 +1,4 @@
-"""Runners of benchmarks/peers.py: one script per framework, each run as a subprocess.
+"""Runners of benchmarks.peers: one module per framework, each run as a subprocess.
 
 ``shardtune_runner`` runs in shardtune's ``.venv``; ``hf_trainer``, ``trl_runner`` and
 ``torchtune_runner`` run in the peer virtual environment that ``python -m benchmarks.peers --setup``

@@ -4,7 +4,7 @@ same) at module level, so that it loads in both shardtune's ``.venv`` and the pe
 environment, which need not have shardtune: what the runners need of it (``IGNORE_INDEX``) comes
 in the spec.
 
-A batch plan (written by ``peers.py``) is the exact sequence of micro-batches shardtune's recipe
+A batch plan (written by ``benchmarks.peers``) is the exact sequence of micro-batches shardtune's recipe
 trains on, one list of rows per step. Padded rows are single documents (``input_ids``,
 ``labels``); packed rows are chunks of exactly ``seq_len`` tokens with ``position_ids`` restarting
 at every document and ``seq_lens`` (the documents' lengths, the pad tail last). Every framework

@@ -1,6 +1,6 @@
 """shardtune's rows of the peer benchmark: the recipe (``shardtune.finetuning.setup`` + ``train``,
 llama-recipes flags parsed by ``shardtune.config.parse_args``) in one process, as
-benchmarks/throughput.py runs it, with a step hook that stamps the end of every step. The
+benchmarks.throughput runs it, with a step hook that stamps the end of every step. The
 ``shardtune_plain`` rows add ``--loss plain`` and torch's default AdamW implementation for the
 device (for-loop on CPU, foreach on CUDA), the kernels HF Trainer and TRL use.
 
