@@ -520,9 +520,7 @@ def main(argv=None) -> dict:
     out = {"machine": info, "params": m["counts"], "model_bytes": m["model_bytes"], "ranks": args.ranks,
            "threads": args.threads, "max_shard_size": args.max_shard_size, "results": m["results"],
            "hf_vs_naive": m["check"], "other_processes_cores": m["foreign"]}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+    return common.save_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,13 @@ def announce_machine(device: str = "cpu", busy_note: str = "note: other processe
     return info
 
 
+def save_json(path: Optional[Path], out: dict) -> dict:
+    """``--json``: all figures as JSON at ``path`` (if given); returns ``out``."""
+    if path:
+        Path(path).write_text(json.dumps(out, indent=2))
+    return out
+
+
 @contextmanager
 def work_folder(workdir: Optional[Path], prefix: str) -> Iterator[Path]:
     """``workdir`` (created if needed, kept) or a temporary folder removed at the end."""

@@ -252,9 +252,7 @@ def main(argv=None) -> dict:
     out = {"machine": info, "params": m["counts"], "model_bytes": m["model_bytes"], "file_bytes": m["file_bytes"],
            "checkpoint_dtype": args.checkpoint_dtype, "ranks": args.ranks, "threads": args.threads,
            "summary": m["summary"], "raw": m["results"]}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+    return common.save_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -508,9 +508,7 @@ def main(argv=None) -> dict:
     out = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)
                                      for k, v in vars(args).items()},
            "params": prepared["counts"], "data": prepared["lens"], "launches": launches, "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+    return common.save_json(args.json, out)
 
 
 if __name__ == "__main__":
