@@ -48,15 +48,17 @@ Per rank and per operation it records
 
 The growth includes memory that glibc keeps after ``free`` (gathered tensors of a few MB land
 below its dynamic mmap threshold and stay in the heap or a thread arena). The environment passes
-through to the ranks, so ``MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/checkpoint_io.py``
+through to the ranks, so ``MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks.checkpoint_io``
 shows the figures without that retention (every tensor >= 1 MiB is mmap-ed and returned at free).
 
 The naive path is also split into its two phases (gather, then ``save_file``). At the end the
 driver checks that the HF export and the naive file hold bit-identical tensors (both launches
 start from the same seed and take the same step on one thread per rank).
 
-    python benchmarks/checkpoint_io.py                       # ~258M params (~1 GB), 2 ranks, ~2 min
-    python benchmarks/checkpoint_io.py --layers 8 --json out.json --workdir /tmp/ckio
+    python -m benchmarks.checkpoint_io                       # ~258M params (~1 GB), 2 ranks, ~2 min
+    python -m benchmarks.checkpoint_io --layers 8 --json out.json --workdir /tmp/ckio
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 """
 
 from __future__ import annotations
@@ -67,15 +69,11 @@ import gc
 import json
 import os
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 METHODS = ("sharded", "hf", "naive")
 
@@ -220,119 +218,147 @@ def _zero_state(model, optimizer) -> None:
                     (v.to_local() if hasattr(v, "to_local") else v).zero_()
 
 
-def worker(spec_path: str, out_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    import torch
-    import torch.distributed as dist
+class Rank:
+    """One rank's state after the recipe's set-up and one training step."""
 
-    from shardtune.config import parse_args
-    from shardtune.finetuning import setup_model
-    from shardtune.model.loading import load_tokenizer
-    from shardtune.parallel.distributed import init_distributed, shutdown
-    from shardtune.train.optim import build_optimizer, build_scheduler
+    def __init__(self, spec: dict) -> None:
+        import torch
 
-    method, out_dir = spec["method"], Path(spec["out_dir"])
-    env = init_distributed("cpu", need_group=True)
-    torch.set_num_threads(spec["threads"])
-    cfg = parse_args(spec["args"]).config
-    tokenizer = load_tokenizer(spec["model_dir"])
-    torch.manual_seed(0)
-    t_setup = time.perf_counter()
-    model = setup_model(cfg, env, tokenizer)
-    optimizer = build_optimizer(model.parameters(), cfg.train, cfg.fsdp)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=1, total_steps=1)
-    gen = torch.Generator().manual_seed(1000 + env.rank)
-    ids = torch.randint(0, model.config.vocab_size, (1, spec["seq_len"]), generator=gen)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    del loss, ids
-    setup_seconds = time.perf_counter() - t_setup
+        from shardtune.config import parse_args
+        from shardtune.finetuning import setup_model
+        from shardtune.model.loading import load_tokenizer
+        from shardtune.parallel.distributed import init_distributed
+        from shardtune.train.optim import build_optimizer, build_scheduler
 
-    param_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes
-                      for p in model.parameters())
-    optim_bytes = sum((v.to_local() if hasattr(v, "to_local") else v).nbytes
-                      for s in optimizer.state.values() for v in s.values()
-                      if isinstance(v, torch.Tensor))
-    records: list[dict] = []
-    extra: dict = {"param_bytes": param_bytes, "optim_bytes": optim_bytes,
-                   "setup_seconds": setup_seconds}
+        self.env = env = init_distributed("cpu", need_group=True)
+        torch.set_num_threads(spec["threads"])
+        cfg = parse_args(spec["args"]).config
+        self.tokenizer = load_tokenizer(spec["model_dir"])
+        torch.manual_seed(0)
+        t_setup = time.perf_counter()
+        self.model = model = setup_model(cfg, env, self.tokenizer)
+        self.optimizer = optimizer = build_optimizer(model.parameters(), cfg.train, cfg.fsdp)
+        self.scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=1, total_steps=1)
+        gen = torch.Generator().manual_seed(1000 + env.rank)
+        ids = torch.randint(0, model.config.vocab_size, (1, spec["seq_len"]), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        del loss, ids
+        self.setup_seconds = time.perf_counter() - t_setup
 
-    def sync_out(target: Path) -> float:
+    def sizes(self) -> dict:
+        import torch
+
+        return {"param_bytes": sum((p.to_local() if hasattr(p, "to_local") else p).nbytes
+                                   for p in self.model.parameters()),
+                "optim_bytes": sum((v.to_local() if hasattr(v, "to_local") else v).nbytes
+                                   for s in self.optimizer.state.values() for v in s.values()
+                                   if isinstance(v, torch.Tensor)),
+                "setup_seconds": self.setup_seconds}
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def fsync_seconds(self, target: Path) -> float:
         t0 = time.perf_counter()
-        if env.is_main:
+        if self.env.is_main:
             fsync_tree(target)
         return time.perf_counter() - t0
 
-    if method == "sharded":
-        from shardtune.checkpoint import layout
-        from shardtune.checkpoint.sharded import load_checkpoint, save_checkpoint
+    def disk_bytes(self, target: Path) -> int:
+        return du(target) if self.env.is_main else 0
 
-        run = out_dir / "run"
-        checksum = _state_checksum(model, optimizer)
-        measured("sharded save", lambda: save_checkpoint(
-            run, 1, model=model, optimizer=optimizer, scheduler=scheduler,
-            position={"epoch": 0, "step": 1}, config_dict={"benchmark": "checkpoint_io"}, env=env),
-            records, dist.barrier)
-        path = run / layout.step_dir_name(1)
-        extra["disk_bytes"] = du(path) if env.is_main else 0
-        extra["fsync_seconds"] = sync_out(path)  # DCP already fsync-ed: ~0
-        for label, evict in (("sharded load (warm cache)", False), ("sharded load (cold cache)", True)):
-            _zero_state(model, optimizer)
-            if evict and env.is_main:
-                fsync_tree(path, evict=True)
-            cached = cached_fraction(path) if env.is_main else None
-            measured(label, lambda: load_checkpoint(path, model=model, optimizer=optimizer,
-                                                    scheduler=scheduler, env=env),
-                     records, dist.barrier)
-            records[-1]["cached_before"] = cached
-            records[-1]["restored"] = abs(_state_checksum(model, optimizer) - checksum) <= 1e-9 * max(
-                1.0, abs(checksum))
-    elif method == "hf":
-        from shardtune.checkpoint.hf_export import save_hf_model
 
-        target = out_dir / "hf"
-        measured(f"HF streaming export ({spec['max_shard_size']} shards)",
-                 lambda: save_hf_model(model, tokenizer, target, env=env,
-                                       max_shard_size=spec["max_shard_size"]),
-                 records, dist.barrier)
-        extra["fsync_seconds"] = sync_out(target)
-        extra["disk_bytes"] = du(target) if env.is_main else 0
-        extra["files"] = sorted(f.name for f in target.glob("*.safetensors")) if env.is_main else []
-    elif method == "naive":
-        from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def sharded(rank: Rank, out_dir: Path, spec: dict, records: list) -> dict:
+    """DCP save, then two loads (warm and cold page cache) into zeroed state, each verified."""
+    from shardtune.checkpoint import layout
+    from shardtune.checkpoint.sharded import load_checkpoint, save_checkpoint
 
-        target = out_dir / "naive"
-        if env.is_main:
-            target.mkdir(parents=True, exist_ok=True)
-        phases: dict = {}
+    model, optimizer, scheduler, env = rank.model, rank.optimizer, rank.scheduler, rank.env
+    run = out_dir / "run"
+    checksum = _state_checksum(model, optimizer)
+    measured("sharded save", lambda: save_checkpoint(
+        run, 1, model=model, optimizer=optimizer, scheduler=scheduler,
+        position={"epoch": 0, "step": 1}, config_dict={"benchmark": "checkpoint_io"}, env=env),
+        records, rank.barrier)
+    path = run / layout.step_dir_name(1)
+    extra = {"disk_bytes": rank.disk_bytes(path), "fsync_seconds": rank.fsync_seconds(path)}  # DCP fsync-ed: ~0
+    for label, evict in (("sharded load (warm cache)", False), ("sharded load (cold cache)", True)):
+        _zero_state(model, optimizer)
+        if evict and env.is_main:
+            fsync_tree(path, evict=True)
+        cached = cached_fraction(path) if env.is_main else None
+        measured(label, lambda: load_checkpoint(path, model=model, optimizer=optimizer,
+                                                scheduler=scheduler, env=env),
+                 records, rank.barrier)
+        records[-1]["cached_before"] = cached
+        records[-1]["restored"] = abs(_state_checksum(model, optimizer) - checksum) <= 1e-9 * max(
+            1.0, abs(checksum))
+    return extra
 
-        def naive() -> None:
-            t0 = time.perf_counter()
-            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                       cpu_offload=True))
-            phases["gather_seconds"] = time.perf_counter() - t0
-            phases["rss_after_gather"] = rss()
-            phases["held_bytes"] = sum(t.nbytes for t in sd.values() if isinstance(t, torch.Tensor))
-            if env.is_main:
-                t1 = time.perf_counter()
-                save_file(sd, str(target / "model.safetensors"), metadata={"format": "pt"})
-                phases["write_seconds"] = time.perf_counter() - t1
-            del sd
 
-        measured("naive full-state-dict gather + save_file", naive, records, dist.barrier)
-        extra.update(phases)
-        extra["gather_growth"] = phases["rss_after_gather"] - records[-1]["rss_before"]
-        extra["fsync_seconds"] = sync_out(target)
-        extra["disk_bytes"] = du(target) if env.is_main else 0
-    else:
+def hf(rank: Rank, out_dir: Path, spec: dict, records: list) -> dict:
+    """The streaming Hugging Face export."""
+    from shardtune.checkpoint.hf_export import save_hf_model
+
+    target = out_dir / "hf"
+    measured(f"HF streaming export ({spec['max_shard_size']} shards)",
+             lambda: save_hf_model(rank.model, rank.tokenizer, target, env=rank.env,
+                                   max_shard_size=spec["max_shard_size"]),
+             records, rank.barrier)
+    return {"fsync_seconds": rank.fsync_seconds(target), "disk_bytes": rank.disk_bytes(target),
+            "files": sorted(f.name for f in target.glob("*.safetensors")) if rank.env.is_main else []}
+
+
+def naive(rank: Rank, out_dir: Path, spec: dict, records: list) -> dict:
+    """A full state dict gathered on every rank (rank 0 holds it all), saved as one file."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    target = out_dir / "naive"
+    if rank.env.is_main:
+        target.mkdir(parents=True, exist_ok=True)
+    phases: dict = {}
+
+    def gather_and_save() -> None:
+        t0 = time.perf_counter()
+        sd = get_model_state_dict(rank.model, options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+        phases["gather_seconds"] = time.perf_counter() - t0
+        phases["rss_after_gather"] = rss()
+        phases["held_bytes"] = sum(t.nbytes for t in sd.values() if isinstance(t, torch.Tensor))
+        if rank.env.is_main:
+            t1 = time.perf_counter()
+            save_file(sd, str(target / "model.safetensors"), metadata={"format": "pt"})
+            phases["write_seconds"] = time.perf_counter() - t1
+        del sd
+
+    measured("naive full-state-dict gather + save_file", gather_and_save, records, rank.barrier)
+    return {**phases, "gather_growth": phases["rss_after_gather"] - records[-1]["rss_before"],
+            "fsync_seconds": rank.fsync_seconds(target), "disk_bytes": rank.disk_bytes(target)}
+
+
+RUNS = {"sharded": sharded, "hf": hf, "naive": naive}  # METHODS' measurements
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    from shardtune.parallel.distributed import shutdown
+
+    spec = json.loads(Path(spec_path).read_text())
+    method = spec["method"]
+    if method not in RUNS:
         raise ValueError(method)
-
-    record = {"rank": env.rank, "method": method, "ops": records, **extra}
-    common.write_gathered(env, record, out_path)
+    rank = Rank(spec)
+    records: list[dict] = []
+    extra = {**rank.sizes(), **RUNS[method](rank, Path(spec["out_dir"]), spec, records)}
+    record = {"rank": rank.env.rank, "method": method, "ops": records, **extra}
+    common.write_gathered(rank.env, record, out_path)
     shutdown()
 
 
@@ -356,7 +382,7 @@ def run_method(method: str, model_dir: Path, work: Path, args) -> list[dict]:
     spec_path, out_path = work / f"spec_{method}.json", work / f"result_{method}.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    common.torchrun(Path(__file__), args.ranks, ["--worker", str(spec_path), str(out_path)],
+    common.torchrun(__spec__.name, args.ranks, ["--worker", str(spec_path), str(out_path)],  # this module
                     threads=args.threads, log_path=work / f"log_{method}.txt")
     return json.loads(out_path.read_text())
 
@@ -381,69 +407,46 @@ def compare_exports(hf_dir: Path, naive_file: Path) -> str:
     return f"DIFFERENT: {len(differ)} tensors differ, {len(missing)} missing from the HF export"
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint_io", description=__doc__.split("\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (and docs/benchmarks.md) for the method.")
-    p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=20)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv_heads", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--seed", type=int, default=0)
+    common.add_llama_args(p, layers=20)
     p.add_argument("--seq_len", type=int, default=32, help="tokens of the one training step")
     p.add_argument("--max_shard_size", default="200MB", help="HF export shard size (default 200MB)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     common.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
-        return {}
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        p.error(f"unknown methods: {sorted(unknown)}")
+    return p
 
-    info = common.machine_info("cpu")
-    common.print_machine(info)
-    busy = common.other_processes_busy()
-    if busy:
-        print("note: other processes are using the CPU (affects the times only):\n  " + "\n  ".join(busy))
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="shardtune_ckio_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+
+def measure_methods(methods: list[str], work: Path, args) -> dict:
+    """Build the model, run each method's launch, compare the two exports."""
+    model_dir = common.build_llama(work, args, "fp32")
+    counts = common.param_count(model_dir)
+    model_bytes = counts["total"] * 4
+    print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} "
+          f"layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
+          f"{common.mib(model_bytes)} MiB; {args.ranks} ranks x {args.threads} thread(s), gloo, "
+          "FSDP2 via setup_model --low_cpu_fsdp, one AdamW step before saving", flush=True)
     results: dict[str, list[dict]] = {}
     foreign: dict[str, float] = {}
-    try:
-        model_dir = common.build_llama(work, args, "fp32")
-        counts = common.param_count(model_dir)
-        model_bytes = counts["total"] * 4
-        print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} "
-              f"layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
-              f"{common.mib(model_bytes)} MiB; {args.ranks} ranks x {args.threads} thread(s), gloo, "
-              "FSDP2 via setup_model --low_cpu_fsdp, one AdamW step before saving", flush=True)
-        for method in methods:
-            t0 = time.perf_counter()
-            load = common.ForeignLoad().start()
-            results[method] = run_method(method, model_dir, work, args)
-            foreign[method] = load.stop()
-            print(f"  {method}: launch done in {time.perf_counter() - t0:.0f} s (other processes "
-                  f"used {foreign[method] or 0:.2f} cores meanwhile)", flush=True)
-        check = None
-        if "hf" in results and "naive" in results:
-            check = compare_exports(work / "out_hf" / "hf",
-                                    work / "out_naive" / "naive" / "model.safetensors")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    for method in methods:
+        t0 = time.perf_counter()
+        load = common.ForeignLoad().start()
+        results[method] = run_method(method, model_dir, work, args)
+        foreign[method] = load.stop()
+        print(f"  {method}: launch done in {time.perf_counter() - t0:.0f} s (other processes "
+              f"used {foreign[method] or 0:.2f} cores meanwhile)", flush=True)
+    check = None
+    if "hf" in results and "naive" in results:
+        check = compare_exports(work / "out_hf" / "hf", work / "out_naive" / "naive" / "model.safetensors")
+    return {"counts": counts, "model_bytes": model_bytes, "results": results, "foreign": foreign,
+            "check": check}
 
+
+def table_rows(methods: list[str], results: dict, model_bytes: int) -> tuple[list, list]:
+    """(the main table's rows, the per-rank detail rows): one per operation."""
     rows, detail = [], []
     for method in methods:
         recs = sorted(results[method], key=lambda r: r["rank"])
@@ -466,6 +469,12 @@ def main(argv=None) -> dict:
                            " / ".join(f"{o['seconds']:.1f}" for o in per_rank),
                            str(op.get("restored", "")),
                            "" if op.get("cached_before") is None else f"{op['cached_before']:.0%}"])
+    return rows, detail
+
+
+def report(methods: list[str], m: dict, args) -> None:
+    results, model_bytes = m["results"], m["model_bytes"]
+    rows, detail = table_rows(methods, results, model_bytes)
     r0 = sorted(next(iter(results.values())), key=lambda r: r["rank"])
     print()
     print("Per rank after set-up + 1 step: param shards "
@@ -491,17 +500,28 @@ def main(argv=None) -> dict:
     if "hf" in results:
         h0 = sorted(results["hf"], key=lambda r: r["rank"])[0]
         print(f"HF export wrote {len(h0['files'])} safetensors files ({args.max_shard_size} max each)")
-    if check:
-        print(f"HF export vs naive file: {check}")
-    out = {"machine": info, "params": counts, "model_bytes": model_bytes, "ranks": args.ranks,
-           "threads": args.threads, "max_shard_size": args.max_shard_size, "results": results,
-           "hf_vs_naive": check, "other_processes_cores": foreign}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+    if m["check"]:
+        print(f"HF export vs naive file: {m['check']}")
+
+
+def main(argv=None) -> dict:
+    p = parser()
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
+        return {}
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods: {sorted(unknown)}")
+    info = common.announce_machine("cpu", "note: other processes are using the CPU (affects the times only)")
+    with common.work_folder(args.workdir, "shardtune_ckio_") as work:
+        m = measure_methods(methods, work, args)
+    report(methods, m, args)
+    out = {"machine": info, "params": m["counts"], "model_bytes": m["model_bytes"], "ranks": args.ranks,
+           "threads": args.threads, "max_shard_size": args.max_shard_size, "results": m["results"],
+           "hf_vs_naive": m["check"], "other_processes_cores": m["foreign"]}
+    return common.save_json(args.json, out)
 
 
 if __name__ == "__main__":
-    from shardtune.exits import run_with_clean_errors
-
-    run_with_clean_errors(main)  # a rank ends without interpreter teardown (see end_process)
+    common.entry(main)  # a rank ends without interpreter teardown (see shardtune.exits)

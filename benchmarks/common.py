@@ -1,8 +1,11 @@
-"""Helpers shared by the benchmark scripts: launching torchrun, machine facts, memory probes,
-a GEMM peak probe, CPU-contention accounting and plain-text tables.
+"""Helpers shared by the benchmarks: the prelude every driver runs (options, worker dispatch,
+machine facts, work folder, entry point), launching torchrun, memory probes, CPU-contention
+accounting and plain-text tables.
 
-Nothing here is part of the shardtune package; the scripts import it as ``common`` (they put
-their own folder on ``sys.path``), also inside the torchrun workers they launch.
+Nothing here is part of the shardtune package. Module level imports only the standard library:
+the peer runners (``benchmarks.peer_runners``) import this module in the peer virtual
+environment too. Formulas and constants come from ``shardtune`` (model FLOPs, GPU peaks, the
+GEMM probe, ``IGNORE_INDEX``), imported where they are used.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 
-# --------------------------------------------------------------------------- launching
+# --------------------------------------------------------------------------- the prelude
 
 
 def add_run_args(p) -> None:
@@ -32,6 +38,75 @@ def add_run_args(p) -> None:
                    help="keep the model, outputs and rank logs here (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write all figures as JSON here")
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+
+
+def add_llama_args(p, *, layers: int) -> None:
+    """The launch options of a torchrun benchmark on a random Llama (ranks, threads) and that
+    Llama's sizes and seed, which ``build_llama`` reads."""
+    p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv_heads", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_or_work(p, argv: Optional[Sequence[str]], worker: Callable[[str, str], None]):
+    """Parse ``argv``; in a worker process (``--worker SPEC OUT``, how the driver launches its
+    ranks) run ``worker`` and return None, else return the parsed options."""
+    args = p.parse_args(argv)
+    if getattr(args, "worker", None):
+        worker(*args.worker)
+        return None
+    return args
+
+
+def announce_machine(device: str = "cpu", busy_note: str = "note: other processes are using the CPU") -> dict:
+    """Print the machine facts and, when other processes are busy now, ``busy_note`` with them."""
+    info = machine_info(device)
+    print_machine(info)
+    busy = other_processes_busy()
+    if busy:
+        print(f"{busy_note}:\n  " + "\n  ".join(busy), flush=True)
+    return info
+
+
+def save_json(path: Optional[Path], out: dict) -> dict:
+    """``--json``: all figures as JSON at ``path`` (if given); returns ``out``."""
+    if path:
+        Path(path).write_text(json.dumps(out, indent=2))
+    return out
+
+
+@contextmanager
+def work_folder(workdir: Optional[Path], prefix: str) -> Iterator[Path]:
+    """``workdir`` (created if needed, kept) or a temporary folder removed at the end."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
+    else:
+        workdir = Path(workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+
+
+def entry(main: Callable[[Optional[list]], object], argv: Optional[list] = None) -> None:
+    """Run a benchmark's ``main`` as a command (``python -m benchmarks.<name>``, the runner, and
+    the torchrun ranks a driver launches): a shardtune user error is one paragraph and exit 2, a
+    rank that started a process group ends without interpreter teardown
+    (``shardtune.exits.run_with_clean_errors``), and an ``int`` that ``main`` returns is the exit
+    status."""
+    from shardtune.exits import run_with_clean_errors
+
+    status: list = []
+    run_with_clean_errors(lambda: status.append(main(argv)))
+    if status and isinstance(status[0], int) and not isinstance(status[0], bool) and status[0]:
+        sys.exit(status[0])
+
+
+# --------------------------------------------------------------------------- launching
 
 
 def write_gathered(env, record, out_path: str) -> None:
@@ -61,9 +136,12 @@ def build_llama(root: Path, args, dtype_name: str = "fp32") -> Path:
     return path
 
 
-def torchrun(script: Path, nproc: int, args: Sequence[str], *, threads: Optional[int] = None,
+def torchrun(module: str, nproc: int, args: Sequence[str], *, threads: Optional[int] = None,
              log_path: Optional[Path] = None, result: Optional[Path] = None) -> Optional[str]:
-    """Run ``script args`` under ``torch.distributed.run --standalone`` with ``nproc`` ranks.
+    """Run ``python -m module args`` under ``torch.distributed.run --standalone`` with ``nproc``
+    ranks (``module``: a benchmark's ``__name__``, e.g. ``benchmarks.throughput``). The ranks
+    inherit the driver's working folder and environment, so ``benchmarks`` imports in them as it
+    did in the driver.
 
     ``threads`` sets OMP_NUM_THREADS for every rank (torchrun would otherwise force 1 thread
     per rank whenever nproc > 1). Output goes to ``log_path``. A failed launch raises, unless
@@ -74,9 +152,8 @@ def torchrun(script: Path, nproc: int, args: Sequence[str], *, threads: Optional
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", str(script), *args]
+           f"--nproc_per_node={nproc}", "-m", module, *args]
     log_path = Path(log_path or os.devnull)
     started = time.time()
     with open(log_path, "w") as log:
@@ -337,35 +414,6 @@ class RecordingLoader:
         for batch in self._loader:
             self.records.append(self._measure(batch))
             yield batch
-
-
-# --------------------------------------------------------------------------- GEMM peak
-
-
-def gemm_peak(device, dtype, n: int, reps: int = 6, barrier=None) -> dict:
-    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs) on ``device``: best and median of ``reps``.
-
-    On CPU it uses the current ``torch.get_num_threads()``; ``barrier`` (a callable) is called
-    before timing so that concurrently running ranks time their matmuls at the same time.
-    """
-    import torch
-
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(2):
-        torch.mm(a, b)
-    sync()
-    if barrier is not None:
-        barrier()
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        rates.append(2 * n**3 / (time.perf_counter() - t0))
-    rates.sort()
-    return {"best": rates[-1], "median": rates[len(rates) // 2], "n": n, "reps": reps}
 
 
 # --------------------------------------------------------------------------- models and tables

@@ -1,6 +1,6 @@
 """Peak host memory and wall time of turning a sharded DCP checkpoint into a Hugging Face folder.
 
-    python benchmarks/convert.py [--optimizer] [--work DIR] [--layers 24] [--hidden 1024] [--json out.json]
+    python -m benchmarks.convert [--optimizer] [--work DIR] [--layers 24] [--hidden 1024] [--json out.json]
 
 What it measures
 ----------------
@@ -42,8 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from . import common
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -143,7 +142,6 @@ def make_checkpoint(args, work: Path) -> tuple[Path, Path, int]:
     import torch.multiprocessing as mp
     import yaml
 
-    sys.path.insert(0, str(ROOT / "src"))
     from shardtune.demo.tiny import build_tokenizer
 
     model_dir, ckpt = work / "model", work / "ckpt" / "step-000100"
@@ -196,8 +194,8 @@ def same_outputs(a: Path, b: Path) -> bool:
     return True
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed after)")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -207,12 +205,12 @@ def main() -> None:
     ap.add_argument("--optimizer", action="store_true",
                     help="also save AdamW state in the checkpoint (3x the model's bytes in all)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="convert-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    # The conversions inherit this process's environment: the same shardtune (installed, or PYTHONPATH).
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                                             os.environ.get("PYTHONPATH")]))}
+           "HF_HUB_OFFLINE": "1"}
     try:
         t0 = time.perf_counter()
         model_dir, ckpt, size = make_checkpoint(args, work)
@@ -242,14 +240,8 @@ def main() -> None:
                   f"peak RssAnon {r['peak_anon_mib']:>7.0f} MiB", flush=True)
         same = same_outputs(work / "out-st", work / "out-dcp") and same_outputs(work / "out-st500", work / "out-dcp")
         print(f"outputs identical (shardtune vs dcp_to_torch_save + save_pretrained): {same}")
-        report = {"checkpoint_bytes": size, "model": vars(args), "results": results, "outputs_identical": same}
-        try:
-            sys.path.insert(0, str(HERE))
-            from common import machine_info
-
-            report["machine"] = machine_info()
-        except Exception:  # noqa: BLE001 - machine facts are a nicety
-            pass
+        report = {"checkpoint_bytes": size, "model": vars(args), "results": results, "outputs_identical": same,
+                  "machine": common.machine_info()}
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
     finally:
@@ -258,4 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

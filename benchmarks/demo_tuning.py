@@ -31,9 +31,9 @@ cosine, warm-up 20; "stalled" = 0% at step 354):
 Earlier task designs (reversal, capitalising letters, answers with commas between the items) learned
 far more slowly with every setting tried: see the task module.
 
-    python benchmarks/demo_tuning.py                 # the search below (a few minutes)
-    python benchmarks/demo_tuning.py --only 0        # one configuration of the search
-    python benchmarks/demo_tuning.py --hidden 128 --seed 1 --epochs 6 --eval_every 50
+    python -m benchmarks.demo_tuning                 # the search below (a few minutes)
+    python -m benchmarks.demo_tuning --only 0        # one configuration of the search
+    python -m benchmarks.demo_tuning --hidden 128 --seed 1 --epochs 6 --eval_every 50
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -54,9 +53,10 @@ from shardtune.data.prompts import alpaca_prompt
 from shardtune.demo.accuracy import show_examples, task_accuracy
 from shardtune.demo.task import KINDS, write_task_data
 from shardtune.demo.tiny import build_tiny_llama
+from shardtune.train.loss import IGNORE_INDEX
 from shardtune.train.optim import lr_factor
 
-IGNORE_INDEX = -100
+from . import common
 
 
 @dataclass
@@ -190,14 +190,15 @@ def run(s: Setting, workdir: Path, eval_every: int = 0, verbose: bool = True) ->
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.demo_tuning", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", type=int, nargs="*", help="indices into SEARCH to run")
     ap.add_argument("--eval_every", type=int, default=0, help="score 100 eval rows every N steps")
     ap.add_argument("--json", type=Path, help="append results (one JSON per line) to this file")
     for f, default in asdict(Setting()).items():
         ap.add_argument(f"--{f}", type=type(default), default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     overrides = {f: getattr(args, f) for f in asdict(Setting()) if getattr(args, f) is not None}
     if overrides:
@@ -228,4 +229,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.entry(main)

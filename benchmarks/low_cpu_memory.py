@@ -41,9 +41,11 @@ counted in that rank's RSS until the file is closed: peak RSS = private memory +
 part of the checkpoint. The table therefore shows private and file-mapped peaks separately;
 docs/benchmarks.md discusses what that means for the goal.
 
-    python benchmarks/low_cpu_memory.py                          # 155M params, 2 ranks (< 1 min)
-    python benchmarks/low_cpu_memory.py --checkpoint_dtype bf16  # as Llama checkpoints ship
-    python benchmarks/low_cpu_memory.py --hidden 768 --layers 8 --json out.json
+    python -m benchmarks.low_cpu_memory                          # 155M params, 2 ranks (< 1 min)
+    python -m benchmarks.low_cpu_memory --checkpoint_dtype bf16  # as Llama checkpoints ship
+    python -m benchmarks.low_cpu_memory --hidden 768 --layers 8 --json out.json
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 """
 
 from __future__ import annotations
@@ -51,14 +53,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 MODES = ("baseline", "normal", "low_cpu")
 
@@ -136,7 +134,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, args) -> list[dict]:
     spec_path, out_path = work / f"spec_{mode}.json", work / f"out_{mode}.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    warning = common.torchrun(Path(__file__), args.ranks, ["--worker", str(spec_path), str(out_path)],
+    warning = common.torchrun(__spec__.name, args.ranks, ["--worker", str(spec_path), str(out_path)],
                               threads=args.threads, log_path=work / f"log_{mode}.txt",
                               result=out_path)
     if warning:
@@ -182,60 +180,42 @@ def summarise(results: dict[str, list[dict]], model_bytes: int) -> tuple[list, d
     return rows, summary
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.low_cpu_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Results and their interpretation: docs/benchmarks.md.")
-    p.add_argument("--ranks", type=int, default=2, help="ranks per launch (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv_heads", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=2816)
+    common.add_llama_args(p, layers=12)
     p.add_argument("--checkpoint_dtype", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the weights on disk (default fp32). The recipe trains in fp32 "
                         "on CPU either way; bf16 (as Llama checkpoints ship) makes loading convert")
-    p.add_argument("--seed", type=int, default=0)
     common.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
-        return {}
+    return p
 
-    info = common.machine_info("cpu")
-    common.print_machine(info)
-    busy = common.other_processes_busy()
-    if busy:
-        print("note: other processes are using the CPU (affects the set-up seconds only):\n  "
-              + "\n  ".join(busy))
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="shardtune_lowcpu_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
-    try:
-        model_dir = common.build_llama(work, args, args.checkpoint_dtype)
-        counts = common.param_count(model_dir)
-        file_bytes = common.safetensors_bytes(model_dir)
-        model_bytes = counts["total"] * 4  # one copy as the recipe holds it on CPU: fp32
-        print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, "
-              f"{args.layers} layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
-              f"{common.mib(model_bytes)} MiB; safetensors on disk ({args.checkpoint_dtype}) = "
-              f"{common.mib(file_bytes)} MiB; {args.ranks} ranks, {args.threads} thread(s) each",
-              flush=True)
-        warm_page_cache(model_dir)
-        results = {}
-        for mode in MODES:
-            t0 = time.perf_counter()
-            results[mode] = run_mode(mode, model_dir, work, args)
-            print(f"  {mode}: launch done in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows, summary = summarise(results, model_bytes)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
+def measure_modes(work: Path, args) -> dict:
+    """Build the model, warm the page cache, one launch per mode; -> figures and the table rows."""
+    model_dir = common.build_llama(work, args, args.checkpoint_dtype)
+    counts = common.param_count(model_dir)
+    file_bytes = common.safetensors_bytes(model_dir)
+    model_bytes = counts["total"] * 4  # one copy as the recipe holds it on CPU: fp32
+    print(f"model: {counts['total'] / 1e6:.1f}M parameters (hidden {args.hidden}, "
+          f"{args.layers} layers, intermediate {args.intermediate}, vocab 512); one fp32 copy = "
+          f"{common.mib(model_bytes)} MiB; safetensors on disk ({args.checkpoint_dtype}) = "
+          f"{common.mib(file_bytes)} MiB; {args.ranks} ranks, {args.threads} thread(s) each",
+          flush=True)
+    warm_page_cache(model_dir)
+    results = {}
+    for mode in MODES:
+        t0 = time.perf_counter()
+        results[mode] = run_mode(mode, model_dir, work, args)
+        print(f"  {mode}: launch done in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows, summary = summarise(results, model_bytes)
+    return {"counts": counts, "file_bytes": file_bytes, "model_bytes": model_bytes, "results": results,
+            "rows": rows, "summary": summary}
+
+
+def report(m: dict, args) -> None:
+    summary, model_bytes = m["summary"], m["model_bytes"]
     base = summary["baseline"]
     print()
     print("Per-rank baseline (imports + process group + tokenizer, no model): peak RSS "
@@ -246,7 +226,7 @@ def main(argv=None) -> dict:
     print(common.table(
         ["mode", "peak RSS, sum MiB", "beyond baseline MiB", "/ model",
          "private (anon) peak MiB", "/ model", "file-mapped peak MiB", "PSS peak MiB",
-         "/ model", "RSS after set-up MiB", "param shards MiB", "set-up s"], rows))
+         "/ model", "RSS after set-up MiB", "param shards MiB", "set-up s"], m["rows"]))
     print("(all columns after the second are beyond the baseline launch, summed over ranks; "
           "anon/file/PSS peaks are sampled every 5 ms)")
     print()
@@ -258,15 +238,22 @@ def main(argv=None) -> dict:
     same = abs(n["checksum"] - lc["checksum"]) <= 1e-6 * max(1.0, abs(n["checksum"]))
     print(f"weights checksum normal {n['checksum']:.6f} vs low_cpu {lc['checksum']:.6f}: "
           f"{'same' if same else 'DIFFERENT'}")
-    out = {"machine": info, "params": counts, "model_bytes": model_bytes, "file_bytes": file_bytes,
+
+
+def main(argv=None) -> dict:
+    p = parser()
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
+        return {}
+    info = common.announce_machine("cpu", "note: other processes are using the CPU (affects the set-up seconds only)")
+    with common.work_folder(args.workdir, "shardtune_lowcpu_") as work:
+        m = measure_modes(work, args)
+    report(m, args)
+    out = {"machine": info, "params": m["counts"], "model_bytes": m["model_bytes"], "file_bytes": m["file_bytes"],
            "checkpoint_dtype": args.checkpoint_dtype, "ranks": args.ranks, "threads": args.threads,
-           "summary": summary, "raw": results}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+           "summary": m["summary"], "raw": m["results"]}
+    return common.save_json(args.json, out)
 
 
 if __name__ == "__main__":
-    from shardtune.exits import run_with_clean_errors
-
-    run_with_clean_errors(main)  # a rank ends without interpreter teardown (see end_process)
+    common.entry(main)  # a rank ends without interpreter teardown (see shardtune.exits)

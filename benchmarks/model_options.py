@@ -1,6 +1,6 @@
 """Speed and memory of the model-side options: --loss plain|chunked, the activation-checkpointing
 policies, --compile and the AdamW implementations, one process, on the throughput benchmark's
-model (``throughput.py --size 35m``: hidden 512, 11 layers, 8 heads, intermediate 1376, vocab 512)
+model (``benchmarks.throughput --size 35m``: hidden 512, 11 layers, 8 heads, intermediate 1376, vocab 512)
 and, for the loss, the same model with Llama 3's vocabulary of 128,256 tokens.
 
 What it runs
@@ -32,8 +32,10 @@ What it measures
   taken while it is well above 0 are unreliable. ``--repeats`` runs every variant again, in the
   same order, and the table shows each run.
 
-    python benchmarks/model_options.py                       # everything, ~20 min on 2 idle cores
-    python benchmarks/model_options.py --what loss --repeats 1
+    python -m benchmarks.model_options                       # everything, ~20 min on 2 idle cores
+    python -m benchmarks.model_options --what loss --repeats 1
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 """
 
 from __future__ import annotations
@@ -47,9 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 MODEL = dict(hidden_size=512, num_hidden_layers=11, num_attention_heads=8, num_key_value_heads=8,
              intermediate_size=1376)
@@ -71,13 +71,15 @@ VARIANTS = {
 def batch(rows: int, seq: int, vocab: int):
     import torch
 
+    from shardtune.train.loss import IGNORE_INDEX
+
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, vocab, (rows, seq), generator=g)
     labels = ids.clone()
     for r in range(rows):
         start, i = 0, r
         while start < seq:
-            labels[r, start:start + PROMPT] = -100
+            labels[r, start:start + PROMPT] = IGNORE_INDEX
             start += DOCS[i % len(DOCS)]
             i += 1
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -152,8 +154,9 @@ def label(v: dict) -> str:
     return ", ".join(f"{k} {val}" for k, val in v.items())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.model_options", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_run_args(p)
     p.add_argument("--what", default="loss,checkpointing,compile,optimizer")
     p.add_argument("--batch", type=int, default=4)
@@ -163,9 +166,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wait_quiet", type=float, default=0.0,
                    help="before each variant, wait up to this many seconds for other processes to use < 0.25 cores")
-    args = p.parse_args()
-    if args.worker:
-        return worker(*args.worker)
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
+        return
     info = common.machine_info()
     common.print_machine(info)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="model-options-"))
@@ -180,7 +183,7 @@ def main() -> None:
                 spec, out = work / f"{what}-{i}-{repeat}.json", work / f"{what}-{i}-{repeat}.out.json"
                 spec.write_text(json.dumps({"variant": variant, "batch": args.batch, "seq": args.seq,
                                             "steps": args.steps, "threads": args.threads}))
-                proc = subprocess.run([sys.executable, __file__, "--worker", str(spec), str(out)],
+                proc = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", str(spec), str(out)],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"{what} {label(variant)} failed:\n{proc.stderr[-4000:]}")
@@ -200,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

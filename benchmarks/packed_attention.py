@@ -13,8 +13,8 @@ hidden 512, 8 layers, 8/4 heads, intermediate 1376, vocab 8192; fp32) with
 It prints the median of ``--repeats`` timed steps after a warm-up step, the speed-up, and the
 largest logits difference between the two (the same model, so ~1e-5 in fp32).
 
-    python benchmarks/packed_attention.py                       # rows of 512, 2048 and 4096, ~3 minutes
-    python benchmarks/packed_attention.py --row_lengths 1024 --threads 1
+    python -m benchmarks.packed_attention                       # rows of 512, 2048 and 4096, ~3 minutes
+    python -m benchmarks.packed_attention --row_lengths 1024 --threads 1
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import statistics
 import time
 
 import torch
+
+from . import common
 
 
 def rows_of_documents(rng: random.Random, rows: int, length: int, median: float) -> torch.Tensor:
@@ -46,7 +48,8 @@ def main(argv=None) -> None:
     from shardtune.data.packing import varlen_lengths
     from shardtune.model.packed_attention import PACKED_SDPA, register_packed_attention
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.packed_attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row_lengths", default="512,2048,4096")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (rows x row length)")
     p.add_argument("--median", type=float, default=128, help="median document length")
@@ -94,4 +97,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

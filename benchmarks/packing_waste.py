@@ -1,6 +1,6 @@
 """Pad slots that ``--batching_strategy packing`` wastes, with the real Llama 3 tokenizer.
 
-Alpaca-style rows (benchmarks/throughput.py's generator: a short instruction, an input in 40% of
+Alpaca-style rows (benchmarks.throughput's generator: a short instruction, an input in 40% of
 rows, log-normal output lengths) are tokenised as the recipe's ``alpaca_dataset`` does, with the
 real Llama 3 tokenizer built from Meta's BPE file (``shardtune.demo.llama3``), truncated to the
 context length (``--overlong truncate``, the default) and assigned to chunks of ``L`` tokens by
@@ -17,8 +17,8 @@ no pads) and drops the last partial chunk: its column is the share of tokens dro
 
 The waste is pad slots / all slots of the chunks. Printed per number of rows and seed.
 
-    python benchmarks/packing_waste.py                       # 1,000 / 5,000 / 20,000 rows, 3 seeds, ~1 minute
-    python benchmarks/packing_waste.py --rows 52002 --seeds 0 # alpaca's size
+    python -m benchmarks.packing_waste                       # 1,000 / 5,000 / 20,000 rows, 3 seeds, ~1 minute
+    python -m benchmarks.packing_waste --rows 52002 --seeds 0 # alpaca's size
 """
 
 from __future__ import annotations
@@ -27,18 +27,15 @@ import argparse
 import bisect
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shardtune.data import build_dataloader, pad_fraction
+from shardtune.data.alpaca import encode
+from shardtune.data.packing import assign
+from shardtune.demo.llama3 import build_llama3_tokenizer
 
-from throughput import alpaca_row  # noqa: E402
-
-from shardtune.data import build_dataloader, pad_fraction  # noqa: E402
-from shardtune.data.alpaca import encode  # noqa: E402
-from shardtune.data.packing import assign  # noqa: E402
-from shardtune.demo.llama3 import build_llama3_tokenizer  # noqa: E402
+from . import common
+from .throughput import alpaca_row
 
 
 def waste(chunks: int, tokens: int, length: int) -> float:
@@ -63,15 +60,16 @@ def best_fit_in_order(lengths: list[int], length: int) -> int:
     return len(room)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.packing_waste", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1000,5000,20000", help="comma-separated numbers of rows")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated data seeds")
     ap.add_argument("--lengths", default="256,1024,4096", help="comma-separated context lengths")
     ap.add_argument("--output_median_words", type=float, default=14,
-                    help="median words of an output (14: throughput.py's rows, ~72 tokens a sample with the "
+                    help="median words of an output (14: benchmarks.throughput's rows, ~72 tokens a sample with the "
                          "real tokenizer; 40: ~130, the mean of the real alpaca_data.json)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     row_counts = [int(x) for x in args.rows.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     context_lengths = [int(x) for x in args.lengths.split(",")]
@@ -114,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

@@ -1,10 +1,12 @@
 """shardtune beside Hugging Face Trainer, TRL's SFTTrainer and torchtune: the same model, data,
 batches, optimizer and steps, one table.
 
-    python benchmarks/peers.py --setup                       # create the peer venv only
-    python benchmarks/peers.py                               # CPU: 31.6M Llama, padded + packed
-    python benchmarks/peers.py --size tiny                   # a 1-2 minute smoke run
-    python benchmarks/peers.py --device cuda                 # GPU: a 1.2B Llama-3.2-1B-shaped model, bf16
+    python -m benchmarks.peers --setup                       # create the peer venv only
+    python -m benchmarks.peers                               # CPU: 31.6M Llama, padded + packed
+    python -m benchmarks.peers --size tiny                   # a 1-2 minute smoke run
+    python -m benchmarks.peers --device cuda                 # GPU: a 1.2B Llama-3.2-1B-shaped model, bf16
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 
 The peer frameworks
 -------------------
@@ -50,11 +52,13 @@ What it measures (the same way for every row)
   framework on a GPU; each stamps the wall-clock end of every optimizer step (after a CUDA sync).
   tok/s = non-pad tokens of the timed steps / (end of the last step - end of the last warm-up
   step); the first ``--warmup`` steps are not timed.
-* MFU = model FLOP/s / peak, with model FLOPs per step = ``6 N T + 12 L d sum(len^2)`` as in
-  benchmarks/throughput.py (N = parameters in matmuls, LM head included, T = non-pad tokens,
-  the sum over documents). Peak: on CPU a measured fp32 GEMM (``common.gemm_peak``, same thread
-  count, best of two probes taken before and after the runs); on a GPU the data-sheet dense bf16
-  peak of the card when known (H100/H200: 989 TFLOP/s), else a measured bf16 GEMM.
+* MFU = model FLOP/s / peak, with model FLOPs per step = ``6 N T + 12 L d sum(len^2)``
+  (``shardtune.train.flops.model_flops``, as in benchmarks.throughput and the recipe's live MFU:
+  N = parameters in matmuls, LM head included, T = non-pad tokens, the sum over documents). Peak:
+  on CPU a measured fp32 GEMM (``shardtune.train.peak.gemm_rate``, same thread count, best of two
+  probes taken before and after the runs); on a GPU the data-sheet dense bf16 peak of the card
+  when known (``shardtune.train.peak``'s table: H100 SXM 989.4 TFLOP/s, PCIe 756.5, NVL 835.5),
+  else a measured bf16 GEMM.
 * Peak memory: CPU, the process's peak private anonymous RSS sampled every 5 ms from before the
   model is loaded (imports included; the level at that start is shown in brackets, as the
   frameworks import different amounts); GPU, ``torch.cuda.max_memory_allocated``.
@@ -74,25 +78,22 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RUNNERS = HERE / "peer_runners"
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(RUNNERS))
+from . import common
+from .peer_runners._runner import RESULT_PREFIX
 
-import common  # noqa: E402
-from _runner import RESULT_PREFIX  # noqa: E402
+REPO = common.REPO  # the runners start here, so ``benchmarks`` imports in the peer venv too
+RUNNERS = f"{__package__}.peer_runners"
 
 # shardtune_plain: shardtune with the peers' loss and optimizer kernels (--loss plain, torch's default
 # AdamW implementation for the device), so its row isolates what the rest of the recipe gains.
 FRAMEWORKS = ("shardtune", "shardtune_plain", "hf", "trl", "torchtune")
-RUNNER_FILES = {"shardtune": "shardtune_runner.py", "shardtune_plain": "shardtune_runner.py",
-                "hf": "hf_trainer.py", "trl": "trl_runner.py", "torchtune": "torchtune_runner.py"}
+RUNNER_MODULES = {"shardtune": "shardtune_runner", "shardtune_plain": "shardtune_runner",
+                  "hf": "hf_trainer", "trl": "trl_runner", "torchtune": "torchtune_runner"}
 NAMES = {"shardtune": "shardtune", "shardtune_plain": "shardtune, peers' loss + AdamW kernel",
          "hf": "HF Trainer", "trl": "TRL SFTTrainer", "torchtune": "torchtune"}
 SHARDTUNE = ("shardtune", "shardtune_plain")  # run in shardtune's own venv
@@ -131,9 +132,6 @@ SIZES = {
                           intermediate_size=8192, vocab_size=128256, llama32=True),
                batch_size=4, seq_len=2048, steps=20, warmup=5, gemm_n=8192),
 }
-# Dense bf16 tensor-core peaks from the data sheets (FLOP/s), matched against the device name.
-GPU_PEAKS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12,
-             "A100": 312e12, "A800": 312e12, "L40S": 362e12, "B200": 2250e12}
 
 
 # --------------------------------------------------------------------------- peer venv
@@ -170,7 +168,7 @@ def ensure_peer_venv(venv: Path, rebuild: bool = False) -> dict:
     venv.parent.mkdir(parents=True, exist_ok=True)
     # --without-pip: GPU images' system Pythons often lack ensurepip (scripts/setup.sh does the same).
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (venv / VENV_MARKER).write_text("created by benchmarks/peers.py\n")
+    (venv / VENV_MARKER).write_text("created by benchmarks.peers\n")
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     # Plain path lines: .venv's folders come after the peer venv's own, so what pip installs
@@ -186,12 +184,12 @@ def ensure_peer_venv(venv: Path, rebuild: bool = False) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"pip install into {venv} failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
     check = subprocess.run(
-        [str(py), "-c", "import torch, transformers, trl, torchtune, torchao, sys; "
-                        f"sys.path.insert(0, {str(RUNNERS)!r}); import torchtune_runner; "
+        [str(py), "-c", "import torch, transformers, trl, torchtune, torchao; "
+                        f"from {RUNNERS} import torchtune_runner; "
                         "torchtune_runner.load_recipe_class(); "
                         "print('torch', torch.__version__, 'transformers', transformers.__version__, "
                         "'trl', trl.__version__, 'torchtune', torchtune.__version__, 'torchao', torchao.__version__)"],
-        capture_output=True, text=True)
+        capture_output=True, text=True, cwd=REPO)
     if check.returncode != 0:
         raise SystemExit(f"the peer venv {venv} does not import its frameworks:\n{check.stderr[-4000:]}")
     stamp.write_text(json.dumps(want))
@@ -241,15 +239,6 @@ def build_model(path: Path, shape: dict, seq_len: int, seed: int, dtype_name: st
     return path
 
 
-def matmul_params(shape: dict) -> int:
-    """Parameters that take part in matmuls: attention and MLP projections and the LM head
-    (tied or not), not the embedding lookup or the norms."""
-    d, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"]
-    hd = d // shape["num_heads"]
-    attn = d * shape["num_heads"] * hd * 2 + d * shape["num_kv_heads"] * hd * 2
-    return layers * (attn + 3 * d * i) + shape["vocab_size"] * d
-
-
 def write_docs(path: Path, *, vocab: int, seq_len: int, batch_size: int, steps: int, seed: int,
                first_id: int = 4) -> dict:
     """Enough random-token documents for ``steps`` padded batches and ``steps`` packed ones,
@@ -270,7 +259,7 @@ def write_docs(path: Path, *, vocab: int, seq_len: int, batch_size: int, steps: 
 
 def write_plan(path: Path, spec: dict, mode: str, pad_id: int) -> dict:
     """The recipe's first ``steps`` batches as rows, with per-step token counts and checksums."""
-    from shardtune_runner import plan_batches
+    from .peer_runners.shardtune_runner import plan_batches
 
     steps, stats, checksums = [], [], []
     for batch in plan_batches(spec, mode):
@@ -315,7 +304,7 @@ def run_one(framework: str, python: Path, spec: dict, modes: list[str], work: Pa
     load = common.ForeignLoad().start()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(python), str(RUNNERS / RUNNER_FILES[framework]), str(spec_path)],
+        proc = subprocess.Popen([str(python), "-m", f"{RUNNERS}.{RUNNER_MODULES[framework]}", str(spec_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         try:
             code = proc.wait(timeout=timeout)
@@ -338,30 +327,25 @@ def run_one(framework: str, python: Path, spec: dict, modes: list[str], work: Pa
     return results, other, error
 
 
-def analyse(result: dict, stats: list[dict], warmup: int, n_mm: int, layers: int, hidden: int,
-            peak: float) -> dict:
+def analyse(result: dict, stats: list[dict], warmup: int, shape, peak: float) -> dict:
+    """One run's figures; ``shape``: the model's ``shardtune.train.flops.ModelShape``."""
+    from shardtune.train.flops import mfu, model_flops
+
     ends, steps = result["step_ends"], len(stats)
     if len(ends) != steps:
         raise SystemExit(f"{result['framework']} {result['mode']}: {len(ends)} step stamps for {steps} steps")
     timed = stats[warmup:]
     wall = ends[-1] - ends[warmup - 1]
     tokens = sum(s["nonpad"] for s in timed)
-    flops = sum(6 * n_mm * s["nonpad"] + 12 * layers * hidden * s["sum_sq"] for s in timed)
+    flops = sum(model_flops(shape, s["nonpad"], s["sum_sq"]) for s in timed)
     losses = result["losses"]
     return {"framework": result["framework"], "mode": result["mode"], "timed_steps": len(timed),
             "wall_s": wall, "nonpad_tokens": tokens, "tok_s": tokens / wall,
-            "model_flop_s": flops / wall, "mfu": flops / wall / peak,
+            "model_flop_s": flops / wall, "mfu": mfu(flops, wall, peak),
             "peak_mem": result["memory"]["peak_bytes"], "memory": result["memory"],
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "losses": losses, "versions": result.get("versions", {}),
             "command": result.get("command"), "process_seconds": result.get("seconds")}
-
-
-def gpu_peak(name: str) -> Optional[float]:
-    for key, value in GPU_PEAKS.items():
-        if key in name:
-            return value
-    return None
 
 
 def _stop_on_sigterm() -> None:
@@ -375,8 +359,9 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="small (CPU default), 1b (GPU default), tiny, tiny32 (tiny with the 1b's "
@@ -405,19 +390,36 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "< 0.25 cores (a shared machine); default 0: do not wait")
     p.add_argument("--workdir", type=Path, default=None, help="keep model, data, plans and logs here")
     p.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
-    args = p.parse_args(argv)
-    _stop_on_sigterm()
+    return p
 
+
+@dataclass
+class Settings:
+    """The options resolved: the size's defaults filled in, the lists split."""
+
+    frameworks: list[str]
+    modes: list[str]
+    gpu: bool
+    size: str
+    dtype: str
+    steps: int
+    warmup: int
+    batch_size: int
+    seq_len: int
+    tol: float
+    threads: int
+
+    @property
+    def defaults(self) -> dict:
+        return SIZES[self.size]
+
+
+def settings(p: argparse.ArgumentParser, args) -> Settings:
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [f for f in frameworks if f not in FRAMEWORKS] + [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown {bad}: frameworks are {FRAMEWORKS}, modes {MODES}")
-    peers = [f for f in frameworks if f not in SHARDTUNE]
-    venv_info = ensure_peer_venv(args.venv.resolve(), args.rebuild_venv) if peers or args.setup else None
-    if args.setup:
-        return 0
-
     gpu = args.device == "cuda"
     size = args.size or ("1b" if gpu else "small")
     d = SIZES[size]
@@ -426,116 +428,167 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not 1 <= warmup < steps:
         p.error("need 1 <= --warmup < --steps")
     tol = args.loss_tol if args.loss_tol is not None else (1e-4 if dtype == "fp32" else 3e-2)
-    threads = args.threads or os.cpu_count() or 1
+    return Settings(frameworks=frameworks, modes=modes, gpu=gpu, size=size, dtype=dtype, steps=steps,
+                    warmup=warmup, batch_size=args.batch_size or d["batch_size"],
+                    seq_len=args.seq_len or d["seq_len"], tol=tol,
+                    threads=args.threads or os.cpu_count() or 1)
+
+
+def prepare(work: Path, st: Settings, args) -> tuple[dict, dict, dict]:
+    """The model, the documents and one batch plan per mode, written under ``work``;
+    -> (the runners' spec, the data's figures, per mode the plan's per-step token counts)."""
+    shape = st.defaults["model"]
+    model_dir = build_model(work / f"llama_{st.size}_s{args.seed}", shape, st.seq_len, args.seed,
+                            "bf16" if st.size == "1b" else "fp32", args.device)
+    pad_id = json.loads((model_dir / "config.json").read_text())["pad_token_id"]
+    docs = work / f"docs_{st.size}_{st.seq_len}_{st.batch_size}_{st.steps}_s{args.seed}.json"
+    data = write_docs(docs, vocab=shape["vocab_size"], seq_len=st.seq_len, batch_size=st.batch_size,
+                      steps=st.steps, seed=args.seed)
+    from shardtune.train.loss import IGNORE_INDEX
+
+    spec = {"model_dir": str(model_dir), "docs": str(docs), "device": args.device, "dtype": st.dtype,
+            "steps": st.steps, "batch_size": st.batch_size, "seq_len": st.seq_len, "lr": args.lr,
+            "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "seed": args.seed,
+            "threads": st.threads, "pad_id": pad_id, "ignore_index": IGNORE_INDEX, "workdir": str(work),
+            "plans": {}}
+    n_mm = model_shape(model_dir).matmul_params
+    n_total = common.param_count(model_dir)["total"]
+    print(f"model: {st.size}, {n_total / 1e6:.1f}M parameters ({n_mm / 1e6:.1f}M in matmuls with the LM head), "
+          f"hidden {shape['hidden_size']}, {shape['num_layers']} layers, {shape['num_heads']}/"
+          f"{shape['num_kv_heads']} heads, intermediate {shape['intermediate_size']}, vocab "
+          f"{shape['vocab_size']}; {args.device} {st.dtype}")
+    print(f"data: {data['docs']} documents of random token ids, length min {data['min']} median "
+          f"{data['median']} mean {data['mean']} max {data['max']}; batch {st.batch_size}, seq_len "
+          f"{st.seq_len}, {st.steps} steps ({st.warmup} warm-up)", flush=True)
+    stats = {}
+    for mode in st.modes:
+        plan = work / f"plan_{mode}.json"
+        stats[mode] = write_plan(plan, spec, mode, pad_id)["stats"]
+        spec["plans"][mode] = str(plan)
+    return spec, data, stats
+
+
+def model_shape(model_dir: Path):
+    """The sizes ``shardtune.train.flops`` counts FLOPs with, from the written model's config."""
+    from transformers import AutoConfig
+
+    from shardtune.train.flops import ModelShape
+
+    return ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
+
+
+def run_frameworks(spec: dict, st: Settings, args, work: Path) -> tuple[list[dict], list[str], dict]:
+    """Every framework's runner processes; -> (results, errors, other cores per (framework, mode))."""
+    results, errors, loads = [], [], {}
+    for fw in st.frameworks:
+        python = Path(sys.executable) if fw in SHARDTUNE else venv_python(args.venv.resolve())
+        per_run = (args.process_per or ("framework" if st.gpu else "run")) == "run"
+        groups = [[m] for m in st.modes] if per_run else [st.modes]
+        for group in groups:
+            if args.wait_quiet > 0:
+                common.wait_for_quiet(args.wait_quiet)
+            print(f"running {NAMES[fw]} {'/'.join(group)} ...", flush=True)
+            res, other, err = run_one(fw, python, spec, group, work, args.run_timeout)
+            for r in res:
+                loads[(fw, r["mode"])] = other
+            results += res
+            if err:
+                errors.append(err)
+                print(err, flush=True)
+    return results, errors, loads
+
+
+def cpu_peak_probe(st: Settings) -> float:
+    """Best FLOP/s of the fp32 GEMM probe, with the runs' thread count."""
     import torch
 
-    if gpu and not torch.cuda.is_available():
-        p.error("--device cuda but no CUDA GPU is visible")
-    torch.set_num_threads(threads)
-    info = common.machine_info(args.device)
-    common.print_machine(info)
-    busy = common.other_processes_busy()
-    if busy:
-        print("WARNING: other processes are using the CPU now; figures will be low:\n  " + "\n  ".join(busy))
+    from shardtune.train.peak import gemm_rate
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="shardtune_peers_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir.resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    try:
-        shape = d["model"]
-        batch_size, seq_len = args.batch_size or d["batch_size"], args.seq_len or d["seq_len"]
-        model_dir = build_model(work / f"llama_{size}_s{args.seed}", shape, seq_len, args.seed,
-                                "bf16" if size == "1b" else "fp32", args.device)
-        pad_id = json.loads((model_dir / "config.json").read_text())["pad_token_id"]
-        docs = work / f"docs_{size}_{seq_len}_{batch_size}_{steps}_s{args.seed}.json"
-        data = write_docs(docs, vocab=shape["vocab_size"], seq_len=seq_len, batch_size=batch_size,
-                          steps=steps, seed=args.seed)
-        spec = {"model_dir": str(model_dir), "docs": str(docs), "device": args.device, "dtype": dtype,
-                "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": args.lr,
-                "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "seed": args.seed,
-                "threads": threads, "pad_id": pad_id, "workdir": str(work), "plans": {}}
-        n_mm = matmul_params(shape)
-        n_total = common.param_count(model_dir)["total"]
-        print(f"model: {size}, {n_total / 1e6:.1f}M parameters ({n_mm / 1e6:.1f}M in matmuls with the LM head), "
-              f"hidden {shape['hidden_size']}, {shape['num_layers']} layers, {shape['num_heads']}/"
-              f"{shape['num_kv_heads']} heads, intermediate {shape['intermediate_size']}, vocab "
-              f"{shape['vocab_size']}; {args.device} {dtype}")
-        print(f"data: {data['docs']} documents of random token ids, length min {data['min']} median "
-              f"{data['median']} mean {data['mean']} max {data['max']}; batch {batch_size}, seq_len "
-              f"{seq_len}, {steps} steps ({warmup} warm-up)", flush=True)
-        stats = {}
-        for mode in modes:
-            plan = work / f"plan_{mode}.json"
-            stats[mode] = write_plan(plan, spec, mode, pad_id)["stats"]
-            spec["plans"][mode] = str(plan)
+    return gemm_rate("cpu", torch.float32, st.defaults["gemm_n"]).best
 
-        peak_probe = []
-        if not gpu:
-            peak_probe.append(common.gemm_peak("cpu", torch.float32, d["gemm_n"])["best"])
-        results, errors, loads = [], [], {}
-        for fw in frameworks:
-            python = Path(sys.executable) if fw in SHARDTUNE else venv_python(args.venv.resolve())
-            per_run = (args.process_per or ("framework" if gpu else "run")) == "run"
-            groups = [[m] for m in modes] if per_run else [modes]
-            for group in groups:
-                if args.wait_quiet > 0:
-                    common.wait_for_quiet(args.wait_quiet)
-                print(f"running {NAMES[fw]} {'/'.join(group)} ...", flush=True)
-                res, other, err = run_one(fw, python, spec, group, work, args.run_timeout)
-                for r in res:
-                    loads[(fw, r["mode"])] = other
-                results += res
-                if err:
-                    errors.append(err)
-                    print(err, flush=True)
-        if gpu:
-            name = torch.cuda.get_device_name(0)
-            peak = gpu_peak(name)
-            peak_kind = f"data-sheet dense bf16 peak of the {name}"
-            if peak is None:
-                peak = common.gemm_peak("cuda", torch.bfloat16, d["gemm_n"], reps=20)["best"]
-                peak_kind = f"measured bf16 GEMM ({d['gemm_n']}^3) on the {name}"
-        else:
-            peak_probe.append(common.gemm_peak("cpu", torch.float32, d["gemm_n"])["best"])
-            peak = max(peak_probe)
-            peak_kind = f"measured fp32 GEMM ({d['gemm_n']}^3, {threads} threads, best of 2 x 6)"
-        rows = [analyse(r, stats[r["mode"]], warmup, n_mm, shape["num_layers"], shape["hidden_size"], peak)
-                for r in results]
-        for row in rows:
-            row["other_cores"] = loads.get((row["framework"], row["mode"]))
-            row["layout"] = LAYOUT[(row["framework"], row["mode"])]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
-    mismatch = check_losses(rows, modes, tol)
+def mfu_peak(st: Settings, probes: list[float]) -> tuple[float, str]:
+    """(FLOP/s, what it is) that MFU divides by: on a GPU the data-sheet figure of a known card
+    (``shardtune.train.peak``'s table), else a measured bf16 GEMM; on CPU the best of ``probes``."""
+    import torch
+
+    from shardtune.train.peak import gemm_rate, table_peak
+
+    n = st.defaults["gemm_n"]
+    if not st.gpu:
+        return max(probes), f"measured fp32 GEMM ({n}^3, {st.threads} threads, best of 2 x 6)"
+    name = torch.cuda.get_device_name(0)
+    known = table_peak(name, torch.bfloat16)
+    if known is not None:
+        return known.flops, known.source
+    return gemm_rate("cuda", torch.bfloat16, n, reps=20).best, f"measured bf16 GEMM ({n}^3) on the {name}"
+
+
+def measure(work: Path, st: Settings, args) -> dict:
+    """Prepare, run every framework, and analyse: everything the report prints."""
+    spec, data, stats = prepare(work, st, args)
+    probes = [] if st.gpu else [cpu_peak_probe(st)]
+    results, errors, loads = run_frameworks(spec, st, args, work)
+    if not st.gpu:
+        probes.append(cpu_peak_probe(st))
+    peak, peak_kind = mfu_peak(st, probes)
+    shape = model_shape(Path(spec["model_dir"]))
+    rows = [analyse(r, stats[r["mode"]], st.warmup, shape, peak) for r in results]
+    for row in rows:
+        row["other_cores"] = loads.get((row["framework"], row["mode"]))
+        row["layout"] = LAYOUT[(row["framework"], row["mode"])]
+    return {"rows": rows, "errors": errors, "data": data, "peak": peak, "peak_kind": peak_kind,
+            "matmul_params": shape.matmul_params}
+
+
+def report(m: dict, st: Settings, args, *, info: dict, venv_info: Optional[dict], seconds: float) -> int:
+    """Print the table and the notes, write ``--out``; -> the exit status (1 failed run, 3 a
+    step-1 loss that disagrees)."""
+    rows, errors, peak = m["rows"], m["errors"], m["peak"]
+    mismatch = check_losses(rows, st.modes, st.tol)
     print()
-    print(render(rows, modes, frameworks, gpu, tol))
+    print(render(rows, st.modes, st.frameworks, st.gpu, st.tol))
     print()
-    print(f"peak for MFU: {peak / 1e9:,.1f} GFLOP/s ({peak_kind}); model FLOPs per step = 6*N*T + "
-          f"12*L*d*sum(doc_len^2), N = {n_mm:,}")
+    print(f"peak for MFU: {peak / 1e9:,.1f} GFLOP/s ({m['peak_kind']}); model FLOPs per step = 6*N*T + "
+          f"12*L*d*sum(doc_len^2), N = {m['matmul_params']:,}")
     versions = {k: v for r in rows for k, v in r["versions"].items()}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
-    print(f"whole command: {time.perf_counter() - t_start:.0f} s")
-    for m in mismatch:
-        print(f"LOSS MISMATCH: {m}")
+    print(f"whole command: {seconds:.0f} s")
+    for problem in mismatch:
+        print(f"LOSS MISMATCH: {problem}")
     for e in errors:
         print(f"FAILED: {e.splitlines()[0]}")
     if args.out:
         args.out.write_text(json.dumps({
-            "machine": info, "size": size, "dtype": dtype, "steps": steps, "warmup": warmup,
-            "batch_size": batch_size, "seq_len": seq_len, "lr": args.lr, "threads": threads,
-            "data": data, "matmul_params": n_mm, "peak_flop_s": peak, "peak_kind": peak_kind,
-            "peer_venv": venv_info, "loss_tol": tol, "mismatch": mismatch, "errors": errors,
-            "versions": versions, "rows": rows}, indent=1))
+            "machine": info, "size": st.size, "dtype": st.dtype, "steps": st.steps, "warmup": st.warmup,
+            "batch_size": st.batch_size, "seq_len": st.seq_len, "lr": args.lr, "threads": st.threads,
+            "data": m["data"], "matmul_params": m["matmul_params"], "peak_flop_s": peak,
+            "peak_kind": m["peak_kind"], "peer_venv": venv_info, "loss_tol": st.tol, "mismatch": mismatch,
+            "errors": errors, "versions": versions, "rows": rows}, indent=1))
     if errors:
         return 1
     return 3 if mismatch else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    _stop_on_sigterm()
+    st = settings(p, args)
+    peers = [f for f in st.frameworks if f not in SHARDTUNE]
+    venv_info = ensure_peer_venv(args.venv.resolve(), args.rebuild_venv) if peers or args.setup else None
+    if args.setup:
+        return 0
+    import torch
+
+    if st.gpu and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA GPU is visible")
+    torch.set_num_threads(st.threads)
+    info = common.announce_machine(args.device, "WARNING: other processes are using the CPU now; figures will be low")
+    t_start = time.perf_counter()
+    with common.work_folder(args.workdir, "shardtune_peers_") as work:
+        m = measure(work, st, args)
+    return report(m, st, args, info=info, venv_info=venv_info, seconds=time.perf_counter() - t_start)
 
 
 def check_losses(rows: list[dict], modes: list[str], tol: float) -> list[str]:
@@ -580,4 +633,4 @@ def render(rows: list[dict], modes: list[str], frameworks: list[str], gpu: bool,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.entry(main)

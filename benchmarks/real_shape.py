@@ -24,9 +24,11 @@ runs the recipe's module in a child of a small wrapper (``--worker``) that repor
 ``--malloc_tuning on`` sets ``SHARDTUNE_MALLOC_TUNING=1`` for every process (shardtune's opt-in
 glibc malloc tuning, src/shardtune/host_malloc.py); the default ``off`` sets it to ``0``.
 
-    python benchmarks/real_shape.py                         # 4 layers, 2 ranks (a few minutes alone)
-    python benchmarks/real_shape.py --malloc_tuning on      # the same with the malloc tuning
-    python benchmarks/real_shape.py --layers 16 --json out.json
+    python -m benchmarks.real_shape                         # 4 layers, 2 ranks (a few minutes alone)
+    python -m benchmarks.real_shape --malloc_tuning on      # the same with the malloc tuning
+    python -m benchmarks.real_shape --layers 16 --json out.json
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 """
 
 from __future__ import annotations
@@ -41,9 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 MAX_NEW_TOKENS = 16
 # Llama 3.2's RoPE scaling (config.json of meta-llama/Llama-3.2-1B); the planner's size table leaves
@@ -172,7 +172,7 @@ def finetune(model_dir: Path, data: Path, work: Path, args) -> dict:
     os.environ.update({k: v for k, v in run_env(args.malloc_tuning).items() if k.startswith("SHARDTUNE_")})
     t0 = time.perf_counter()
     before = os.times()
-    warning = common.torchrun(Path(__file__), args.ranks, ["--worker", str(spec_path), str(result)],
+    warning = common.torchrun(__spec__.name, args.ranks, ["--worker", str(spec_path), str(result)],
                               threads=args.threads, log_path=work / "log_finetune.txt")
     after = os.times()
     if warning:
@@ -220,7 +220,8 @@ def figures_row(name: str, f: dict) -> list:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.real_shape", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Results and their interpretation: docs/benchmarks.md.")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the 16 (default 4)")
     p.add_argument("--ranks", type=int, default=2)
@@ -235,9 +236,8 @@ def main(argv=None) -> dict:
                    help="comma-separated subset of finetune,generate,convert,plan")
     p.add_argument("--seed", type=int, default=0)
     common.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
         return {}
 
     info = common.machine_info()
@@ -282,4 +282,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

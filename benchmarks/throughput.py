@@ -56,11 +56,13 @@ What it measures (per run; steps 1..``--warmup`` are excluded)
   with a noticeable value shared the cores with something else and its figures are low (a
   2-thread rank loses far more than its share: its threads wait for each other).
 
-    python benchmarks/throughput.py                          # CPU, 35M model, ~4 min on 2 idle cores
-    python benchmarks/throughput.py --ranks 1 --strategies packing --timed_steps 2
-    python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1   # one GPU
-    python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1 --compile both
-    python benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1,2 # two GPUs
+    python -m benchmarks.throughput                          # CPU, 35M model, ~4 min on 2 idle cores
+    python -m benchmarks.throughput --ranks 1 --strategies packing --timed_steps 2
+    python -m benchmarks.throughput --device cuda --dtype bf16 --size 1b --ranks 1   # one GPU
+    python -m benchmarks.throughput --device cuda --dtype bf16 --size 1b --ranks 1 --compile both
+    python -m benchmarks.throughput --device cuda --dtype bf16 --size 1b --ranks 1,2 # two GPUs
+
+(from the repository root; ``python -m benchmarks list`` names the declared scenarios).
 """
 
 from __future__ import annotations
@@ -71,21 +73,19 @@ import json
 import math
 import os
 import random
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 SIZES = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176),  # smoke runs
     "35m": dict(hidden_size=512, num_layers=11, num_heads=8, num_kv_heads=8, intermediate_size=1376),
     "1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
 }
 # Per size: per-rank batch, GEMM probe size.
-DEFAULTS = {"35m": dict(batch_size=4, gemm_n=2048), "1b": dict(batch_size=8, gemm_n=8192)}
+DEFAULTS = {"tiny": dict(batch_size=2, gemm_n=256), "35m": dict(batch_size=4, gemm_n=2048),
+            "1b": dict(batch_size=8, gemm_n=8192)}
 
 
 # --------------------------------------------------------------------------- data
@@ -165,86 +165,95 @@ def batch_stats(batch: dict) -> tuple[int, int, int]:
     return nonpad, batch["input_ids"].numel(), sq
 
 
-def worker(spec_path: str, out_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+class StepClock:
+    """A step hook handed to the recipe's train(): a wall-clock stamp at the end of every step."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.tokens_per_s: list[float] = []  # the recipe's own per-step figures
+        self.mfu: list[float] = []  # against the recipe's peak (not this script's GEMM probe)
+        self.gpu_max_allocated: list[float] = []  # bytes, the step's peak (reset per step)
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, r) -> None:
+        self.ends.append(time.perf_counter())
+        self.tokens_per_s.append(r.tokens_per_s)
+        if r.perf is not None:
+            self.mfu.append(r.perf.mfu)
+            self.gpu_max_allocated.append((r.perf.gpu_max_allocated_gib or 0.0) * 2**30)
+
+
+def run_case(case: dict, env) -> dict:
+    """One case in this rank: the recipe's ``setup`` + ``train``, timed per step; its figures
+    summed (tokens) or maxed (memory) over ranks."""
     import torch
     import torch.distributed as dist
 
     import shardtune.finetuning as recipe
     from shardtune.config import parse_args
+
+    cuda = env.device.type == "cuda"
+    cfg = parse_args(case["args"]).config
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    mark0 = common.cpu_marks()
+    with common.PeakSampler(interval=0.005) as mem:
+        c = recipe.setup(cfg, env)
+        meter = common.RecordingLoader(c.train_loader, batch_stats)
+        c.train_loader = meter
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize()
+        log = StepClock()
+        results = recipe.train(cfg, env, c, extra_hooks=[log])
+    mark1 = common.cpu_marks()
+    own = torch.tensor([mark1[2] - mark0[2]], dtype=torch.float64, device=env.device)
+    dist.all_reduce(own)  # CPU seconds of all ranks during this run
+    other = common.other_cores(mark0, mark1, float(own))
+    steps = len(log.ends)
+    # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
+    k = cfg.train.gradient_accumulation_steps  # micro-batches per step: a step's figures are their sums
+    per_batch = torch.tensor(meter.records[:steps * k], dtype=torch.float64).reshape(steps, k, 3)
+    stats = per_batch.sum(dim=1).to(env.device)
+    dist.all_reduce(stats)  # sum over ranks
+    peak_mem = torch.tensor([max(log.gpu_max_allocated, default=0.0) if cuda
+                             else float(mem.peak.get("anon", 0))], dtype=torch.float64,
+                            device=env.device)
+    dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+    stats, peak_mem = stats.cpu(), peak_mem.cpu()
+    return {"name": case["name"], "ranks": env.world_size, "strategy": case["strategy"],
+            "compile": case["compile"], "step_ends": log.ends,
+            "stats": stats.tolist(), "losses": results["train_step_loss"],
+            "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.tokens_per_s,
+            "recipe_mfu": log.mfu, "other_cores": other}
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    import torch.distributed as dist
+
     from shardtune.parallel.distributed import init_distributed, shutdown
-
-    class StepClock:
-        """A step hook handed to the recipe's train(): a wall-clock stamp at the end of every step."""
-
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.tokens_per_s: list[float] = []  # the recipe's own per-step figures
-            self.mfu: list[float] = []  # against the recipe's peak (not this script's GEMM probe)
-            self.gpu_max_allocated: list[float] = []  # bytes, the step's peak (reset per step)
-
-        def before_step(self, step: int) -> None:
-            pass
-
-        def after_step(self, r) -> None:
-            self.ends.append(time.perf_counter())
-            self.tokens_per_s.append(r.tokens_per_s)
-            if r.perf is not None:
-                self.mfu.append(r.perf.mfu)
-                self.gpu_max_allocated.append((r.perf.gpu_max_allocated_gib or 0.0) * 2**30)
+    from shardtune.train.peak import gemm_rate
 
     env = init_distributed(spec["device"], need_group=True)
-    cuda = env.device.type == "cuda"
-    if not cuda:
+    if env.device.type != "cuda":
         torch.set_num_threads(spec["threads"])
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def probe() -> list[float]:
-        r = common.gemm_peak(env.device, dtype, spec["gemm_n"], reps=spec["gemm_reps"],
-                             barrier=dist.barrier)
-        return [r["best"], r["median"]]
+        r = gemm_rate(env.device, dtype, spec["gemm_n"], reps=spec["gemm_reps"], barrier=dist.barrier)
+        return [r.best, r.median]
 
     probes = [probe()]
     runs = []
     for case in spec["cases"]:
-        cfg = parse_args(case["args"]).config
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        dist.barrier()
-        mark0 = common.cpu_marks()
-        with common.PeakSampler(interval=0.005) as mem:
-            c = recipe.setup(cfg, env)
-            meter = common.RecordingLoader(c.train_loader, batch_stats)
-            c.train_loader = meter
-            dist.barrier()
-            sync()
-            log = StepClock()
-            results = recipe.train(cfg, env, c, extra_hooks=[log])
-        mark1 = common.cpu_marks()
-        own = torch.tensor([mark1[2] - mark0[2]], dtype=torch.float64, device=env.device)
-        dist.all_reduce(own)  # CPU seconds of all ranks during this run
-        other = common.other_cores(mark0, mark1, float(own))
-        steps = len(log.ends)
-        # Collectives on env.device: NCCL (GPU) only reduces CUDA tensors.
-        k = cfg.train.gradient_accumulation_steps  # micro-batches per step: a step's figures are their sums
-        per_batch = torch.tensor(meter.records[:steps * k], dtype=torch.float64).reshape(steps, k, 3)
-        stats = per_batch.sum(dim=1).to(env.device)
-        dist.all_reduce(stats)  # sum over ranks
-        peak_mem = torch.tensor([max(log.gpu_max_allocated, default=0.0) if cuda
-                                 else float(mem.peak.get("anon", 0))], dtype=torch.float64,
-                                device=env.device)
-        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
-        stats, peak_mem = stats.cpu(), peak_mem.cpu()
-        runs.append({"name": case["name"], "ranks": env.world_size, "strategy": case["strategy"],
-                     "compile": case["compile"],
-                     "step_ends": log.ends,
-                     "stats": stats.tolist(), "losses": results["train_step_loss"],
-                     "peak_mem": float(peak_mem), "recipe_tokens_per_s": log.tokens_per_s,
-                     "recipe_mfu": log.mfu, "other_cores": other})
-        del c, meter, results
+        runs.append(run_case(case, env))
         gc.collect()
     probes.append(probe())
     rates = torch.tensor(probes, dtype=torch.float64)  # [probe, (best, median)]
@@ -280,7 +289,7 @@ def recipe_args(args, model_dir: Path, data: Path, strategy: str, compiled: bool
 
 
 def analyse(run: dict, gemm_sum: float, warmup: int, shape) -> dict:
-    from shardtune.train.flops import model_flops
+    from shardtune.train.flops import mfu, model_flops
 
     ends, stats = run["step_ends"], run["stats"]
     timed = stats[warmup:]
@@ -296,20 +305,21 @@ def analyse(run: dict, gemm_sum: float, warmup: int, shape) -> dict:
             "nonpad_tokens": nonpad, "slots": slots, "pad_fraction": 1 - nonpad / slots,
             "nonpad_tok_s": nonpad / wall, "slot_tok_s": slots / wall,
             "model_flops": flops, "attention_share": attention / flops,
-            "model_flop_s": flops / wall, "gemm_peak_sum": gemm_sum, "mfu": flops / wall / gemm_sum,
+            "model_flop_s": flops / wall, "gemm_peak_sum": gemm_sum, "mfu": mfu(flops, wall, gemm_sum),
             "final_loss": run["losses"][-1], "peak_mem": run["peak_mem"],
             # the recipe's live MFU of the timed steps, against its own peak (train/peak.py)
             "recipe_mfu": run["recipe_mfu"][warmup:]}
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Results and their interpretation: docs/benchmarks.md.")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="compute dtype: fp32 (CPU default) or bf16 (GPU default; GPU only)")
     p.add_argument("--size", choices=sorted(SIZES), default=None,
-                   help="35m (CPU default) or 1b (GPU default); see the docstring")
+                   help="35m (CPU default) or 1b (GPU default); see the docstring. tiny: a smoke run")
     p.add_argument("--ranks", default=None,
                    help="comma-separated world sizes (default: 1,2 on CPU, 1 on GPU)")
     p.add_argument("--strategies", default="padding,packing")
@@ -333,11 +343,12 @@ def main(argv=None) -> dict:
                         "cores (a shared machine); default 0: do not wait")
     p.add_argument("--seed", type=int, default=0)
     common.add_run_args(p)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
-        return {}
+    return p
 
+
+def resolve(p: argparse.ArgumentParser, args) -> tuple[list[int], list[str], list[bool]]:
+    """Fill in the size's and device's defaults (in ``args``); -> (world sizes, batching
+    strategies, compile settings) to run."""
     gpu = args.device == "cuda"
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.size = args.size or ("1b" if gpu else "35m")
@@ -351,106 +362,103 @@ def main(argv=None) -> dict:
     args.gemm_n = args.gemm_n or d["gemm_n"]
     args.gemm_reps = args.gemm_reps or (20 if gpu else 6)
     ranks = [int(r) for r in (args.ranks or ("1" if gpu else "1,2")).split(",")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda but no CUDA GPU is visible")
+        if max(ranks) > torch.cuda.device_count():
+            p.error(f"{max(ranks)} ranks need {max(ranks)} GPUs; {torch.cuda.device_count()} visible")
     strategies = [s.strip() for s in args.strategies.split(",")]
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    cores = os.cpu_count() or 1
+    return ranks, strategies, compiles
 
+
+def prepare(work: Path, args, max_ranks: int) -> dict:
+    """The model and the data under ``work`` (reused when there); prints what they are."""
     import torch
-
-    if gpu and not torch.cuda.is_available():
-        p.error("--device cuda but no CUDA GPU is visible")
-    if gpu and max(ranks) > torch.cuda.device_count():
-        p.error(f"{max(ranks)} ranks need {max(ranks)} GPUs; {torch.cuda.device_count()} visible")
-    info = common.machine_info(args.device)
-    common.print_machine(info)
-    busy = common.other_processes_busy()
-    if busy:
-        print("WARNING: other processes are using the CPU now; throughput figures will be low:\n  "
-              + "\n  ".join(busy), flush=True)
-
     from transformers import AutoConfig
 
     from shardtune.demo.tiny import build_tiny_llama
     from shardtune.model.loading import load_tokenizer
     from shardtune.train.flops import ModelShape
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="shardtune_tput_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
-    results, launches = [], []
-    try:
-        cfg = SIZES[args.size]
-        model_dir = work / f"llama_{args.size}_s{args.seed}"
-        if not (model_dir / "config.json").is_file():
-            print(f"building the {args.size} model in {model_dir} ...", flush=True)
-            build_tiny_llama(model_dir, seed=args.seed,
-                             dtype=torch.bfloat16 if args.size == "1b" else torch.float32,
-                             max_positions=max(512, args.context_length), **cfg)
-        counts = common.param_count(model_dir)
-        shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
-        n_mm = shape.matmul_params
-        layers, hidden = shape.layers, shape.attention_width
-        tokenizer = load_tokenizer(str(model_dir))
-        steps = args.warmup + args.timed_steps
-        need = steps * args.gradient_accumulation_steps * args.batch_size * max(ranks)
-        data = work / f"alpaca_{args.seed}.json"
-        lens = write_data(data, tokenizer, context_length=args.context_length, need_samples=need,
-                          need_chunks=need, seed=args.seed)
-        print(f"model: {counts['total'] / 1e6:.1f}M parameters ({n_mm / 1e6:.1f}M in matmuls), "
-              f"hidden {hidden}, {layers} layers, {cfg['num_heads']} heads / {cfg['num_kv_heads']} "
-              f"kv heads, intermediate {cfg['intermediate_size']}, vocab {len(tokenizer)}; "
-              f"{args.device} {args.dtype}")
-        print(f"data: {lens['rows']} alpaca-style rows; tokens per sample min {lens['min']}, median "
-              f"{lens['median']}, mean {lens['mean']:.0f}, p90 {lens['p90']}, max {lens['max']} "
-              f"({lens['truncated']} truncated to {args.context_length})")
-        print(f"per rank: batch {args.batch_size}, context {args.context_length}; {args.warmup} warm-up "
-              f"+ {args.timed_steps} timed steps of {args.gradient_accumulation_steps} micro-batch(es), gradient "
-              f"sync {args.gradient_sync}; activation checkpointing "
-              f"{'on' if args.activation_checkpointing else 'off'}", flush=True)
-        for r in ranks:
-            threads = args.threads or max(1, cores // r)
-            if not gpu and r * threads > cores:
-                print(f"note: {r} ranks x {threads} threads > {cores} cores (oversubscribed)")
-            cases = [{"name": f"{r}x{s}{'+compile' if c else ''}", "strategy": s, "compile": c,
-                      "args": recipe_args(args, model_dir, data, s, c)}
-                     for s in strategies for c in compiles]
-            spec = {"device": args.device, "dtype": args.dtype, "threads": threads,
-                    "gemm_n": args.gemm_n, "gemm_reps": args.gemm_reps, "cases": cases}
-            spec_path, out_path = work / f"spec_{r}.json", work / f"out_{r}.json"
-            spec_path.write_text(json.dumps(spec))
-            out_path.unlink(missing_ok=True)
-            if args.wait_quiet > 0:
-                common.wait_for_quiet(args.wait_quiet)
-            load = common.ForeignLoad().start()
-            t0 = time.perf_counter()
-            warning = common.torchrun(Path(__file__), r, ["--worker", str(spec_path), str(out_path)],
-                                      threads=None if gpu else threads,
-                                      log_path=work / f"log_{r}.txt", result=out_path)
-            if warning:
-                print(f"  warning: {warning}", flush=True)
-            other = load.stop()
-            out = json.loads(out_path.read_text())
-            gemm = out["gemm_per_rank"]
-            gemm_sum = sum(g[0] for g in gemm)
-            launches.append({"ranks": r, "threads": None if gpu else threads, "seconds":
-                             time.perf_counter() - t0, "other_cores": other, "gemm_per_rank": gemm,
-                             "warning": warning})
-            for run in out["runs"]:
-                a = analyse(run, gemm_sum, args.warmup, shape)
-                a.update(ranks=r, threads=None if gpu else threads, strategy=run["strategy"], compile=run["compile"],
-                         losses=run["losses"], other_cores=run["other_cores"])
-                results.append(a)
-            print(f"  {r} rank(s): done in {time.perf_counter() - t0:.0f} s"
-                  + (f", other processes used {other:.2f} cores meanwhile" if other is not None else ""),
-                  flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    cfg = SIZES[args.size]
+    model_dir = work / f"llama_{args.size}_s{args.seed}"
+    if not (model_dir / "config.json").is_file():
+        print(f"building the {args.size} model in {model_dir} ...", flush=True)
+        build_tiny_llama(model_dir, seed=args.seed,
+                         dtype=torch.bfloat16 if args.size == "1b" else torch.float32,
+                         max_positions=max(512, args.context_length), **cfg)
+    counts = common.param_count(model_dir)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
+    tokenizer = load_tokenizer(str(model_dir))
+    steps = args.warmup + args.timed_steps
+    need = steps * args.gradient_accumulation_steps * args.batch_size * max_ranks
+    data = work / f"alpaca_{args.seed}.json"
+    lens = write_data(data, tokenizer, context_length=args.context_length, need_samples=need,
+                      need_chunks=need, seed=args.seed)
+    print(f"model: {counts['total'] / 1e6:.1f}M parameters ({shape.matmul_params / 1e6:.1f}M in matmuls), "
+          f"hidden {shape.attention_width}, {shape.layers} layers, {cfg['num_heads']} heads / "
+          f"{cfg['num_kv_heads']} kv heads, intermediate {cfg['intermediate_size']}, vocab {len(tokenizer)}; "
+          f"{args.device} {args.dtype}")
+    print(f"data: {lens['rows']} alpaca-style rows; tokens per sample min {lens['min']}, median "
+          f"{lens['median']}, mean {lens['mean']:.0f}, p90 {lens['p90']}, max {lens['max']} "
+          f"({lens['truncated']} truncated to {args.context_length})")
+    print(f"per rank: batch {args.batch_size}, context {args.context_length}; {args.warmup} warm-up "
+          f"+ {args.timed_steps} timed steps of {args.gradient_accumulation_steps} micro-batch(es), gradient "
+          f"sync {args.gradient_sync}; activation checkpointing "
+          f"{'on' if args.activation_checkpointing else 'off'}", flush=True)
+    return {"model_dir": model_dir, "data": data, "shape": shape, "counts": counts, "lens": lens}
 
+
+def launch(r: int, strategies: list[str], compiles: list[bool], prepared: dict, work: Path,
+           args) -> tuple[dict, list[dict]]:
+    """One torchrun launch of ``r`` ranks running every (strategy, compile) case; -> (the
+    launch's figures, one analysed result per case)."""
+    gpu = args.device == "cuda"
+    cores = os.cpu_count() or 1
+    threads = args.threads or max(1, cores // r)
+    if not gpu and r * threads > cores:
+        print(f"note: {r} ranks x {threads} threads > {cores} cores (oversubscribed)")
+    cases = [{"name": f"{r}x{s}{'+compile' if c else ''}", "strategy": s, "compile": c,
+              "args": recipe_args(args, prepared["model_dir"], prepared["data"], s, c)}
+             for s in strategies for c in compiles]
+    spec = {"device": args.device, "dtype": args.dtype, "threads": threads,
+            "gemm_n": args.gemm_n, "gemm_reps": args.gemm_reps, "cases": cases}
+    spec_path, out_path = work / f"spec_{r}.json", work / f"out_{r}.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    if args.wait_quiet > 0:
+        common.wait_for_quiet(args.wait_quiet)
+    load = common.ForeignLoad().start()
+    t0 = time.perf_counter()
+    warning = common.torchrun(__spec__.name, r, ["--worker", str(spec_path), str(out_path)],  # this module
+                              threads=None if gpu else threads,
+                              log_path=work / f"log_{r}.txt", result=out_path)
+    if warning:
+        print(f"  warning: {warning}", flush=True)
+    other = load.stop()
+    out = json.loads(out_path.read_text())
+    gemm = out["gemm_per_rank"]
+    gemm_sum = sum(g[0] for g in gemm)
+    figures = {"ranks": r, "threads": None if gpu else threads, "seconds": time.perf_counter() - t0,
+               "other_cores": other, "gemm_per_rank": gemm, "warning": warning}
+    results = []
+    for run in out["runs"]:
+        a = analyse(run, gemm_sum, args.warmup, prepared["shape"])
+        a.update(ranks=r, threads=None if gpu else threads, strategy=run["strategy"], compile=run["compile"],
+                 losses=run["losses"], other_cores=run["other_cores"])
+        results.append(a)
+    print(f"  {r} rank(s): done in {time.perf_counter() - t0:.0f} s"
+          + (f", other processes used {other:.2f} cores meanwhile" if other is not None else ""),
+          flush=True)
+    return figures, results
+
+
+def report(results: list[dict], launches: list[dict], shape, args) -> None:
+    """The table of every run, then each launch's GEMM peak and the formula."""
+    gpu = args.device == "cuda"
     unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
     mem_name = "peak GPU mem GiB" if gpu else "peak anon RSS GiB"
     rows = []
@@ -477,17 +485,31 @@ def main(argv=None) -> dict:
               f"processes used {ln['other_cores'] if ln['other_cores'] is not None else float('nan'):.2f} "
               f"cores during the launch")
     print("model FLOPs per step = 6*N*T + 12*L*d*sum(doc_len^2) (shardtune.train.flops); N = matmul "
-          f"weights (projections + LM head) = {n_mm:,}, L = {layers}, d = {hidden}; MFU = model FLOP/s / "
-          "summed GEMM peak")
+          f"weights (projections + LM head) = {shape.matmul_params:,}, L = {shape.layers}, "
+          f"d = {shape.attention_width}; MFU = model FLOP/s / summed GEMM peak")
+
+
+def main(argv=None) -> dict:
+    p = parser()
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
+        return {}
+    ranks, strategies, compiles = resolve(p, args)
+    info = common.announce_machine(
+        args.device, "WARNING: other processes are using the CPU now; throughput figures will be low")
+    results, launches = [], []
+    with common.work_folder(args.workdir, "shardtune_tput_") as work:
+        prepared = prepare(work, args, max(ranks))
+        for r in ranks:
+            figures, analysed = launch(r, strategies, compiles, prepared, work, args)
+            launches.append(figures)
+            results += analysed
+    report(results, launches, prepared["shape"], args)
     out = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)
                                      for k, v in vars(args).items()},
-           "params": counts, "data": lens, "launches": launches, "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+           "params": prepared["counts"], "data": prepared["lens"], "launches": launches, "results": results}
+    return common.save_json(args.json, out)
 
 
 if __name__ == "__main__":
-    from shardtune.exits import run_with_clean_errors
-
-    run_with_clean_errors(main)  # a rank ends without interpreter teardown (see end_process)
+    common.entry(main)  # a rank ends without interpreter teardown (see shardtune.exits)

@@ -21,7 +21,7 @@ and the RSS of its DataLoader worker. The processor is the tiny one (``shardtune
 
 Usage::
 
-    python benchmarks/vision_data_memory.py --workdir /tmp/vision-mem [--rows 20000] [--formats jsonl parquet]
+    python -m benchmarks.vision_data_memory [--workdir /tmp/vision-mem] [--rows 20000] [--formats jsonl parquet]
 
 Run it against another source tree with ``PYTHONPATH=OTHER/src`` to compare (it uses only
 ``load_split``, ``build_dataloader`` and ``build_tiny_processor``).
@@ -35,9 +35,10 @@ import json
 import multiprocessing
 import os
 import pickle
-import sys
 import time
 from pathlib import Path
+
+from . import common
 
 MIB = 2 ** 20
 
@@ -136,28 +137,30 @@ def measure(source: Path, world: int, batches: int, workdir: Path) -> list[dict]
     return [json.loads(o.read_text()) for o in outs]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, required=True)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.vision_data_memory", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the generated rows and images here, reused by later runs (default: a temporary folder)")
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--side", type=int, default=56, help="image side in pixels (56: ~9.5 KB PNGs)")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--formats", nargs="+", default=["jsonl", "parquet"], choices=["jsonl", "parquet"])
-    args = ap.parse_args()
-    sources = generate(args.workdir, args.rows, args.side)
-    import shardtune
+    args = ap.parse_args(argv)
+    with common.work_folder(args.workdir, "shardtune_vision_mem_") as work:
+        sources = generate(work, args.rows, args.side)
+        import shardtune
 
-    print(f"shardtune from {Path(shardtune.__file__).parent}", flush=True)
-    print("| format | rank | samples | load_split s | RSS start MiB | after load_split | after batches "
-          "| pickled samples MiB | worker RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for fmt in args.formats:
-        for r in measure(sources[fmt], args.ranks, args.batches, args.workdir):
-            print(f"| {fmt} | {r['rank']} | {r['samples']} | {r['load_s']:.1f} | {r['rss_start']:.0f} | "
-                  f"{r['rss_after_load']:.0f} | {r['rss_after_batches']:.0f} | {r['pickled_mib']:.1f} | "
-                  f"{', '.join(f'{w:.0f}' for w in r['worker_rss'])} |", flush=True)
+        print(f"shardtune from {Path(shardtune.__file__).parent}", flush=True)
+        print("| format | rank | samples | load_split s | RSS start MiB | after load_split | after batches "
+              "| pickled samples MiB | worker RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for fmt in args.formats:
+            for r in measure(sources[fmt], args.ranks, args.batches, work):
+                print(f"| {fmt} | {r['rank']} | {r['samples']} | {r['load_s']:.1f} | {r['rss_start']:.0f} | "
+                      f"{r['rss_after_load']:.0f} | {r['rss_after_batches']:.0f} | {r['pickled_mib']:.1f} | "
+                      f"{', '.join(f'{w:.0f}' for w in r['worker_rss'])} |", flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.entry(main)

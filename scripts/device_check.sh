@@ -12,11 +12,12 @@
 #    the attention-kernel choice, packed per-document attention with SDPA and flash-attn, a tiny
 #    Llama 3.2 Vision in pure bf16 under NCCL with its export reloaded;
 # 4. the throughput benchmark on a ~1B Llama in bf16, one GPU, padded and packed, eager and
-#    with --compile;
+#    with --compile (scenario throughput.gpu);
 # 5. the peer benchmark: shardtune beside HF Trainer, TRL's SFTTrainer and torchtune on the same
 #    1.2B Llama-3.2-1B-shaped model, batches, optimizer and steps (bf16), padded and packed, one
-#    table in peers.log and $OUT/peers.json; its venv (.bench-venv/peers, layered on .venv so the
-#    image's CUDA torch is shared) is installed from the package registry first (peers_setup).
+#    table in peers.log and $OUT/peers.json (scenario peers.gpu); its venv (.bench-venv/peers,
+#    layered on .venv so the image's CUDA torch is shared) is installed from the package registry
+#    first (peers_setup).
 # Each step's exit code is printed in the summary at the end; the script exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,12 +71,11 @@ step default_dataset 120 bash -c default_dataset_check
 
 step gpu_tests 300 $PY -m pytest -m gpu -p no:cacheprovider -rs tests
 
-step throughput 300 $PY benchmarks/throughput.py --device cuda --dtype bf16 --size 1b --ranks 1 \
-  --strategies padding,packing --compile both --warmup 2 --timed_steps 4
+# The declared scenarios of benchmarks/scenarios.py (`python -m benchmarks list` prints their flags).
+step throughput 300 $PY -m benchmarks run throughput.gpu
 
-step peers_setup 240 $PY benchmarks/peers.py --setup
-step peers 360 $PY benchmarks/peers.py --device cuda --size 1b --steps 12 --warmup 4 \
-  --workdir "$OUT/peers_work" --out "$OUT/peers.json"
+step peers_setup 240 $PY -m benchmarks run peers.setup
+step peers 360 $PY -m benchmarks run peers.gpu --workdir "$OUT/peers_work" --out "$OUT/peers.json"
 rm -rf "$OUT/peers_work"/llama_* "$OUT/peers_work"/*_out  # keep the logs and plans, not the 2.5 GB model
 
 echo "=== summary (exit code, seconds)" | tee "$OUT/summary.log"

@@ -1,8 +1,10 @@
 """What every peer runner shares: the spec and batch plan, threads, the step clock, memory and
-the result line. Imports only the standard library at module level, so that it loads in both
-shardtune's ``.venv`` and the peer virtual environment.
+the result line. Imports only the standard library (and ``benchmarks.common``, which does the
+same) at module level, so that it loads in both shardtune's ``.venv`` and the peer virtual
+environment, which need not have shardtune: what the runners need of it (``IGNORE_INDEX``) comes
+in the spec.
 
-A batch plan (written by ``peers.py``) is the exact sequence of micro-batches shardtune's recipe
+A batch plan (written by ``benchmarks.peers``) is the exact sequence of micro-batches shardtune's recipe
 trains on, one list of rows per step. Padded rows are single documents (``input_ids``,
 ``labels``); packed rows are chunks of exactly ``seq_len`` tokens with ``position_ids`` restarting
 at every document and ``seq_lens`` (the documents' lengths, the pad tail last). Every framework
@@ -17,20 +19,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-BENCHMARKS = Path(__file__).resolve().parent.parent
-if str(BENCHMARKS) not in sys.path:  # benchmarks/common.py: PeakSampler, memory_now
-    sys.path.insert(0, str(BENCHMARKS))
-
-import common  # noqa: E402
+from .. import common
 
 RESULT_PREFIX = "PEER_RESULT "
-IGNORE_INDEX = -100
 
 
 def load_spec(argv: Optional[list[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit(f"usage: {Path(sys.argv[0]).name} SPEC.json (written by benchmarks/peers.py)")
+        raise SystemExit("usage: python -m benchmarks.peer_runners.<runner> SPEC.json (written by benchmarks.peers)")
     return json.loads(Path(argv[0]).read_text())
 
 

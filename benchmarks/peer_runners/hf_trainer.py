@@ -3,23 +3,21 @@
 ``transformers.Trainer`` as a user runs it for causal-LM fine-tuning: the model from
 ``AutoModelForCausalLM.from_pretrained`` (fp32 weights; ``bf16=True`` autocast on a GPU), AdamW
 (``optim="adamw_torch"``), constant LR, no clipping, no checkpoints. Padded mode collates with
-``DataCollatorForSeq2Seq`` (pad to the longest row, labels padded with -100, attention mask);
+``DataCollatorForSeq2Seq`` (pad to the longest row, labels padded with shardtune's
+``IGNORE_INDEX``, -100, from the spec; attention mask);
 packed mode stacks the plan's chunks with ``default_data_collator`` and passes ``position_ids``
 without an attention mask, which transformers turns into a per-document causal mask (Trainer
 sets ``model.config.use_cache = False``, without which the packed rows would attend across
 documents). ``train_sampling_strategy="sequential"`` replays the plan's batches in order.
 
-    PEER_PY benchmarks/peer_runners/hf_trainer.py SPEC.json
+    PEER_PY -m benchmarks.peer_runners.hf_trainer SPEC.json      (from the repository root)
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _runner  # noqa: E402
+from . import _runner
 
 
 class ListDataset:
@@ -111,7 +109,7 @@ def run(spec: dict, mode: str) -> dict:
     with _runner.MemoryProbe(spec["device"]) as mem:
         model = load_model(spec)
         collate = default_data_collator if packed else DataCollatorForSeq2Seq(
-            tokenizer, padding="longest", label_pad_token_id=_runner.IGNORE_INDEX)
+            tokenizer, padding="longest", label_pad_token_id=spec["ignore_index"])
         collator = RecordingCollator(collate, plan["pad_id"])
         args = TrainingArguments(**training_arguments(spec, Path(spec["workdir"]) / f"hf_{mode}_out"))
         trainer = recording_trainer(Trainer)(model=model, args=args, train_dataset=dataset,

@@ -1,7 +1,7 @@
 """shardtune custom dataset of the peer benchmark: pre-tokenised documents, labels = inputs.
 
     --dataset custom_dataset --custom_dataset.file benchmarks/peer_runners/shardtune_data.py
-    --custom_dataset.data_path DOCS.json      (written by benchmarks/peers.py: {"docs": [[ids...], ...]})
+    --custom_dataset.data_path DOCS.json      (written by benchmarks.peers: {"docs": [[ids...], ...]})
 """
 
 from __future__ import annotations

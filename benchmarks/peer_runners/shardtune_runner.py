@@ -1,6 +1,6 @@
 """shardtune's rows of the peer benchmark: the recipe (``shardtune.finetuning.setup`` + ``train``,
 llama-recipes flags parsed by ``shardtune.config.parse_args``) in one process, as
-benchmarks/throughput.py runs it, with a step hook that stamps the end of every step. The
+benchmarks.throughput runs it, with a step hook that stamps the end of every step. The
 ``shardtune_plain`` rows add ``--loss plain`` and torch's default AdamW implementation for the
 device (for-loop on CPU, foreach on CUDA), the kernels HF Trainer and TRL use.
 
@@ -8,18 +8,15 @@ Also the source of the batch plan: ``plan_batches`` asks the recipe's own ``setu
 loader and records the first ``steps`` batches, which every other framework then replays. The run
 checks that the batches it trained on are those of the plan.
 
-    .venv/bin/python benchmarks/peer_runners/shardtune_runner.py SPEC.json
+    .venv/bin/python -m benchmarks.peer_runners.shardtune_runner SPEC.json      (from the repository root)
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _runner  # noqa: E402  (puts benchmarks/ on sys.path)
-import common  # noqa: E402
+from .. import common
+from . import _runner
 
 DATA_FILE = Path(__file__).resolve().parent / "shardtune_data.py"
 STRATEGY = {"padded": "padding", "packed": "packing"}

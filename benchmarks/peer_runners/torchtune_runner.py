@@ -13,18 +13,17 @@ format, collated by ``padded_collate_packed`` into a block-causal mask per docum
 attention on a recent GPU, a dense mask elsewhere). The recipe's end-of-epoch checkpoint save
 is skipped (the other frameworks save nothing either).
 
-    PEER_PY benchmarks/peer_runners/torchtune_runner.py SPEC.json
+    PEER_PY -m benchmarks.peer_runners.torchtune_runner SPEC.json      (from the repository root)
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from . import _runner
 
-import _runner  # noqa: E402
+COMPONENTS = f"{__package__}.tt_components"  # torchtune imports ``_component_`` paths itself
 
 
 def model_config(model_dir: str, seq_len: int) -> tuple[dict, str]:
@@ -61,16 +60,16 @@ def recipe_config(spec: dict, mode: str) -> dict:
         "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
                          "checkpoint_dir": spec["model_dir"], "checkpoint_files": files,
                          "model_type": model_type, "output_dir": str(out)},
-        "tokenizer": {"_component_": "tt_components.PlanTokenizer", "pad_id": spec["pad_id"],
+        "tokenizer": {"_component_": f"{COMPONENTS}.PlanTokenizer", "pad_id": spec["pad_id"],
                       "max_seq_len": spec["seq_len"]},
-        "dataset": {"_component_": "tt_components.plan_dataset", "plan": spec["plans"][mode],
+        "dataset": {"_component_": f"{COMPONENTS}.plan_dataset", "plan": spec["plans"][mode],
                     "packed": mode == "packed"},
         "collate_fn": "torchtune.data.padded_collate_sft",
         "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"},
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": spec["lr"],
                       "betas": list(spec["betas"]), "eps": spec["eps"],
                       "weight_decay": spec["weight_decay"]},
-        "metric_logger": {"_component_": "tt_components.StepClockLogger"},
+        "metric_logger": {"_component_": f"{COMPONENTS}.StepClockLogger"},
     }
 
 

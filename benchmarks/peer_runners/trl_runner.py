@@ -10,18 +10,15 @@ The chunks are shardtune's best-fit packing of the documents; TRL's own packer (
 group them differently, and the first-step losses could no longer be compared.
 Everything else is as in ``hf_trainer.py`` (the same TrainingArguments).
 
-    PEER_PY benchmarks/peer_runners/trl_runner.py SPEC.json
+    PEER_PY -m benchmarks.peer_runners.trl_runner SPEC.json      (from the repository root)
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _runner  # noqa: E402
-from hf_trainer import RecordingCollator, clock_callback, load_model, recording_trainer, training_arguments  # noqa: E402
+from . import _runner
+from .hf_trainer import RecordingCollator, clock_callback, load_model, recording_trainer, training_arguments
 
 
 def run(spec: dict, mode: str) -> dict:

@@ -1,5 +1,6 @@
 """Components named by ``_component_`` in the torchtune runner's config (torchtune instantiates
-them by dotted path, so they live in a module of their own on ``sys.path``)."""
+them by dotted path, ``benchmarks.peer_runners.tt_components.<name>``, importable because the
+runner starts in the repository root)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Smoke test of benchmarks/peers.py: shardtune, HF Trainer, TRL and torchtune on the tiny setting,
-padded and packed, all trained on the same batches (their step-1 losses agree).
+"""Smoke test of benchmarks.peers (the ``peers.tiny`` scenario): shardtune, HF Trainer, TRL and
+torchtune on the tiny setting, padded and packed, all trained on the same batches (their step-1
+losses agree).
 
 The peers live in their own virtual environment (.bench-venv/peers), whose creation downloads
 torchtune, torchao and trl (~1.5 minutes): the test runs only where that venv is already set up
-(``python benchmarks/peers.py --setup``) or when SHARDTUNE_PEER_SMOKE=1 asks for it (then it
+(``python -m benchmarks run peers.setup``) or when SHARDTUNE_PEER_SMOKE=1 asks for it (then it
 creates the venv if needed); SHARDTUNE_PEER_SMOKE=0 skips it always. CI's fresh clone has no
 venv, so the default suite skips it. 4 minutes here on a busy 2-core machine once the venv exists.
 """
@@ -19,7 +20,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PEERS = REPO / "benchmarks" / "peers.py"
 VENV_STAMP = REPO / ".bench-venv" / "peers" / ".peers-installed.json"
 
 
@@ -32,7 +32,7 @@ def _wanted() -> bool:
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _wanted(), reason="needs the peer venv (python benchmarks/peers.py --setup) "
+    pytest.mark.skipif(not _wanted(), reason="needs the peer venv (python -m benchmarks run peers.setup) "
                                              "or SHARDTUNE_PEER_SMOKE=1; SHARDTUNE_PEER_SMOKE=0 skips it"),
 ]
 
@@ -40,7 +40,7 @@ pytestmark = [
 def test_peers_tiny_same_losses(tmp_path):
     out = tmp_path / "peers.json"
     proc = subprocess.run(
-        [sys.executable, str(PEERS), "--size", "tiny", "--process_per", "framework",
+        [sys.executable, "-m", "benchmarks", "run", "peers.tiny",  # --size tiny --process_per framework
          "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]

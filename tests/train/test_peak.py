@@ -8,7 +8,7 @@ import torch
 
 from shardtune.config import ConfigError, parse_args
 from shardtune.train.flops import mfu
-from shardtune.train.peak import gemm_peak, lookup_gpu, measure_gemm, resolve_peak, table_peak
+from shardtune.train.peak import gemm_rate, lookup_gpu, measure_gemm, resolve_peak, table_peak
 
 
 @pytest.mark.parametrize("name, label", [
@@ -44,15 +44,6 @@ def test_export_variants_have_their_silicon_s_figures(name, label):
     assert gpu.label == label
     twin = lookup_gpu(name.replace("H800", "H100").replace("A800", "A100"))
     assert (gpu.bf16, gpu.fp16, gpu.tf32, gpu.fp32) == (twin.bf16, twin.fp16, twin.tf32, twin.fp32)
-
-
-def test_the_fixed_size_gemm_probe_reports_best_and_median_after_the_barrier():
-    calls = []
-    state = torch.get_rng_state()
-    result = gemm_peak("cpu", torch.float32, 128, reps=3, barrier=lambda: calls.append(1))
-    assert calls == [1] and result["n"] == 128 and result["reps"] == 3
-    assert math.isfinite(result["best"]) and result["best"] >= result["median"] > 0
-    assert torch.equal(torch.get_rng_state(), state)  # its own generator, as the run's probe
 
 
 def test_mfu_is_model_flop_rate_over_peak():
@@ -99,3 +90,16 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     torch.manual_seed(1)
     measure_gemm(torch.device("cpu"), torch.float32, budget_s=0.05, max_n=256, min_n=256)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_fixed_size_probe_of_the_benchmarks_times_every_product_after_the_barrier():
+    """``gemm_rate`` (benchmarks/ throughput and peers): the barrier comes before the timed
+    products, best >= median > 0, and the global RNG is left alone."""
+    calls = []
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    rate = gemm_rate(torch.device("cpu"), torch.float32, 128, reps=3, barrier=lambda: calls.append(1))
+    assert torch.equal(torch.rand(4), expected)
+    assert calls == [1] and rate.n == 128 and rate.reps == 3
+    assert math.isfinite(rate.best) and rate.best >= rate.median > 0

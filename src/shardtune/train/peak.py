@@ -1,7 +1,7 @@
 """The peak FLOP/s per device that MFU divides by: ``--peak_tflops``, else the data-sheet figure of
 a known GPU in the compute dtype, else a short GEMM measured at start-up (CPUs, unknown GPUs).
 The one GPU table (:data:`GPU_PEAKS`, :func:`table_peak`) and the one GEMM probe (:func:`measure_gemm`
-for the run, :func:`gemm_peak` for a fixed size) of the project; ``benchmarks/`` imports them.
+for the run, :func:`gemm_rate` for a fixed size) of the project; ``benchmarks/`` imports them.
 
 Every figure in the table is *dense* (no 2:4 structured sparsity, which the data sheets often
 quote as the headline number at twice the dense rate) and per GPU, in TFLOP/s, from the vendors'
@@ -107,36 +107,6 @@ def _sync_of(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def _time_mm(a: torch.Tensor, b: torch.Tensor, sync: Callable[[], None]) -> float:
-    """Seconds of one ``a @ b``, the device synchronised after it."""
-    t0 = time.perf_counter()
-    torch.mm(a, b)
-    sync()
-    return time.perf_counter() - t0
-
-
-def gemm_peak(device: torch.device | str, dtype: torch.dtype, n: int, reps: int = 6,
-              barrier: Optional[Callable[[], None]] = None) -> dict:
-    """FLOP/s of an ``n``x``n``x``n`` matmul (2·n³ FLOPs) in ``dtype`` on ``device``: ``{"best",
-    "median", "n", "reps"}`` of ``reps`` timed products after two warm-ups. On a CPU it uses the
-    current ``torch.get_num_threads()``; ``barrier`` (a callable) is called before timing, so that
-    ranks running at the same time time their products together (benchmarks/: the launch's peak
-    is the sum over its ranks). The inputs come from their own generator (the global RNG is left
-    alone, as in :func:`measure_gemm`)."""
-    device = torch.device(device)
-    sync = _sync_of(device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
-    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
-    for _ in range(2):
-        torch.mm(a, b)
-    sync()
-    if barrier is not None:
-        barrier()
-    rates = sorted(2 * n ** 3 / max(_time_mm(a, b, sync), 1e-9) for _ in range(reps))
-    return {"best": rates[-1], "median": rates[len(rates) // 2], "n": n, "reps": reps}
-
-
 def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4,
                  max_n: Optional[int] = None, min_n: Optional[int] = None) -> tuple[float, str]:
     """Best FLOP/s of square matmuls in ``dtype`` on ``device`` within about ``budget_s`` seconds
@@ -162,19 +132,59 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, budget_s: float = 0.4
         sync()
         fastest = math.inf
         for _ in range(3):  # the fastest of a few: one descheduled product must not decide
-            fastest, reps = min(fastest, _time_mm(a, b, sync)), reps + 1
+            fastest, reps = min(fastest, _product_seconds(a, b, sync)), reps + 1
             if time.perf_counter() >= deadline:
                 break
-        best = max(best, 2 * n ** 3 / max(fastest, 1e-9))
+        best = max(best, _gemm_flops(n, fastest))
         if n >= max_n or n >= min_n and fastest * 8 * 4 > deadline - time.perf_counter():
             break  # the next size (8x the work, 4 products) would not fit in the budget
         n *= 2
     while time.perf_counter() + fastest < deadline:  # the largest size again, in the time left
-        best, reps = max(best, 2 * n ** 3 / max(_time_mm(a, b, sync), 1e-9)), reps + 1
+        best, reps = max(best, _gemm_flops(n, _product_seconds(a, b, sync))), reps + 1
     threads = torch.get_num_threads()
     where = "GPU" if cuda else f"CPU, {threads} thread{'s' if threads != 1 else ''}"
     name = str(dtype).removeprefix("torch.")
     return best, f"measured: {name} {n}x{n} GEMM on the {where}, best of {reps}"
+
+
+@dataclass(frozen=True)
+class GemmRate:
+    best: float  # FLOP/s of the fastest product
+    median: float
+    n: int
+    reps: int
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 6,
+              barrier: Optional[Callable[[], None]] = None) -> GemmRate:
+    """FLOP/s of ``reps`` timed n×n×n products in ``dtype`` on ``device`` (after two untimed
+    ones): a fixed-size probe, for measurements that compare runs at one size (benchmarks/).
+    ``barrier`` is called just before timing, so that ranks probing at once share the machine
+    alike. On a CPU it uses the current ``torch.get_num_threads()``."""
+    device = torch.device(device)
+    sync = _sync_of(device)
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG is left alone
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    sync()
+    if barrier is not None:
+        barrier()
+    rates = sorted(_gemm_flops(n, _product_seconds(a, b, sync)) for _ in range(reps))
+    return GemmRate(best=rates[-1], median=rates[len(rates) // 2], n=n, reps=reps)
+
+
+def _product_seconds(a: torch.Tensor, b: torch.Tensor, sync: Callable[[], None]) -> float:
+    """Wall time of one ``a @ b``, finished (``sync``)."""
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    sync()
+    return time.perf_counter() - t0
+
+
+def _gemm_flops(n: int, seconds: float) -> float:
+    return 2 * n ** 3 / max(seconds, 1e-9)  # an n×n×n product is 2·n³ FLOPs
 
 
 def resolve_peak(device: torch.device, dtype: torch.dtype, override_tflops: Optional[float] = None) -> Peak:
