@@ -13,7 +13,6 @@ import contextlib
 import functools
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -35,10 +34,11 @@ from .checkpoint.sizes import human_size
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import BatchingStrategy, StateDictType, defers_gradient_sync
 from .convert.mergeable import check_mergeable
-from .data import build_dataloader, check_data_source, load_split, pad_fraction
+from .data import check_data_source, load_split, pad_fraction
+from .data.training import build_eval_loader, build_train_loader
 from .data.fingerprint import rows_fingerprint
-from .data.registry import check_dataset_for_model
 from .eval.quick import evaluate_after_training
+from .family_checks import check_family_options
 from .host_malloc import ReleaseAfterStep, release_free_memory, tune_host_malloc
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
@@ -56,6 +56,7 @@ from .parallel.distributed import DistEnv, check_world_size, init_distributed, s
 from .parallel.fsdp import accumulation_switch, clip_grad_norm, reshard, shard_model, weights_finite
 from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
+from .runtime import set_seed
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
 from .train.loop import Precision, evaluate, loss_sum, to_device, train_epoch
@@ -85,17 +86,6 @@ class Components:
 def say(env: DistEnv, *args) -> None:
     if env.is_main:
         print(*args, flush=True)
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy is a transformers dependency
-        pass
 
 
 def setup_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
@@ -166,29 +156,16 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily):
     varlen = attention_for(cfg, env).packed_needs_varlen  # flash / packed SDPA take document lengths
     train_split = load_split(cfg, tokenizer, "train")
     say(env, f"train data: {train_split.report.summary()}")
-    train_loader = build_dataloader(
-        train_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
-        batch_size=t.batch_size_training, context_length=t.context_length, shuffle=True,
-        seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=True,
-        num_workers=t.num_workers_dataloader, collate_fn=train_split.collate_fn, packed_varlen=varlen,
-        required_keys=required)
-    if len(train_loader) == 0:
-        raise ShardtuneError(
-            f"The training set gives no full batch: {len(train_split.samples)} samples (after "
-            f"{t.batching_strategy.value}) for a global batch of {t.batch_size_training} x "
-            f"{env.world_size} ranks. Lower --batch_size_training or add data.")
+    train_loader = build_train_loader(cfg, train_split, tokenizer, rank=env.rank, world_size=env.world_size,
+                                      packed_varlen=varlen, required_keys=required)
     say(env, f"batching: {t.batching_strategy.value}, {len(train_loader)} batches per rank per epoch, "
              f"pad fraction {pad_fraction(train_loader):.1%}")
     eval_loader = None
     if t.run_validation:
         eval_split = load_split(cfg, tokenizer, "test")
         say(env, f"eval data: {eval_split.report.summary()}")
-        eval_loader = build_dataloader(
-            eval_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
-            batch_size=t.val_batch_size, context_length=t.context_length, shuffle=False,
-            seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=False,
-            num_workers=t.num_workers_dataloader, collate_fn=eval_split.collate_fn, packed_varlen=varlen,
-            required_keys=required)
+        eval_loader = build_eval_loader(cfg, eval_split, tokenizer, rank=env.rank, world_size=env.world_size,
+                                        packed_varlen=varlen, required_keys=required)
     return train_loader, eval_loader
 
 
@@ -515,35 +492,6 @@ def export_dtype(t) -> Optional[torch.dtype]:
 
 def _mean(values: list[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
-
-
-def check_family_options(cfg: Config, family: ModelFamily) -> None:
-    """Options that this model family cannot honour are refused, never silently ignored."""
-    t = cfg.train
-    check_dataset_for_model(t.dataset, family.is_vision, t.model_name)
-    if family.is_vision and t.batching_strategy.value == "packing":
-        raise ShardtuneError(
-            f"--batching_strategy packing is not available for vision models ({family.name}): a packed row "
-            "would join several samples' images and text, and each image must stay with its own "
-            "text. Pass --batching_strategy padding (as llama-recipes' vision examples do).")
-    if family.is_vision and t.quantization:
-        raise ShardtuneError(
-            f"--quantization (QLoRA) is not supported for vision models ({family.name}) yet. Use LoRA "
-            "without --quantization (--use_peft --peft_method lora), or --freeze_LLM_only.")
-    if family.is_vision and t.use_peft and t.peft_method.value == "llama_adapter":
-        raise ShardtuneError(
-            "--peft_method llama_adapter is for text models: peft's LLaMA-Adapter wraps Llama's "
-            "self-attention and does not know Llama 3.2 Vision's. Use --peft_method lora.")
-    for flag, on in (("--freeze_LLM_only", t.freeze_LLM_only), ("--freeze_vision_tower", t.freeze_vision_tower)):
-        if on and not family.is_vision:
-            raise ShardtuneError(
-                f"{flag} is for vision models (Llama 3.2 Vision / Mllama), which have a language model and a "
-                "vision tower to freeze separately; this model has none. Use --freeze_layers or --use_peft.")
-        if on and t.use_peft:  # peft freezes every base weight: the parts the flag keeps would not train
-            raise ShardtuneError(
-                f"{flag} chooses which base weights train, but --use_peft freezes all of them and trains only "
-                "the adapter, so the flag would change nothing. Use one or the other (a LoRA can reach "
-                "the vision tower through --lora_config.target_modules with dotted names: docs/vision.md).")
 
 
 def preflight(cfg: Config, world_size: int) -> list[str]:
