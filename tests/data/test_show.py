@@ -103,6 +103,18 @@ def dataset_args(tmp_path, tiny_model_dir, tiny_vision_model_dir, colour_rows):
         if kind == "alpaca":  # 21 rows: the first is the eval split, 20 train
             return ["--model_name", tiny_model_dir, "--dataset", "alpaca_dataset",
                     "--alpaca_dataset.data_path", _alpaca(tmp_path), *common]
+        if kind == "samsum":  # a local JSON-lines file; 21 rows: 1 eval, 20 train
+            rows = [{"id": str(i), "dialogue": f"Ann: hi {i}\nBob: hello", "summary": f"Ann greets Bob {i}."}
+                    for i in range(21)]
+            (tmp_path / "samsum.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            return ["--model_name", tiny_model_dir, "--dataset", "samsum_dataset",
+                    "--samsum_dataset.data_path", tmp_path / "samsum.jsonl", *common]
+        if kind == "grammar":
+            lines = ["input,target"] + [f"she go to school {i},she goes to school {i}" for i in range(8)]
+            (tmp_path / "grammar.csv").write_text("\n".join(lines) + "\n")
+            return ["--model_name", tiny_model_dir, "--dataset", "grammar_dataset",
+                    "--grammar_dataset.train_split", tmp_path / "grammar.csv",
+                    "--grammar_dataset.test_split", tmp_path / "grammar.csv", *common]
         if kind == "custom_collator":
             (tmp_path / "raw_text.py").write_text(RAW_TEXT_DATASET)
             return ["--model_name", tiny_model_dir, "--dataset", "custom_dataset",
@@ -117,7 +129,7 @@ def dataset_args(tmp_path, tiny_model_dir, tiny_vision_model_dir, colour_rows):
     return build
 
 
-@pytest.mark.parametrize("kind", ["alpaca", "custom_collator", "ocrvqa", "custom_vision"])
+@pytest.mark.parametrize("kind", ["alpaca", "samsum", "grammar", "custom_collator", "ocrvqa", "custom_vision"])
 def test_json_samples_equal_what_the_training_loader_yields(capfd, dataset_args, kind):
     args = dataset_args(kind)
     code, out, err = run_data(capfd, *args, "--show", "all", "--json")
@@ -136,6 +148,16 @@ def test_json_samples_equal_what_the_training_loader_yields(capfd, dataset_args,
         assert all(set(row) == {"input_ids", "labels"} for row in shown)
     counted = sum(1 for row in shown for i, label in enumerate(row["labels"]) if i and label != IGNORE)
     assert re.search(rf"^trained tokens +{counted:,} ", err, re.M)  # the summary went to stderr
+
+
+def test_split_test_shows_the_eval_split(capfd, dataset_args, tiny_tokenizer):
+    args = dataset_args("alpaca")
+    code, out, err = run_data(capfd, *args, "--split", "test", "--show", "all", "--json")
+    assert code == 0, err
+    eval_split = load_split(parse_args([str(a) for a in args]).config, tiny_tokenizer, "test")
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"input_ids": s["input_ids"], "labels": s["labels"]} for s in eval_split.samples]
+    assert "Add 0 and 1." in tiny_tokenizer.decode(eval_split.samples[0]["input_ids"])  # the file's first row
 
 
 def test_text_view_summary_and_brackets(capfd, tmp_path, tiny_model_dir, tiny_tokenizer):
@@ -209,6 +231,8 @@ def test_bad_flags_are_finetunes_errors(capfd, dataset_args, tiny_vision_model_d
         ([*dataset_args("alpaca"), "--split", "dev"], "--split must be train or test"),
         ([*dataset_args("alpaca"), "--alpaca_dataset.data_path", tmp_path / "missing.json"], "missing.json"),
         ([*dataset_args("alpaca"), "--batch_size_training", "64"], "gives no full batch"),
+        # --run_validation (the default) loads the eval split too: a missing one is refused, as in training
+        ([*dataset_args("grammar"), "--grammar_dataset.test_split", tmp_path / "val.csv"], "val.csv does not exist"),
     ]
     for args, message in cases:
         code, out, err = run_data(capfd, *args)

@@ -89,12 +89,14 @@ class LoadedData:
     tokenizer: object    # a vision model's processor
     image_token: Optional[int]
     batching: str
+    other: Optional[str]  # the report of the other split training loads, if it loads one
 
 
 def load_data(cfg: Config, split_name: str) -> LoadedData:
     """The split as the recipe loads it (``finetuning.setup`` and ``setup_data``): seeded, the model
-    family's option checks, its tokenizer or processor, ``load_split``, and the loader built (not
-    iterated) so that its refusals are training's."""
+    family's option checks, its tokenizer or processor, ``load_split``, and the loaders built (not
+    iterated) so that their refusals are training's. The train split is always loaded, the test
+    split with ``--run_validation`` (as training does) or when it is the one shown."""
     from ..family_checks import check_family_options
     from ..model.family import family_for_config
     from ..model.loading import load_config, load_inputs
@@ -108,14 +110,20 @@ def load_data(cfg: Config, split_name: str) -> LoadedData:
     family = family_for_config(load_config(t.model_name))
     check_family_options(cfg, family)
     tokenizer = load_inputs(t.model_name, t.tokenizer_name)
-    split = load_split(cfg, tokenizer, split_name)
-    build = build_train_loader if split_name == "train" else build_eval_loader
-    loader = build(cfg, split, tokenizer, required_keys=family.required_batch_keys, num_workers=0)
+    required = family.required_batch_keys
+    splits, loaders = {}, {}
+    splits["train"] = load_split(cfg, tokenizer, "train")
+    loaders["train"] = build_train_loader(cfg, splits["train"], tokenizer, required_keys=required, num_workers=0)
+    if t.run_validation or split_name == "test":
+        splits["test"] = load_split(cfg, tokenizer, "test")
+        loaders["test"] = build_eval_loader(cfg, splits["test"], tokenizer, required_keys=required, num_workers=0)
     size = t.batch_size_training if split_name == "train" else t.val_batch_size
     before = "packing into chunks of --context_length tokens" if t.batching_strategy.value == "packing" else "padding"
-    batching = (f"{t.batching_strategy.value}: {len(loader):,} batches of {size} per epoch on one rank; samples are "
-                f"shown before {before}")
-    return LoadedData(split, tokenizer, image_token_id(tokenizer) if family.uses_processor else None, batching)
+    batching = (f"{t.batching_strategy.value}: {len(loaders[split_name]):,} batches of {size} per epoch on one rank; "
+                f"samples are shown before {before}")
+    other = next((s.report.summary() for name, s in splits.items() if name != split_name), None)
+    return LoadedData(splits[split_name], tokenizer, image_token_id(tokenizer) if family.uses_processor else None,
+                      batching, other)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -148,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     colour = not opts.json and out.isatty() and not os.environ.get("NO_COLOR")
     tokenizer_source = parsed.config.train.tokenizer_name or parsed.config.train.model_name
     lines = show.summary(split, counts, dataset=parsed.config.train.dataset, tokenizer_source=tokenizer_source,
-                         batching=data.batching, colour=colour)
+                         batching=data.batching, colour=colour, other_split=data.other)
     try:
         if opts.json:
             print("\n".join(lines), file=sys.stderr, flush=True)

@@ -143,8 +143,9 @@ def header(k: int, where: str, sample: SampleTokens) -> str:
 
 
 def summary(split: TokenizedSplit, counts: Counts, *, dataset: str, tokenizer_source: str,
-            batching: str, colour: bool) -> list[str]:
-    """The split's report and counts, one ``name  value`` line each."""
+            batching: str, colour: bool, other_split: Optional[str] = None) -> list[str]:
+    """The split's report and counts, one ``name  value`` line each (``other_split``: the report of
+    the other split training loads)."""
     r = split.report
     share = f" ({counts.trained / counts.tokens:.1%} of tokens)" if counts.tokens else ""
     lines = [
@@ -160,6 +161,8 @@ def summary(split: TokenizedSplit, counts: Counts, *, dataset: str, tokenizer_so
         ("trained tokens", f"{counts.trained:,}{share}"),
         ("batching", batching),
     ]
+    if other_split:
+        lines.append(("other split", other_split))
     if counts.unlike_input:
         lines.append(("warning", f"{counts.unlike_input:,} trained labels in {counts.samples_unlike:,} samples differ "
                                  "from the token at their own position. Labels are the input_ids themselves: the "
