@@ -153,10 +153,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         n = len(split.samples) if opts.show is None else min(opts.show, len(split.samples))
         samples = [show.sample_tokens(split, k, data.image_token) for k in range(n)]
         counts = show.count(split, data.image_token)
-    colour = not opts.json and out.isatty() and not os.environ.get("NO_COLOR")
+    colour = not opts.json and out.isatty() and not os.environ.get("NO_COLOR")  # else brackets
     tokenizer_source = parsed.config.train.tokenizer_name or parsed.config.train.model_name
     lines = show.summary(split, counts, dataset=parsed.config.train.dataset, tokenizer_source=tokenizer_source,
-                         batching=data.batching, colour=colour, other_split=data.other)
+                         batching=data.batching, colour=None if opts.json else colour,
+                         other_split=data.other)
     try:
         if opts.json:
             print("\n".join(lines), file=sys.stderr, flush=True)
@@ -166,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             tokenizer = text_tokenizer(data.tokenizer)
             out.write("\n".join(lines) + "\n")
             for k, sample in enumerate(samples):
-                out.write(f"\n{show.header(k, show.where(split, k), sample)}\n{show.render(sample, tokenizer, colour)}\n")
+                text = show.render(sample, tokenizer, colour)
+                out.write(f"\n{show.header(k, show.where(split, k), sample)}\n{text}\n")
         out.flush()
     except BrokenPipeError:  # `shardtune data ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no second error when Python flushes at exit

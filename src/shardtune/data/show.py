@@ -143,7 +143,7 @@ def header(k: int, where: str, sample: SampleTokens) -> str:
 
 
 def summary(split: TokenizedSplit, counts: Counts, *, dataset: str, tokenizer_source: str,
-            batching: str, colour: bool, other_split: Optional[str] = None) -> list[str]:
+            batching: str, colour: Optional[bool], other_split: Optional[str] = None) -> list[str]:
     """The split's report and counts, one ``name  value`` line each (``other_split``: the report of
     the other split training loads)."""
     r = split.report
@@ -167,9 +167,10 @@ def summary(split: TokenizedSplit, counts: Counts, *, dataset: str, tokenizer_so
         lines.append(("warning", f"{counts.unlike_input:,} trained labels in {counts.samples_unlike:,} samples differ "
                                  "from the token at their own position. Labels are the input_ids themselves: the "
                                  "model shifts them by one, so labels shifted by hand train the wrong tokens."))
-    mark = "in green" if colour else f"between {OPEN} and {CLOSE}"
-    lines.append(("marked", f"trained text is {mark} (the first token of a sample is never trained: the loss "
-                            "shifts labels by one)"))
+    if colour is not None:  # None: no text follows (--json)
+        mark = "in green" if colour else f"between {OPEN} and {CLOSE}"
+        lines.append(("marked", f"trained text is {mark} (the first token of a sample is never trained: the loss "
+                                "shifts labels by one)"))
     return [f"{name:<15} {value}" for name, value in lines]
 
 
