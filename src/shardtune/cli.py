@@ -1,4 +1,4 @@
-"""The ``shardtune`` command: finetune, demo, generate.
+"""The ``shardtune`` command: finetune, data, demo, generate, chat, and the tools around them.
 
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
     shardtune data [training flags] [--show N|all] [--json] [--split train|test]

@@ -253,3 +253,18 @@ def test_json_stdout_is_only_json_lines_in_a_real_process(dataset_args):
     # the dataset file's prints and the summary are on stderr
     assert "custom dataset: building rows" in proc.stderr and "trained tokens" in proc.stderr
     assert torch.tensor(json.loads(lines[0])["labels"]).ne(IGNORE).any()
+
+
+def test_no_model_weights_are_read(capfd, tmp_path, tiny_model_dir):
+    import shutil
+
+    config_only = tmp_path / "config-and-tokenizer"
+    config_only.mkdir()
+    for f in Path(tiny_model_dir).iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, config_only / f.name)
+    code, out, err = run_data(capfd, "--model_name", config_only, "--dataset", "alpaca_dataset",
+                              "--alpaca_dataset.data_path", _alpaca(tmp_path), "--batching_strategy", "padding",
+                              "--show", "1", "--json")
+    assert code == 0, err
+    assert len(out.splitlines()) == 1
