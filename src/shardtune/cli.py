@@ -1,6 +1,7 @@
 """The ``shardtune`` command: one subcommand each, dispatched to its module in the command layer.
 
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
+    shardtune data [training flags] [--show N|all] [--json] [--split train|test]
     shardtune demo [--vision] [--output_dir DIR] [--nproc_per_node N] [--seed S]
     shardtune generate PATH --prompt "..." [--prompt_file F] [--chat] [--output F] [--image IMG]
     shardtune chat PATH [--system "..."]
@@ -26,6 +27,8 @@ USAGE = """usage: shardtune <command> [options]
 commands:
   finetune   fine-tune a model (llama-recipes flags; --help-config lists them, --print-config
              shows the resolved config); --nproc_per_node N launches N ranks with torchrun
+  data       what a run would train on, loaded as training loads it (same flags): a summary and the
+             first --show N samples with their trained tokens marked (--json: input_ids + labels)
   demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
              (--vision: a tiny Llama 3.2 Vision model on an image question)
   generate   generate text from any model a run left: an HF directory, a PEFT adapter, a step
@@ -79,6 +82,12 @@ def _finetune(argv: list[str]) -> None:
     from .finetuning import main as finetune_main
 
     finetune_main(rest)
+
+
+def _data(argv: list[str]) -> None:
+    from .data.cli import main as data_main
+
+    data_main(argv)
 
 
 def _demo(argv: list[str]) -> None:
@@ -136,7 +145,7 @@ def _plot(argv: list[str]) -> None:
 
 
 COMMANDS = {"finetune": _finetune, "demo": _demo, "generate": _generate, "chat": _chat, "checkpoints": _checkpoints,
-            "convert": _convert, "inspect": _inspect, "eval": _eval, "plan": _plan,
+            "data": _data, "convert": _convert, "inspect": _inspect, "eval": _eval, "plan": _plan,
             "plot": _plot}
 
 

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import math
 import os
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from .checkpoint.manager import (CheckpointManager, checkpoint_run_dir, refuse_n
                                  writes_resumable_checkpoints)
 from .config import Config, ShardtuneError, describe_options, parse_args
 from .config.configs import BatchingStrategy, defers_gradient_sync
-from .config.validate import check_family_options
 from .convert.mergeable import check_mergeable
-from .data import adopt_dataset_template, build_dataloader, check_data_source, load_split, pad_fraction
-from .data.registry import check_dataset_for_model
+from .data import adopt_dataset_template, check_data_source, load_split, pad_fraction
+from .data.training import build_eval_loader, build_train_loader
+from .family_checks import refuse_for_family
 from .eval.quick import evaluate_after_training
 from .host_malloc import ReleaseAfterStep, release_free_memory, tune_host_malloc
 from .model.family import ModelFamily, decoder_layers, family_for_config
@@ -53,6 +52,7 @@ from .parallel.distributed import DistEnv, check_world_size, init_distributed, s
 from .parallel.fsdp import accumulation_switch, clip_grad_norm, reshard, shard_model
 from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
+from .runtime import set_seed
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
 from .train.loop import LoopResult, Precision, evaluate, loss_sum, to_device, train_epoch
@@ -143,12 +143,6 @@ def preflight(cfg: Config, world_size: int, family: Optional[ModelFamily] = None
     return foreign
 
 
-def refuse_for_family(cfg: Config, family: ModelFamily) -> None:
-    """The dataset and the options that this model family cannot honour (config/validate.py)."""
-    check_dataset_for_model(cfg.train.dataset, family.is_vision, cfg.train.model_name)
-    check_family_options(cfg, family.is_vision, family.name)
-
-
 @contextlib.contextmanager
 def hold_outputs(cfg: Config, launcher: bool = False) -> Iterator[None]:
     """One run per --output_dir: the launcher (``launcher``: it tells its ranks), a single process,
@@ -231,17 +225,6 @@ def setup(cfg: Config, env: DistEnv, family: Optional[ModelFamily] = None) -> Co
     return c
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy is a transformers dependency
-        pass
-
-
 def attention_for(cfg: Config, env: DistEnv, family: Optional[ModelFamily] = None) -> AttentionChoice:
     """The attention kernel for this model, device, dtype and batching (``family``: read when not given)."""
     family = family or family_for_config(load_config(cfg.train.model_name))
@@ -271,29 +254,16 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily, attent
     varlen = attention.packed_needs_varlen  # flash / packed SDPA take document lengths
     train_split = load_split(cfg, tokenizer, "train")
     say(env, f"train data: {train_split.report.summary()}")
-    train_loader = build_dataloader(
-        train_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
-        batch_size=t.batch_size_training, context_length=t.context_length, shuffle=True,
-        seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=True,
-        num_workers=t.num_workers_dataloader, collate_fn=train_split.collate_fn, packed_varlen=varlen,
-        required_keys=required)
-    if len(train_loader) == 0:
-        raise ShardtuneError(
-            f"The training set gives no full batch: {len(train_split.samples)} samples (after "
-            f"{t.batching_strategy.value}) for a global batch of {t.batch_size_training} x "
-            f"{env.world_size} ranks. Lower --batch_size_training or add data.")
+    train_loader = build_train_loader(cfg, train_split, tokenizer, rank=env.rank, world_size=env.world_size,
+                                      packed_varlen=varlen, required_keys=required)
     say(env, f"batching: {t.batching_strategy.value}, {len(train_loader)} batches per rank per epoch, "
              f"pad fraction {pad_fraction(train_loader):.1%}")
     eval_loader = None
     if t.run_validation:
         eval_split = load_split(cfg, tokenizer, "test")
         say(env, f"eval data: {eval_split.report.summary()}")
-        eval_loader = build_dataloader(
-            eval_split.samples, tokenizer=tokenizer, strategy=t.batching_strategy,
-            batch_size=t.val_batch_size, context_length=t.context_length, shuffle=False,
-            seed=t.seed, rank=env.rank, world_size=env.world_size, drop_last=False,
-            num_workers=t.num_workers_dataloader, collate_fn=eval_split.collate_fn, packed_varlen=varlen,
-            required_keys=required)
+        eval_loader = build_eval_loader(cfg, eval_split, tokenizer, rank=env.rank, world_size=env.world_size,
+                                        packed_varlen=varlen, required_keys=required)
     return train_loader, eval_loader
 
 

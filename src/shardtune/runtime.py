@@ -54,3 +54,18 @@ def autocast_dtype(device: torch.device, mixed_precision: bool, use_fp16: bool) 
     if mixed_precision and bf16_supported(device):
         return torch.bfloat16
     return None
+
+
+def set_seed(seed: int) -> None:
+    """Python's, torch's and numpy's global generators, as the recipe seeds them before loading data
+    (a custom dataset file may shuffle with them)."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy is a transformers dependency
+        pass

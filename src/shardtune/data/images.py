@@ -145,6 +145,14 @@ def open_image(ref: ImageRef):
                              "file is truncated or changed since. Replace or remove it.") from None
 
 
+def image_token_id(processor) -> int:
+    """The id of the token that stands for one image in a vision processor's text."""
+    from ..model.loading import text_tokenizer
+
+    token_id = getattr(processor, "image_token_id", None)
+    return int(token_id if token_id is not None else text_tokenizer(processor).convert_tokens_to_ids(IMAGE_TOKEN))
+
+
 class VisionCollator:
     """Batches encoded vision samples (``input_ids``, ``labels``, ``attention_mask``, ``images``)
     into the seven tensors Mllama takes, exactly as ``processor(images=..., text=..., padding=True)``
@@ -162,9 +170,7 @@ class VisionCollator:
         tokenizer = text_tokenizer(processor)
         self.image_processor = processor.image_processor
         self.pad_id = pad_token_id(tokenizer)
-        token_id = getattr(processor, "image_token_id", None)
-        self.image_token_id = int(token_id if token_id is not None
-                                  else tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        self.image_token_id = image_token_id(processor)
         self.max_tiles = int(self.image_processor.max_image_tiles)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:

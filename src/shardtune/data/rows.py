@@ -11,7 +11,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..batches import IGNORE_INDEX
 from ..config.configs import OverlongPolicy
@@ -113,8 +113,13 @@ def check_tokenized(row: Any) -> dict[str, list[int]]:
 
 
 def _has_trained_label(labels: list[int]) -> bool:
-    # labels[0] is never a target: the loss shifts by one, so position 0 is never predicted.
-    return any(v != IGNORE_INDEX for v in labels[1:])
+    return next(trained_positions(labels), None) is not None
+
+
+def trained_positions(labels: Sequence[int]) -> Iterator[int]:
+    """Positions whose label the loss uses: not -100, and never position 0 (the loss shifts by one,
+    so the first token is never predicted)."""
+    return (i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX)
 
 
 def eval_count(n: int, fraction: float, source: str) -> int:
@@ -147,7 +152,7 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
     """Encode every row and apply the bad-row and overlong policies; counts go into the report."""
     overlong = OverlongPolicy(overlong)
     report = DataReport(source=raw.source, split=split, context_length=context_length)
-    samples = []
+    samples, positions = [], []
     for i, row in enumerate(raw.rows):
         report.rows_read += 1
         try:
@@ -172,6 +177,7 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
             sample = _fit(sample, context_length, overlong, report)
         if sample is not None:
             samples.append(sample)
+            positions.append(i)
     report.samples = len(samples)
     if not samples:
         if report.dropped_overlong and overlong is OverlongPolicy.drop:
@@ -185,7 +191,8 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
             f"{raw.source} ({split} split) gives no usable examples: {report.rows_read} rows read, "
             f"{report.skipped_bad} bad rows skipped, {report.dropped_overlong} dropped as longer than "
             f"--context_length {context_length}. {hint}")
-    return TokenizedSplit(samples=samples, report=report, collate_fn=raw.collate_fn, source=raw.source)
+    return TokenizedSplit(samples=samples, report=report, collate_fn=raw.collate_fn, source=raw.source,
+                          positions=positions, where=raw.where)
 
 
 def _fit(sample: dict, context_length: int, overlong: OverlongPolicy, report: DataReport) -> Optional[dict]:

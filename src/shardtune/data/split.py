@@ -38,3 +38,6 @@ class TokenizedSplit:
     report: DataReport
     collate_fn: Optional[Callable] = None
     source: str = ""
+    # samples[k] came from the source's row positions[k]; where(position) names it ("line 7")
+    positions: list[int] = field(default_factory=list)
+    where: Optional[Callable[[int], str]] = None
