@@ -15,7 +15,7 @@ from shardtune import cli
 from shardtune.config import parse_args
 from shardtune.data import load_split
 from shardtune.data.show import CLOSE, COLOUR, OPEN, RESET, SampleTokens, render
-from shardtune.finetuning import setup_data
+from shardtune.finetuning import attention_for, setup_data
 from shardtune.model.family import family_for_config
 from shardtune.model.loading import load_config, load_inputs
 from shardtune.parallel.distributed import DistEnv
@@ -76,7 +76,8 @@ def recipe_loader_rows(args) -> dict[int, tuple[list[int], list[int]]]:
     cfg = parse_args([str(a) for a in args]).config
     family = family_for_config(load_config(cfg.train.model_name))
     tokenizer = load_inputs(cfg.train.model_name, cfg.train.tokenizer_name)
-    loader, _ = setup_data(cfg, tokenizer, DistEnv(), family)
+    env = DistEnv()
+    loader, _ = setup_data(cfg, tokenizer, env, family, attention_for(cfg, env, family))
     loader.batch_sampler.set_epoch(0)
     rows = {}
     for indices, batch in zip(list(loader.batch_sampler), loader):
