@@ -8,6 +8,7 @@ mmap threshold (dynamic, at most 32 MiB by default) with a fresh ``mmap`` and re
 hundreds of MiB; ~11 GB mapped and unmapped per rank and step), so every step page-faults
 gigabytes in anew and the kernel zeroes each page: a 2-rank LoRA run spent 20-49% of its CPU time
 in the kernel, with ~12 M minor faults per rank for 4 steps (docs/benchmarks.md, "Real shape").
+(A LoRA run no longer gathers the frozen embedding, parallel/fsdp.py: 17% and ~8.7 M by default.)
 With mmap off and no automatic trimming, a freed buffer stays in the heap and the step's next
 buffer of that size reuses it; :class:`ReleaseAfterStep` hands the free pages back between steps.
 Huge pages are no cure: they cut the faults ~100x but not the kernel time (zeroing dominates).

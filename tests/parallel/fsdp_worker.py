@@ -103,7 +103,8 @@ def run_train(cfg, env, record_weights: bool = False, record_logits: bool = True
             "optimizer_tensors": sum(len(g["params"]) for g in c.optimizer.param_groups),
             "trainable": sorted(n for n, p in c.model.named_parameters() if p.requires_grad),
             "param_dtypes": sorted({str(p.dtype) for p in c.model.parameters()}),
-            "logits": trained_logits, "tied": head_is_tied(c.model), "gradients_held": held}
+            "logits": trained_logits, "tied": head_is_tied(c.model), "gradients_held": held,
+            "unsharded": sorted(n for n, p in c.model.named_parameters() if not hasattr(p, "to_local"))}
 
 
 @torch.no_grad()

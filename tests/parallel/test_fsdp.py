@@ -200,6 +200,7 @@ def two_rank_results(setting, tied, chat, run_fsdp_cases):
         "tied_train_low_cpu_save": {"args": _fsdp(tc, "--low_cpu_fsdp", "--save_model", "True",
                                                   "--output_dir", str(tied["out"]))},
         "tied_train_no_shard": {"args": _fsdp(tc, "--low_cpu_fsdp", "--fsdp_config.sharding_strategy", "NO_SHARD")},
+        "tied_train_low_cpu_lora": {"args": _fsdp(tc, "--low_cpu_fsdp", "--use_peft")},
     }
     return run_fsdp_cases(setting["root"], cases)
 
@@ -229,6 +230,11 @@ def single_process(setting, chat):
 @pytest.fixture(scope="module")
 def tied_single_process(tied):
     return finetune(_single(tied["common"]))["train_step_loss"]
+
+
+@pytest.fixture(scope="module")
+def tied_lora_single_process(tied):
+    return finetune(_single(tied["common"], "--use_peft"))["train_step_loss"]
 
 
 def test_two_ranks_equal_one_process_on_the_same_global_batch(two_rank_results, single_process):
@@ -596,6 +602,17 @@ def test_tied_model_trains_tied_and_equals_one_process(two_rank_results, tied_si
     assert r["tied"] and "lm_head.weight" not in r["all_params"]
     assert _close(r["losses"], two_rank_results["tied_train_normal"]["losses"])
     assert _close(r["losses"], tied_single_process)
+
+
+def test_lora_keeps_the_frozen_tied_embedding_whole_and_equals_one_process(two_rank_results,
+                                                                          tied_lora_single_process):
+    """The frozen tied embedding/head of a LoRA run is held whole on every rank (no all-gather of it
+    in any step: parallel/fsdp.py), everything else stays sharded, and the losses are one process's."""
+    r = two_rank_results["tied_train_low_cpu_lora"]
+    assert r["tied"] and r["unsharded"] == ["base_model.model.model.embed_tokens.weight",
+                                            "base_model.model.model.norm.weight"], r["unsharded"]
+    assert r["changed"] and all(".lora_" in n for n in r["changed"])
+    assert _close(r["losses"], tied_lora_single_process), (r["losses"], tied_lora_single_process)
 
 
 def test_tied_model_export_and_conversion_keep_the_tie_and_the_logits(two_rank_results, tied, tmp_path):

@@ -55,7 +55,9 @@ def run_case(args: list[str], env) -> dict:
     optimizer.step()
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {"params": storage_bytes(model.parameters()), "grads": grads, "optimizer": storage_bytes(state),
-            "trainable": sum(1 for p in model.parameters() if p.requires_grad)}
+            "trainable": sum(1 for p in model.parameters() if p.requires_grad),
+            # parameters that are no DTensor: held whole on every rank
+            "whole_root": sorted(n for n, p in model.named_parameters() if not hasattr(p, "to_local"))}
 
 
 def main() -> None:

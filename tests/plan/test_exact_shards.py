@@ -1,6 +1,7 @@
 """The planner's per-rank parameter, gradient and optimizer-state bytes equal the real sharded
 tensors of a 2-rank gloo run, byte for byte, for every sharding strategy, LoRA, a tied head and
-pure bf16 with AnyPrecisionAdamW (one torchrun launch; the model's odd shapes make FSDP2 pad)."""
+pure bf16 with AnyPrecisionAdamW (one torchrun launch; the model's odd shapes make FSDP2 pad).
+The LoRA cases hold their frozen embeddings and head whole on every rank (parallel/fsdp.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shardtune.config import parse_args
-from shardtune.plan.estimate import layout_for, shard_bytes
+from shardtune.plan.estimate import dtypes_for, kept_whole, layout_for, shard_bytes
 from shardtune.plan.shapes import build_shapes, model_config
 
 WORKER = Path(__file__).parent / "shard_worker.py"
@@ -58,8 +59,10 @@ def test_per_rank_bytes_equal_the_real_shards(measured, case):
     cfg = parse_args(cases[case]).config
     shapes = build_shapes(model_config(cfg.train.model_name), cfg)
     layout = layout_for(cfg, nnodes=1, nproc_per_node=2)
+    dtypes = dtypes_for(cfg, "cpu")
+    whole = lambda spec: kept_whole(spec, layout, dtypes, offload=False)  # noqa: E731 - LoRA's frozen root
     for rank, real in enumerate(results[case]):
-        planned = shard_bytes(shapes, layout, cfg.fsdp.optimizer, "cpu", rank=rank)
+        planned = shard_bytes(shapes, layout, cfg.fsdp.optimizer, "cpu", rank=rank, whole=whole)
         assert (planned.params, planned.grads, planned.optimizer) == (real["params"], real["grads"],
                                                                       real["optimizer"]), (case, rank, real)
         assert sum(s.trainable for s in shapes.params) == real["trainable"]
@@ -72,3 +75,15 @@ def test_the_cases_exercise_padding_and_unequal_shards(measured):
     full, whole = results["full_shard"], results["no_shard"]
     assert 2 * full[0]["params"] > whole[0]["params"]
     assert full[0]["optimizer"] != full[1]["optimizer"]
+
+
+def test_lora_keeps_the_frozen_root_whole(measured, odd_model_dir):
+    """A LoRA rank holds the whole frozen embedding and head (never all-gathered), a full
+    fine-tune its shard of them: the LoRA case's parameters are the full-shard case's plus the
+    unsharded rest of the root."""
+    cases, results = measured
+    cfg = parse_args(cases["lora"]).config
+    shapes = build_shapes(model_config(cfg.train.model_name), cfg)
+    root = [s for s in shapes.params if s.unit == 0]
+    assert results["lora"][0]["whole_root"] == sorted(s.name for s in root) != []
+    assert results["full_shard"][0]["whole_root"] == []

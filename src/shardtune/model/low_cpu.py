@@ -7,7 +7,10 @@ about one copy of the model instead of one copy per rank, and no rank ever holds
 model (llama-recipes loads the full model on rank 0 and broadcasts it).
 
 Tied weights (``tie_word_embeddings``) are re-tied on the meta model before sharding; FSDP2 then
-manages the one shared parameter, which ``to_empty`` keeps shared.
+manages the one shared parameter, which ``to_empty`` keeps shared. A parameter FSDP leaves whole
+(a LoRA run's frozen tied embedding, ``parallel/fsdp.py``) is a plain meta tensor, which
+``to_empty`` replaces by a new parameter in each module that holds it: the aliases are tied again
+afterwards.
 
 Non-persistent buffers (the rotary ``inv_freq``) are in no checkpoint and ``to_empty`` would
 leave them as garbage, so they are built for real at meta-init time (accelerate's
@@ -180,6 +183,24 @@ def _load_saved_adapter(model: nn.Module, params: dict, missing: list[str], adap
     return still
 
 
+def _aliases(model: nn.Module) -> list[tuple[str, str]]:
+    """(alias, first name) of every parameter registered under more than one name (tied weights)."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.append((name, first[id(param)]))
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _tie_again(model: nn.Module, aliases: list[tuple[str, str]]) -> None:
+    for alias, source in aliases:
+        owner_name, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(owner_name), leaf, model.get_parameter(source))
+
+
 def _wrapped_attention(model: nn.Module) -> list[str]:
     """Module names of attention blocks LLaMA-Adapter wrapped: the original block sits at
     ``<name>.model`` inside peft's ``AdaptedAttention``."""
@@ -218,7 +239,9 @@ def materialize_and_load(model: nn.Module, name: str, device: torch.device, *, s
     """
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
     index = _by_model_name(model, safetensors_index(name))
+    aliases = _aliases(model)
     model.to_empty(device=param_device or device)
+    _tie_again(model, aliases)  # to_empty unties plain (unsharded) tied parameters
     for buf_name, value in buffers.items():
         owner_name, _, leaf = buf_name.rpartition(".")
         owner = model.get_submodule(owner_name)

@@ -11,6 +11,14 @@ SHARD_GRAD_OP  (1, world)              kept gathered (more memory, one all-gathe
 NO_SHARD       (world, 1)              every rank holds everything (DDP-like)
 HYBRID_SHARD   (replicas, group)       resharded within the group, replicated across groups
 ============== ======================= ==================================================
+
+Frozen parameters of the root (a LoRA run's embeddings and head, tied or not) are not sharded:
+every rank keeps them whole (:func:`keeps_whole`). The root stays gathered from the start of
+forward to the end of backward anyway, so this adds nothing to a step's peak; it saves the
+root's all-gather of every step (at Llama-3.2-1B width a 1 GiB fp32 embedding: the gathered
+buffer, gloo's flat copy of it and the unsharded parameter, each a fresh mapping the kernel
+zeroes on a CPU, docs/benchmarks.md "Real shape"), and a frozen weight has no gradient to
+reduce. Between steps a rank holds the whole frozen root instead of its shard.
 """
 
 from __future__ import annotations
@@ -41,15 +49,41 @@ def mixed_precision_policy(param_dtype: Optional[torch.dtype],
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
+def keeps_whole(*, in_root: bool, trainable: bool, quantized: bool, cast_for_compute: bool,
+                cpu_offload: bool) -> bool:
+    """Whether :func:`shard_model` leaves a parameter unsharded on every rank: a frozen plain
+    weight of the root unit, when FSDP would neither cast it for compute (mixed precision) nor
+    move it (CPU offload) -- it is then used exactly as FSDP's gathered copy would be. The
+    planner (plan/estimate.py) counts memory by the same rule."""
+    return in_root and not trainable and not quantized and not cast_for_compute and not cpu_offload
+
+
+def root_params_kept_whole(model: nn.Module, *, cast_for_compute: bool, cpu_offload: bool) -> set[nn.Parameter]:
+    """The parameters of ``model`` outside its decoder blocks that :func:`keeps_whole` selects."""
+    in_blocks = {id(p) for block in decoder_layers(model) for p in block.parameters()}
+    return {p for p in model.parameters()
+            if keeps_whole(in_root=id(p) not in in_blocks, trainable=p.requires_grad,
+                           quantized=type(p) is not nn.Parameter,  # bitsandbytes' Params4bit & co.
+                           cast_for_compute=cast_for_compute, cpu_offload=cpu_offload)}
+
+
+def _device_of(mesh: DeviceMesh) -> torch.device:
+    """The device FSDP2 puts the parameters it manages on (the current one of the mesh's type)."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
 def shard_model(model: nn.Module, *, mesh: DeviceMesh, strategy: ShardingStrategy,
                 param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False) -> nn.Module:
-    """Shard each decoder block, then the root (embeddings, final norm, head) in place."""
+    """Shard each decoder block, then the root (embeddings, final norm, head) in place; the
+    root's frozen weights stay whole on every rank (:func:`keeps_whole`)."""
     blocks = decoder_layers(model)
     if not blocks:  # pragma: no cover - family_of would have refused the model
         raise ValueError(f"No decoder blocks found in {type(model).__name__}")
     weights_dtype = next(model.parameters()).dtype
-    policy = mixed_precision_policy(
-        param_dtype if param_dtype not in (None, weights_dtype) else None)
+    cast = param_dtype not in (None, weights_dtype)
+    policy = mixed_precision_policy(param_dtype if cast else None)
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else None
     reshard = reshard_after_forward(strategy)
     kwargs = dict(mesh=mesh, mp_policy=policy)
@@ -57,9 +91,14 @@ def shard_model(model: nn.Module, *, mesh: DeviceMesh, strategy: ShardingStrateg
         kwargs["offload_policy"] = offload
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    whole = root_params_kept_whole(model, cast_for_compute=cast, cpu_offload=cpu_offload)
+    device = _device_of(mesh)
+    for p in whole:  # FSDP moves only what it manages; a meta parameter is allocated later (low-CPU)
+        if not p.is_meta and p.device != device:
+            p.data = p.data.to(device)  # in place: a tied alias keeps pointing at the same Parameter
     # The root's parameters are needed again right at the start of backward: keep them gathered.
     # (The chunked loss, train/loss.py, also runs the head after the root's forward returns.)
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    fully_shard(model, reshard_after_forward=False, ignored_params=whole or None, **kwargs)
     return model
 
 

@@ -20,6 +20,10 @@ rest is padding), so:
   ``--fsdp_config.optimizer anyprecision`` -- plus a 4-byte fp32 ``step`` tensor per parameter,
   which both optimizers keep on the CPU (so it counts on the device only for CPU runs).
 
+The root's frozen weights (a LoRA run's embeddings and head) are the exception: when FSDP would
+neither cast them for compute nor offload them, every rank keeps them whole
+(``parallel/fsdp.py``'s ``keeps_whole``, the rule counted here), and they are not all-gathered.
+
 Without ``--enable_fsdp`` nothing is sharded or padded. With ``--fsdp_config.fsdp_cpu_offload``
 the sharded parameters, gradients (unpadded copies) and optimizer state live in host memory.
 
@@ -56,6 +60,7 @@ import torch
 
 from ..config import Config, ConfigError, ShardingStrategy
 from ..config.configs import defers_gradient_sync
+from ..parallel.fsdp import keeps_whole
 from ..train.loss import chunk_tokens_of
 from .activations import Activations, Attention, activation_bytes, attention_for
 from .shapes import ModelShapes, ParamSpec
@@ -189,13 +194,22 @@ def state_bytes_per_element(spec: ParamSpec, optimizer: str) -> int:
     return 2 * spec.itemsize  # torch AdamW: exp_avg, exp_avg_sq like the parameter
 
 
-def shard_bytes(shapes: ModelShapes, layout: Layout, optimizer: str, device_type: str, rank: int = 0) -> ShardBytes:
-    """Bytes of parameter, gradient and optimizer-state storage on ``rank`` after a step."""
+def kept_whole(spec: ParamSpec, layout: Layout, dtypes: Dtypes, offload: bool) -> bool:
+    """Whether FSDP leaves ``spec`` unsharded on every rank (``parallel/fsdp.py``'s rule)."""
+    return layout.fsdp and keeps_whole(in_root=spec.unit == 0, trainable=spec.trainable,
+                                       quantized=spec.logical_numel != 0,
+                                       cast_for_compute=dtypes.cast_for_compute, cpu_offload=offload)
+
+
+def shard_bytes(shapes: ModelShapes, layout: Layout, optimizer: str, device_type: str, rank: int = 0,
+                whole=lambda spec: False) -> ShardBytes:
+    """Bytes of parameter, gradient and optimizer-state storage on ``rank`` after a step;
+    ``whole(spec)``: the parameter is kept whole on every rank (:func:`kept_whole`)."""
     shard = layout.shard if layout.fsdp else 1
     shard_rank = rank % shard  # init_device_mesh is row-major: (replica, shard)
     params = grads = optim = steps = offloaded = 0
     for spec in shapes.params:
-        stored = padded_numel(spec, shard) if layout.fsdp else spec.numel
+        stored = padded_numel(spec, shard) if layout.fsdp and not whole(spec) else spec.numel
         params += stored * spec.itemsize
         if not spec.trainable:
             continue
@@ -211,9 +225,11 @@ def shard_bytes(shapes: ModelShapes, layout: Layout, optimizer: str, device_type
 # ------------------------------------------------------------------------ temporary buffers
 
 
-def _gathered(shapes: ModelShapes, unit: int, shard: int, dtypes: Dtypes) -> int:
+def _gathered(shapes: ModelShapes, unit: int, shard: int, dtypes: Dtypes, whole=lambda spec: False) -> int:
     total = 0
     for spec in shapes.unit_params(unit):
+        if whole(spec):  # never gathered: held whole, counted with the parameters
+            continue
         size = dtypes.a if dtypes.cast_for_compute and spec.logical_numel == 0 else spec.itemsize
         total += padded_numel(spec, shard) * shard * size
     return total
@@ -239,7 +255,7 @@ class Temporaries:
 
 
 def temporaries(shapes: ModelShapes, cfg: Config, layout: Layout, dtypes: Dtypes, device_type: str,
-                local_state: int) -> Temporaries:
+                local_state: int, whole=lambda spec: False) -> Temporaries:
     t = cfg.train
     # torch AdamW on CUDA runs foreach kernels whose intermediates are about one copy of a state
     step = local_state // 2 if device_type == "cuda" and cfg.fsdp.optimizer.lower() == "adamw" else 0
@@ -251,7 +267,7 @@ def temporaries(shapes: ModelShapes, cfg: Config, layout: Layout, dtypes: Dtypes
         return Temporaries(0, 0, 0, 0, 0, autocast, step)
     shard = layout.shard
     block_bytes = [_gathered(shapes, u, shard, dtypes) for u in blocks] or [0]
-    root = _gathered(shapes, 0, shard, dtypes)
+    root = _gathered(shapes, 0, shard, dtypes, whole)
     if layout.strategy in (ShardingStrategy.FULL_SHARD, ShardingStrategy.HYBRID_SHARD):
         gather = root + 2 * max(block_bytes)  # the running block and the prefetched (or flat) one
     else:  # SHARD_GRAD_OP and NO_SHARD: every block stays gathered from forward to backward
@@ -382,19 +398,20 @@ def estimate(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ran
     device = hw.device_type
     dtypes = dtypes_for(cfg, device, hw.bf16)
     offload = layout.fsdp and f.fsdp_cpu_offload
-    sb = shard_bytes(shapes, layout, f.optimizer, device, rank)
+    whole = lambda spec: kept_whole(spec, layout, dtypes, offload)  # noqa: E731
+    sb = shard_bytes(shapes, layout, f.optimizer, device, rank, whole)
     attention = attention_for(cfg, device, dtypes.compute)
     acts = activation_bytes(shapes, batch=t.batch_size_training, seq=t.context_length, a=dtypes.a,
                             attention=attention, dropout_mask=1 if device == "cuda" else dtypes.a,
                             loss_chunk_tokens=chunk_tokens_of(t))
     ac = checkpointing_on(cfg)
-    temps = temporaries(shapes, cfg, layout, dtypes, device, sb.optimizer)
+    temps = temporaries(shapes, cfg, layout, dtypes, device, sb.optimizer, whole)
     on_gpu = (0, 0, 0) if offload else (sb.params, sb.grads, sb.optimizer)
     gpu = GpuMemory(params=on_gpu[0], grads=on_gpu[1], optimizer=on_gpu[2], activations=acts.for_run(ac),
                     activations_without_ac=acts.without_ac, activations_with_ac=acts.with_ac, temporaries=temps,
                     quant_state=shapes.quant_state_bytes, reserve=CUDA_RESERVE_BYTES if device == "cuda" else 0,
                     capacity=hw.gpu_memory, loading=_qlora_loading(shapes, device))
-    host = host_memory(shapes, cfg, layout, hw, sb, gpu, offload)
+    host = host_memory(shapes, cfg, layout, hw, sb, gpu, offload, whole)
     return Estimate(shapes, layout, dtypes, attention, ac, gpu, host, checkpoint_sizes(shapes, cfg, dtypes),
                     step_time(shapes, cfg, layout, hw, ac), hw, offload, acts, sb, notes=_notes(shapes, cfg, layout))
 
@@ -408,7 +425,7 @@ def _qlora_loading(shapes: ModelShapes, device_type: str) -> int:
 
 
 def host_memory(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, sb: ShardBytes,
-                gpu: GpuMemory, offload: bool) -> HostMemory:
+                gpu: GpuMemory, offload: bool, whole=lambda spec: False) -> HostMemory:
     t = cfg.train
     ranks = layout.nproc_per_node
     full = sum(s.nbytes for s in shapes.params)
@@ -419,7 +436,8 @@ def host_memory(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, 
     if t.quantization and hw.device_type == "cuda":
         load_normal = ranks * largest
     shard = layout.shard if layout.fsdp else 1
-    load_low_cpu = ranks * -(-largest // shard)
+    # each rank reads its rows of one tensor at a time (all of a tensor it keeps whole)
+    load_low_cpu = ranks * max((s.nbytes if whole(s) else -(-s.nbytes // shard) for s in shapes.params), default=0)
     if hw.device_type == "cpu":  # the "GPU" is host memory: every rank's whole working set is resident
         resident = ranks * gpu.total
     elif offload:  # pinned host copies of the shards, gradients and optimizer state
