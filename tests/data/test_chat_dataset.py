@@ -349,3 +349,84 @@ def test_ocrvqa_rows_are_chat_rows(vision_processor, write_images, tmp_path):
     template = vision.chat_template(proc)
     enc = chat_dataset.Encoder(proc, template, ChatTrainOn.assistant, 4096, False, tmp_path)
     assert chat_dataset.encode(chat_row, enc) == vision.encode(ocrvqa_row, proc, template, tmp_path)
+
+
+# --- peer check: TRL's assistant_only_loss ----------------------------------------------------
+
+TRL_VERSION = "1.16.0"
+
+
+@pytest.fixture(scope="module")
+def trl_path() -> Path:
+    """TRL alone (no dependencies: this environment has them) in ~/.cache/shardtune-trl/<version>,
+    installed by pip once per machine; the test skips without a package registry."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    final = Path.home() / ".cache" / "shardtune-trl" / f"trl-{TRL_VERSION}"
+    if (final / "trl" / "chat_templates").is_dir():
+        return final
+    building = final.parent / f".{final.name}.building-{os.getpid()}"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--target", str(building), f"trl=={TRL_VERSION}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if proc is None or proc.returncode != 0:
+        shutil.rmtree(building, ignore_errors=True)
+        pytest.skip(f"the TRL peer check needs pip and a package registry to install trl=={TRL_VERSION}")
+    try:
+        os.replace(building, final)
+    except OSError:  # another session finished first
+        shutil.rmtree(building, ignore_errors=True)
+    return final
+
+
+def test_masks_equal_trls_assistant_only_loss(make_config, llama3_chat_model_dir, llama3_tokenizer_dir, trl_path,
+                                              tmp_path):
+    """On the same rows and template, the samples are TRL SFTTrainer's with assistant_only_loss=True
+    (the ids, and the labels for Meta's Llama 3 Instruct template), with Meta's Llama 3 template and
+    Qwen 2.5's ChatML template with tool calls, whose {% generation %} training copies TRL ships.
+    TRL's Qwen 2.5 copy also trains two newlines the model never generates (the one that ends the
+    generation prompt "<|im_start|>assistant\n", and the one after <|im_end|>); ours does not,
+    and that is the only difference."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    convs = [_normalised(c) for c in _conversations()]
+    cases = {"llama3": ([{"messages": c} for c in convs[:2]], []),
+             "qwen2_5": ([{"messages": c, "tools": [WEATHER]} for c in convs], ["<|im_start|>", "<|im_end|>"])}
+    jobs, ours = [], {}
+    for name, (rows, specials) in cases.items():
+        template = trl_path / "trl" / "chat_templates" / f"{name}.jinja"
+        tok = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+        tok.add_special_tokens({"additional_special_tokens": specials})
+        tok.chat_template = template.read_text()
+        tok.save_pretrained(tmp_path / name)
+        data = _write(tmp_path / f"{name}.jsonl", [rows[0]] + rows)  # the first row is the eval split
+        ours[name] = load_split(_cfg(make_config, data, chat_template=str(template)), tok, "train").samples
+        jobs.append({"tokenizer": str(tmp_path / name), "rows": rows, "out": str(tmp_path / f"{name}.out.json")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(trl_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "trl_peer.py"), str(llama3_chat_model_dir),
+                           str(tmp_path / "jobs.json"), str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, job in zip(cases, jobs):
+        peer = json.loads(Path(job["out"]).read_text())
+        assert [s["input_ids"] for s in ours[name]] == [p["input_ids"] for p in peer], name
+        if name == "llama3":
+            assert [s["labels"] for s in ours[name]] == [p["labels"] for p in peer], name
+            continue
+        (newline,) = AutoTokenizer.from_pretrained(tmp_path / name).encode("\n", add_special_tokens=False)
+        for sample, theirs, messages in zip(ours[name], peer, convs):
+            extra = [i for i, (a, b) in enumerate(zip(sample["labels"], theirs["labels"])) if a != b]
+            assert all(sample["labels"][i] == IGNORE and theirs["labels"][i] == sample["input_ids"][i] == newline
+                       for i in extra)
+            assert len(extra) == 2 * sum(m["role"] == "assistant" for m in messages)  # two per assistant turn
