@@ -121,9 +121,14 @@ def test_llama32_instruct_openai_and_sharegpt_rows(make_config, llama3_tokenizer
     convs = _rows()
     openai = _write(tmp_path / "openai.jsonl", [{"messages": c} for c in convs])
     sharegpt = _write(tmp_path / "sharegpt.json", [{"conversations": _sharegpt(c)} for c in convs])
+    table = tmp_path / "sharegpt.parquet"  # as datasets writes it: missing keys become nulls
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"conversations": _sharegpt(_normalised(c))} for c in convs]), table)
     a = load_split(_cfg(make_config, openai), tok, "train")
     b = load_split(_cfg(make_config, sharegpt), tok, "train")
-    assert a.samples == b.samples
+    assert a.samples == b.samples == load_split(_cfg(make_config, table), tok, "train").samples
     assert len(a.samples) == len(convs) - 1 == a.report.samples  # eval_fraction 0.25 of 6 rows: 1
     for sample, messages in zip(a.samples, convs[1:]):
         assert sample["input_ids"] == tok.apply_chat_template(_normalised(messages), return_dict=False)

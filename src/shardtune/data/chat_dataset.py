@@ -226,13 +226,16 @@ def _cut(enc: Encoder, conv: Conversation, images: list, offsets: list) -> dict:
 # --- sources -----------------------------------------------------------------------------------
 
 def check_source(config: chat_dataset) -> None:
-    """Refuse, before any work, a chat dataset without a source, or a hub name without ``datasets``."""
+    """Refuse, before any work, a chat dataset without a source, a template file that cannot be
+    read, or a hub name without ``datasets``."""
     if not config.data_path:
         raise ShardtuneError(
             f"--dataset chat_dataset needs {FLAG}: a .json (a list of rows), .jsonl or .parquet file of "
             "conversations, a folder of <split>.<ext> files, or a Hugging Face Hub dataset name. A row is "
             "{\"messages\": [{\"role\": ..., \"content\": ...}, ...]} or {\"conversations\": [{\"from\": ..., "
             "\"value\": ...}, ...]} (docs/datasets.md).")
+    if config.chat_template:
+        read_template_file(config.chat_template)  # a missing or empty file stops the launcher, not the ranks
     if _is_hub_name(config.data_path) and importlib.util.find_spec("datasets") is None:
         raise ShardtuneError(
             f"{FLAG} {config.data_path!r} is not a local file or folder, so it is read as a Hugging Face Hub "
