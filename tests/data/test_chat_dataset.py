@@ -340,6 +340,28 @@ def test_vision_rows_without_images_or_with_a_system_message_are_bad(make_config
             load_split(_cfg(make_config, path), vision_processor, "train")
 
 
+def test_vision_conversation_cut_at_a_turn_keeps_its_image(make_config, vision_processor, write_images, tmp_path):
+    """--chat_dataset.cut_at_turn on an image conversation: its first exchange, image included."""
+    proc = vision_processor
+    rows = _vision_rows(write_images(4))  # rows 1 and 3 have two exchanges
+    first = {**rows[1], "messages": rows[1]["messages"][:2]}
+    fits = len(chat_encode(proc, first, tmp_path)["input_ids"])
+    path = _write(tmp_path / "v.jsonl", rows)
+    split = load_split(_cfg(make_config, path, context_length=fits, cut_at_turn=True), proc, "train")
+    assert (split.report.truncated, split.report.samples) == (2, 3)
+    assert split.samples[0] == chat_encode(proc, first, tmp_path)
+    assert len(split.samples[0]["images"]) == 1
+
+
+def chat_encode(proc, row: dict, base: Path) -> dict:
+    """One row encoded as chat_dataset does, with the processor's own template and no length limit."""
+    from shardtune.config import ChatTrainOn
+    from shardtune.config.configs import chat_dataset as chat_config
+    from shardtune.data.chat_dataset import Encoder, encode, resolve_template
+
+    return encode(row, Encoder(proc, resolve_template(chat_config(), proc), ChatTrainOn.assistant, 4096, False, base))
+
+
 def test_ocrvqa_rows_are_chat_rows(vision_processor, write_images, tmp_path):
     """The cookbook's OCR-VQA format is a special case: its row and the same conversation as a
     chat row encode to the same sample."""
