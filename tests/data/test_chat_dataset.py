@@ -457,3 +457,11 @@ def test_masks_equal_trls_assistant_only_loss(make_config, llama3_chat_model_dir
             assert all(sample["labels"][i] == IGNORE and theirs["labels"][i] == sample["input_ids"][i] == newline
                        for i in extra)
             assert len(extra) == 2 * sum(m["role"] == "assistant" for m in messages)  # two per assistant turn
+
+
+def test_no_data_path_is_refused_before_any_work(make_config):
+    from shardtune.data import check_data_source
+
+    cfg = make_config("chat_dataset")
+    with pytest.raises(ShardtuneError, match=r"(?s)needs --chat_dataset\.data_path.*\"messages\".*\"conversations\""):
+        check_data_source(cfg)
