@@ -121,9 +121,14 @@ def test_llama32_instruct_openai_and_sharegpt_rows(make_config, llama3_tokenizer
     convs = _rows()
     openai = _write(tmp_path / "openai.jsonl", [{"messages": c} for c in convs])
     sharegpt = _write(tmp_path / "sharegpt.json", [{"conversations": _sharegpt(c)} for c in convs])
+    table = tmp_path / "sharegpt.parquet"  # as datasets writes it: missing keys become nulls
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"conversations": _sharegpt(_normalised(c))} for c in convs]), table)
     a = load_split(_cfg(make_config, openai), tok, "train")
     b = load_split(_cfg(make_config, sharegpt), tok, "train")
-    assert a.samples == b.samples
+    assert a.samples == b.samples == load_split(_cfg(make_config, table), tok, "train").samples
     assert len(a.samples) == len(convs) - 1 == a.report.samples  # eval_fraction 0.25 of 6 rows: 1
     for sample, messages in zip(a.samples, convs[1:]):
         assert sample["input_ids"] == tok.apply_chat_template(_normalised(messages), return_dict=False)
@@ -335,6 +340,28 @@ def test_vision_rows_without_images_or_with_a_system_message_are_bad(make_config
             load_split(_cfg(make_config, path), vision_processor, "train")
 
 
+def test_vision_conversation_cut_at_a_turn_keeps_its_image(make_config, vision_processor, write_images, tmp_path):
+    """--chat_dataset.cut_at_turn on an image conversation: its first exchange, image included."""
+    proc = vision_processor
+    rows = _vision_rows(write_images(4))  # rows 1 and 3 have two exchanges
+    first = {**rows[1], "messages": rows[1]["messages"][:2]}
+    fits = len(chat_encode(proc, first, tmp_path)["input_ids"])
+    path = _write(tmp_path / "v.jsonl", rows)
+    split = load_split(_cfg(make_config, path, context_length=fits, cut_at_turn=True), proc, "train")
+    assert (split.report.truncated, split.report.samples) == (2, 3)
+    assert split.samples[0] == chat_encode(proc, first, tmp_path)
+    assert len(split.samples[0]["images"]) == 1
+
+
+def chat_encode(proc, row: dict, base: Path) -> dict:
+    """One row encoded as chat_dataset does, with the processor's own template and no length limit."""
+    from shardtune.config import ChatTrainOn
+    from shardtune.config.configs import chat_dataset as chat_config
+    from shardtune.data.chat_dataset import Encoder, encode, resolve_template
+
+    return encode(row, Encoder(proc, resolve_template(chat_config(), proc), ChatTrainOn.assistant, 4096, False, base))
+
+
 def test_ocrvqa_rows_are_chat_rows(vision_processor, write_images, tmp_path):
     """The cookbook's OCR-VQA format is a special case: its row and the same conversation as a
     chat row encode to the same sample."""
@@ -349,3 +376,105 @@ def test_ocrvqa_rows_are_chat_rows(vision_processor, write_images, tmp_path):
     template = vision.chat_template(proc)
     enc = chat_dataset.Encoder(proc, template, ChatTrainOn.assistant, 4096, False, tmp_path)
     assert chat_dataset.encode(chat_row, enc) == vision.encode(ocrvqa_row, proc, template, tmp_path)
+
+
+# --- peer check: TRL's assistant_only_loss ----------------------------------------------------
+
+TRL_VERSION = "1.16.0"  # benchmarks/peers.py's
+
+
+def _peer_check_wanted() -> bool:
+    """As tests/benchmarks/test_peers_smoke.py: SHARDTUNE_PEER_SMOKE=1 asks for the peer checks, 0
+    skips them; unset, they run where the benchmark peers' venv is set up (not in a fresh clone)."""
+    import os
+
+    flag = os.environ.get("SHARDTUNE_PEER_SMOKE")
+    if flag is not None:
+        return flag not in ("", "0", "false", "False")
+    return (Path(__file__).resolve().parents[2] / ".bench-venv" / "peers" / ".peers-installed.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def trl_path() -> Path:
+    """TRL alone (no dependencies: this environment has them) in ~/.cache/shardtune-trl/<version>,
+    installed by pip once per machine; the test skips without a package registry."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    final = Path.home() / ".cache" / "shardtune-trl" / f"trl-{TRL_VERSION}"
+    if (final / "trl" / "chat_templates").is_dir():
+        return final
+    building = final.parent / f".{final.name}.building-{os.getpid()}"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--target", str(building), f"trl=={TRL_VERSION}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if proc is None or proc.returncode != 0:
+        shutil.rmtree(building, ignore_errors=True)
+        pytest.skip(f"the TRL peer check needs pip and a package registry to install trl=={TRL_VERSION}")
+    try:
+        os.replace(building, final)
+    except OSError:  # another session finished first
+        shutil.rmtree(building, ignore_errors=True)
+    return final
+
+
+@pytest.mark.slow  # 2-6 minutes here: TRL's SFTTrainer in a subprocess, twice
+@pytest.mark.skipif(not _peer_check_wanted(), reason="a peer check: SHARDTUNE_PEER_SMOKE=1 runs it")
+def test_masks_equal_trls_assistant_only_loss(make_config, llama3_chat_model_dir, llama3_tokenizer_dir, trl_path,
+                                              tmp_path):
+    """On the same rows and template, the samples are TRL SFTTrainer's with assistant_only_loss=True
+    (the ids, and the labels for Meta's Llama 3 Instruct template), with Meta's Llama 3 template and
+    Qwen 2.5's ChatML template with tool calls, whose {% generation %} training copies TRL ships.
+    TRL's Qwen 2.5 copy also trains two newlines the model never generates (the one that ends the
+    generation prompt "<|im_start|>assistant\n", and the one after <|im_end|>); ours does not,
+    and that is the only difference."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    convs = [_normalised(c) for c in _conversations()]
+    cases = {"llama3": ([{"messages": c} for c in convs[:2]], []),
+             "qwen2_5": ([{"messages": c, "tools": [WEATHER]} for c in convs], ["<|im_start|>", "<|im_end|>"])}
+    jobs, ours = [], {}
+    for name, (rows, specials) in cases.items():
+        template = trl_path / "trl" / "chat_templates" / f"{name}.jinja"
+        tok = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+        tok.add_special_tokens({"additional_special_tokens": specials})
+        tok.chat_template = template.read_text()
+        tok.save_pretrained(tmp_path / name)
+        data = _write(tmp_path / f"{name}.jsonl", [rows[0]] + rows)  # the first row is the eval split
+        ours[name] = load_split(_cfg(make_config, data, chat_template=str(template)), tok, "train").samples
+        jobs.append({"tokenizer": str(tmp_path / name), "rows": rows, "out": str(tmp_path / f"{name}.out.json")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(trl_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "trl_peer.py"), str(llama3_chat_model_dir),
+                           str(tmp_path / "jobs.json"), str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, job in zip(cases, jobs):
+        peer = json.loads(Path(job["out"]).read_text())
+        assert [s["input_ids"] for s in ours[name]] == [p["input_ids"] for p in peer], name
+        if name == "llama3":
+            assert [s["labels"] for s in ours[name]] == [p["labels"] for p in peer], name
+            continue
+        (newline,) = AutoTokenizer.from_pretrained(tmp_path / name).encode("\n", add_special_tokens=False)
+        for sample, theirs, messages in zip(ours[name], peer, convs):
+            extra = [i for i, (a, b) in enumerate(zip(sample["labels"], theirs["labels"])) if a != b]
+            assert all(sample["labels"][i] == IGNORE and theirs["labels"][i] == sample["input_ids"][i] == newline
+                       for i in extra)
+            assert len(extra) == 2 * sum(m["role"] == "assistant" for m in messages)  # two per assistant turn
+
+
+def test_no_data_path_is_refused_before_any_work(make_config):
+    from shardtune.data import check_data_source
+
+    cfg = make_config("chat_dataset")
+    with pytest.raises(ShardtuneError, match=r"(?s)needs --chat_dataset\.data_path.*\"messages\".*\"conversations\""):
+        check_data_source(cfg)

@@ -63,6 +63,17 @@ def chat(setting):
 
 
 @pytest.fixture(scope="module")
+def chat_llama32(chat, llama3_chat_model_dir, setting):
+    """The chat flags on the real-vocabulary tiny Llama with the real Llama 3 tokenizer and its own
+    Llama 3.2 Instruct template (no template file)."""
+    c = list(chat["common"])
+    c[c.index("--model_name") + 1] = str(llama3_chat_model_dir)
+    at = c.index("--chat_dataset.chat_template")
+    del c[at:at + 2]
+    return {"common": c, "out": setting["root"] / "chat-llama32-out", "model": llama3_chat_model_dir}
+
+
+@pytest.fixture(scope="module")
 def tied(setting, tiny_tied_model_dir):
     """The common flags on the tied-embedding tiny model (no lm_head.weight in its files)."""
     c = list(setting["common"])
@@ -116,9 +127,12 @@ def _single(common: list[str], *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(setting, tied, chat, run_fsdp_cases):
+def two_rank_results(setting, tied, chat, chat_llama32, run_fsdp_cases):
     c, tc, cc = setting["common"], tied["common"], chat["common"]
     cases = {
+        # the real Llama 3.2 Instruct template and vocabulary (logits of 128,256 ids not recorded)
+        "chat_llama32": {"logits": False, "args": _fsdp(chat_llama32["common"], "--batching_strategy", "padding",
+                                                        "--save_model", "True", "--output_dir", str(chat_llama32["out"]))},
         # --dataset chat_dataset, padded (saving the model: the template file goes out with it) and packed
         "chat": {"args": _fsdp(cc, "--batching_strategy", "padding", "--save_model", "True",
                                "--output_dir", str(chat["out"]))},
@@ -210,9 +224,10 @@ def _close(a: list[float], b: list[float], rtol: float = RTOL) -> bool:
 
 
 @pytest.fixture(scope="module")
-def single_process(setting, chat):
+def single_process(setting, chat, chat_llama32):
     c, cc = setting["common"], chat["common"]
     return {
+        "chat_llama32": finetune(_single(chat_llama32["common"], "--batching_strategy", "padding"))["train_step_loss"],
         "chat": finetune(_single(cc, "--batching_strategy", "padding"))["train_step_loss"],
         "chat_packing": finetune(_single(cc, "--batching_strategy", "packing"))["train_step_loss"],
         "full": finetune(_single(c))["train_step_loss"],
@@ -247,19 +262,22 @@ def test_packing_under_fsdp_equals_one_process(two_rank_results, single_process)
     assert _close(two_rank_results["packing"]["losses"], single_process["packing"])
 
 
-@pytest.mark.parametrize("case", ["chat", "chat_packing"])
+@pytest.mark.parametrize("case", ["chat", "chat_packing", "chat_llama32"])
 def test_chat_dataset_under_fsdp_equals_one_process(two_rank_results, single_process, case):
     """--dataset chat_dataset, padded and packed: 2 ranks give one process's losses."""
     fsdp = two_rank_results[case]["losses"]
     assert len(fsdp) == 3 and _close(fsdp, single_process[case]), (fsdp, single_process[case])
 
 
-def test_chat_dataset_template_file_goes_out_with_the_model(two_rank_results, chat):
+def test_chat_dataset_template_file_goes_out_with_the_model(two_rank_results, chat, chat_llama32):
     """--chat_dataset.chat_template is the template the saved model's tokenizer carries."""
     from transformers import AutoTokenizer
 
     assert two_rank_results["chat"]["losses"]
     assert AutoTokenizer.from_pretrained(chat["out"]).chat_template == CHATML.read_text()
+    # without a template file, the model's own template goes out unchanged
+    own = (chat_llama32["model"] / "chat_template.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(chat_llama32["out"]).chat_template == own
 
 
 @pytest.mark.parametrize("case", ["no_activation_checkpointing", "shard_grad_op", "no_shard",

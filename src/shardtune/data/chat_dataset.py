@@ -153,8 +153,9 @@ def _image_parts(messages: list[dict]) -> int:
     return sum(sum(p["type"] == "image" for p in m["content"]) for m in messages if isinstance(m["content"], list))
 
 
-def _encode(enc: Encoder, messages: list[dict], tools, images: list) -> tuple[dict, list]:
-    """(sample, token offsets) of ``messages``."""
+def encode_messages(enc: Encoder, messages: list[dict], tools, images: list) -> tuple[dict, list]:
+    """(sample, token offsets) of normalised ``messages`` (``images``: the references of their
+    image parts, in order; ocrvqa_dataset's rows come here too)."""
     render = partial(enc.render, tools)
     full = render(messages, False)
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
@@ -172,7 +173,7 @@ def _encode(enc: Encoder, messages: list[dict], tools, images: list) -> tuple[di
         image_id = text_tokenizer(enc.tokenizer).convert_tokens_to_ids(IMAGE_TOKEN)
         n_tokens = sum(t == image_id for t in ids)
         if n_tokens != len(images):
-            raise BadRow(f"has {len(images)} image(s) but renders {n_tokens} {IMAGE_TOKEN} tokens (does a message "
+            raise BadRow(f"has {len(images)} image(s) but its text renders {n_tokens} {IMAGE_TOKEN} tokens (does a message "
                          f"contain the literal {IMAGE_TOKEN!r}, or does the template drop image parts?)")
         sample["images"] = images
     return sample, offsets
@@ -198,9 +199,9 @@ def encode(row: Any, enc: Encoder) -> Any:
     conv = conversation(row)
     images = _images(enc, conv)
     try:
-        sample, offsets = _encode(enc, conv.messages, conv.tools, images)
+        sample, offsets = encode_messages(enc, conv.messages, conv.tools, images)
     except NotIncremental:  # once more: a template that prints today's date may have crossed midnight
-        sample, offsets = _encode(enc, conv.messages, conv.tools, images)
+        sample, offsets = encode_messages(enc, conv.messages, conv.tools, images)
     if len(sample["input_ids"]) <= enc.context_length or not enc.cut_at_turn:
         return sample
     return Cut(_cut(enc, conv, images, offsets))
@@ -217,7 +218,7 @@ def _cut(enc: Encoder, conv: Conversation, images: list, offsets: list) -> dict:
         n_images = _image_parts(kept)
         if enc.vision and n_images == 0:
             break
-        sample, _ = _encode(enc, kept, conv.tools, images[:n_images])
+        sample, _ = encode_messages(enc, kept, conv.tools, images[:n_images])
         if len(sample["input_ids"]) <= enc.context_length:
             return sample
     raise Overlong()
@@ -226,13 +227,16 @@ def _cut(enc: Encoder, conv: Conversation, images: list, offsets: list) -> dict:
 # --- sources -----------------------------------------------------------------------------------
 
 def check_source(config: chat_dataset) -> None:
-    """Refuse, before any work, a chat dataset without a source, or a hub name without ``datasets``."""
+    """Refuse, before any work, a chat dataset without a source, a template file that cannot be
+    read, or a hub name without ``datasets``."""
     if not config.data_path:
         raise ShardtuneError(
             f"--dataset chat_dataset needs {FLAG}: a .json (a list of rows), .jsonl or .parquet file of "
             "conversations, a folder of <split>.<ext> files, or a Hugging Face Hub dataset name. A row is "
             "{\"messages\": [{\"role\": ..., \"content\": ...}, ...]} or {\"conversations\": [{\"from\": ..., "
             "\"value\": ...}, ...]} (docs/datasets.md).")
+    if config.chat_template:
+        read_template_file(config.chat_template)  # a missing or empty file stops the launcher, not the ranks
     if _is_hub_name(config.data_path) and importlib.util.find_spec("datasets") is None:
         raise ShardtuneError(
             f"{FLAG} {config.data_path!r} is not a local file or folder, so it is read as a Hugging Face Hub "

@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..batches import IGNORE_INDEX
-from ..config.configs import ocrvqa_dataset, train_config
+from ..config.configs import ChatTrainOn, ocrvqa_dataset, train_config
 from ..config.errors import ShardtuneError
-from .chat_masks import span_labels, turn_spans
-from .images import IMAGE_TOKEN, VisionCollator, check_image, image_ref
+from .images import VisionCollator, check_image, image_ref
 from .rows import BadRow, RawSplit
 from .vision_sources import FLAG, SPLIT_SEED, check_source, read_source, split_indices
 
@@ -97,39 +96,16 @@ def messages(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
     return out
 
 
-def _render(processor, template: str, msgs: list[dict], generation_prompt: bool = False) -> str:
-    try:
-        return processor.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-    except Exception as e:  # noqa: BLE001 - jinja's TemplateError and the template's raise_exception
-        raise BadRow(f"cannot be rendered with the chat template ({type(e).__name__}: {e})") from None
-
-
 def encode(row: Any, processor, template: str, base: Optional[Path]) -> dict[str, Any]:
-    """One row -> ``input_ids``, ``labels``, ``attention_mask`` and ``images`` (references); the
-    answers and their end-of-turn tokens are located from the template's renderings (chat_masks.py)."""
-    from transformers.models.mllama.processing_mllama import build_string_from_input
-
-    from ..model.loading import text_tokenizer
+    """One row -> ``input_ids``, ``labels``, ``attention_mask`` and ``images`` (references): the
+    conversation encoded as ``chat_dataset`` encodes it (answers and their end-of-turn tokens
+    located from the template's renderings)."""
+    from .chat_dataset import Encoder, encode_messages
 
     turns = _turns(row)
     refs = _images(row, base)
-    msgs = messages(turns, len(refs))
-    render = partial(_render, processor, template)
-    full = render(msgs)
-    spans = turn_spans(render, msgs, full, range(1, len(msgs), 2))
-    tokenizer = text_tokenizer(processor)
-    # As MllamaProcessor does: a BOS is added if the text has none (after leading image tokens).
-    text = build_string_from_input(full, tokenizer.bos_token, IMAGE_TOKEN) if tokenizer.bos_token else full
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = span_labels(ids, enc["offset_mapping"], spans, shift=len(text) - len(full))
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    n_tokens = sum(t == image_id for t in ids)
-    if n_tokens != len(refs):
-        raise BadRow(f"has {len(refs)} image(s) but its text renders {n_tokens} {IMAGE_TOKEN} tokens "
-                     f"(does a turn contain the literal {IMAGE_TOKEN!r}?)")
-    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids), "images": refs}
+    enc = Encoder(processor, template, ChatTrainOn.assistant, context_length=0, cut_at_turn=False, base=base)
+    return encode_messages(enc, messages(turns, len(refs)), None, refs)[0]
 
 
 def chat_template(processor) -> str:
