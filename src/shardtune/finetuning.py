@@ -27,7 +27,7 @@ import yaml
 from . import runtime
 from .checkpoint.manager import (CheckpointManager, checkpoint_run_dir, refuse_non_finite,  # noqa: F401 (re-exported)
                                  writes_resumable_checkpoints)
-from .config import Config, ShardtuneError, describe_options, parse_args
+from .config import Config, describe_options, parse_args
 from .config.configs import BatchingStrategy, defers_gradient_sync
 from .convert.mergeable import check_mergeable
 from .data import adopt_dataset_template, check_data_source, load_split, pad_fraction

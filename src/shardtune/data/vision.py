@@ -35,7 +35,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
-from ..batches import IGNORE_INDEX
 from ..config.configs import ChatTrainOn, ocrvqa_dataset, train_config
 from ..config.errors import ShardtuneError
 from .images import VisionCollator, check_image, image_ref
