@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -245,30 +246,97 @@ def tiny_tokenizer(tiny_model_dir):
 FSDP_WORKER = Path(__file__).parent / "parallel" / "fsdp_worker.py"
 
 
-@pytest.fixture(scope="session")
-def run_fsdp_cases():
-    """Run named recipe cases on 2 real gloo ranks in one torchrun launch (see fsdp_worker.py)."""
-    import json
-    import subprocess
-    import sys
+class FsdpPool:
+    """One 2-rank torchrun launch of fsdp_worker.py --serve, shared by every module's
+    ``run_fsdp_cases`` call: a launch costs ~10 s here (torchrun, 2 ranks and their DataLoader fork
+    servers each import torch), the cases themselves a second or two each. It starts at the first
+    request and again after a request that ended it (a failing case ends the launch, as before)."""
 
-    def run(root: Path, cases: dict, timeout_s: int = 600) -> dict:
+    def __init__(self, root: Path):
+        self.root, self.proc, self.queue, self.k, self.launches = root, None, None, 0, 0
+
+    def _start(self) -> None:
+        import subprocess
+        import sys
+
+        import psutil
+
+        self.launches += 1
+        self.queue = self.root / f"launch-{self.launches}"
+        self.queue.mkdir()
+        self.k = 0
+        # the ranks stop by themselves if this process is killed (no pool left polling for ever)
+        (self.queue / "owner").write_text(f"{os.getpid()}:{psutil.Process().create_time()}")
+        # --monitor-interval: torchrun checks its ranks every second, not 10 times a second, for the
+        # whole session (a failed rank is still seen within a second)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "--monitor-interval", "1", str(FSDP_WORKER), "--serve", str(self.queue)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(self.queue / "stdout", "wb") as out, open(self.queue / "stderr", "wb") as err:
+            # its own session: a timed-out launch is killed with its ranks and their fork servers
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+
+    def _tails(self) -> str:
+        return ((self.queue / "stdout").read_text(errors="replace")[-3000:] + "\n"
+                + (self.queue / "stderr").read_text(errors="replace")[-8000:])
+
+    def _kill(self) -> None:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def run(self, root: Path, cases: dict, timeout_s: int) -> dict:
+        import json
+        import time
+
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
         (root / "cases.json").write_text(json.dumps(cases))
         out = root / "results.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(FSDP_WORKER), str(root / "cases.json"), str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-        except subprocess.TimeoutExpired as exc:  # the worker's own watchdog should fire first
-            def tail(b):
-                return (b.decode(errors="replace") if isinstance(b, bytes) else (b or ""))[-6000:]
-
-            pytest.fail(f"2-rank run timed out after {timeout_s} s\n{tail(exc.stdout)}\n{tail(exc.stderr)}")
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+        request = self.queue / f"{self.k}.json"
+        (self.queue / "request.tmp").write_text(json.dumps({"cases": str(root / "cases.json"), "out": str(out)}))
+        os.replace(self.queue / "request.tmp", request)  # the ranks never read half a request
+        done = self.queue / f"{self.k}.done"
+        self.k += 1
+        deadline, wait = time.monotonic() + timeout_s, 0.05
+        while not done.is_file():  # polling for another process's event, not a fixed wait
+            if self.proc.poll() is not None:  # a case failed and ended the launch
+                code, self.proc = self.proc.returncode, None
+                pytest.fail(f"2-rank run exited with {code}\n{self._tails()}")
+            if time.monotonic() > deadline:  # the worker's own watchdog should fire first
+                self._kill()
+                pytest.fail(f"2-rank run timed out after {timeout_s} s\n{self._tails()}")
+            time.sleep(wait)
+            wait = min(wait * 1.5, 0.5)
         return json.loads(out.read_text())
 
-    return run
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        (self.queue / "stop").touch()
+        try:
+            code = self.proc.wait(timeout=120)
+        except Exception:
+            self._kill()
+            raise
+        self.proc = None
+        assert code == 0, self._tails()
+
+
+@pytest.fixture(scope="session")
+def run_fsdp_cases(tmp_path_factory):
+    """``run(root, cases)``: run named recipe cases on 2 real gloo ranks (see fsdp_worker.py) and
+    return their results; every call in the session is served by one torchrun launch (FsdpPool)."""
+    pool = FsdpPool(tmp_path_factory.mktemp("fsdp-pool"))
+
+    def run(root: Path, cases: dict, timeout_s: int = 600) -> dict:
+        return pool.run(root, cases, timeout_s)
+
+    yield run
+    pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,14 @@
 """Runs several FSDP fine-tunes in one torchrun launch (start-up costs ~10 s per launch here).
 
     torchrun --nproc_per_node 2 fsdp_worker.py CASES.json OUT.json
+    torchrun --nproc_per_node 2 fsdp_worker.py --serve QUEUE_DIR
+
+The second form is what the test suite uses (tests/conftest.py ``run_fsdp_cases``): one launch for
+the whole session that serves every module's case files in turn. It reads request ``QUEUE_DIR/<k>.json``
+(``{"cases": CASES.json, "out": OUT.json}``, k = 0, 1, ...), runs its cases as the first form does,
+and rank 0 writes OUT.json and then ``QUEUE_DIR/<k>.done``; a ``QUEUE_DIR/stop`` file ends it, and
+so does the end of the process named in ``QUEUE_DIR/owner`` ("PID:CREATE_TIME", a killed pytest). A
+case that fails (not an expected ``ShardtuneError``) ends the launch as in the first form.
 
 CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits" | "adapter"} (plus
 "expect_error": true to record a ShardtuneError's message instead of failing); cases run in order.
@@ -19,6 +27,8 @@ import faulthandler
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -121,34 +131,86 @@ def run_adapter(cfg, env) -> dict:
     return {n: full(p.detach()).tolist() for n, p in model.named_parameters() if ".lora_" in n or ".adaption_" in n}
 
 
+def run_cases(cases: dict, env, out: dict) -> None:
+    """Run ``cases`` in order, filling ``out`` (so what ran before a failure is kept)."""
+    for name, case in cases.items():
+        faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
+        print(f"rank {env.rank}: case {name}: start", file=sys.stderr, flush=True)
+        cfg = parse_args(case["args"]).config
+        runner = {"logits": run_logits, "adapter": run_adapter}.get(case.get("kind"), run_train)
+        if case.get("expect_error"):
+            try:
+                runner(cfg, env)
+                out[name] = {"error": None}
+            except ShardtuneError as exc:
+                out[name] = {"error": str(exc)}
+            continue
+        if runner is run_train:
+            out[name] = run_train(cfg, env, record_weights=bool(case.get("record_weights")),
+                                  record_logits=case.get("logits", True))
+        else:
+            out[name] = runner(cfg, env)
+        if env.is_main:
+            print(f"case {name}: done", flush=True)
+
+
+def write_json(path: str, value) -> None:
+    """Whole or not at all: the test side reads OUT.json as soon as it sees it."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(f"{path}.tmp", path)
+
+
+def owner_gone(owner: str) -> bool:
+    """The process that asked for this launch ("PID:CREATE_TIME") has ended (a killed pytest)."""
+    import psutil
+
+    pid, started = owner.split(":")
+    try:
+        return psutil.Process(int(pid)).create_time() != float(started)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def serve(queue: Path, env) -> None:
+    """Serve requests ``queue/<k>.json`` until ``queue/stop`` appears or the pytest process that
+    started this launch is gone (see the module docstring)."""
+    owner = (queue / "owner").read_text()
+    k = 0
+    while True:
+        request = queue / f"{k}.json"
+        wait = 0.02
+        while not request.is_file():  # another process's event: poll, less often the longer idle
+            if (queue / "stop").is_file() or owner_gone(owner):
+                return
+            time.sleep(wait)
+            wait = min(wait * 1.5, 0.5)
+        paths = json.loads(request.read_text())
+        out = {}
+        try:
+            run_cases(json.loads(Path(paths["cases"]).read_text()), env, out)
+        finally:
+            if env.is_main:
+                write_json(paths["out"], out)
+        faulthandler.cancel_dump_traceback_later()  # idle until the next request is no hang
+        if env.is_main:
+            (queue / f"{k}.done").touch()
+        k += 1
+
+
 def main() -> None:
-    cases = json.loads(open(sys.argv[1]).read())
+    serving = sys.argv[1] == "--serve"
+    cases = None if serving else json.loads(open(sys.argv[1]).read())
     env = init_distributed("cpu", need_group=True)
     out = {}
     try:
-        for name, case in cases.items():
-            faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
-            print(f"rank {env.rank}: case {name}: start", file=sys.stderr, flush=True)
-            cfg = parse_args(case["args"]).config
-            runner = {"logits": run_logits, "adapter": run_adapter}.get(case.get("kind"), run_train)
-            if case.get("expect_error"):
-                try:
-                    runner(cfg, env)
-                    out[name] = {"error": None}
-                except ShardtuneError as exc:
-                    out[name] = {"error": str(exc)}
-                continue
-            if runner is run_train:
-                out[name] = run_train(cfg, env, record_weights=bool(case.get("record_weights")),
-                                      record_logits=case.get("logits", True))
-            else:
-                out[name] = runner(cfg, env)
-            if env.is_main:
-                print(f"case {name}: done", flush=True)
+        if serving:
+            serve(Path(sys.argv[2]), env)
+        else:
+            run_cases(cases, env, out)
     finally:
-        if env.is_main:
-            with open(sys.argv[2], "w") as f:
-                json.dump(out, f)
+        if env.is_main and not serving:
+            write_json(sys.argv[2], out)
         faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
         print(f"rank {env.rank}: shutting down", file=sys.stderr, flush=True)
         shutdown()

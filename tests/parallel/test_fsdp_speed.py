@@ -2,7 +2,8 @@
 the chunked loss gives the plain loss's losses and trained weights (full fine-tuning, LoRA on the
 head and the embeddings, tied embeddings, Llama 3.2 Vision), every activation-checkpointing policy gives the losses of
 full checkpointing and of none, and the fused / foreach AdamW the for-loop one's. --compile with
-activation checkpointing and LoRA gives the eager losses (a second launch, marked slow)."""
+activation checkpointing and LoRA gives the eager losses (marked slow; its cases join the same
+launch, last, when that test is selected)."""
 
 from __future__ import annotations
 
@@ -43,9 +44,25 @@ def setting(tiny_model_dir, tiny_tied_model_dir, tiny_vision_model_dir, colour_r
     return {"root": root, "args": args, "tied": tiny_tied_model_dir, "vision": vision}
 
 
+COMPILE_TEST = "test_compile_with_checkpointing_and_lora_under_fsdp_gives_the_eager_losses"
+
+
+def compile_cases(a) -> dict:
+    packed = ("--batching_strategy", "packing", "--context_length", "64")  # one shape: one compilation
+    return {
+        "eager": {"args": a(*packed, "--use_peft", "--lora_config.lora_dropout", "0")},
+        "compiled": {"args": a(*packed, "--use_peft", "--lora_config.lora_dropout", "0", "--compile")},
+        "compiled_every_k_chunked": {"args": a(*packed, "--use_peft", "--lora_config.lora_dropout", "0", "--compile",
+                                               "--activation_checkpointing_policy", "every_k", *CHUNKED)},
+    }
+
+
 @pytest.fixture(scope="module")
-def results(setting, run_fsdp_cases):
+def results(setting, run_fsdp_cases, request):
     a = setting["args"]
+    # The slow --compile test's cases ride in this launch (one torchrun start-up, ~10 s, saved),
+    # last so that no other case runs after a compilation; only when that test was selected.
+    wanted = any(item.name == COMPILE_TEST for item in request.session.items)
     weights = {"record_weights": True}
     cases = {
         "plain": {"args": a(), **weights},
@@ -62,6 +79,7 @@ def results(setting, run_fsdp_cases):
         "adamw_for_loop": {"args": a("--optimizer_impl", "for_loop")},
         "adamw_foreach": {"args": a("--optimizer_impl", "foreach")},
         "adamw_fused": {"args": a("--optimizer_impl", "fused")},
+        **(compile_cases(a) if wanted else {}),
     }
     return run_fsdp_cases(setting["root"], cases)
 
@@ -96,18 +114,8 @@ def test_adamw_implementations_agree_under_fsdp(results, impl):
 
 
 @pytest.mark.slow
-def test_compile_with_checkpointing_and_lora_under_fsdp_gives_the_eager_losses(setting, run_fsdp_cases):
-    a = setting["args"]
-    packed = ("--batching_strategy", "packing", "--context_length", "64")  # one shape: one compilation
-    cases = {
-        "eager": {"args": a(*packed, "--use_peft", "--lora_config.lora_dropout", "0")},
-        "compiled": {"args": a(*packed, "--use_peft", "--lora_config.lora_dropout", "0", "--compile")},
-        "compiled_every_k_chunked": {"args": a(*packed, "--use_peft", "--lora_config.lora_dropout", "0", "--compile",
-                                               "--activation_checkpointing_policy", "every_k", *CHUNKED)},
-    }
-    root = setting["root"] / "compile"
-    root.mkdir()
-    r = run_fsdp_cases(root, cases)
+def test_compile_with_checkpointing_and_lora_under_fsdp_gives_the_eager_losses(results):
+    r = results
     for name in ("compiled", "compiled_every_k_chunked"):
         assert close(r[name]["losses"], r["eager"]["losses"]), (name, r[name]["losses"], r["eager"]["losses"])
         assert r[name]["changed"] == r["eager"]["changed"] and r["eager"]["changed"]
