@@ -60,9 +60,10 @@ def _finetune(argv: list[str]) -> None:
     if launch and (nproc > 1 or any(t.startswith("--nnodes") for t in launch)):
         # Validate here first so a bad flag or path fails once, not once per rank.
         from .config import parse_args
+
+        cfg = parse_args(rest).config  # flag errors before the heavy imports below
         from .finetuning import hold_outputs, preflight
 
-        cfg = parse_args(rest).config
         preflight(cfg, nproc)
         single_node = not any(t.startswith(("--nnodes", "--rdzv", "--master_", "--node_rank")) for t in launch)
         if single_node and "--standalone" not in launch:
