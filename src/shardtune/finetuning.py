@@ -10,6 +10,7 @@ Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -58,7 +59,8 @@ from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
-from .train.loop import Precision, evaluate, loss_sum, to_device, train_epoch
+from .train.dpo import AdapterOffReference, build_objective
+from .train.loop import LossStats, Precision, evaluate, label_tokens, loss_sum, to_device, train_epoch
 from .train.loss import chunk_tokens_of
 from .train.metrics import MetricsLog
 from .train.optim import build_optimizer, build_scheduler
@@ -80,6 +82,8 @@ class Components:
     precision: Precision
     loss_fn: Callable = loss_sum  # a micro-batch's forward + summed loss (--loss, --activation_offload)
     compile_s: Optional[float] = None  # --compile: seconds the start-up forward + backward took
+    count_fn: Callable = label_tokens  # what loss_fn's sum is over: label tokens; pairs for --use_dpo
+    loss_stats: Optional[LossStats] = None  # loss_fn's other figures (--use_dpo: rewards, accuracy)
 
 
 def say(env: DistEnv, *args) -> None:
@@ -230,6 +234,8 @@ def setup(cfg: Config, env: DistEnv) -> Components:
     precision = setup_precision(cfg, env)
     c = Components(model, tokenizer, train_loader, eval_loader, optimizer, scheduler, precision,
                    loss_fn=setup_loss(cfg))
+    if t.use_dpo:  # --- preference tuning: the DPO/IPO loss over pairs (train/dpo.py) ---
+        setup_preference(cfg, env, c)
     if t.compile:  # compiled now, on a real batch, so that training steps are timed without it
         c.compile_s = warm_up(model, to_device(next(iter(train_loader)), env.device), c.loss_fn, precision.autocast)
         say(env, f"compile: compiled {len(decoder_layers(model))} decoder layers in {c.compile_s:.1f} s (one "
@@ -242,6 +248,30 @@ def setup_loss(cfg: Config) -> Callable:
     t = cfg.train
     fn = functools.partial(loss_sum, chunk_tokens=chunk_tokens_of(t))
     return with_activation_offload(fn) if cfg.fsdp.activation_offload else fn
+
+
+def setup_preference(cfg: Config, env: DistEnv, c: Components) -> None:
+    """--use_dpo: the loop's loss becomes the preference loss, counted per pair, with its reference:
+    the policy with adapters disabled (PEFT), or a frozen copy of the starting model (full)."""
+    objective = build_objective(cfg.dpo, c.model, chunk_tokens=chunk_tokens_of(cfg.train),
+                                frozen_copy=lambda: setup_reference_model(cfg, env, c.tokenizer),
+                                after_forward=reshard)
+    reference = ("the model with its adapters disabled" if isinstance(objective.reference, AdapterOffReference)
+                 else "a frozen copy of the starting model" + (", sharded like it" if cfg.train.enable_fsdp else ""))
+    say(env, f"preference tuning: {cfg.dpo.loss_type.value} loss, beta {cfg.dpo.beta}; reference: {reference}")
+    c.loss_fn = with_activation_offload(objective) if cfg.fsdp.activation_offload else objective
+    c.count_fn, c.loss_stats = objective.count, objective
+
+
+def setup_reference_model(cfg: Config, env: DistEnv, tokenizer) -> torch.nn.Module:
+    """A full-parameter preference run's reference: the starting model built and sharded as the
+    policy is (same mesh and dtype), without what only training needs (activation checkpointing,
+    compilation, freezing); train/dpo.FrozenReference freezes it."""
+    ref = copy.deepcopy(cfg)
+    ref.train.compile = ref.train.freeze_layers = False
+    ref.fsdp.fsdp_activation_checkpointing = False
+    say(env, "reference model (frozen, no gradients or optimizer state):")
+    return setup_model(ref, env, tokenizer)
 
 
 def setup_precision(cfg: Config, env: DistEnv) -> Precision:
@@ -382,7 +412,7 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
                 on_non_finite="skip" if t.skip_nonfinite_steps else "stop",
                 progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
                 total_steps_hint=min(steps_per_epoch, remaining or steps_per_epoch), meter=meter,
-                loss_fn=c.loss_fn)
+                loss_fn=c.loss_fn, count_fn=c.count_fn, loss_stats=c.loss_stats)
             step += result.steps
             if result.steps == 0:
                 continue
@@ -396,10 +426,11 @@ def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) 
             improved, val = True, None
             if c.eval_loader is not None:
                 val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision, loss_fn=c.loss_fn,
-                               max_steps=t.max_eval_step or None)
+                               count_fn=c.count_fn, loss_stats=c.loss_stats, max_steps=t.max_eval_step or None)
                 reshard(c.model)
                 metrics.add_validation(step, val)
                 line += f" | val_loss={val.loss:.4f} val_ppl={val.perplexity:.4f}"
+                line += "".join(f" val_{k}={v:.4f}" for k, v in val.extra.items())  # --use_dpo
                 improved = val.loss < best_val
                 best_val = min(best_val, val.loss)
             say(env, line)
