@@ -1,7 +1,7 @@
 """The ``shardtune`` command: finetune, demo, generate.
 
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
-    shardtune demo [--vision] [--output_dir DIR] [--nproc_per_node N] [--seed S]
+    shardtune demo [--vision | --dpo] [--output_dir DIR] [--nproc_per_node N] [--seed S]
     shardtune generate PATH --prompt "..." [--prompt_file F] [--chat] [--output F] [--image IMG]
     shardtune chat PATH [--system "..."]
     shardtune checkpoints CHECKPOINT_FOLDER
@@ -27,7 +27,8 @@ commands:
   finetune   fine-tune a model (llama-recipes flags; --help-config lists them, --print-config
              shows the resolved config); --nproc_per_node N launches N ranks with torchrun
   demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
-             (--vision: a tiny Llama 3.2 Vision model on an image question)
+             (--vision: a tiny Llama 3.2 Vision model on an image question; --dpo: preference
+             tuning, held-out preference accuracy before/after)
   generate   generate text from any model a run left: an HF directory, a PEFT adapter, a step
              checkpoint, llama-recipes' .distcp folder or .pt file (--prompt_file, stdin, --chat,
              --output F; --image IMG: ask a vision model about an image)
