@@ -27,7 +27,7 @@ from .task import write_task_data
 N_TRAIN, N_EVAL = 1200, 200
 TRAIN_FLAGS = (
     "--use_dpo", "--dpo_config.beta", "0.1", "--batching_strategy", "padding", "--context_length", "256",
-    "--num_epochs", "2", "--lr", "2e-3", "--scheduler", "cosine", "--warmup_steps", "10",
+    "--num_epochs", "1", "--lr", "2e-3", "--scheduler", "cosine", "--warmup_steps", "5",
 )
 
 
