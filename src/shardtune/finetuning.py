@@ -59,7 +59,8 @@ from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
-from .train.dpo import AdapterOffReference, build_objective
+from .data.preference import attach_reference_logps
+from .train.dpo import AdapterOffReference, build_objective, precompute_reference_logps
 from .train.loop import LossStats, Precision, evaluate, label_tokens, loss_sum, to_device, train_epoch
 from .train.loss import chunk_tokens_of
 from .train.metrics import MetricsLog
@@ -252,13 +253,31 @@ def setup_loss(cfg: Config) -> Callable:
 
 def setup_preference(cfg: Config, env: DistEnv, c: Components) -> None:
     """--use_dpo: the loop's loss becomes the preference loss, counted per pair, with its reference:
-    the policy with adapters disabled (PEFT), or a frozen copy of the starting model (full)."""
-    objective = build_objective(cfg.dpo, c.model, chunk_tokens=chunk_tokens_of(cfg.train),
+    the policy with adapters disabled (PEFT), or a frozen copy of the starting model (full), or
+    (--dpo_config.precompute_reference) their log-probabilities computed once, before training."""
+    d, chunk = cfg.dpo, chunk_tokens_of(cfg.train)
+    objective = build_objective(d, c.model, chunk_tokens=chunk,
                                 frozen_copy=lambda: setup_reference_model(cfg, env, c.tokenizer),
                                 after_forward=reshard)
-    reference = ("the model with its adapters disabled" if isinstance(objective.reference, AdapterOffReference)
-                 else "a frozen copy of the starting model" + (", sharded like it" if cfg.train.enable_fsdp else ""))
-    say(env, f"preference tuning: {cfg.dpo.loss_type.value} loss, beta {cfg.dpo.beta}; reference: {reference}")
+    # the model has not trained yet: it is the reference (adapters off); before the loaders' workers
+    # start (at their first batch), so that the samples they are sent carry the values
+    if d.precompute_reference:
+        started = time.perf_counter()
+        for loader in (c.train_loader, c.eval_loader):
+            if loader is None:
+                continue
+            samples = loader.dataset.samples
+            attach_reference_logps(samples, precompute_reference_logps(
+                c.model, samples, objective.reference, collate=loader.collate_fn.inner,
+                batch_size=cfg.train.batch_size_training, rank=env.rank, world_size=env.world_size,
+                device=env.device, all_reduce_sum=env.all_reduce_sum, chunk_tokens=chunk))
+        reshard(c.model)
+        reference = f"precomputed for every pair in {time.perf_counter() - started:.1f} s"
+    elif isinstance(objective.reference, AdapterOffReference):
+        reference = "the model with its adapters disabled"
+    else:
+        reference = "a frozen copy of the starting model" + (", sharded like it" if cfg.train.enable_fsdp else "")
+    say(env, f"preference tuning: {d.loss_type.value} loss, beta {d.beta}; reference: {reference}")
     c.loss_fn = with_activation_offload(objective) if cfg.fsdp.activation_offload else objective
     c.count_fn, c.loss_stats = objective.count, objective
 

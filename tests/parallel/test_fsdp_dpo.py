@@ -68,6 +68,8 @@ def single_process(setting):
         "lora": finetune(_single(c, *LORA)),
         "llama_adapter": finetune(_single(c, *LLAMA_ADAPTER)),
         "ipo": finetune(_single(c, *IPO)),
+        "precompute": finetune(_single(c, "--dpo_config.precompute_reference")),
+        "lora_precompute": finetune(_single(c, *LORA, "--dpo_config.precompute_reference")),
     }
 
 
@@ -77,7 +79,8 @@ def two_ranks(setting, run_fsdp_cases):
     cases = {**{name: {"args": _fsdp(c, *flags), "logits": False} for name, flags in STRATEGIES.items()},
              "lora": {"args": _fsdp(c, *LORA), "logits": False},
              "llama_adapter": {"args": _fsdp(c, *LLAMA_ADAPTER), "logits": False},
-             "ipo": {"args": _fsdp(c, *IPO), "logits": False}}
+             "ipo": {"args": _fsdp(c, *IPO), "logits": False},
+             "precompute": {"args": _fsdp(c, "--dpo_config.precompute_reference"), "logits": False}}
     # exact resume: a checkpoint at step 2 of 3, then --resume does step 3 (full: the frozen reference
     # copy is built again from --model_name; LoRA: the reference is the base, with the adapter off)
     for kind, flags in (("full", ()), ("lora", LORA)):
@@ -137,3 +140,17 @@ def test_resumed_dpo_run_continues_with_the_uninterrupted_losses(two_ranks, kind
     whole = two_ranks["full_shard" if kind == "full" else "lora"]["losses"]
     first, resumed = two_ranks[f"{kind}_first_part"]["losses"], two_ranks[f"{kind}_resumed"]["losses"]
     assert _close(first, whole[:2]) and _close(resumed, whole[2:], rtol=1e-5), (first, resumed, whole)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_precomputed_reference_gives_the_same_run(single_process, kind):
+    """Reference log-probabilities computed once before training (no frozen copy for a full run) give
+    the losses and eval loss of the run that runs the reference every step."""
+    pre, live = single_process["precompute" if kind == "full" else "lora_precompute"], single_process[kind]
+    assert _close(pre["train_step_loss"], live["train_step_loss"], rtol=1e-5)
+    assert math.isclose(pre["best_eval_loss"], live["best_eval_loss"], rel_tol=1e-5)
+
+
+def test_precomputed_reference_under_fsdp_equals_one_process(single_process, two_ranks):
+    assert _close(two_ranks["precompute"]["losses"], single_process["full"]["train_step_loss"])
+    assert math.isclose(two_ranks["precompute"]["eval_loss"], single_process["full"]["best_eval_loss"], rel_tol=RTOL)

@@ -118,3 +118,33 @@ def test_ipo_objective_first_value(tiny):
     objective = PreferenceObjective(dpo_config(beta=0.25, loss_type=PreferenceLoss.ipo),
                                     FrozenReference(copy.deepcopy(model)), chunk_tokens=4)
     assert math.isclose(float(objective(model, batch)) / 3, (1 / 0.5) ** 2, rel_tol=1e-6)
+
+
+def test_precomputed_reference_logps_are_the_reference_of_each_pair_and_reach_the_batches(tiny):
+    from shardtune.data.preference import attach_reference_logps
+    from shardtune.train.dpo import StartingModelReference, precompute_reference_logps
+
+    model, tok, _ = tiny
+    samples = [encode({"prompt": f"Q{i}.", "chosen": f"Yes {i}" * (1 + i % 3), "rejected": "No."}, tok)
+               for i in range(5)]
+    collate = PreferenceCollator(tok.pad_token_id)
+    model.train()
+    # 2 "ranks" of batch 2: each computes its slices (a filler where it has none) and the sum holds all
+    parts = [precompute_reference_logps(model, samples, StartingModelReference(), collate=collate, batch_size=2,
+                                        rank=r, world_size=2, device=torch.device("cpu"), all_reduce_sum=lambda t: t)
+             for r in range(2)]
+    values = parts[0] + parts[1]
+    one = collate(samples)
+    with torch.no_grad():
+        want = sequence_logps(model, {k: one[k] for k in ("input_ids", "attention_mask")}, one["labels"])
+    assert torch.allclose(values[:, 0], want[:5].double(), atol=1e-5)
+    assert torch.allclose(values[:, 1], want[5:].double(), atol=1e-5)
+    assert model.training  # left as it was
+    attach_reference_logps(samples, values.tolist())
+    batch = collate(samples[:3])
+    assert batch["reference_logps"].tolist() == values[:3, 0].tolist() + values[:3, 1].tolist()
+    objective = PreferenceObjective(dpo_config(precompute_reference=True), StartingModelReference())
+    assert math.isclose(float(objective(model, batch)) / 3, math.log(2), rel_tol=1e-5)
+    del batch["reference_logps"]
+    with pytest.raises(RuntimeError, match="without the precomputed reference"):
+        objective(model, batch)

@@ -228,6 +228,9 @@ class dpo_config:
     beta: float = 0.1  # strength of the pull towards the reference model
     loss_type: PreferenceLoss = PreferenceLoss.sigmoid
     label_smoothing: float = 0.0  # sigmoid only: the assumed share of pairs whose labels are flipped (cDPO)
+    # the reference's log-probabilities of every pair computed in one pass before training (no frozen
+    # copy of a full-parameter model is kept, and no reference forward runs per step)
+    precompute_reference: bool = False
 
 
 @dataclass

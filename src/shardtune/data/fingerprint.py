@@ -21,8 +21,9 @@ def rows_fingerprint(samples: Sequence[Any]) -> str:
     h.update(str(len(samples)).encode())
     for sample in samples:
         h.update(b"\x00row")
-        if is_pair(sample):  # a preference pair: both responses' token fields
-            items = sorted((f"{k}.{name}", v) for k in PAIR for name, v in sample[k].items())
+        if is_pair(sample):  # a preference pair: both responses' token fields (not a precomputed reference_logp)
+            items = sorted((f"{k}.{name}", v) for k in PAIR for name, v in sample[k].items()
+                           if name != "reference_logp")
         else:
             items = sorted(sample.items()) if isinstance(sample, Mapping) else [("", sample)]
         for key, value in items:

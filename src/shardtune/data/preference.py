@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..batches import CAUSAL_PADDING
+from ..batches import CAUSAL_PADDING, REFERENCE_LOGPS
 from ..config.errors import ShardtuneError
 from .collate import pad_token_id
 from .encoding import prompt_answer
@@ -128,6 +128,14 @@ def load(config, tokenizer, split: str, train) -> RawSplit:
                     tokenized=False)
 
 
+def attach_reference_logps(samples: list[dict], values: Sequence[Sequence[float]]) -> None:
+    """--dpo_config.precompute_reference: pair i's reference log-probabilities (chosen, rejected)
+    kept in its samples, for the collator to put in each batch."""
+    for sample, pair in zip(samples, values, strict=True):
+        for key, value in zip(PAIR, pair, strict=True):
+            sample[key]["reference_logp"] = float(value)
+
+
 class PreferenceCollator:
     """B pairs -> one right-padded batch of 2B rows: the chosen responses, then the rejected ones
     (labels -100 and attention 0 on pads). Pads to the longest row (``pads_to_longest``: data/loader.pad_fraction counts from the lengths)."""
@@ -149,4 +157,6 @@ class PreferenceCollator:
             out["attention_mask"].append(list(r["attention_mask"]) + [0] * n_pad)
         batch: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
         batch[CAUSAL_PADDING] = all(all(r["attention_mask"]) for r in rows)
+        if all("reference_logp" in r for r in rows):  # --dpo_config.precompute_reference (train/dpo.py)
+            batch[REFERENCE_LOGPS] = torch.tensor([r["reference_logp"] for r in rows], dtype=torch.float64)
         return batch

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..batches import CAUSAL_PADDING
+from ..batches import CAUSAL_PADDING, REFERENCE_LOGPS
 from ..config.configs import PreferenceLoss, dpo_config
 from .loss import IGNORE_INDEX, final_hidden_states
 
@@ -38,6 +38,7 @@ from .loss import IGNORE_INDEX, final_hidden_states
 PREFERENCE_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
 # The model's inputs in a preference batch (the rest are labels and markers).
 _INPUTS = ("input_ids", "attention_mask")
+
 
 
 def preference_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -132,7 +133,13 @@ class PreferenceObjective:
             inputs.pop("attention_mask", None)
         labels = batch["labels"]
         n = labels.shape[0] // 2
-        ref = self.reference.logps(model, inputs, labels, self.chunk_tokens)
+        if REFERENCE_LOGPS in batch:  # --dpo_config.precompute_reference
+            ref = batch[REFERENCE_LOGPS].to(torch.float32)
+        elif self.config.precompute_reference:  # the policy would silently serve as its own reference
+            raise RuntimeError("--dpo_config.precompute_reference: a batch came without the precomputed reference "
+                               "log-probabilities (were the loader's workers started before they were computed?)")
+        else:
+            ref = self.reference.logps(model, inputs, labels, self.chunk_tokens)
         policy = sequence_logps(model, inputs, labels, self.chunk_tokens)
         c = self.config
         losses, chosen, rejected = preference_losses(policy[:n], policy[n:], ref[:n], ref[n:], beta=c.beta,
@@ -163,11 +170,55 @@ class PreferenceObjective:
                                              correct / pairs)))
 
 
+class StartingModelReference:
+    """The reference of a full-parameter run *before its first update*: the policy itself, without
+    gradients. Only for ``precompute_reference_logps`` at start-up (training changes the policy)."""
+
+    def logps(self, policy: nn.Module, inputs: dict, labels: torch.Tensor, chunk_tokens: Optional[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logps(policy, inputs, labels, chunk_tokens)
+
+
 def build_objective(config: dpo_config, model: nn.Module, *, chunk_tokens: Optional[int],
                     frozen_copy: Callable[[], nn.Module],
                     after_forward: Callable[[nn.Module], None] = lambda m: None) -> PreferenceObjective:
     """The objective with its reference: ``model``'s adapters off when it is a peft model (LoRA,
-    LLaMA-Adapter, QLoRA), else a frozen copy that ``frozen_copy()`` builds (full-parameter runs)."""
+    LLaMA-Adapter, QLoRA), else a frozen copy that ``frozen_copy()`` builds (full-parameter runs).
+    With ``precompute_reference`` no copy is built: the batches carry the reference's log-probabilities
+    (``precompute_reference_logps``), and the reference kept is only what computed them."""
     if callable(getattr(model, "disable_adapter", None)):
         return PreferenceObjective(config, AdapterOffReference(), chunk_tokens)
+    if config.precompute_reference:
+        return PreferenceObjective(config, StartingModelReference(), chunk_tokens)
     return PreferenceObjective(config, FrozenReference(frozen_copy(), after_forward), chunk_tokens)
+
+
+@torch.no_grad()
+def precompute_reference_logps(model: nn.Module, samples: list, reference, *, collate: Callable[[list], dict],
+                               batch_size: int, rank: int, world_size: int, device: torch.device,
+                               all_reduce_sum: Callable[[torch.Tensor], object],
+                               chunk_tokens: Optional[int] = None) -> torch.Tensor:
+    """--dpo_config.precompute_reference: the reference's log-probabilities of every pair of
+    ``samples``, ``[pairs, 2]`` (chosen, rejected), in one pass before training. Every rank runs the same number of batches (FSDP's collectives): rank r takes its slice
+    of each global batch of ``batch_size x world_size`` pairs, or a repeated pair whose result is not
+    kept, and the values are summed over ranks so every rank holds all of them."""
+    was_training = model.training
+    model.eval()
+    n = len(samples)
+    out = torch.zeros(n, 2, dtype=torch.float64, device=device)
+    size = batch_size * world_size
+    for start in range(0, n, size):
+        part = list(range(start, min(start + size, n)))
+        mine = part[rank * batch_size:(rank + 1) * batch_size]
+        batch = collate([samples[i] for i in (mine or part[:1])])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs = {k: batch[k] for k in _INPUTS if k in batch}
+        if batch.get(CAUSAL_PADDING):
+            inputs.pop("attention_mask", None)
+        logps = reference.logps(model, inputs, batch["labels"], chunk_tokens).double()
+        if mine:
+            k = len(mine)
+            out[mine] = torch.stack([logps[:k], logps[k:]], dim=1)
+    all_reduce_sum(out)
+    model.train(was_training)
+    return out.cpu()
