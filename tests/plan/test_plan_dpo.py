@@ -58,3 +58,11 @@ def test_planner_suggestions_run_on_a_dpo_config():
     run = Run(cfg, 1, 8)
     est = planner.estimate(run)
     assert isinstance(suggest(planner, run, est), list)
+
+
+def test_precomputed_reference_has_no_copy_and_no_forward_per_step():
+    live, _, _ = _estimate(*DPO)
+    pre, _, _ = _estimate(*DPO, "--dpo_config.precompute_reference")
+    twice, _, _ = _estimate("--batching_strategy", "padding", "--batch_size_training", "4")
+    assert pre.gpu.reference == 0 < live.gpu.reference
+    assert pre.step.hardware_flops == twice.step.hardware_flops < live.step.hardware_flops

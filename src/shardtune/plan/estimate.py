@@ -411,8 +411,14 @@ def rows_per_example(cfg: Config) -> int:
 
 def reference_bytes(cfg: Config, sb: ShardBytes) -> int:
     """--use_dpo: a full-parameter run holds a frozen copy of the starting model, sharded like its
-    parameters (train/dpo.FrozenReference); a PEFT run's reference is the same weights, adapters off."""
-    return sb.params if cfg.train.use_dpo and not cfg.train.use_peft else 0
+    parameters (train/dpo.FrozenReference); a PEFT run's reference is the same weights, adapters off,
+    and --dpo_config.precompute_reference keeps only the reference's log-probabilities."""
+    return sb.params if live_reference(cfg) and not cfg.train.use_peft else 0
+
+
+def live_reference(cfg: Config) -> bool:
+    """--use_dpo runs the reference's forward every step (not when its log-probabilities are precomputed)."""
+    return cfg.train.use_dpo and not cfg.dpo.precompute_reference
 
 
 def _qlora_loading(shapes: ModelShapes, device_type: str) -> int:
@@ -480,7 +486,7 @@ def step_time(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ac
     model = model_flops(shape, tokens, doc_len_sq, weight_grad_params=n_w)
     # checkpointing recomputes a forward; --use_dpo runs the reference's forward (not in the model
     # FLOPs, as the live MFU of train/perf.py does not count it either)
-    hardware = model + forward_flops(shape, tokens, doc_len_sq) * (int(ac) + int(t.use_dpo))
+    hardware = model + forward_flops(shape, tokens, doc_len_sq) * (int(ac) + int(live_reference(cfg)))
     seconds = hardware / (hw.peak_flops * hw.mfu) if hw.peak_flops > 0 else 0.0
     return StepTime(model, hardware, tokens, tokens * layout.world, seconds, hw.peak_flops, hw.peak_source, hw.mfu)
 
@@ -498,10 +504,15 @@ def _notes(shapes: ModelShapes, cfg: Config, layout: Layout) -> tuple[str, ...]:
         notes.append("QLoRA: the activation formula treats the 4-bit linears like frozen ones; bitsandbytes' "
                      "dequantized weight of the running layer is not counted.")
     if t.use_dpo:
+        if cfg.dpo.precompute_reference:
+            reference = ("the reference's log-probabilities are precomputed: no reference forward per step and "
+                         "no frozen copy (their one pass before training is not in the step time)")
+        elif t.use_peft:
+            reference = "the reference's forward (no gradients) is in the step time; it costs no memory (adapters off)"
+        else:
+            reference = "the reference's forward (no gradients) is in the step time and its frozen copy in the memory"
         notes.append("--use_dpo: a micro-batch of --batch_size_training pairs is 2x as many rows (chosen and "
-                     "rejected); the reference's forward (no gradients) is in the step time"
-                     + ("; the frozen reference copy is in the memory" if not t.use_peft else
-                        ", and costs no memory (the adapters are disabled for it)") + ".")
+                     f"rejected); {reference}.")
     if t.batching_strategy.value == "padding":
         notes.append("padding: activations are sized for full --context_length rows (the longest batch).")
     return tuple(notes)
