@@ -158,7 +158,7 @@ def test_collator_output_is_long_tensors(tokenizer):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--use_dpo", "--dataset", "alpaca_dataset", "--batching_strategy", "padding"], "preference pairs"),
+    (["--use_dpo", "--dataset", "alpaca_dataset", "--batching_strategy", "padding"], "custom_dataset whose function"),
     (["--use_dpo", "--dataset", "preference_dataset"], "--batching_strategy padding"),
     (["--dataset", "preference_dataset", "--batching_strategy", "padding"], "add --use_dpo"),
     (["--dpo_config.beta", "0.5"], "only applies with --use_dpo"),
@@ -185,4 +185,25 @@ def test_dpo_options_parse_flat_and_dotted():
 def test_missing_data_path_is_a_clear_error(tokenizer):
     cfg = parse_args(["--use_dpo", "--dataset", "preference_dataset", "--batching_strategy", "padding"]).config
     with pytest.raises(ShardtuneError, match="--preference_dataset.data_path FILE"):
+        load_split(cfg, tokenizer, "train")
+
+
+CUSTOM = '''
+def get_custom_dataset(dataset_config, tokenizer, split):
+    return [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"No idea {i}."}
+            for i in range(6 if split == "train" else 2)]
+'''
+
+
+def test_a_custom_dataset_may_return_preference_rows_under_use_dpo(tokenizer, tmp_path):
+    file = tmp_path / "pairs.py"
+    file.write_text(CUSTOM)
+    cfg = parse_args(["--dataset", "custom_dataset", "--custom_dataset.file", str(file), "--use_dpo",
+                      "--batching_strategy", "padding"]).config
+    split = load_split(cfg, tokenizer, "train")
+    want = encode({"prompt": "What is 1 plus 1?", "chosen": "It is 2.", "rejected": "No idea 1."}, tokenizer)
+    assert len(split.samples) == 6 and split.samples[1] == want
+    assert isinstance(split.collate_fn, PreferenceCollator)
+    file.write_text(CUSTOM + "\ndef get_data_collator(processor):\n    return lambda rows: rows\n")
+    with pytest.raises(ShardtuneError, match="Remove it from the file"):
         load_split(cfg, tokenizer, "train")

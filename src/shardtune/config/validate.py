@@ -232,10 +232,10 @@ def _check_preference(cfg) -> None:
                               "tuning learns from: add --use_dpo (supervised fine-tuning on the chosen responses "
                               "alone would also train on what the rejected ones were preferred over).")
         return
-    if t.dataset != "preference_dataset":
+    if t.dataset not in ("preference_dataset", "custom_dataset"):
         raise ConfigError(f"--use_dpo trains on preference pairs, but --dataset is {t.dataset}. Use --dataset "
                           "preference_dataset --preference_dataset.data_path FILE (rows with prompt, chosen and "
-                          "rejected; docs/preference.md).")
+                          "rejected; docs/preference.md), or a custom_dataset whose function returns such rows.")
     if t.batching_strategy.value == "packing":
         raise ConfigError("--use_dpo needs --batching_strategy padding: each pair's chosen and rejected responses "
                           "are rows of one padded batch, scored as whole sequences, and packing would join "

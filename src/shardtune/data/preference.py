@@ -122,10 +122,7 @@ def load(config, tokenizer, split: str, train) -> RawSplit:
     rows, where = read_records(config.data_path, flag=FLAG)
     require_columns(rows, ("chosen", "rejected"), config.data_path, FLAG)
     part, offset = split_off_eval(rows, split, train.eval_fraction, str(config.data_path))
-    check_chat_template(part, tokenizer, str(config.data_path))
-    return RawSplit(source=str(config.data_path), rows=part, encode=partial(encode, tokenizer=tokenizer),
-                    where=lambda i: where(i + offset), collate_fn=PreferenceCollator(pad_token_id(tokenizer)),
-                    tokenized=False)
+    return pair_split(str(config.data_path), part, tokenizer, where=lambda i: where(i + offset))
 
 
 def attach_reference_logps(samples: list[dict], values: Sequence[Sequence[float]]) -> None:
@@ -134,6 +131,15 @@ def attach_reference_logps(samples: list[dict], values: Sequence[Sequence[float]
     for sample, pair in zip(samples, values, strict=True):
         for key, value in zip(PAIR, pair, strict=True):
             sample[key]["reference_logp"] = float(value)
+
+
+def pair_split(source: str, rows: Sequence[Any], tokenizer, where=None) -> RawSplit:
+    """Rows of preference pairs from any source (a custom dataset's function under --use_dpo) as a
+    split that encodes and collates them as preference_dataset does."""
+    check_chat_template(rows, tokenizer, source)
+    extra = {"where": where} if where is not None else {}
+    return RawSplit(source=source, rows=rows, encode=partial(encode, tokenizer=tokenizer),
+                    collate_fn=PreferenceCollator(pad_token_id(tokenizer)), tokenized=False, **extra)
 
 
 class PreferenceCollator:
