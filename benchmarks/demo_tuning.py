@@ -53,7 +53,7 @@ from shardtune.data.prompts import alpaca_prompt
 from shardtune.demo.accuracy import show_examples, task_accuracy
 from shardtune.demo.task import KINDS, write_task_data
 from shardtune.demo.tiny import build_tiny_llama
-from shardtune.train.loss import IGNORE_INDEX
+from shardtune.batches import IGNORE_INDEX
 from shardtune.train.optim import lr_factor
 
 from . import common

@@ -71,7 +71,7 @@ VARIANTS = {
 def batch(rows: int, seq: int, vocab: int):
     import torch
 
-    from shardtune.train.loss import IGNORE_INDEX
+    from shardtune.batches import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, vocab, (rows, seq), generator=g)

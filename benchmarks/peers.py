@@ -444,7 +444,7 @@ def prepare(work: Path, st: Settings, args) -> tuple[dict, dict, dict]:
     docs = work / f"docs_{st.size}_{st.seq_len}_{st.batch_size}_{st.steps}_s{args.seed}.json"
     data = write_docs(docs, vocab=shape["vocab_size"], seq_len=st.seq_len, batch_size=st.batch_size,
                       steps=st.steps, seed=args.seed)
-    from shardtune.train.loss import IGNORE_INDEX
+    from shardtune.batches import IGNORE_INDEX
 
     spec = {"model_dir": str(model_dir), "docs": str(docs), "device": args.device, "dtype": st.dtype,
             "steps": st.steps, "batch_size": st.batch_size, "seq_len": st.seq_len, "lr": args.lr,

@@ -13,3 +13,7 @@ IGNORE_INDEX = -100
 # causal kernel instead of a built [batch, 1, seq, seq] mask and the masked kernel
 # (docs/training.md#attention-kernels).
 CAUSAL_PADDING = "causal_padding"
+
+# --use_dpo with --dpo_config.precompute_reference: a preference batch's reference log-probabilities,
+# one per row in the batch's row order (data/preference.PreferenceCollator sets it, train/dpo.py reads it).
+REFERENCE_LOGPS = "reference_logps"

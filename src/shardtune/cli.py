@@ -2,7 +2,7 @@
 
     shardtune finetune [--nproc_per_node N] [--nnodes N ...] <llama-recipes flags | --config f.yaml | k=v>
     shardtune data [training flags] [--show N|all] [--json] [--split train|test]
-    shardtune demo [--vision] [--output_dir DIR] [--nproc_per_node N] [--seed S]
+    shardtune demo [--vision | --dpo] [--output_dir DIR] [--nproc_per_node N] [--seed S]
     shardtune generate PATH --prompt "..." [--prompt_file F] [--chat] [--output F] [--image IMG]
     shardtune chat PATH [--system "..."]
     shardtune checkpoints CHECKPOINT_FOLDER
@@ -30,7 +30,8 @@ commands:
   data       what a run would train on, loaded as training loads it (same flags): a summary and the
              first --show N samples with their trained tokens marked (--json: input_ids + labels)
   demo       tiny Llama fine-tuned end to end on CPU: before/after accuracy, HF output
-             (--vision: a tiny Llama 3.2 Vision model on an image question)
+             (--vision: a tiny Llama 3.2 Vision model on an image question; --dpo: preference
+             tuning, held-out preference accuracy before/after)
   generate   generate text from any model a run left: an HF directory, a PEFT adapter, a step
              checkpoint, llama-recipes' .distcp folder or .pt file (--prompt_file, stdin, --chat,
              --output F; --image IMG: ask a vision model about an image)

@@ -13,10 +13,12 @@ When to save, what to load on resume and pre-emption are the checkpoint package'
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -55,7 +57,10 @@ from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .runtime import set_seed
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
-from .train.loop import LoopResult, Precision, evaluate, loss_sum, to_device, train_epoch
+from .data.preference import attach_reference_logps
+from .train.dpo import AdapterOffReference, build_objective, precompute_reference_logps
+from .train.loop import Precision, evaluate, label_tokens, loss_sum, to_device, train_epoch
+from .train.types import LoopResult, LossStats
 from .train.loss import chunk_tokens_of
 from .train.metrics import MetricsLog
 from .train.optim import build_optimizer, build_scheduler
@@ -79,6 +84,8 @@ class Components:
     steps_per_epoch: int  # optimizer steps in a whole epoch (the last one may take fewer micro-batches)
     loss_fn: Callable = loss_sum  # a micro-batch's forward + summed loss (--loss, --activation_offload)
     compile_s: Optional[float] = None  # --compile: seconds the start-up forward + backward took
+    count_fn: Callable = label_tokens  # what loss_fn's sum is over: label tokens; pairs for --use_dpo
+    loss_stats: Optional[LossStats] = None  # loss_fn's other figures (--use_dpo: rewards, accuracy)
 
 
 # --- entry: parse, refuse what cannot work, hold the output folder --------------------------------
@@ -218,6 +225,8 @@ def setup(cfg: Config, env: DistEnv, family: Optional[ModelFamily] = None) -> Co
     precision = setup_precision(cfg, env)
     c = Components(model, tokenizer, train_loader, eval_loader, optimizer, scheduler, precision, steps_per_epoch,
                    loss_fn=setup_loss(cfg))
+    if t.use_dpo:  # --- preference tuning: the DPO/IPO loss over pairs (train/dpo.py) ---
+        setup_preference(cfg, env, c, attention)
     if t.compile:  # compiled now, on a real batch, so that training steps are timed without it
         c.compile_s = warm_up(model, to_device(next(iter(train_loader)), env.device), c.loss_fn, precision.autocast)
         say(env, f"compile: compiled {len(decoder_layers(model))} decoder layers in {c.compile_s:.1f} s (one "
@@ -344,6 +353,48 @@ def setup_loss(cfg: Config) -> Callable:
     return with_activation_offload(fn) if cfg.fsdp.activation_offload else fn
 
 
+def setup_preference(cfg: Config, env: DistEnv, c: Components, attention: AttentionChoice) -> None:
+    """--use_dpo: the loop's loss becomes the preference loss, counted per pair, with its reference:
+    the policy with adapters disabled (PEFT), or a frozen copy of the starting model (full), or
+    (--dpo_config.precompute_reference) their log-probabilities computed once, before training."""
+    d, chunk = cfg.dpo, chunk_tokens_of(cfg.train)
+    objective = build_objective(d, c.model, chunk_tokens=chunk,
+                                frozen_copy=lambda: setup_reference_model(cfg, env, c.tokenizer, attention),
+                                after_forward=reshard)
+    # the model has not trained yet: it is the reference (adapters off); before the loaders' workers
+    # start (at their first batch), so that the samples they are sent carry the values
+    if d.precompute_reference:
+        started = time.perf_counter()
+        for loader in (c.train_loader, c.eval_loader):
+            if loader is None:
+                continue
+            samples = loader.dataset.samples
+            attach_reference_logps(samples, precompute_reference_logps(
+                c.model, samples, objective.reference, collate=loader.collate_fn.inner,
+                batch_size=cfg.train.batch_size_training, rank=env.rank, world_size=env.world_size,
+                device=env.device, all_reduce_sum=env.all_reduce_sum, chunk_tokens=chunk))
+        reshard(c.model)
+        reference = f"precomputed for every pair in {time.perf_counter() - started:.1f} s"
+    elif isinstance(objective.reference, AdapterOffReference):
+        reference = "the model with its adapters disabled"
+    else:
+        reference = "a frozen copy of the starting model" + (", sharded like it" if cfg.train.enable_fsdp else "")
+    say(env, f"preference tuning: {d.loss_type.value} loss, beta {d.beta}; reference: {reference}")
+    c.loss_fn = with_activation_offload(objective) if cfg.fsdp.activation_offload else objective
+    c.count_fn, c.loss_stats = objective.count, objective
+
+
+def setup_reference_model(cfg: Config, env: DistEnv, tokenizer, attention: AttentionChoice) -> torch.nn.Module:
+    """A full-parameter preference run's reference: the starting model built and sharded as the
+    policy is (same mesh and dtype), without what only training needs (activation checkpointing,
+    compilation, freezing); train/dpo.FrozenReference freezes it."""
+    ref = copy.deepcopy(cfg)
+    ref.train.compile = ref.train.freeze_layers = False
+    ref.fsdp.fsdp_activation_checkpointing = False
+    say(env, "reference model (frozen, no gradients or optimizer state):")
+    return setup_model(ref, env, tokenizer, attention)
+
+
 # --- train: epochs of steps, validation and saving; the results ------------------------------------
 
 def train(cfg: Config, env: DistEnv, c: Components, extra_hooks: Sequence = ()) -> dict:
@@ -456,7 +507,7 @@ def train_one_epoch(cfg: Config, env: DistEnv, c: Components, state: TrainState,
         on_non_finite="skip" if t.skip_nonfinite_steps else "stop",
         progress_desc=f"Training Epoch {epoch + 1}/{t.num_epochs}",
         total_steps_hint=min(c.steps_per_epoch, remaining or c.steps_per_epoch), meter=meter,
-        loss_fn=c.loss_fn)
+        loss_fn=c.loss_fn, count_fn=c.count_fn, loss_stats=c.loss_stats)
 
 
 def end_epoch(cfg: Config, env: DistEnv, c: Components, epoch: int, result: LoopResult, *,
@@ -469,10 +520,11 @@ def end_epoch(cfg: Config, env: DistEnv, c: Components, epoch: int, result: Loop
     val = None
     if c.eval_loader is not None:
         val = evaluate(c.model, c.eval_loader, env=env, precision=c.precision, loss_fn=c.loss_fn,
-                       max_steps=t.max_eval_step or None)
+                       count_fn=c.count_fn, loss_stats=c.loss_stats, max_steps=t.max_eval_step or None)
         reshard(c.model)
         metrics.add_validation(step, val)
         line += f" | val_loss={val.loss:.4f} val_ppl={val.perplexity:.4f}"
+        line += "".join(f" val_{k}={v:.4f}" for k, v in val.extra.items())  # --use_dpo
     say(env, line)
     for logger in loggers:
         logger.log_epoch(step, result, val)

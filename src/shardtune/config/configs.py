@@ -82,6 +82,13 @@ class GradientSync(str, enum.Enum):
     last_micro_batch = "last_micro_batch"  # reduce once per step: fewer collectives, unsharded gradients held
 
 
+class PreferenceLoss(str, enum.Enum):
+    """--dpo_config.loss_type (train/dpo.py)."""
+
+    sigmoid = "sigmoid"  # DPO (Rafailov et al. 2023), with optional label smoothing (cDPO)
+    ipo = "ipo"  # IPO (Azar et al. 2023): squared distance of the log-ratio margin from 1/(2 beta)
+
+
 class OptimizerImpl(str, enum.Enum):
     auto = "auto"  # fused where the device has the kernel (CUDA, CPU), else foreach
     fused = "fused"
@@ -166,6 +173,8 @@ class train_config:
     loss_chunk_tokens: int = 1024  # label tokens per chunk of --loss chunked
     compile: bool = False  # torch.compile each decoder layer (after activation checkpointing, before FSDP)
     optimizer_impl: OptimizerImpl = OptimizerImpl.auto  # AdamW's implementation (not anyprecision's)
+    # preference tuning (DPO / IPO, --dpo_config.*) on --dataset preference_dataset (docs/preference.md)
+    use_dpo: bool = False
 
 
 @dataclass
@@ -216,6 +225,18 @@ class quantization_config:
     compute_dtype: str = "bfloat16"
     use_double_quant: bool = False
     quant_storage: str = "bfloat16"
+
+
+@dataclass
+class dpo_config:
+    """--use_dpo: the preference loss (train/dpo.py, docs/preference.md)."""
+
+    beta: float = 0.1  # strength of the pull towards the reference model
+    loss_type: PreferenceLoss = PreferenceLoss.sigmoid
+    label_smoothing: float = 0.0  # sigmoid only: the assumed share of pairs whose labels are flipped (cDPO)
+    # the reference's log-probabilities of every pair computed in one pass before training (no frozen
+    # copy of a full-parameter model is kept, and no reference forward runs per step)
+    precompute_reference: bool = False
 
 
 @dataclass
@@ -293,6 +314,14 @@ class chat_dataset:
     cut_at_turn: bool = False  # over-long conversations: keep the whole turns that fit (system message kept)
 
 
+@dataclass
+class preference_dataset:
+    """Preference pairs for --use_dpo (data/preference.py): rows {prompt, chosen, rejected}, strings
+    or chat message lists. The eval split is the first --eval_fraction of the rows (as alpaca)."""
+    dataset: str = "preference_dataset"
+    data_path: str = ""  # a .json (list) / .jsonl / .parquet file
+
+
 DATASET_CONFIGS = {
     "samsum_dataset": samsum_dataset,
     "grammar_dataset": grammar_dataset,
@@ -300,6 +329,7 @@ DATASET_CONFIGS = {
     "custom_dataset": custom_dataset,
     "ocrvqa_dataset": ocrvqa_dataset,
     "chat_dataset": chat_dataset,
+    "preference_dataset": preference_dataset,
 }
 
 # Sections addressable as ``--<section>.<field>`` / YAML sub-mappings.
@@ -310,6 +340,7 @@ SECTIONS = {
     "llama_adapter_config": llama_adapter_config,
     "quantization_config": quantization_config,
     "wandb_config": wandb_config,
+    "dpo_config": dpo_config,
     **DATASET_CONFIGS,
 }
 

@@ -33,6 +33,7 @@ from .configs import (
     fsdp_config,
     llama_adapter_config,
     lora_config,
+    dpo_config,
     quantization_config,
     train_config,
     wandb_config,
@@ -42,12 +43,12 @@ from .errors import ConfigError
 # Sections whose fields may be given without a ``section.`` prefix. Dataset sections are
 # handled separately: a flat dataset field goes to the *selected* dataset.
 _FLAT_SECTIONS = ("train_config", "fsdp_config", "lora_config", "llama_adapter_config",
-                  "quantization_config", "wandb_config")
+                  "quantization_config", "wandb_config", "dpo_config")
 # Flat names that belong to one section only even though another section has a same-named
 # field: ``--dataset`` selects the dataset, it does not rename a dataset config.
 _FLAT_EXCLUDE = {("samsum_dataset", "dataset"), ("grammar_dataset", "dataset"),
                  ("alpaca_dataset", "dataset"), ("custom_dataset", "dataset"),
-                 ("chat_dataset", "dataset")}
+                 ("chat_dataset", "dataset"), ("preference_dataset", "dataset")}
 _TRUE = {"true", "yes", "1", "on", "y", "t"}
 _FALSE = {"false", "no", "0", "off", "n", "f"}
 _NONE = {"none", "null", "~", ""}
@@ -63,6 +64,7 @@ class Config:
     llama_adapter: llama_adapter_config = field(default_factory=llama_adapter_config)
     quantization: quantization_config = field(default_factory=quantization_config)
     wandb: wandb_config = field(default_factory=wandb_config)
+    dpo: dpo_config = field(default_factory=dpo_config)
     datasets: dict = field(default_factory=lambda: {k: v() for k, v in DATASET_CONFIGS.items()})
 
     @property
@@ -72,7 +74,7 @@ class Config:
     def section(self, name: str) -> Any:
         attr = {"train_config": "train", "fsdp_config": "fsdp", "lora_config": "lora",
                 "llama_adapter_config": "llama_adapter", "quantization_config": "quantization",
-                "wandb_config": "wandb"}.get(name)
+                "wandb_config": "wandb", "dpo_config": "dpo"}.get(name)
         return getattr(self, attr) if attr else self.datasets[name]
 
     def to_dict(self, all_datasets: bool = False) -> dict:

@@ -84,6 +84,7 @@ def validate(cfg) -> None:
     _check_fsdp_options(cfg)
     _check_checkpoint_options(cfg)
     _check_speed_options(cfg)
+    _check_preference(cfg)
     if t.from_peft_checkpoint and not t.use_peft:
         raise ConfigError("--from_peft_checkpoint needs --use_peft (it continues training an adapter).")
     if t.from_peft_checkpoint:
@@ -215,6 +216,42 @@ def _check_speed_options(cfg) -> None:
     if t.optimizer_impl.value != "auto" and f.optimizer.lower() == "anyprecision":
         raise ConfigError("--optimizer_impl chooses torch's AdamW implementation; --fsdp_config.optimizer "
                           "anyprecision has only one. Remove one of the two options.")
+
+
+def _check_preference(cfg) -> None:
+    """--use_dpo and its data (train/dpo.py, data/preference.py, docs/preference.md)."""
+    t, d = cfg.train, cfg.dpo
+    if not t.use_dpo:
+        defaults = SECTIONS["dpo_config"]()
+        changed = [f.name for f in dataclasses.fields(d) if getattr(d, f.name) != getattr(defaults, f.name)]
+        if changed:
+            raise ConfigError(f"--dpo_config.{changed[0]} only applies with --use_dpo (preference tuning); add "
+                              "--use_dpo or remove the option.")
+        if t.dataset == "preference_dataset":
+            raise ConfigError("--dataset preference_dataset holds chosen / rejected pairs, which only preference "
+                              "tuning learns from: add --use_dpo (supervised fine-tuning on the chosen responses "
+                              "alone would also train on what the rejected ones were preferred over).")
+        return
+    if t.dataset not in ("preference_dataset", "custom_dataset"):
+        raise ConfigError(f"--use_dpo trains on preference pairs, but --dataset is {t.dataset}. Use --dataset "
+                          "preference_dataset --preference_dataset.data_path FILE (rows with prompt, chosen and "
+                          "rejected; docs/preference.md), or a custom_dataset whose function returns such rows.")
+    if t.batching_strategy.value == "packing":
+        raise ConfigError("--use_dpo needs --batching_strategy padding: each pair's chosen and rejected responses "
+                          "are rows of one padded batch, scored as whole sequences, and packing would join "
+                          "several pairs' responses in one row. Add --batching_strategy padding.")
+    if not d.beta > 0:
+        raise ConfigError(f"--dpo_config.beta must be positive, got {d.beta}.")
+    if not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"--dpo_config.label_smoothing must be at least 0 and below 0.5 (the assumed share of "
+                          f"pairs whose preference is flipped), got {d.label_smoothing}.")
+    if d.label_smoothing and d.loss_type.value != "sigmoid":
+        raise ConfigError(f"--dpo_config.label_smoothing applies to --dpo_config.loss_type sigmoid; the "
+                          f"{d.loss_type.value} loss has none. Remove it, or use the sigmoid loss.")
+    if t.run_eval_after:
+        raise ConfigError("--run_eval_after measures next-token loss and answer exact match, which a preference "
+                          "split does not define; the run's evaluation (--run_validation) already reports the "
+                          "preference loss, rewards and accuracy. Remove --run_eval_after.")
 
 
 _QUANT_DTYPES = ("bfloat16", "float16", "float32")

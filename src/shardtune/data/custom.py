@@ -135,6 +135,14 @@ def load(config: custom_dataset, tokenizer, split: str, train: train_config) -> 
     where = f"{path}:{func_name}(dataset_config, tokenizer, {split_name!r})"
     rows = _as_rows(fn(config, tokenizer, split_name), where)
     collator = data_collator(module, tokenizer, str(path))
+    if train.use_dpo:  # rows of preference pairs, encoded and batched as preference_dataset's
+        if collator is not None:
+            raise ShardtuneError(f"{path} defines {COLLATOR_FUNCTION}, but --use_dpo batches a pair's chosen and "
+                                 "rejected responses itself (one padded batch of both). Remove it from the file, "
+                                 "and return rows with prompt, chosen and rejected (docs/preference.md).")
+        from .preference import pair_split
+
+        return pair_split(f"{path}:{func_name}[{split_name}]", rows, tokenizer)
     return RawSplit(source=f"{path}:{func_name}[{split_name}]", rows=rows,
                     encode=_encode_for_collator if collator else check_tokenized,
                     collate_fn=collator, tokenized=collator is None)

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .rows import PAIR, is_pair
+
 
 def rows_fingerprint(samples: Sequence[Any]) -> str:
     """SHA-1 (16 hex digits) over every row's token fields, in order. Values that are not tokens
@@ -19,7 +21,11 @@ def rows_fingerprint(samples: Sequence[Any]) -> str:
     h.update(str(len(samples)).encode())
     for sample in samples:
         h.update(b"\x00row")
-        items = sorted(sample.items()) if isinstance(sample, Mapping) else [("", sample)]
+        if is_pair(sample):  # a preference pair: both responses' token fields (not a precomputed reference_logp)
+            items = sorted((f"{k}.{name}", v) for k in PAIR for name, v in sample[k].items()
+                           if name != "reference_logp")
+        else:
+            items = sorted(sample.items()) if isinstance(sample, Mapping) else [("", sample)]
         for key, value in items:
             h.update(f"\x00{key}=".encode())
             h.update(_bytes(value))

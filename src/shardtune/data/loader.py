@@ -12,6 +12,7 @@ from ..config.configs import BatchingStrategy
 from ..config.errors import ShardtuneError
 from .collate import MaskFillers, PackedCollator, PaddingCollator, Rows, pad_token_id
 from .packing import pack
+from .rows import PAIR, is_pair
 from .sampler import GlobalBatchSampler
 from .workers import worker_options
 
@@ -67,11 +68,15 @@ def build_dataloader(samples: list[dict], *, tokenizer, strategy: BatchingStrate
 
 
 def _length(sample: Any) -> int:
+    if is_pair(sample):  # a preference pair's rows are padded to the longer response
+        return max(_length(sample[k]) for k in PAIR)
     ids = sample.get("input_ids") if isinstance(sample, Mapping) else None
     return len(ids) if ids is not None else 0  # raw rows for a custom collator: no grouping
 
 
-def _attended(sample: Any) -> int:
+def _attended(sample: Any) -> float:
+    if is_pair(sample):  # per row slot: the pair fills two rows of _length(sample) slots
+        return sum(_attended(sample[k]) for k in PAIR) / len(PAIR)
     mask = sample.get("attention_mask") if isinstance(sample, Mapping) else None
     return int(sum(mask)) if mask is not None else _length(sample)
 

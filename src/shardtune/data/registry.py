@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 from ..config.errors import ShardtuneError
 from ..config.parse import Config
-from . import alpaca, chat_dataset, custom, grammar, samsum, vision
+from . import alpaca, chat_dataset, custom, grammar, preference, samsum, vision
 from .rows import RawSplit, finalize
 from .split import TokenizedSplit
 
@@ -18,11 +18,12 @@ DATASETS: dict[str, Callable[..., RawSplit]] = {
     "custom_dataset": custom.load,
     "ocrvqa_dataset": vision.load,  # Llama 3.2 Vision: pass the processor as the tokenizer
     "chat_dataset": chat_dataset.load,  # text or vision: the tokenizer or the processor
+    "preference_dataset": preference.load,  # chosen / rejected pairs for --use_dpo
 }
 SPLITS = ("train", "test")
 # Datasets of text rows encoded with a tokenizer; a vision model is fed image + text batches by
 # its processor (ocrvqa_dataset, or a custom_dataset whose file builds them).
-TEXT_DATASETS = frozenset({"alpaca_dataset", "grammar_dataset", "samsum_dataset"})
+TEXT_DATASETS = frozenset({"alpaca_dataset", "grammar_dataset", "samsum_dataset", "preference_dataset"})
 
 
 def check_dataset_for_model(name: str, model_is_vision: bool, model_name: str) -> None:

@@ -18,6 +18,8 @@ from ..config.configs import OverlongPolicy
 from ..config.errors import ShardtuneError
 from .split import DataReport, TokenizedSplit
 
+# A preference sample (data/preference.py) is a pair of samples under these keys.
+PAIR = ("chosen", "rejected")
 _KEYS = ("input_ids", "labels", "attention_mask")
 _MAX_REASONS = 3
 _ENCODING_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -175,6 +177,8 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
             sample = sample.sample
         if raw.tokenized or (isinstance(sample, Mapping) and "input_ids" in sample):
             sample = _fit(sample, context_length, overlong, report)
+        elif is_pair(sample):
+            sample = _fit_pair(sample, context_length, overlong, report)
         if sample is not None:
             samples.append(sample)
             positions.append(i)
@@ -193,6 +197,21 @@ def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: Overlo
             f"--context_length {context_length}. {hint}")
     return TokenizedSplit(samples=samples, report=report, collate_fn=raw.collate_fn, source=raw.source,
                           positions=positions, where=raw.where)
+
+
+def is_pair(sample: Any) -> bool:
+    return isinstance(sample, Mapping) and all(isinstance(sample.get(k), Mapping) for k in PAIR)
+
+
+def _fit_pair(pair: dict, context_length: int, overlong: OverlongPolicy, report: DataReport) -> Optional[dict]:
+    """Both responses fitted as one example: the pair is dropped (or counted truncated) once."""
+    scratch = DataReport(source=report.source, split=report.split, context_length=context_length)
+    fitted = {k: _fit(pair[k], context_length, overlong, scratch) for k in PAIR}
+    if any(v is None for v in fitted.values()):
+        report.dropped_overlong += 1
+        return None
+    report.truncated += bool(scratch.truncated)
+    return fitted
 
 
 def _fit(sample: dict, context_length: int, overlong: OverlongPolicy, report: DataReport) -> Optional[dict]:

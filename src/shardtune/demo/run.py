@@ -15,7 +15,8 @@
 Exits with status 1 if the fine-tuned model did not learn the task or the converted checkpoint
 differs from it.
 
-``--vision`` runs the same six steps for a tiny Llama 3.2 Vision model on an image task
+``--dpo`` runs them with preference tuning (``--use_dpo``) on pairs of the same task and prints
+held-out preference accuracy (``shardtune.demo.preference``). ``--vision`` runs the same six steps for a tiny Llama 3.2 Vision model on an image task
 (``shardtune.demo.vision``); both demos are a ``DemoTask`` run by ``shardtune.demo.driver``.
 """
 
@@ -78,13 +79,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vision", action="store_true",
                     help="the vision demo: a tiny Llama 3.2 Vision model learns to name a shape's colour")
-    ap.add_argument("--output_dir", help="where everything is written (default: demo_out, or "
-                                         "demo_vision_out with --vision)")
+    ap.add_argument("--dpo", action="store_true",
+                    help="the preference demo: the tiny Llama learns to prefer the right answer with --use_dpo")
+    ap.add_argument("--output_dir", help="where everything is written (default: demo_out, "
+                                         "demo_vision_out with --vision, demo_dpo_out with --dpo)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nproc_per_node", type=int, default=2,
                     help="FSDP ranks to train with (default 2, on gloo); 1 trains in this process")
     args = ap.parse_args(argv)
-    if args.vision:
+    if args.vision and args.dpo:
+        ap.error("--vision and --dpo are two different demos; choose one")
+    if args.dpo:
+        from .preference import PREFERENCE_DEMO
+
+        task, default_dir = PREFERENCE_DEMO, "demo_dpo_out"
+    elif args.vision:
         from .vision import VISION_DEMO  # imported only when asked for: it draws with PIL
 
         task, default_dir = VISION_DEMO, "demo_vision_out"

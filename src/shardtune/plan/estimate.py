@@ -302,10 +302,12 @@ class GpuMemory:
     reserve: int
     capacity: Optional[int]  # None: not judged (a CPU run without --host_memory)
     loading: int = 0  # QLoRA: each rank quantizes the whole base onto its GPU before FSDP shards it
+    reference: int = 0  # --use_dpo, full-parameter: the frozen reference copy, sharded like the parameters
 
     @property
     def persistent(self) -> int:
-        return self.params + self.grads + self.optimizer + self.quant_state + self.temporaries.accumulation
+        return (self.params + self.grads + self.optimizer + self.quant_state + self.temporaries.accumulation
+                + self.reference)
 
     @property
     def phases(self) -> dict[str, int]:
@@ -401,19 +403,39 @@ def estimate(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ran
     whole = lambda spec: kept_whole(spec, layout, dtypes, offload)  # noqa: E731
     sb = shard_bytes(shapes, layout, f.optimizer, device, rank, whole)
     attention = attention_for(cfg, device, dtypes.compute)
-    acts = activation_bytes(shapes, batch=t.batch_size_training, seq=t.context_length, a=dtypes.a,
+    acts = activation_bytes(shapes, batch=t.batch_size_training * rows_per_example(cfg), seq=t.context_length,
+                            a=dtypes.a,
                             attention=attention, dropout_mask=1 if device == "cuda" else dtypes.a,
                             loss_chunk_tokens=chunk_tokens_of(t))
     ac = checkpointing_on(cfg)
     temps = temporaries(shapes, cfg, layout, dtypes, device, sb.optimizer, whole)
     on_gpu = (0, 0, 0) if offload else (sb.params, sb.grads, sb.optimizer)
+    reference = reference_bytes(cfg, sb)
     gpu = GpuMemory(params=on_gpu[0], grads=on_gpu[1], optimizer=on_gpu[2], activations=acts.for_run(ac),
                     activations_without_ac=acts.without_ac, activations_with_ac=acts.with_ac, temporaries=temps,
                     quant_state=shapes.quant_state_bytes, reserve=CUDA_RESERVE_BYTES if device == "cuda" else 0,
-                    capacity=hw.gpu_memory, loading=_qlora_loading(shapes, device))
+                    capacity=hw.gpu_memory, loading=_qlora_loading(shapes, device),
+                    reference=0 if offload else reference)
     host = host_memory(shapes, cfg, layout, hw, sb, gpu, offload, whole)
     return Estimate(shapes, layout, dtypes, attention, ac, gpu, host, checkpoint_sizes(shapes, cfg, dtypes),
                     step_time(shapes, cfg, layout, hw, ac), hw, offload, acts, sb, notes=_notes(shapes, cfg, layout))
+
+
+def rows_per_example(cfg: Config) -> int:
+    """Rows a training example puts in a batch: 2 for a preference pair (chosen and rejected), else 1."""
+    return 2 if cfg.train.use_dpo else 1
+
+
+def reference_bytes(cfg: Config, sb: ShardBytes) -> int:
+    """--use_dpo: a full-parameter run holds a frozen copy of the starting model, sharded like its
+    parameters (train/dpo.FrozenReference); a PEFT run's reference is the same weights, adapters off,
+    and --dpo_config.precompute_reference keeps only the reference's log-probabilities."""
+    return sb.params if live_reference(cfg) and not cfg.train.use_peft else 0
+
+
+def live_reference(cfg: Config) -> bool:
+    """--use_dpo runs the reference's forward every step (not when its log-probabilities are precomputed)."""
+    return cfg.train.use_dpo and not cfg.dpo.precompute_reference
 
 
 def _qlora_loading(shapes: ModelShapes, device_type: str) -> int:
@@ -440,8 +462,9 @@ def host_memory(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, 
     load_low_cpu = ranks * max((s.nbytes if whole(s) else -(-s.nbytes // shard) for s in shapes.params), default=0)
     if hw.device_type == "cpu":  # the "GPU" is host memory: every rank's whole working set is resident
         resident = ranks * gpu.total
-    elif offload:  # pinned host copies of the shards, gradients and optimizer state
-        resident = ranks * (sb.params + sb.grads_offloaded + sb.optimizer + sb.optimizer_host)
+    elif offload:  # pinned host copies of the shards, gradients and optimizer state (and a DPO reference's)
+        resident = ranks * (sb.params + sb.grads_offloaded + sb.optimizer + sb.optimizer_host
+                            + reference_bytes(cfg, sb))
     else:
         resident = ranks * sb.optimizer_host
     return HostMemory(load_normal, load_low_cpu, resident, ranks * RANK_BASELINE_BYTES[hw.device_type],
@@ -470,7 +493,7 @@ def step_time(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ac
     from ..train.flops import ModelShape, forward_flops, model_flops
 
     t = cfg.train
-    rows = t.batch_size_training * t.gradient_accumulation_steps
+    rows = t.batch_size_training * t.gradient_accumulation_steps * rows_per_example(cfg)
     tokens = rows * t.context_length
     doc_len_sq = rows * t.context_length ** 2
     shape = ModelShape(layers=shapes.layers, hidden=shapes.hidden, heads=shapes.heads, kv_heads=shapes.kv_heads,
@@ -479,7 +502,9 @@ def step_time(shapes: ModelShapes, cfg: Config, layout: Layout, hw: Hardware, ac
     n_w = sum(s.numel for s in shapes.params if s.trainable and len(s.shape) >= 2
               and (shapes.tied or not s.name.endswith("embed_tokens.weight")))
     model = model_flops(shape, tokens, doc_len_sq, weight_grad_params=n_w)
-    hardware = model + (forward_flops(shape, tokens, doc_len_sq) if ac else 0)
+    # checkpointing recomputes a forward; --use_dpo runs the reference's forward (not in the model
+    # FLOPs, as the live MFU of train/perf.py does not count it either)
+    hardware = model + forward_flops(shape, tokens, doc_len_sq) * (int(ac) + int(live_reference(cfg)))
     seconds = hardware / (hw.peak_flops * hw.mfu) if hw.peak_flops > 0 else 0.0
     return StepTime(model, hardware, tokens, tokens * layout.world, seconds, hw.peak_flops, hw.peak_source, hw.mfu)
 
@@ -496,6 +521,16 @@ def _notes(shapes: ModelShapes, cfg: Config, layout: Layout) -> tuple[str, ...]:
     if shapes.quantized:
         notes.append("QLoRA: the activation formula treats the 4-bit linears like frozen ones; bitsandbytes' "
                      "dequantized weight of the running layer is not counted.")
+    if t.use_dpo:
+        if cfg.dpo.precompute_reference:
+            reference = ("the reference's log-probabilities are precomputed: no reference forward per step and "
+                         "no frozen copy (their one pass before training is not in the step time)")
+        elif t.use_peft:
+            reference = "the reference's forward (no gradients) is in the step time; it costs no memory (adapters off)"
+        else:
+            reference = "the reference's forward (no gradients) is in the step time and its frozen copy in the memory"
+        notes.append("--use_dpo: a micro-batch of --batch_size_training pairs is 2x as many rows (chosen and "
+                     f"rejected); {reference}.")
     if t.batching_strategy.value == "padding":
         notes.append("padding: activations are sized for full --context_length rows (the longest batch).")
     return tuple(notes)

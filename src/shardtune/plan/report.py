@@ -81,6 +81,8 @@ def render_text(est: Estimate, cfg, suggestions: list[Suggestion]) -> str:
     ]
     if g.quant_state:
         rows.append(("4-bit quantization state (every rank holds all of it)", g.quant_state))
+    if g.reference:
+        rows.append(("frozen reference model (--use_dpo, full-parameter)", g.reference))
     if temps.accumulation:
         rows.append(("unsharded fp32 gradients across accumulated micro-batches", temps.accumulation))
     rows.append((f"activations, {ac} activation checkpointing", g.activations))
@@ -176,7 +178,7 @@ def to_json(est: Estimate, cfg, suggestions: list[Suggestion]) -> dict:
         "attention": {"kernel": est.attention.kernel, "mask": est.attention.mask},
         "per_gpu": {
             "params_bytes": g.params, "grads_bytes": g.grads, "optimizer_bytes": g.optimizer,
-            "quant_state_bytes": g.quant_state,
+            "quant_state_bytes": g.quant_state, "reference_bytes": g.reference,
             "activations_bytes": g.activations, "activations_without_ac_bytes": g.activations_without_ac,
             "activations_with_ac_bytes": g.activations_with_ac,
             "loss_bytes": est.activations.loss,

@@ -23,7 +23,7 @@ from ..parallel.distributed import DistEnv
 from .flops import batch_token_stats
 from .loss import next_token_loss_sum
 from .progress import LoopProgress
-from .types import LoopResult, StepHook, StepResult
+from .types import LossStats, LoopResult, StepHook, StepResult
 
 if TYPE_CHECKING:
     from .perf import StepMeter
@@ -132,6 +132,8 @@ def train_epoch(
     on_non_finite: str = "stop",
     meter: Optional["StepMeter"] = None,
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] = loss_sum,
+    count_fn: Callable[[dict], int] = label_tokens,
+    loss_stats: Optional[LossStats] = None,
 ) -> LoopResult:
     """One epoch of optimizer steps; stops early after ``max_steps`` steps (None = no limit) or
     when a hook sets ``stop_requested``. ``start_batch`` is how many micro-batches of the epoch
@@ -151,7 +153,9 @@ def train_epoch(
     ``LoopResult.perf`` (every rank calls it at the end: it reduces over ranks).
 
     ``loss_fn(model, batch)`` runs a micro-batch's forward and returns its summed loss
-    (:func:`loss_sum`; the recipe picks plain or chunked and adds activation offloading)."""
+    (:func:`loss_sum`; the recipe picks plain or chunked and adds activation offloading);
+    ``count_fn(batch)`` is how many units its loss sums over (label tokens; preference pairs for
+    DPO), the normaliser of a step's loss; ``loss_stats``: the loss function's other figures."""
     model.train()
     hooks = list(hooks)
     step = start_step
@@ -172,12 +176,14 @@ def train_epoch(
         t0 = time.perf_counter()
         stats = [batch_token_stats(b) for b in group]  # on the host, before the copy to the device
         group = [to_device(b, env.device) for b in group]
-        local_labels = sum(label_tokens(b) for b in group)
+        local_labels = sum(count_fn(b) for b in group)
         local_inputs = sum(n for n, _ in stats)
         local_sq = sum(sq for _, sq in stats)
         global_labels, global_inputs, global_sq = _global_sums(env, local_labels, local_inputs, local_sq)
         scale = env.world_size / max(global_labels, 1.0)
         local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        if loss_stats is not None:
+            loss_stats.reset()
         for i, batch in enumerate(group):
             before_backward(i == len(group) - 1)  # FSDP: which reductions wait for the last micro-batch
             with precision.autocast():
@@ -216,6 +222,8 @@ def train_epoch(
                             label_tokens=int(global_labels), input_tokens=int(global_inputs),
                             seconds=time.perf_counter() - t0, lr=lr, epoch_batch=batches_done,
                             skipped=bool(problem), doc_len_sq=int(global_sq))
+        if loss_stats is not None:  # a collective: every rank reaches it
+            result.extra = loss_stats.reduce(env.all_reduce_sum, env.device)
         if meter is not None:
             result.perf = meter.step_perf(result.input_tokens, result.doc_len_sq, result.seconds)
         if not problem:  # a skipped step's NaN stays out of the epoch's loss
@@ -226,7 +234,8 @@ def train_epoch(
         for hook in hooks:
             hook.after_step(result)
         shown = meter.postfix(result.perf) if result.perf is not None else {"tok_s": f"{result.tokens_per_s:,.0f}"}
-        bar.update({"loss": f"{result.loss:.4f}", **shown, "lr": f"{lr:.2e}"})  # in this order
+        extra = {k: f"{v:.4f}" for k, v in result.extra.items()}
+        bar.update({"loss": f"{result.loss:.4f}", **extra, **shown, "lr": f"{lr:.2e}"})  # in this order
         if any(getattr(hook, "stop_requested", False) for hook in hooks):
             break
     bar.close()
@@ -242,8 +251,10 @@ def train_epoch(
 def evaluate(model: torch.nn.Module, loader: Iterable, *, env: DistEnv,
              max_steps: Optional[int] = None, precision: Precision = Precision(),
              progress_desc: str = "Evaluating",
-             loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] = loss_sum) -> LoopResult:
-    """Token-mean loss over the eval set (over the batches actually run when ``max_steps`` cuts it)."""
+             loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] = loss_sum,
+             count_fn: Callable[[dict], int] = label_tokens, loss_stats: Optional[LossStats] = None) -> LoopResult:
+    """Token-mean loss over the eval set (over the batches actually run when ``max_steps`` cuts it);
+    ``count_fn`` and ``loss_stats`` as in :func:`train_epoch` (the mean is then per ``count_fn`` unit)."""
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, labels, inputs
     start = time.perf_counter()
@@ -252,19 +263,22 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, env: DistEnv,
     if max_steps is not None and batches is not None:
         batches = min(batches, max_steps)
     bar = LoopProgress(progress_desc, batches, enabled=env.is_main, unit="batch")
+    if loss_stats is not None:
+        loss_stats.reset()
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
         batch = to_device(batch, env.device)
         with precision.autocast():
             total[0] += loss_fn(model, batch).double()
-        total[1] += label_tokens(batch)
+        total[1] += count_fn(batch)
         total[2] += input_tokens(batch)
         steps += 1
         bar.update()
     bar.close()
     env.all_reduce_sum(total)
+    extra = loss_stats.reduce(env.all_reduce_sum, env.device) if loss_stats is not None else {}
     model.train()
     return LoopResult(loss=float(total[0] / total[1].clamp(min=1)), steps=steps,
                       label_tokens=int(total[1]), input_tokens=int(total[2]),
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, extra=extra)

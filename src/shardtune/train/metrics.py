@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 
 from ..outputs import ownership
 from ..outputs.atomic import atomic_write
+from .dpo import PREFERENCE_METRICS
 from .types import LoopResult, StepResult
 
 JSONL = "metrics.jsonl"
@@ -38,7 +39,11 @@ EPOCH_KEYS = ("train_epoch_loss", "train_epoch_perplexity", "train_epoch_tokens_
 EPOCH_PERF_KEYS = ("train_epoch_step", "train_epoch_tflops", "train_epoch_mfu", "train_epoch_host_rss_max_gib",
                    "train_epoch_gpu_max_allocated_gib", "train_epoch_gpu_max_reserved_gib")
 VAL_KEYS = ("val_step", "val_epoch_loss", "val_epoch_perplexity")
-KEYS = {"step": STEP_KEYS + STEP_PERF_KEYS, "epoch": EPOCH_KEYS + EPOCH_PERF_KEYS, "val": VAL_KEYS}
+# --use_dpo (train/dpo.py): the rewards, margin and accuracy of each step's and evaluation's pairs
+STEP_PREFERENCE_KEYS = tuple(f"train_step_{name}" for name in PREFERENCE_METRICS)
+VAL_PREFERENCE_KEYS = tuple(f"val_{name}" for name in PREFERENCE_METRICS)
+KEYS = {"step": STEP_KEYS + STEP_PERF_KEYS + STEP_PREFERENCE_KEYS, "epoch": EPOCH_KEYS + EPOCH_PERF_KEYS,
+        "val": VAL_KEYS + VAL_PREFERENCE_KEYS}
 ALWAYS = set(STEP_KEYS + EPOCH_KEYS + VAL_KEYS)
 
 # metrics.json key -> the scalar's name in TensorBoard and W&B (x axis: the optimizer step).
@@ -55,6 +60,8 @@ TAGS = {
     "train_epoch_gpu_max_allocated_gib": "memory/epoch_gpu_max_allocated_gib",
     "train_epoch_gpu_max_reserved_gib": "memory/epoch_gpu_max_reserved_gib",
     "val_epoch_loss": "eval/loss", "val_epoch_perplexity": "eval/perplexity",
+    **{f"train_step_{name}": f"train/{name}" for name in PREFERENCE_METRICS},
+    **{f"val_{name}": f"eval/{name}" for name in PREFERENCE_METRICS},
 }
 
 
@@ -70,6 +77,7 @@ def step_record(r: StepResult) -> dict:
         rec.update(train_step_tflops=p.tflops, train_step_mfu=p.mfu, train_step_host_rss_gib=p.host_rss_gib,
                    train_step_gpu_max_allocated_gib=p.gpu_max_allocated_gib,
                    train_step_gpu_max_reserved_gib=p.gpu_max_reserved_gib)
+    rec.update({f"train_step_{k}": v for k, v in r.extra.items()})
     return _without_none(rec)
 
 
@@ -85,7 +93,8 @@ def epoch_record(train: LoopResult, step: Optional[int] = None) -> dict:
 
 
 def val_record(step: int, val: LoopResult) -> dict:
-    return {"kind": "val", "val_step": step, "val_epoch_loss": val.loss, "val_epoch_perplexity": val.perplexity}
+    return {"kind": "val", "val_step": step, "val_epoch_loss": val.loss, "val_epoch_perplexity": val.perplexity,
+            **{f"val_{k}": v for k, v in val.extra.items()}}
 
 
 def scalars(record: dict) -> dict[str, float]:

@@ -7,8 +7,10 @@ them imports another for a type.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
 
 
 @dataclass
@@ -44,6 +46,7 @@ class StepResult:
     skipped: bool = False  # non-finite and skipped (--skip_nonfinite_steps): no update, loss is NaN/inf
     doc_len_sq: int = 0  # Σ document length² over ranks (the attention term of the model FLOPs)
     perf: Optional[StepPerf] = None  # throughput, MFU and memory, when the loop has a meter
+    extra: dict = field(default_factory=dict)  # the objective's own figures (``LossStats``: DPO rewards)
 
     @property
     def tokens_per_s(self) -> float:
@@ -59,6 +62,7 @@ class LoopResult:
     seconds: float
     doc_len_sq: int = 0
     perf: Optional[EpochPerf] = None
+    extra: dict = field(default_factory=dict)  # evaluate: the objective's own figures (``LossStats``)
 
     @property
     def perplexity(self) -> float:
@@ -67,6 +71,15 @@ class LoopResult:
     @property
     def tokens_per_s(self) -> float:
         return self.input_tokens / max(self.seconds, 1e-9)
+
+
+class LossStats(Protocol):
+    """Figures a loss function collects besides its loss (train/dpo.py's rewards and accuracy):
+    the loop resets them before each step (and evaluation) and reduces them over ranks after it,
+    into ``StepResult.extra`` / ``LoopResult.extra``."""
+
+    def reset(self) -> None: ...
+    def reduce(self, all_reduce_sum: Callable[[torch.Tensor], object], device: torch.device) -> dict: ...
 
 
 class StepHook(Protocol):
