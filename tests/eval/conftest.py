@@ -36,7 +36,7 @@ class TrainedRun:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> TrainedRun:
     """The recipe, in this process, on the demo task for TRAIN_STEPS steps, with --run_eval_after."""
-    from shardtune.demo.run import MODEL_SIZE
+    from shardtune.demo.text import MODEL_SIZE
     from shardtune.demo.task import write_task_data
     from shardtune.demo.tiny import build_tiny_llama
     from shardtune.finetuning import main as finetune

@@ -21,7 +21,7 @@ from ..data.preference import PreferenceCollator, encode
 from ..data.prompts import alpaca_prompt
 from ..train.dpo import sequence_logps
 from .driver import DemoTask, Rows
-from .run import GLOBAL_BATCH, _build_base, _prompt_batch
+from .text import GLOBAL_BATCH, _build_base, _prompt_batch
 from .task import write_task_data
 
 N_TRAIN, N_EVAL = 1200, 200
