@@ -27,8 +27,8 @@ What it measures
 * other cores: CPU used by other processes meanwhile (common.ForeignLoad); figures taken while it
   is well above 0 are unreliable. ``--repeats`` runs every variant again.
 
-    python benchmarks/dpo.py                  # ~5 min on 2 idle cores
-    python benchmarks/dpo.py --pairs 4 --seq 512 --repeats 1
+    python -m benchmarks.dpo                  # ~5 min on 2 idle cores
+    python -m benchmarks.dpo --pairs 4 --seq 512 --repeats 1
 """
 
 from __future__ import annotations
@@ -39,13 +39,10 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from . import common
 
 MODEL = dict(hidden_size=512, num_hidden_layers=11, num_attention_heads=8, num_key_value_heads=8,
              intermediate_size=1376)
@@ -125,29 +122,35 @@ def worker(spec_path: str, out_path: str) -> None:
         "tokens": int(data["input_ids"].numel() if name != "sft chosen" else chosen_only["input_ids"].numel())}))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dpo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_run_args(p)
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    if args.worker:
-        return worker(*args.worker)
-    info = common.machine_info()
-    common.print_machine(info)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    args = common.parse_or_work(p, argv, worker)
+    if args is None:
+        return
+    info = common.announce_machine("cpu")
+    with common.work_folder(args.workdir, "dpo-bench-") as work:
+        records = run_variants(args, work)
+    common.save_json(args.json, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+                                 "records": records})
+
+
+def run_variants(args, work: Path) -> list[dict]:
+    """Every variant, ``--repeats`` times, each in a fresh process; prints a line each and the table."""
     records, rows = [], []
     for repeat in range(args.repeats):
         for i, variant in enumerate(VARIANTS):
             spec, out = work / f"{i}-{repeat}.json", work / f"{i}-{repeat}.out.json"
             spec.write_text(json.dumps({"variant": variant, "pairs": args.pairs, "seq": args.seq,
                                         "steps": args.steps, "threads": args.threads}))
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(spec), str(out)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", str(spec), str(out)],
+                                  capture_output=True, text=True, cwd=common.REPO)
             if proc.returncode != 0:
                 raise SystemExit(f"{variant['name']} failed:\n{proc.stderr[-4000:]}")
             r = json.loads(out.read_text())
@@ -161,10 +164,8 @@ def main() -> None:
     print(f"\n{args.pairs} pairs x {args.seq} tokens a side, {args.threads} threads, median of {args.steps} steps")
     print(common.table(["variant", "run", "tokens", "s/step", "peak added", "reference copy", "other cores"], rows,
                        align="lrrrrrr"))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "records": records}, indent=1))
+    return records
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)
