@@ -152,3 +152,18 @@ def test_a_changed_lora_rank_is_refused_by_name(tiny_model_dir, first, tmp_path)
     with pytest.raises(ShardtuneError, match=r"lora_A.*is \[8, \d+\] in the checkpoint and \[16, \d+\] here") as err:
         finetune(_args(tiny_model_dir, first["data"], out, *lora, "--resume", "--lora_config.r", "16"))
     assert "--lora_config.r" in str(err.value) and "earlier checkpoint" not in str(err.value)
+
+
+def test_switching_to_preference_tuning_is_refused_by_name(first, tmp_path):
+    """A fine-tuning checkpoint resumed with --use_dpo would continue another objective (its loss,
+    metrics and schedule are the fine-tuning run's): refused, naming the flag, before any step."""
+    out = tmp_path / "out"
+    shutil.copytree(first["out"], out)
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"prompt": f"Spell {i}.", "chosen": " ".join(str(i)), "rejected": str(i)}
+                                 for i in range(ROWS)]))
+    args = _args(first["model"], pairs, out, "--resume", "--use_dpo")
+    args[args.index("alpaca_dataset")] = "preference_dataset"
+    args[args.index("--alpaca_dataset.data_path")] = "--preference_dataset.data_path"
+    with pytest.raises(ShardtuneError, match=r"--use_dpo is False in the checkpoint and True now"):
+        finetune(args)

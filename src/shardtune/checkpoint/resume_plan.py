@@ -5,9 +5,9 @@ and how its data position is counted (the rows' fingerprint, the global batch si
 ``DataRecord``). On resume every changed setting falls into one class, and one start-up line per
 setting says which:
 
-* **refused** (``REFUSED``): settings that change the parameters' shapes or meaning, or the
-  optimizer's state (model, PEFT method and its options, quantization, freezing, pure bf16, the
-  optimizer): the saved weights cannot continue under them. The error names the setting and both
+* **refused** (``REFUSED``): settings that change the parameters' shapes or meaning, the
+  optimizer's state or the objective (model, PEFT method and its options, quantization, freezing,
+  pure bf16, the optimizer, ``--use_dpo``): the saved run cannot continue under them. The error names the setting and both
   values.
 * **remapped** (``LAYOUT``: batch size, ranks, seed, accumulation): the data position is counted
   in samples. Mid-epoch, the samples the checkpoint's layout had trained are worked out exactly
@@ -37,10 +37,11 @@ from ..config.configs import DATASET_CONFIGS
 from ..config.errors import ShardtuneError
 from ..data.sampler import GlobalBatchSampler
 
-# Changing these changes the parameters (shapes, meaning) or the optimizer state: never continued.
+# Changing these changes the parameters (shapes, meaning), the optimizer state or the objective
+# (--use_dpo: a preference run's loss, metrics and reference model): never continued.
 REFUSED = {
     "train_config": {"model_name", "use_peft", "peft_method", "quantization", "freeze_layers", "num_freeze_layers",
-                     "freeze_LLM_only", "freeze_vision_tower"},
+                     "freeze_LLM_only", "freeze_vision_tower", "use_dpo"},
     "fsdp_config": {"pure_bf16", "optimizer"},
     "lora_config": {"r", "lora_alpha", "target_modules", "modules_to_save", "use_rslora", "use_dora", "bias",
                     "task_type", "inference_mode"},
@@ -148,7 +149,8 @@ def plan_resume(path: Path, state: dict, *, config: dict, world_size: int, sampl
         what = "; ".join(f"{_flag(s, n)} is {o!r} in the checkpoint and {v!r} now" for s, n, o, v in refused)
         raise ShardtuneError(
             f"Cannot resume from {path}: {what}. This changes the model's parameters (their shapes or "
-            "meaning) or the optimizer's state, so the saved weights cannot continue under it. Resume "
+            "meaning), the optimizer's state or the training objective, so the saved run cannot continue "
+            "under it (to preference-tune a fine-tuned model, start a new run from its exported model). Resume "
             "with the checkpoint's value (its train_params.yaml lists every setting), or start a new run "
             "(another --output_dir or --dist_checkpoint_folder) with the new one.")
 
