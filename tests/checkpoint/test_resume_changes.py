@@ -160,7 +160,7 @@ def test_switching_to_preference_tuning_is_refused_by_name(first, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first["out"], out)
     pairs = tmp_path / "pairs.json"
-    pairs.write_text(json.dumps([{"prompt": f"Spell {i}.", "chosen": " ".join(str(i)), "rejected": str(i)}
+    pairs.write_text(json.dumps([{"prompt": f"Spell {i}.", "chosen": " ".join(str(i)), "rejected": f"no {i}"}
                                  for i in range(ROWS)]))
     args = _args(first["model"], pairs, out, "--resume", "--use_dpo")
     args[args.index("alpaca_dataset")] = "preference_dataset"
