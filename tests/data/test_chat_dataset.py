@@ -478,3 +478,26 @@ def test_no_data_path_is_refused_before_any_work(make_config):
     cfg = make_config("chat_dataset")
     with pytest.raises(ShardtuneError, match=r"(?s)needs --chat_dataset\.data_path.*\"messages\".*\"conversations\""):
         check_data_source(cfg)
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "last"])
+def test_shardtune_data_shows_the_template_rendering_and_the_assistant_spans(llama3_chat_model_dir, llama3_tokenizer,
+                                                                              tmp_path, capfd, train_on):
+    """`shardtune data --show all --json` on a Llama 3.2 Instruct conversation file, as a user runs
+    it on the model folder: every sample's input_ids are apply_chat_template(messages) and its
+    trained tokens are exactly the assistant answers (all of them, or the last)."""
+    from shardtune import cli
+
+    tok, convs = llama3_tokenizer, _rows()
+    path = _write(tmp_path / "chats.jsonl", [{"messages": c} for c in convs])
+    capfd.readouterr()
+    cli.main(["data", "--model_name", str(llama3_chat_model_dir), "--dataset", "chat_dataset",
+              "--chat_dataset.data_path", str(path), "--chat_dataset.train_on", train_on,
+              "--eval_fraction", "0.25", "--batching_strategy", "padding", "--batch_size_training", "1",
+              "--show", "all", "--json"])
+    shown = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert len(shown) == len(convs) - 1  # the first row is the eval split
+    for sample, messages in zip(shown, convs[1:]):
+        assert sample["input_ids"] == tok.apply_chat_template(_normalised(messages), return_dict=False)
+        answers = _llama_answers(messages)
+        assert _runs(tok, sample["input_ids"], sample["labels"]) == (answers if train_on == "assistant" else answers[-1:])
