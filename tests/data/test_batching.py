@@ -298,3 +298,22 @@ def test_packing_places_the_longest_documents_first():
 
     assert assign([2, 5, 4, 3, 2], 8) == [[1, 3], [0, 2, 4]]
     assert assign([4, 0, 4], 4) == [[0], [2]]  # ties keep dataset order; empty documents take no room
+
+
+@pytest.mark.parametrize("strategy", ["packing", "padding"])
+def test_no_full_batch_counts_what_the_batches_are_made_of(tiny_tokenizer, make_config, strategy):
+    """38 short samples pack into one 512-token sequence: the error counts the packed sequences
+    (a global batch of 4 x 2 needs 8), not the 38 samples, which would read as enough."""
+    from shardtune.data.split import DataReport, TokenizedSplit
+    from shardtune.data.training import build_train_loader
+
+    cfg = make_config("alpaca_dataset", batching_strategy=BatchingStrategy(strategy),
+                      batch_size_training=4 if strategy == "packing" else 32, num_workers_dataloader=0)
+    split = TokenizedSplit(make_samples([12] * 38), DataReport("rows", "train", 512))
+    with pytest.raises(ShardtuneError) as err:
+        build_train_loader(cfg, split, tiny_tokenizer, rank=0, world_size=2)
+    if strategy == "packing":
+        assert "38 samples packed into 1 sequence of --context_length 512 tokens" in str(err.value)
+        assert "needs 8" in str(err.value) and "--batching_strategy padding" in str(err.value)
+    else:
+        assert "38 samples, and a global batch of 32 x 2 ranks needs 64" in str(err.value)

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from torch.utils.data import DataLoader
 
+from ..config.configs import BatchingStrategy
 from ..config.errors import ShardtuneError
 from ..config.parse import Config
 from .loader import build_dataloader
@@ -30,10 +31,18 @@ def build_train_loader(cfg: Config, split: TokenizedSplit, tokenizer, *, rank: i
         num_workers=t.num_workers_dataloader if num_workers is None else num_workers,
         collate_fn=split.collate_fn, packed_varlen=packed_varlen, required_keys=required_keys)
     if len(loader) == 0:
+        needed = t.batch_size_training * world_size
+        if t.batching_strategy is BatchingStrategy.packing:  # the batches are the packed sequences
+            packed = len(loader.dataset)
+            have = (f"{len(split.samples)} samples packed into {packed} sequence{'' if packed == 1 else 's'} "
+                    f"of --context_length {t.context_length} tokens")
+            fix = "Lower --batch_size_training or --context_length, use --batching_strategy padding, or add data."
+        else:
+            have = f"{len(split.samples)} samples"
+            fix = "Lower --batch_size_training or add data."
         raise ShardtuneError(
-            f"The training set gives no full batch: {len(split.samples)} samples (after "
-            f"{t.batching_strategy.value}) for a global batch of {t.batch_size_training} x "
-            f"{world_size} ranks. Lower --batch_size_training or add data.")
+            f"The training set gives no full batch: {have}, and a global batch of "
+            f"{t.batch_size_training} x {world_size} ranks needs {needed}. {fix}")
     return loader
 
 
