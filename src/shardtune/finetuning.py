@@ -279,8 +279,10 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily, attent
     return train_loader, eval_loader
 
 
-def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[AttentionChoice] = None) -> torch.nn.Module:
-    """Loaded (or built on the meta device), frozen / PEFT-wrapped, checkpointed, compiled and sharded."""
+def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[AttentionChoice] = None, *,
+                trained: bool = True) -> torch.nn.Module:
+    """Loaded (or built on the meta device), frozen / PEFT-wrapped, checkpointed, compiled and sharded.
+    ``trained`` False (a DPO reference, frozen by its caller): no "trainable params" line."""
     t, f = cfg.train, cfg.fsdp
     dtype = runtime.training_dtype(env.device, pure_bf16=f.pure_bf16)
     attn = (attention or attention_for(cfg, env)).implementation
@@ -330,7 +332,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[Attent
                                  weights_dtype=dtype)
     elif not t.quantization:  # a quantized model was loaded onto its device
         model.to(env.device)
-    say(env, trainable_summary(model))
+    if trained:
+        say(env, trainable_summary(model))
     return model
 
 
@@ -423,7 +426,7 @@ def setup_reference_model(cfg: Config, env: DistEnv, tokenizer, attention: Atten
     ref.train.compile = ref.train.freeze_layers = False
     ref.fsdp.fsdp_activation_checkpointing = False
     say(env, "reference model (frozen, no gradients or optimizer state):")
-    return setup_model(ref, env, tokenizer, attention)
+    return setup_model(ref, env, tokenizer, attention, trained=False)
 
 
 # --- train: epochs of steps, validation and saving; the results ------------------------------------
