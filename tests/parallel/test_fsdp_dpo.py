@@ -91,7 +91,8 @@ def two_ranks(setting, run_fsdp_cases):
              "qlora_ipo": {"args": _fsdp(c, *QLORA, *IPO), "logits": False}}
     # exact resume: a checkpoint at step 2 of 3, then --resume does step 3 (full: the frozen reference
     # copy is built again from --model_name; LoRA: the reference is the base, with the adapter off)
-    for kind, flags in (("full", ()), ("lora", LORA)):
+    # precompute: --resume reads <output_dir>/dpo_reference_logps.json back (train/reference_store.py)
+    for kind, flags in (("full", ()), ("lora", LORA), ("precompute", ("--dpo_config.precompute_reference",))):
         out = str(root / f"resume-{kind}")
         cases[f"{kind}_first_part"] = {"args": _fsdp(c, *flags, "--output_dir", out, "--save_every_n_steps", "1",
                                                      "--max_train_step", "2"), "logits": False}
@@ -143,9 +144,9 @@ def test_an_adapter_run_trains_only_the_adapter(two_ranks):
     assert lora["changed"] and all("lora_" in n for n in lora["changed"])
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "precompute"])
 def test_resumed_dpo_run_continues_with_the_uninterrupted_losses(two_ranks, kind):
-    whole = two_ranks["full_shard" if kind == "full" else "lora"]["losses"]
+    whole = two_ranks["full_shard" if kind == "full" else kind]["losses"]
     first, resumed = two_ranks[f"{kind}_first_part"]["losses"], two_ranks[f"{kind}_resumed"]["losses"]
     assert _close(first, whole[:2]) and _close(resumed, whole[2:], rtol=1e-5), (first, resumed, whole)
 
@@ -235,3 +236,11 @@ def test_a_resumed_precompute_run_reads_the_stored_reference_and_continues_exact
     whole = single_process["precompute"]["train_step_loss"]
     assert _close(first["train_step_loss"], whole[:2], rtol=1e-6) and _close(resumed["train_step_loss"], whole[2:],
                                                                                rtol=1e-6), (first, resumed, whole)
+
+
+def test_two_resumed_ranks_read_the_stored_reference(setting, two_ranks):
+    """Written before the first part's first step and not again: older than its step-2 checkpoint."""
+    out = setting["root"] / "resume-precompute"
+    stored = out / "dpo_reference_logps.json"
+    step2 = out / "checkpoints" / "fine-tuned" / "step-000002"
+    assert stored.stat().st_mtime_ns < step2.stat().st_mtime_ns
