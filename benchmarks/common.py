@@ -229,6 +229,34 @@ def _own_cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def reset_peak() -> None:
+    """Restart the kernel's RSS high-water mark (VmHWM) from the current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def timed_steps(step: Callable[[], object], steps: int) -> dict:
+    """One warm-up ``step()`` (optimizer state, compilation: timed apart as ``first_s``), then
+    ``steps`` timed ones: ``step_s`` (their median), ``steps_s``, ``peak_added`` (the RSS high-water
+    mark of the timed steps minus the RSS before the warm-up: what the steps add on top of the
+    model) and ``other_cores`` (ForeignLoad over all of it)."""
+    import statistics
+
+    before = memory_now()["rss"]
+    load = ForeignLoad().start()
+    t = time.perf_counter()
+    step()
+    first = time.perf_counter() - t
+    reset_peak()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    other = load.stop()
+    return {"first_s": first, "step_s": statistics.median(times), "steps_s": times, "other_cores": other,
+            "peak_added": memory_now()["hwm"] - before}
+
+
 class ForeignLoad:
     """How busy the machine was with *other* processes between ``start()`` and ``stop()``.
 

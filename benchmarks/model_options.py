@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from . import common
@@ -127,27 +125,9 @@ def worker(spec_path: str, out_path: str) -> None:
             model.zero_grad(set_to_none=True)
             loss_sum(model, data, chunk_tokens=chunk).backward()
 
-    before = common.memory_now()["rss"]
-    load = common.ForeignLoad().start()
-    t = time.perf_counter()
-    step()  # warm-up (with --compile: the compilation; for the optimizer: its state is created)
-    first = time.perf_counter() - t
-    reset_peak()  # the peak of the timed steps, over the RSS before the first step
-    times = []
-    for _ in range(spec["steps"]):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    other = load.stop()
-    peak = common.memory_now()["hwm"]
-    Path(out_path).write_text(json.dumps({
-        "variant": v, "first_s": first, "step_s": statistics.median(times), "steps_s": times,
-        "other_cores": other, "peak_added": peak - before, "params": sum(p.numel() for p in model.parameters())}))
-
-
-def reset_peak() -> None:
-    """Restart the kernel's RSS high-water mark (VmHWM) from the current RSS (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
+    # warm-up: with --compile the compilation, for the optimizer the creation of its state
+    r = common.timed_steps(step, spec["steps"])
+    Path(out_path).write_text(json.dumps({"variant": v, **r, "params": sum(p.numel() for p in model.parameters())}))
 
 
 def label(v: dict) -> str:

@@ -17,13 +17,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests run only where a CUDA GPU is visible (scripts/device_check.sh)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/device_check.sh on a GPU machine)")
+    """``@pytest.mark.gpu`` tests run only where a CUDA GPU is visible (scripts/device_check.sh);
+    ``@pytest.mark.peer`` tests (checks against TRL and other peers) only where ``peer_check_wanted``."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/device_check.sh on a GPU machine)")
+    no_peer = pytest.mark.skip(reason="a peer check: SHARDTUNE_PEER_SMOKE=1 runs it")
+    gpu, peer = torch.cuda.is_available(), peer_check_wanted()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(no_gpu)
+        if "peer" in item.keywords and not peer:
+            item.add_marker(no_peer)
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +147,43 @@ def meta_outputs(meta_format_model_dir, tmp_path_factory):
                            trained_logits=trained, adapted_logits=adapted, ids=ids)
 
 
+def pip_target(final: Path, requirements: dict[str, str], why: str) -> Path:
+    """A folder holding only ``requirements`` ({name: version}, installed with pip --no-deps --target,
+    once per machine, into ``final``): first on a subprocess's PYTHONPATH (or sys.path) it adds or
+    shadows those packages while the rest come from this environment. Without pip or a package
+    registry the test skips, saying ``why`` it needed them. Built in a sibling folder and renamed,
+    so an interrupted install is never taken for a finished one."""
+    import shutil
+    import subprocess
+    import sys
+
+    def ready() -> bool:  # the marker, or (a copy built before the marker) every package's dist-info
+        return (final / ".complete").is_file() or all(
+            (final / f"{name.replace('-', '_')}-{version}.dist-info").is_dir() for name, version in requirements.items())
+
+    if ready():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    building = final.parent / f".{final.name}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--target", str(building), *(f"{name}=={version}" for name, version in requirements.items())]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if proc is None or proc.returncode != 0:
+        shutil.rmtree(building, ignore_errors=True)
+        detail = "timed out" if proc is None else (proc.stderr or proc.stdout).strip()[-600:]
+        pytest.skip(f"{why} needs pip and a package registry to build {final} ({' '.join(cmd[3:])}): {detail}")
+    (building / ".complete").write_text(" ".join(cmd) + "\n")
+    try:
+        os.replace(building, final)
+    except OSError:  # another session finished first: use its copy
+        shutil.rmtree(building, ignore_errors=True)
+    return final
+
+
 # transformers 4.x for the outputs' consumer-side checks: the last 4.57 patch, and the
 # huggingface_hub and tokenizers releases its requirements allow (hub < 1.0, tokenizers <= 0.23.0).
 TRANSFORMERS4 = {"transformers": "4.57.6", "huggingface_hub": "0.36.2", "tokenizers": "0.22.2"}
@@ -151,38 +191,29 @@ TRANSFORMERS4 = {"transformers": "4.57.6", "huggingface_hub": "0.36.2", "tokeniz
 
 @pytest.fixture(scope="session")
 def transformers4_path() -> Path:
-    """A folder holding transformers 4.57 (and its hub client and tokenizers) only: first on a
-    subprocess's PYTHONPATH, it shadows this environment's transformers 5 while torch, safetensors
-    and the rest come from this environment. pip installs it once per machine into
-    ~/.cache/shardtune-tf4/<versions>; without a package registry the tests that need it skip."""
-    import shutil
-    import subprocess
-    import sys
-
+    """transformers 4.57 (and its hub client and tokenizers) only, in ~/.cache/shardtune-tf4/<versions>:
+    first on a subprocess's PYTHONPATH, it shadows this environment's transformers 5."""
     key = "-".join(f"{name}{version}" for name, version in TRANSFORMERS4.items())
-    final = Path.home() / ".cache" / "shardtune-tf4" / key
-    if (final / ".complete").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    building = final.parent / f".{key}.building-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-           "--target", str(building), *(f"{name}=={version}" for name, version in TRANSFORMERS4.items())]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        proc = None
-    if proc is None or proc.returncode != 0:
-        shutil.rmtree(building, ignore_errors=True)
-        why = "timed out" if proc is None else (proc.stderr or proc.stdout).strip()[-600:]
-        pytest.skip(f"transformers 4.x checks need pip and a package registry to build {final} "
-                    f"({' '.join(cmd[3:])}): {why}")
-    (building / ".complete").write_text(" ".join(cmd) + "\n")
-    try:
-        os.replace(building, final)
-    except OSError:  # another session finished first: use its copy
-        shutil.rmtree(building, ignore_errors=True)
-    return final
+    return pip_target(Path.home() / ".cache" / "shardtune-tf4" / key, TRANSFORMERS4, "the transformers 4.x checks")
+
+
+TRL_VERSION = "1.16.0"  # benchmarks/peers.py's
+
+
+def peer_check_wanted() -> bool:
+    """As tests/benchmarks/test_peers_smoke.py: SHARDTUNE_PEER_SMOKE=1 asks for the peer checks, 0
+    skips them; unset, they run where the benchmark peers' venv is set up (not in a fresh clone)."""
+    flag = os.environ.get("SHARDTUNE_PEER_SMOKE")
+    if flag is not None:
+        return flag not in ("", "0", "false", "False")
+    return (Path(__file__).resolve().parents[2] / ".bench-venv" / "peers" / ".peers-installed.json").is_file()
+
+
+@pytest.fixture(scope="session")
+def trl_path() -> Path:
+    """TRL alone (no dependencies: this environment has them) in ~/.cache/shardtune-trl/trl-<version>."""
+    return pip_target(Path.home() / ".cache" / "shardtune-trl" / f"trl-{TRL_VERSION}", {"trl": TRL_VERSION},
+                      "the TRL peer check")
 
 
 @pytest.fixture(scope="session")

@@ -500,3 +500,16 @@ def test_qlora_step_checkpoint_resumes_exactly_in_one_process_and_converts(tiny_
     assert summary["adapter"] and any("bitsandbytes" in k for k in summary["dropped"])
     merged = convert(ckpt, tmp_path / "merged", merge=True, verify=True)
     assert not merged["adapter"] and merged["verify"]["max_abs_diff"] <= merged["verify"]["tolerance"]
+
+
+def test_a_full_dpo_runs_reference_copy_prints_no_trainable_params_line(tiny_model_dir, tmp_path, capsys):
+    """The frozen reference is built like the policy but trains nothing: no "trainable params ... 100%"."""
+    from shardtune.finetuning import setup_reference_model
+    from shardtune.model.loading import load_inputs
+    from shardtune.parallel.distributed import DistEnv
+
+    cfg = parse_args(["--model_name", str(tiny_model_dir), "--output_dir", str(tmp_path), "--device", "cpu"]).config
+    capsys.readouterr()
+    setup_reference_model(cfg, DistEnv(), load_inputs(str(tiny_model_dir)), None)
+    said = capsys.readouterr().out
+    assert "reference model (frozen, no gradients or optimizer state)" in said and "trainable params" not in said, said

@@ -57,8 +57,11 @@ from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
 from .runtime import set_seed
 from .parallel.mesh import build_mesh
 from .train.flops import FlopMeasure
+from .data.fingerprint import rows_fingerprint
 from .data.preference import attach_reference_logps
 from .train.dpo import AdapterOffReference, build_objective, precompute_reference_logps
+from .train.reference_store import FILE as REFERENCE_FILE
+from .train.reference_store import load_reference_logps, reference_identity, save_reference_logps
 from .train.loop import Precision, evaluate, label_tokens, loss_sum, to_device, train_epoch
 from .train.types import LoopResult, LossStats
 from .train.loss import chunk_tokens_of
@@ -276,8 +279,10 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily, attent
     return train_loader, eval_loader
 
 
-def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[AttentionChoice] = None) -> torch.nn.Module:
-    """Loaded (or built on the meta device), frozen / PEFT-wrapped, checkpointed, compiled and sharded."""
+def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[AttentionChoice] = None, *,
+                trained: bool = True) -> torch.nn.Module:
+    """Loaded (or built on the meta device), frozen / PEFT-wrapped, checkpointed, compiled and sharded.
+    ``trained`` False (a DPO reference, frozen by its caller): no "trainable params" line."""
     t, f = cfg.train, cfg.fsdp
     dtype = runtime.training_dtype(env.device, pure_bf16=f.pure_bf16)
     attn = (attention or attention_for(cfg, env)).implementation
@@ -327,7 +332,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[Attent
                                  weights_dtype=dtype)
     elif not t.quantization:  # a quantized model was loaded onto its device
         model.to(env.device)
-    say(env, trainable_summary(model))
+    if trained:
+        say(env, trainable_summary(model))
     return model
 
 
@@ -364,17 +370,7 @@ def setup_preference(cfg: Config, env: DistEnv, c: Components, attention: Attent
     # the model has not trained yet: it is the reference (adapters off); before the loaders' workers
     # start (at their first batch), so that the samples they are sent carry the values
     if d.precompute_reference:
-        started = time.perf_counter()
-        for loader in (c.train_loader, c.eval_loader):
-            if loader is None:
-                continue
-            samples = loader.dataset.samples
-            attach_reference_logps(samples, precompute_reference_logps(
-                c.model, samples, objective.reference, collate=loader.collate_fn.inner,
-                batch_size=cfg.train.batch_size_training, rank=env.rank, world_size=env.world_size,
-                device=env.device, all_reduce_sum=env.all_reduce_sum, chunk_tokens=chunk))
-        reshard(c.model)
-        reference = f"precomputed for every pair in {time.perf_counter() - started:.1f} s"
+        reference = precompute_reference(cfg, env, c, objective.reference, chunk)
     elif isinstance(objective.reference, AdapterOffReference):
         reference = "the model with its adapters disabled"
     else:
@@ -382,6 +378,44 @@ def setup_preference(cfg: Config, env: DistEnv, c: Components, attention: Attent
     say(env, f"preference tuning: {d.loss_type.value} loss, beta {d.beta}; reference: {reference}")
     c.loss_fn = with_activation_offload(objective) if cfg.fsdp.activation_offload else objective
     c.count_fn, c.loss_stats = objective.count, objective
+
+
+def precompute_reference(cfg: Config, env: DistEnv, c: Components, reference, chunk: Optional[int]) -> str:
+    """--dpo_config.precompute_reference: every pair's reference log-probabilities attached to its
+    samples, computed in one pass and written to <output_dir>/dpo_reference_logps.json, or, on
+    --resume, read back from there when they are this run's (train/reference_store.py). Returns how."""
+    loaders = {name: loader for name, loader in (("train", c.train_loader), ("eval", c.eval_loader))
+               if loader is not None}
+    fingerprints = {name: rows_fingerprint(loader.dataset.samples) for name, loader in loaders.items()}
+    identity = reference_identity(cfg.train.model_name, cfg.train.quantization)
+    out = Path(cfg.train.output_dir)
+    stored, why = None, ""
+    if cfg.train.resume or cfg.train.resume_from:
+        stored, why = load_reference_logps(out, identity, fingerprints)
+        # every rank must take the same path (computing them runs collectives)
+        missing = env.all_reduce_sum(torch.tensor([0.0 if stored is not None else 1.0], device=env.device))
+        if stored is not None and float(missing) > 0:
+            stored, why = None, "another rank could not read it"
+    if stored is not None:
+        for name, loader in loaders.items():
+            attach_reference_logps(loader.dataset.samples, stored[name].tolist())
+        return f"read from {out / REFERENCE_FILE} (as this run computed them before its first step)"
+    if why:
+        say(env, f"note: --resume computes the reference log-probabilities again: {why}")
+    started = time.perf_counter()
+    values = {}
+    for name, loader in loaders.items():
+        samples = loader.dataset.samples
+        values[name] = precompute_reference_logps(
+            c.model, samples, reference, collate=loader.collate_fn.inner,
+            batch_size=cfg.train.batch_size_training, rank=env.rank, world_size=env.world_size,
+            device=env.device, all_reduce_sum=env.all_reduce_sum, chunk_tokens=chunk)
+        attach_reference_logps(samples, values[name].tolist())
+    reshard(c.model)
+    if env.is_main:
+        save_reference_logps(out, identity, fingerprints, values)
+    return (f"precomputed for every pair in {time.perf_counter() - started:.1f} s, "
+            f"kept in {out / REFERENCE_FILE}")
 
 
 def setup_reference_model(cfg: Config, env: DistEnv, tokenizer, attention: AttentionChoice) -> torch.nn.Module:
@@ -392,7 +426,7 @@ def setup_reference_model(cfg: Config, env: DistEnv, tokenizer, attention: Atten
     ref.train.compile = ref.train.freeze_layers = False
     ref.fsdp.fsdp_activation_checkpointing = False
     say(env, "reference model (frozen, no gradients or optimizer state):")
-    return setup_model(ref, env, tokenizer, attention)
+    return setup_model(ref, env, tokenizer, attention, trained=False)
 
 
 # --- train: epochs of steps, validation and saving; the results ------------------------------------

@@ -380,51 +380,8 @@ def test_ocrvqa_rows_are_chat_rows(vision_processor, write_images, tmp_path):
 
 # --- peer check: TRL's assistant_only_loss ----------------------------------------------------
 
-TRL_VERSION = "1.16.0"  # benchmarks/peers.py's
-
-
-def _peer_check_wanted() -> bool:
-    """As tests/benchmarks/test_peers_smoke.py: SHARDTUNE_PEER_SMOKE=1 asks for the peer checks, 0
-    skips them; unset, they run where the benchmark peers' venv is set up (not in a fresh clone)."""
-    import os
-
-    flag = os.environ.get("SHARDTUNE_PEER_SMOKE")
-    if flag is not None:
-        return flag not in ("", "0", "false", "False")
-    return (Path(__file__).resolve().parents[2] / ".bench-venv" / "peers" / ".peers-installed.json").is_file()
-
-
-@pytest.fixture(scope="module")
-def trl_path() -> Path:
-    """TRL alone (no dependencies: this environment has them) in ~/.cache/shardtune-trl/<version>,
-    installed by pip once per machine; the test skips without a package registry."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    final = Path.home() / ".cache" / "shardtune-trl" / f"trl-{TRL_VERSION}"
-    if (final / "trl" / "chat_templates").is_dir():
-        return final
-    building = final.parent / f".{final.name}.building-{os.getpid()}"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-           "--target", str(building), f"trl=={TRL_VERSION}"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        proc = None
-    if proc is None or proc.returncode != 0:
-        shutil.rmtree(building, ignore_errors=True)
-        pytest.skip(f"the TRL peer check needs pip and a package registry to install trl=={TRL_VERSION}")
-    try:
-        os.replace(building, final)
-    except OSError:  # another session finished first
-        shutil.rmtree(building, ignore_errors=True)
-    return final
-
-
 @pytest.mark.slow  # 2-6 minutes here: TRL's SFTTrainer in a subprocess, twice
-@pytest.mark.skipif(not _peer_check_wanted(), reason="a peer check: SHARDTUNE_PEER_SMOKE=1 runs it")
+@pytest.mark.peer  # SHARDTUNE_PEER_SMOKE=1 runs it (tests/conftest.py)
 def test_masks_equal_trls_assistant_only_loss(make_config, llama3_chat_model_dir, llama3_tokenizer_dir, trl_path,
                                               tmp_path):
     """On the same rows and template, the samples are TRL SFTTrainer's with assistant_only_loss=True

@@ -19,7 +19,8 @@ def test_sigmoid_loss_is_ln2_and_ipo_is_a_quarter_over_beta_squared_when_policy_
     for beta in (0.1, 0.5):
         sig, rc, rr = preference_losses(lp[:1], lp[1:], lp[:1], lp[1:], beta=beta, loss_type="sigmoid")
         assert math.isclose(float(sig), math.log(2), rel_tol=1e-7) and float(rc) == float(rr) == 0
-        ipo, _, _ = preference_losses(lp[:1], lp[1:], lp[:1], lp[1:], beta=beta, loss_type=PreferenceLoss.ipo)
+        ipo, _, _ = preference_losses(lp[:1], lp[1:], lp[:1], lp[1:], beta=beta, loss_type=PreferenceLoss.ipo,
+                                      chosen_tokens=torch.tensor([3.0]), rejected_tokens=torch.tensor([5.0]))
         assert math.isclose(float(ipo), (1 / (2 * beta)) ** 2, rel_tol=1e-6)
 
 
@@ -32,8 +33,14 @@ def test_losses_and_rewards_follow_the_formulas():
     assert math.isclose(float(loss), want, rel_tol=1e-6)
     assert math.isclose(float(chosen), beta * 1.0, rel_tol=1e-6) and math.isclose(float(rejected), beta * -2.0,
                                                                                     rel_tol=1e-6)
-    ipo, _, _ = preference_losses(pc, pr, rc, rr, beta=beta, loss_type="ipo")
-    assert math.isclose(float(ipo), (h - 1 / (2 * beta)) ** 2, rel_tol=1e-6)
+    # IPO averages each response's log-ratio per response token (TRL, the IPO authors): chosen has 2
+    # tokens, rejected 4, so the margin is 1/2 - -2/4 = 1, not the summed h = 3
+    ipo, ipo_chosen, _ = preference_losses(pc, pr, rc, rr, beta=beta, loss_type="ipo",
+                                           chosen_tokens=torch.tensor([2.0]), rejected_tokens=torch.tensor([4.0]))
+    assert math.isclose(float(ipo), (1.0 - 1 / (2 * beta)) ** 2, rel_tol=1e-6)
+    assert math.isclose(float(ipo_chosen), beta * 1.0, rel_tol=1e-6)  # rewards stay summed (TRL's)
+    with pytest.raises(ValueError, match="token counts"):
+        preference_losses(pc, pr, rc, rr, beta=beta, loss_type="ipo")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +125,29 @@ def test_ipo_objective_first_value(tiny):
     objective = PreferenceObjective(dpo_config(beta=0.25, loss_type=PreferenceLoss.ipo),
                                     FrozenReference(copy.deepcopy(model)), chunk_tokens=4)
     assert math.isclose(float(objective(model, batch)) / 3, (1 / 0.5) ** 2, rel_tol=1e-6)
+
+
+def test_ipo_objective_averages_each_responses_log_ratio_per_response_token(tiny):
+    """Against log-softmax by hand on responses of unequal length, a policy that is not the reference."""
+    import copy
+
+    model, _, batch = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        pi, ref = _by_hand(policy, batch).double(), _by_hand(model, batch).double()
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
+    assert tokens[:3].tolist() != tokens[3:].tolist()  # chosen and rejected differ in length
+    ratio = (pi - ref) / tokens
+    beta = 0.25
+    want = ((ratio[:3] - ratio[3:] - 1 / (2 * beta)) ** 2).sum()
+    objective = PreferenceObjective(dpo_config(beta=beta, loss_type=PreferenceLoss.ipo),
+                                    FrozenReference(copy.deepcopy(model)))
+    got = objective(policy, batch)
+    assert math.isclose(float(got), float(want), rel_tol=1e-5)
+    summed = (((pi - ref)[:3] - (pi - ref)[3:] - 1 / (2 * beta)) ** 2).sum()  # the old form differs
+    assert not math.isclose(float(got), float(summed), rel_tol=1e-3)
 
 
 def test_precomputed_reference_logps_are_the_reference_of_each_pair_and_reach_the_batches(tiny):

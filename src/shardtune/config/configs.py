@@ -86,7 +86,7 @@ class PreferenceLoss(str, enum.Enum):
     """--dpo_config.loss_type (train/dpo.py)."""
 
     sigmoid = "sigmoid"  # DPO (Rafailov et al. 2023), with optional label smoothing (cDPO)
-    ipo = "ipo"  # IPO (Azar et al. 2023): squared distance of the log-ratio margin from 1/(2 beta)
+    ipo = "ipo"  # IPO (Azar et al. 2023): squared distance of the per-token log-ratio margin from 1/(2 beta)
 
 
 class OptimizerImpl(str, enum.Enum):

@@ -10,7 +10,12 @@ is ``h = (pi_c - pi_r) - (ref_c - ref_r)`` and
 
 * sigmoid (DPO, Rafailov et al. 2023): ``-(1-e) log σ(β h) - e log σ(-β h)`` (``e``: label
   smoothing, cDPO); ``ln 2`` when the policy is the reference (``h = 0``);
-* ipo (IPO, Azar et al. 2023): ``(h - 1/(2β))²``; ``1/(4β²)`` when ``h = 0``.
+* ipo (IPO, Azar et al. 2023): ``(h̄ - 1/(2β))²`` with ``h̄`` the same margin of *per-token
+  averaged* log-ratios (each response's log-ratio divided by its number of response tokens), as
+  TRL's DPOTrainer, whose authors confirmed with the IPO authors that the paper's results use this
+  normalised form (a summed margin makes the squared loss, and the β that suits it, scale with the
+  response length); ``1/(4β²)`` when ``h̄ = 0``. The sigmoid loss keeps summed log-probabilities (the
+  DPO paper and TRL).
 
 Rewards are ``β (pi - ref)`` of each response, detached; the margin is chosen minus rejected
 reward; accuracy is the share of pairs whose chosen reward is strictly above the rejected one.
@@ -44,12 +49,20 @@ _INPUTS = ("input_ids", "attention_mask")
 
 def preference_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                       ref_rejected: torch.Tensor, *, beta: float, loss_type: PreferenceLoss,
-                      label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-pair losses, chosen rewards, rejected rewards) from per-pair sequence log-probabilities."""
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+                      label_smoothing: float = 0.0, chosen_tokens: Optional[torch.Tensor] = None,
+                      rejected_tokens: Optional[torch.Tensor] = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards) from per-pair sequence log-probabilities
+    (sums over the response tokens). IPO needs each response's token count (``response_tokens``)."""
     if PreferenceLoss(loss_type) is PreferenceLoss.ipo:
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the IPO loss averages each response's log-ratio per token: pass its token counts")
+        # clamp: a filler pair has no response token (its loss is masked out by valid_pairs anyway)
+        h_mean = ((policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1)
+                  - (policy_rejected - ref_rejected) / rejected_tokens.clamp(min=1))
+        losses = (h_mean - 1.0 / (2.0 * beta)) ** 2
     else:
+        h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
         losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
@@ -84,6 +97,11 @@ def sequence_logps(model: nn.Module, inputs: dict, labels: torch.Tensor,
 
 def _head_logps(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(head(states).float(), targets, reduction="none")
+
+
+def response_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, its number of label tokens (those ``sequence_logps`` sums over), as float."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).to(torch.float32)
 
 
 def valid_pairs(labels: torch.Tensor) -> torch.Tensor:
@@ -143,8 +161,10 @@ class PreferenceObjective:
             ref = self.reference.logps(model, inputs, labels, self.chunk_tokens)
         policy = sequence_logps(model, inputs, labels, self.chunk_tokens)
         c = self.config
+        tokens = response_tokens(labels)
         losses, chosen, rejected = preference_losses(policy[:n], policy[n:], ref[:n], ref[n:], beta=c.beta,
-                                                     loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+                                                     loss_type=c.loss_type, label_smoothing=c.label_smoothing,
+                                                     chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
         valid = valid_pairs(labels).to(losses.dtype)
         sums = torch.stack([(chosen * valid).sum(), (rejected * valid).sum(),
                             ((chosen > rejected).to(valid.dtype) * valid).sum(), valid.sum()]).double()
