@@ -122,7 +122,10 @@ def image_problem(source: Any, k: int, label: str) -> str:
                 im.draft("RGB", (1, 1))  # JPEG only; a no-op for other formats
                 im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        return f"has an unreadable image {k} ({label}): {type(e).__name__}: {e}"
+        # PIL names a file object by its repr, a memory address: the same image gives the same
+        # message in every process (ranks exchange these messages, image_checks.py)
+        text = str(e) if isinstance(source, str) else str(e).replace(repr(source), "<image data>")
+        return f"has an unreadable image {k} ({label}): {type(e).__name__}: {text}"
     return ""
 
 
