@@ -61,13 +61,18 @@ def _sources(folder: Path) -> dict[str, Path]:
                              for i, t in enumerate(texts)))
     embedded = [{"images": [{"bytes": data, "path": None}], "texts": t} for data, t in zip(images, texts)]
     pq.write_table(pa.Table.from_pylist(embedded), folder / "rows.parquet", row_group_size=5)
-    return {"jsonl": jsonl, "parquet": folder / "rows.parquet"}
+    chat = folder / "chat.jsonl"  # the same rows as --dataset chat_dataset conversations
+    chat.write_text("".join(json.dumps({"images": [f"images/{i}.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t[0]["user"]}]},
+        {"role": "assistant", "content": t[0]["assistant"]}]}) + "\n" for i, t in enumerate(texts)))
+    return {"jsonl": jsonl, "parquet": folder / "rows.parquet", "chat": chat}
 
 
 def _args(model: Path, source: Path, *extra: str) -> list[str]:
-    return ["--model_name", str(model), "--dataset", "ocrvqa_dataset", "--ocrvqa_dataset.data_path", str(source),
-            "--ocrvqa_dataset.split_ratio", "0.5", "--batching_strategy", "padding", "--context_length", "512",
-            *extra]
+    data = (["--dataset", "chat_dataset", "--chat_dataset.data_path", str(source), "--eval_fraction", "0.5"]
+            if source.name == "chat.jsonl" else
+            ["--dataset", "ocrvqa_dataset", "--ocrvqa_dataset.data_path", str(source), "--ocrvqa_dataset.split_ratio", "0.5"])
+    return ["--model_name", str(model), *data, "--batching_strategy", "padding", "--context_length", "512", *extra]
 
 
 def _record(sample: dict) -> dict:  # as fsdp_worker.sample_record writes it
@@ -90,12 +95,14 @@ def setting(tiny_vision_model_dir, tmp_path_factory, run_fsdp_cases):
     return {"sources": sources, "ranks": ranks, "one": one, "processor": processor, "model": model}
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "chat"])
 def test_both_ranks_skip_every_bad_row_as_one_process_does(setting, fmt):
+    assert sum(setting["one"][fmt][split].report.skipped_bad for split in SPLITS) == len(_corrupt_rows("x"))
     for split in SPLITS:
         one = setting["one"][fmt][split]
         expected = [_record(s) for s in one.samples]
-        assert one.report.skipped_bad == 2 and len(expected) == N_ROWS // 2 - 2
+        assert len(expected) == N_ROWS // 2 - one.report.skipped_bad
+        assert fmt == "chat" or one.report.skipped_bad == 2  # one in each rank's share
         assert all("unreadable image 0" in e for e in one.report.bad_examples)
         for rank, loaded in enumerate(setting["ranks"][fmt]):
             got = loaded[split]
@@ -104,7 +111,7 @@ def test_both_ranks_skip_every_bad_row_as_one_process_does(setting, fmt):
             assert report == {k: v for k, v in vars(one.report).items() if k != "images_checked"}, f"rank {rank}"
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "chat"])
 def test_each_rank_checks_only_its_share(setting, fmt):
     for split in SPLITS:
         n = N_ROWS // 2
