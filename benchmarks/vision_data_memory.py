@@ -2,8 +2,10 @@
 
 What it measures
 ----------------
-``--rows`` (default 20,000) rows of the_cauldron's shape, one generated PNG each (random pixels,
-``--side`` px square, ~10 KB: incompressible, like photos), written once under ``--workdir`` as
+``--rows`` (default 20,000) rows of the_cauldron's shape, one generated image each: a PNG of random
+pixels (``--side`` px square, ~10 KB: incompressible, like photos; cheap to check), or with
+``--jpeg`` a book-cover-sized JPEG (``--side`` x 1.5 ``--side`` px, smooth colour fields with a
+little noise; a JPEG is checked by decoding it, which costs more), written once under ``--workdir`` as
 
 * ``jsonl``: a JSON-lines file whose rows name their image files (one file per image), and
 * ``parquet``: one parquet file with the images embedded as Hugging Face ``Image`` features
@@ -57,11 +59,24 @@ def _png(seed: int, side: int) -> bytes:
     return out.getvalue()
 
 
+def _jpeg(seed: int, side: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    coarse = Image.fromarray(rng.randint(0, 256, size=(12, 8, 3)).astype("uint8"))
+    pixels = np.asarray(coarse.resize((side, side * 3 // 2), Image.BILINEAR), dtype=np.int16)
+    pixels = np.clip(pixels + rng.randint(-12, 13, size=pixels.shape), 0, 255).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
 def _texts(i: int) -> list[dict]:
     return [{"user": f"What is the title of book {i}?", "assistant": f"The quick fox {i}"}]
 
 
-def generate(workdir: Path, rows: int, side: int) -> dict[str, Path]:
+def generate(workdir: Path, rows: int, side: int, jpeg: bool = False) -> dict[str, Path]:
     """The two sources (reused when already there with the same row count)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -69,17 +84,18 @@ def generate(workdir: Path, rows: int, side: int) -> dict[str, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = workdir / "generated.json"
     jsonl, parquet = workdir / "rows.jsonl", workdir / "rows.parquet"
-    if stamp.is_file() and json.loads(stamp.read_text()) == {"rows": rows, "side": side}:
+    kind = {"rows": rows, "side": side, **({"jpeg": True} if jpeg else {})}
+    if stamp.is_file() and json.loads(stamp.read_text()) == kind:
         return {"jsonl": jsonl, "parquet": parquet}
     images = workdir / "images"
     images.mkdir(exist_ok=True)
     writer, batch, total = None, [], 0
     with jsonl.open("w") as lines:
         for i in range(rows):
-            data = _png(i, side)
+            data, name = (_jpeg(i, side), f"{i}.jpg") if jpeg else (_png(i, side), f"{i}.png")
             total += len(data)
-            (images / f"{i}.png").write_bytes(data)
-            lines.write(json.dumps({"images": [f"images/{i}.png"], "texts": _texts(i)}) + "\n")
+            (images / name).write_bytes(data)
+            lines.write(json.dumps({"images": [f"images/{name}"], "texts": _texts(i)}) + "\n")
             batch.append({"images": [{"bytes": data, "path": None}], "texts": _texts(i)})
             if len(batch) == 100 or i == rows - 1:
                 table = pa.Table.from_pylist(batch)
@@ -87,8 +103,8 @@ def generate(workdir: Path, rows: int, side: int) -> dict[str, Path]:
                 writer.write_table(table, row_group_size=100)
                 batch = []
     writer.close()
-    stamp.write_text(json.dumps({"rows": rows, "side": side}))
-    print(f"generated {rows} images ({total / MIB:.0f} MiB of PNG) under {workdir}", flush=True)
+    stamp.write_text(json.dumps(kind))
+    print(f"generated {rows} images ({total / MIB:.0f} MiB of {'JPEG' if jpeg else 'PNG'}) under {workdir}", flush=True)
     return {"jsonl": jsonl, "parquet": parquet}
 
 
@@ -126,9 +142,11 @@ def _rank_record(env, source: str, batches: int) -> dict:
     cfg = parse_args(["--dataset", "ocrvqa_dataset", "--ocrvqa_dataset.data_path", source,
                       "--batching_strategy", "padding", "--context_length", "512"]).config
     record = {"rank": rank, "rss_start": _rss()}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     split = load_split(cfg, processor, "train", *share_args)
-    record.update(load_s=time.perf_counter() - start, rss_after_load=_rss(), samples=len(split.samples),
+    # CPU time as well as wall time: on a shared machine the wall time is mostly the other jobs'
+    record.update(load_s=time.perf_counter() - start, load_cpu_s=time.process_time() - cpu_start,
+                  rss_after_load=_rss(), samples=len(split.samples),
                   pickled_mib=len(pickle.dumps(split.samples)) / MIB,
                   images_checked=getattr(split.report, "images_checked", None) if share_args else None)
     loader = build_dataloader(split.samples, tokenizer=processor, strategy="padding", batch_size=4,
@@ -168,23 +186,26 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep the generated rows and images here, reused by later runs (default: a temporary folder)")
     ap.add_argument("--rows", type=int, default=20_000)
-    ap.add_argument("--side", type=int, default=56, help="image side in pixels (56: ~9.5 KB PNGs)")
+    ap.add_argument("--side", type=int, default=None,
+                    help="image side in pixels (default 56: ~9.5 KB PNGs; with --jpeg 320: 320x480 JPEGs)")
+    ap.add_argument("--jpeg", action="store_true", help="book-cover-sized JPEGs instead of small PNGs")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--formats", nargs="+", default=["jsonl", "parquet"], choices=["jsonl", "parquet"])
     args = ap.parse_args(argv)
     with common.work_folder(args.workdir, "shardtune_vision_mem_") as work:
-        sources = generate(work, args.rows, args.side)
+        sources = generate(work, args.rows, args.side or (320 if args.jpeg else 56), args.jpeg)
         import shardtune
 
         print(f"shardtune from {Path(shardtune.__file__).parent}", flush=True)
-        print("| format | rank | samples | load_split s | images checked | RSS start MiB | after load_split "
-              "| after batches | pickled samples MiB | worker RSS MiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| format | rank | samples | load_split s | load_split CPU s | images checked | RSS start MiB "
+              "| after load_split | after batches | pickled samples MiB | worker RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for fmt in args.formats:
             for r in measure(sources[fmt], args.ranks, args.batches, work):
                 checked = "all" if r.get("images_checked") is None else r["images_checked"]
-                print(f"| {fmt} | {r['rank']} | {r['samples']} | {r['load_s']:.1f} | {checked} | {r['rss_start']:.0f} | "
+                print(f"| {fmt} | {r['rank']} | {r['samples']} | {r['load_s']:.1f} | {r['load_cpu_s']:.1f} | {checked} | "
+                      f"{r['rss_start']:.0f} | "
                       f"{r['rss_after_load']:.0f} | {r['rss_after_batches']:.0f} | {r['pickled_mib']:.1f} | "
                       f"{', '.join(f'{w:.0f}' for w in r['worker_rss'])} |", flush=True)
 
