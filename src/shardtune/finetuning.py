@@ -32,7 +32,7 @@ from .checkpoint.manager import (CheckpointManager, checkpoint_run_dir, refuse_n
 from .config import Config, describe_options, parse_args
 from .config.configs import BatchingStrategy, defers_gradient_sync
 from .convert.mergeable import check_mergeable
-from .data import adopt_dataset_template, check_data_source, load_split, pad_fraction
+from .data import Share, adopt_dataset_template, check_data_source, load_split, pad_fraction
 from .data.training import build_eval_loader, build_train_loader
 from .family_checks import refuse_for_family
 from .eval.quick import evaluate_after_training
@@ -264,7 +264,8 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily, attent
     t = cfg.train
     required = family.required_batch_keys  # a vision model's batches must all carry images
     varlen = attention.packed_needs_varlen  # flash / packed SDPA take document lengths
-    train_split = load_split(cfg, tokenizer, "train")
+    share = data_share(env)  # each rank checks its share of the images; the ranks agree on the bad rows
+    train_split = load_split(cfg, tokenizer, "train", share)
     say(env, f"train data: {train_split.report.summary()}")
     train_loader = build_train_loader(cfg, train_split, tokenizer, rank=env.rank, world_size=env.world_size,
                                       packed_varlen=varlen, required_keys=required)
@@ -272,11 +273,16 @@ def setup_data(cfg: Config, tokenizer, env: DistEnv, family: ModelFamily, attent
              f"pad fraction {pad_fraction(train_loader):.1%}")
     eval_loader = None
     if t.run_validation:
-        eval_split = load_split(cfg, tokenizer, "test")
+        eval_split = load_split(cfg, tokenizer, "test", share)
         say(env, f"eval data: {eval_split.report.summary()}")
         eval_loader = build_eval_loader(cfg, eval_split, tokenizer, rank=env.rank, world_size=env.world_size,
                                         packed_varlen=varlen, required_keys=required)
     return train_loader, eval_loader
+
+
+def data_share(env: DistEnv) -> Share:
+    """This rank's part of the load-time data checks, exchanged over the process group."""
+    return Share(env.rank, env.world_size, env.all_gather_object) if env.distributed else Share()
 
 
 def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[AttentionChoice] = None, *,

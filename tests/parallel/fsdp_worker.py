@@ -10,14 +10,15 @@ and rank 0 writes OUT.json and then ``QUEUE_DIR/<k>.done``; a ``QUEUE_DIR/stop``
 so does the end of the process named in ``QUEUE_DIR/owner`` ("PID:CREATE_TIME", a killed pytest). A
 case that fails (not an expected ``ShardtuneError``) ends the launch as in the first form.
 
-CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits" | "adapter"} (plus
+CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits" | "adapter" | "data"} (plus
 "expect_error": true to record a ShardtuneError's message instead of failing); cases run in order.
 "train" runs the real recipe (setup + train, saving if the flags say so) and records the per-step
 losses, which parameters changed, how many tensors the optimizer holds and the trained model's
 logits on a fixed input (an image + text probe for a vision model), and with "record_weights": true
 the trained weights; "logits" builds the model the way the recipe
 does and records its logits on a fixed input (and whether its head is tied to the embeddings);
-"adapter" builds it and records the full values of its new adapter weights. ``"logits": false`` skips
+"adapter" builds it and records the full values of its new adapter weights; "data" loads the train and test
+splits on every rank as the recipe does (``data_share``) and records each rank's samples and report. ``"logits": false`` skips
 the logits of a "train" case (a real-vocabulary model's are megabytes of JSON). Rank 0 writes OUT.json.
 """
 
@@ -131,13 +132,43 @@ def run_adapter(cfg, env) -> dict:
     return {n: full(p.detach()).tolist() for n, p in model.named_parameters() if ".lora_" in n or ".adaption_" in n}
 
 
+def run_data(cfg, env) -> list:
+    """Every rank's train and test splits as ``setup_data`` loads them (each rank checking its share of
+    the images): samples (image references described), the report, and which rows' embedded images
+    this rank decoded as it read them (``StoredImage.problem`` set) and which it left unread."""
+    import dataclasses
+
+    from shardtune.data import load_split
+    from shardtune.data.images import describe
+    from shardtune.data.stored_images import StoredImage
+    from shardtune.finetuning import data_share
+
+    tokenizer = load_inputs(cfg.train.model_name)
+    mine = {}
+    for split in ("train", "test"):
+        loaded = load_split(cfg, tokenizer, split, data_share(env))
+        stored = [(p, s["images"][0]) for p, s in zip(loaded.positions, loaded.samples)
+                  if isinstance(s["images"][0], StoredImage)]
+        mine[split] = {"samples": [sample_record(s, describe) for s in loaded.samples],
+                       "report": dataclasses.asdict(loaded.report),
+                       "read_checked": [p for p, ref in stored if ref.problem is not None],
+                       "read_unchecked": [p for p, ref in stored if ref.problem is None]}
+    return env.all_gather_object(mine)
+
+
+def sample_record(sample: dict, describe) -> dict:
+    """A vision sample as JSON: its token lists and its images' references described."""
+    return {**{k: list(sample[k]) for k in ("input_ids", "labels", "attention_mask")},
+            "images": [describe(ref) for ref in sample["images"]]}
+
+
 def run_cases(cases: dict, env, out: dict) -> None:
     """Run ``cases`` in order, filling ``out`` (so what ran before a failure is kept)."""
     for name, case in cases.items():
         faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
         print(f"rank {env.rank}: case {name}: start", file=sys.stderr, flush=True)
         cfg = parse_args(case["args"]).config
-        runner = {"logits": run_logits, "adapter": run_adapter}.get(case.get("kind"), run_train)
+        runner = {"logits": run_logits, "adapter": run_adapter, "data": run_data}.get(case.get("kind"), run_train)
         if case.get("expect_error"):
             try:
                 runner(cfg, env)

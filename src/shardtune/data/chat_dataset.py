@@ -36,6 +36,7 @@ from .chat import Conversation, conversation
 from .chat_masks import NotIncremental, span_labels, turn_spans
 from .files import FORMATS, read_records
 from .hub import load_from_hub
+from .image_checks import Check
 from .images import IMAGE_TOKEN, VisionCollator, check_image, image_ref
 from .rows import BadRow, Cut, Overlong, RawSplit, row_name, split_off_eval
 
@@ -179,7 +180,7 @@ def encode_messages(enc: Encoder, messages: list[dict], tools, images: list) -> 
     return sample, offsets
 
 
-def _images(enc: Encoder, conv: Conversation) -> list:
+def _image_refs(enc: Encoder, conv: Conversation) -> list:
     if not enc.vision:
         if conv.images:
             raise BadRow(f"has {len(conv.images)} image(s), but the model is a text model; train a Llama 3.2 "
@@ -188,16 +189,21 @@ def _images(enc: Encoder, conv: Conversation) -> list:
     if not conv.images:
         raise BadRow("has no image; every row for a Llama 3.2 Vision model needs at least one (its batches "
                      "must carry images), given in 'images' with a {\"type\": \"image\"} part each")
-    refs = [image_ref(v, k, enc.base) for k, v in enumerate(conv.images)]
-    for k, ref in enumerate(refs):
-        check_image(ref, k)
-    return refs
+    return [image_ref(v, k, enc.base) for k, v in enumerate(conv.images)]
 
 
-def encode(row: Any, enc: Encoder) -> Any:
-    """One row -> a sample (``Cut`` when cut at a turn); BadRow or Overlong where it cannot be one."""
+def image_refs(row: Any, enc: Encoder) -> list:
+    """The row's image references, after what ``encode`` checks before them (BadRow as it raises)."""
+    return _image_refs(enc, conversation(row))
+
+
+def encode(row: Any, enc: Encoder, check: Check = check_image) -> Any:
+    """One row -> a sample (``Cut`` when cut at a turn); BadRow or Overlong where it cannot be one.
+    ``check(ref, k)`` raises BadRow for a bad image (see ``vision.encode``)."""
     conv = conversation(row)
-    images = _images(enc, conv)
+    images = _image_refs(enc, conv)
+    for k, ref in enumerate(images):
+        check(ref, k)
     try:
         sample, offsets = encode_messages(enc, conv.messages, conv.tools, images)
     except NotIncremental:  # once more: a template that prints today's date may have crossed midnight
@@ -302,4 +308,5 @@ def load(config: chat_dataset, tokenizer, split: str, train: train_config) -> Ra
     rows, where, source, base = read_split(config, split, train.eval_fraction)
     enc = Encoder(tokenizer, template, ChatTrainOn(config.train_on), train.context_length, config.cut_at_turn, base)
     return RawSplit(source=source, rows=rows, where=where, encode=partial(encode, enc=enc),
-                    collate_fn=VisionCollator(tokenizer) if enc.vision else None)
+                    collate_fn=VisionCollator(tokenizer) if enc.vision else None,
+                    image_refs=partial(image_refs, enc=enc) if enc.vision else None)

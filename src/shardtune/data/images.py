@@ -31,7 +31,7 @@ def image_ref(value: Any, k: int, base: Optional[Path]) -> ImageRef:
     data file's folder). Accepts a path, a ``data:image/...;base64,`` URL, raw bytes, an HF
     ``Image`` feature as stored (``{"bytes": ..., "path": ...}``), a stored image (its bytes left in
     the source, already checked) or a PIL image."""
-    if _is_pil(value) or isinstance(value, StoredImage):
+    if is_pil(value) or isinstance(value, StoredImage):
         return value
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
@@ -68,7 +68,7 @@ def _resolve(path: str, k: int, base: Optional[Path]) -> str:
     return str(resolved.resolve())
 
 
-def _is_pil(value: Any) -> bool:
+def is_pil(value: Any) -> bool:
     from PIL import Image
 
     return isinstance(value, Image.Image)
@@ -85,20 +85,26 @@ def describe(ref: ImageRef) -> str:
 
 
 def check_image(ref: ImageRef, k: int) -> None:
-    """Raise BadRow unless ``ref`` decodes as an image, so a corrupt or truncated file fails at
-    load time, not mid-training. PNG: ``verify`` (every chunk's checksum, no pixel decoding);
-    JPEG: a full decode at 1/8 scale (``draft``), cheap and still reading the whole stream (JPEG's
-    ``verify`` checks nothing); other formats: a full decode. A stored image was checked when its
-    row was read (``image_problem``): what that check found is raised here."""
-    if _is_pil(ref):
-        return
-    if isinstance(ref, StoredImage):
-        if ref.problem:
-            raise BadRow(ref.problem)
-        return
-    problem = image_problem(ref if isinstance(ref, str) else io.BytesIO(ref), k, describe(ref))
+    """Raise BadRow unless ``ref`` decodes as an image (:func:`image_problem_of`), so a corrupt or
+    truncated file fails at load time, not mid-training."""
+    problem = image_problem_of(ref, k)
     if problem:
         raise BadRow(problem)
+
+
+def image_problem_of(ref: ImageRef, k: int) -> str:
+    """What the load-time check finds wrong with image ``k`` (a BadRow message; "" if nothing).
+    PNG: ``verify`` (every chunk's checksum, no pixel decoding); JPEG: a full decode at 1/8 scale
+    (``draft``), cheap and still reading the whole stream (JPEG's ``verify`` checks nothing); other
+    formats: a full decode. A decoded image passes. A stored image checked when its row was read
+    gives what that check found; one not checked then (another rank's share) is read now."""
+    if is_pil(ref):
+        return ""
+    if isinstance(ref, StoredImage):
+        if ref.problem is not None:
+            return ref.problem
+        return image_problem(io.BytesIO(ref.load() or b""), k, describe(ref))
+    return image_problem(ref if isinstance(ref, str) else io.BytesIO(ref), k, describe(ref))
 
 
 def image_problem(source: Any, k: int, label: str) -> str:
@@ -116,7 +122,10 @@ def image_problem(source: Any, k: int, label: str) -> str:
                 im.draft("RGB", (1, 1))  # JPEG only; a no-op for other formats
                 im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        return f"has an unreadable image {k} ({label}): {type(e).__name__}: {e}"
+        # PIL names a file object by its repr, a memory address: the same image gives the same
+        # message in every process (ranks exchange these messages, image_checks.py)
+        text = str(e) if isinstance(source, str) else str(e).replace(repr(source), "<image data>")
+        return f"has an unreadable image {k} ({label}): {type(e).__name__}: {text}"
     return ""
 
 
@@ -129,7 +138,7 @@ def open_image(ref: ImageRef):
     """The referenced image, decoded, in RGB (as the Mllama image processor expects)."""
     from PIL import Image
 
-    if _is_pil(ref):
+    if is_pil(ref):
         return ref.convert("RGB")
     try:
         if isinstance(ref, StoredImage):

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 from ..config.errors import ShardtuneError
 from ..config.parse import Config
 from . import alpaca, chat_dataset, custom, grammar, preference, samsum, vision
+from .image_checks import ONE_PROCESS, Share, check_shared
 from .rows import RawSplit, finalize
 from .split import TokenizedSplit
 
@@ -20,6 +21,9 @@ DATASETS: dict[str, Callable[..., RawSplit]] = {
     "chat_dataset": chat_dataset.load,  # text or vision: the tokenizer or the processor
     "preference_dataset": preference.load,  # chosen / rejected pairs for --use_dpo
 }
+# Loaders that read and check embedded images as they read rows, only in this rank's share: they
+# take ``share=`` (image_checks.py).
+SHARE_AWARE = frozenset({"ocrvqa_dataset"})
 SPLITS = ("train", "test")
 # Datasets of text rows encoded with a tokenizer; a vision model is fed image + text batches by
 # its processor (ocrvqa_dataset, or a custom_dataset whose file builds them).
@@ -65,13 +69,22 @@ def adopt_dataset_template(cfg: Config, tokenizer) -> Optional[str]:
     return None
 
 
-def load_split(cfg: Config, tokenizer, split: str) -> TokenizedSplit:
+def load_split(cfg: Config, tokenizer, split: str, share: Share = ONE_PROCESS) -> TokenizedSplit:
     """Tokenised samples of ``cfg.train.dataset``'s ``split`` ("train" or "test"), with bad rows and
-    overlong samples handled by ``skip_bad_rows`` / ``overlong`` and counted in the report."""
+    overlong samples handled by ``skip_bad_rows`` / ``overlong`` and counted in the report.
+
+    ``share``: this rank's part of the load-time image check and the ranks' exchange (every rank
+    of a run calls this with its own; the result is the same on every rank, and the same as one
+    process's, the default)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     check_data_source(cfg)
     name = cfg.train.dataset
-    raw = DATASETS[name](cfg.dataset_config, tokenizer, split, cfg.train)
-    return finalize(raw, split=split, context_length=cfg.train.context_length,
-                    overlong=cfg.train.overlong, skip_bad_rows=cfg.train.skip_bad_rows)
+    raw = DATASETS[name](cfg.dataset_config, tokenizer, split, cfg.train,
+                         **({"share": share} if name in SHARE_AWARE else {}))
+    verdicts = check_shared(raw.rows, raw.image_refs, share) if raw.image_refs is not None else None
+    out = finalize(raw, split=split, context_length=cfg.train.context_length, overlong=cfg.train.overlong,
+                   skip_bad_rows=cfg.train.skip_bad_rows, image_check=None if verdicts is None else verdicts.check_of)
+    if verdicts is not None:
+        out.report.images_checked = verdicts.checked
+    return out

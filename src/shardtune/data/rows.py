@@ -55,6 +55,9 @@ class RawSplit:
     where: Callable[[int], str] = row_name  # position of rows[i] in the source, for messages
     collate_fn: Optional[Callable] = None
     tokenized: bool = True           # False: rows go to a custom collator as they are
+    # A vision split's: row -> its image references (BadRow as ``encode`` raises it before its
+    # images); its ``encode`` then takes ``check``, the agreed check of the row's images (image_checks.py).
+    image_refs: Optional[Callable[[Any], list]] = None
 
 
 def text_field(row: Any, name: str, *, optional: bool = False) -> str:
@@ -150,15 +153,16 @@ def split_off_eval(rows: Sequence[Any], split: str, fraction: float, source: str
 
 
 def finalize(raw: RawSplit, *, split: str, context_length: int, overlong: OverlongPolicy,
-             skip_bad_rows: bool) -> TokenizedSplit:
-    """Encode every row and apply the bad-row and overlong policies; counts go into the report."""
+             skip_bad_rows: bool, image_check: Optional[Callable[[int], Callable]] = None) -> TokenizedSplit:
+    """Encode every row and apply the bad-row and overlong policies; counts go into the report.
+    ``image_check(i)``: the check of row ``i``'s images to encode it with (a vision split's)."""
     overlong = OverlongPolicy(overlong)
     report = DataReport(source=raw.source, split=split, context_length=context_length)
     samples, positions = [], []
     for i, row in enumerate(raw.rows):
         report.rows_read += 1
         try:
-            sample = raw.encode(row)
+            sample = raw.encode(row) if image_check is None else raw.encode(row, check=image_check(i))
         except Overlong:
             report.dropped_overlong += 1
             continue

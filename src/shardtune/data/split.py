@@ -19,6 +19,7 @@ class DataReport:
     truncated: int = 0
     dropped_overlong: int = 0
     bad_examples: list[str] = field(default_factory=list)  # first few skip reasons, for the user
+    images_checked: int = 0  # images this rank decoded at load time to check them (its share: image_checks.py)
 
     def summary(self) -> str:
         line = (f"{self.source} [{self.split}]: {self.rows_read} rows read -> {self.samples} samples; "

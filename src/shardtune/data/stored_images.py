@@ -5,9 +5,10 @@ Such sources embed each image's encoded bytes in the rows. Keeping those bytes i
 every image of the split in every rank and every DataLoader worker (OCR-VQA's ~165k rows: several
 GB per process). A sample holds a :class:`StoredImage` instead — the file, row group and row (or
 the memory-mapped dataset and its row) — and the collator reads the bytes of the batch it builds.
-Rows are read one row group / one row at a time, and each image is checked while its bytes are at
-hand; a check's failure is kept in the reference and reported for its row when the row is encoded,
-as a failure of an image held in memory would be.
+Rows are read one row group / one row at a time, and each image of the rank's share
+(``image_checks.py``) is checked while its bytes are at hand; what the check found is kept in the
+reference and reported for its row when the row is encoded, as a failure of an image held in
+memory would be.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any, Callable, Optional
 
 @dataclass(frozen=True)
 class StoredImage:
-    """Where an encoded image is; ``problem``: why it failed the load-time check ("" if it passed)."""
+    """Where an encoded image is; ``problem``: why it failed the load-time check ("" if it passed,
+    None if this rank did not check it: another rank's share). Not part of the reference's
+    identity: the ranks' samples compare equal."""
 
     nbytes: int
-    problem: str = ""
+    problem: Optional[str] = dataclasses.field(default=None, compare=False)
 
     def load(self) -> Optional[bytes]:  # pragma: no cover - every kind of store defines it
         raise NotImplementedError
@@ -80,11 +83,11 @@ def encoded_bytes(value: Any) -> Optional[bytes]:
 
 
 def store_images(row: Any, make: Callable[[int, int], StoredImage],
-                 check: Callable[[bytes, int, StoredImage], str]) -> Any:
+                 check: Optional[Callable[[bytes, int, StoredImage], str]]) -> Any:
     """``row`` with each embedded image of its ``images`` replaced by ``make(k, nbytes)`` (``k`` -1
     where ``images`` is a single image), which keeps what ``check(data, k, ref)`` says is wrong with
-    the image ("" if nothing). Values without bytes (paths, empty or malformed ones) stay as they
-    are, for ``image_ref`` to resolve or refuse as before."""
+    the image ("" if nothing; ``check`` None: unchecked). Values without bytes (paths, empty or
+    malformed ones) stay as they are, for ``image_ref`` to resolve or refuse as before."""
     if not isinstance(row, dict):
         return row
     images = row.get("images")
@@ -97,6 +100,5 @@ def store_images(row: Any, make: Callable[[int, int], StoredImage],
             out.append(value)
             continue
         ref = make(-1 if single else k, len(data))
-        problem = check(data, k, ref)
-        out.append(dataclasses.replace(ref, problem=problem) if problem else ref)
+        out.append(ref if check is None else dataclasses.replace(ref, problem=check(data, k, ref)))
     return {**row, "images": out[0] if single else out}

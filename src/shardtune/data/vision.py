@@ -22,7 +22,8 @@ The split is fixed (it does not follow ``--seed``), so evaluations of different 
 Each row is encoded at load time with the processor's chat template (images as ``{"type":
 "image"}`` parts at the start of the first user turn) into ``input_ids``, ``labels`` and
 ``attention_mask`` plus its image references; labels are -100 except on each assistant answer and
-the end-of-turn token that closes it. Images are checked to open at load time;
+the end-of-turn token that closes it. Images are checked to open at load time, each rank checking
+its share of the rows and the ranks exchanging what they found (``image_checks.py``);
 :class:`~shardtune.data.images.VisionCollator` decodes them per batch. Samples hold references,
 not image bytes: images embedded in a parquet file or a ``datasets`` dataset stay there until a
 batch reads them (``stored_images.py``).
@@ -37,6 +38,7 @@ from typing import Any, Optional
 
 from ..config.configs import ChatTrainOn, ocrvqa_dataset, train_config
 from ..config.errors import ShardtuneError
+from .image_checks import ONE_PROCESS, Check, Share
 from .images import VisionCollator, check_image, image_ref
 from .rows import BadRow, RawSplit
 from .vision_sources import FLAG, SPLIT_SEED, check_source, read_source, split_indices
@@ -73,16 +75,19 @@ def _turns(row: Any) -> list[tuple[str, str]]:
     return turns
 
 
-def _images(row: Mapping, base: Optional[Path]) -> list:
+def _image_refs(row: Mapping, base: Optional[Path]) -> list:
     images = row.get("images")
     if images is None or (isinstance(images, (list, tuple)) and not images):
         raise BadRow("has no images ('images' is missing or empty); each row needs at least one")
     if not isinstance(images, (list, tuple)):
         images = [images]
-    refs = [image_ref(v, k, base) for k, v in enumerate(images)]
-    for k, ref in enumerate(refs):
-        check_image(ref, k)
-    return refs
+    return [image_ref(v, k, base) for k, v in enumerate(images)]
+
+
+def image_refs(row: Any, base: Optional[Path]) -> list:
+    """The row's image references, after what ``encode`` checks before them (BadRow as it raises)."""
+    _turns(row)
+    return _image_refs(row, base)
 
 
 def messages(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
@@ -95,14 +100,17 @@ def messages(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
     return out
 
 
-def encode(row: Any, processor, template: str, base: Optional[Path]) -> dict[str, Any]:
+def encode(row: Any, processor, template: str, base: Optional[Path], check: Check = check_image) -> dict[str, Any]:
     """One row -> ``input_ids``, ``labels``, ``attention_mask`` and ``images`` (references): the
     conversation encoded as ``chat_dataset`` encodes it (answers and their end-of-turn tokens
-    located from the template's renderings)."""
+    located from the template's renderings). ``check(ref, k)`` raises BadRow for a bad image (by
+    default it decodes it; ``load_split`` passes the ranks' agreed findings)."""
     from .chat_dataset import Encoder, encode_messages
 
     turns = _turns(row)
-    refs = _images(row, base)
+    refs = _image_refs(row, base)
+    for k, ref in enumerate(refs):
+        check(ref, k)
     enc = Encoder(processor, template, ChatTrainOn.assistant, context_length=0, cut_at_turn=False, base=base)
     return encode_messages(enc, messages(turns, len(refs)), None, refs)[0]
 
@@ -128,9 +136,11 @@ def chat_template(processor) -> str:
     return template
 
 
-def load(config: ocrvqa_dataset, processor, split: str, train: train_config) -> RawSplit:
+def load(config: ocrvqa_dataset, processor, split: str, train: train_config, share: Share = ONE_PROCESS) -> RawSplit:
+    """The split's rows; images embedded in the source are checked as they are read, and only in
+    this rank's ``share`` of the rows (the others' are checked by their ranks)."""
     template = chat_template(processor)
-    rows, where, base, source = read_source(config, split)
+    rows, where, base, source = read_source(config, split, share.owns)
     return RawSplit(source=source, rows=rows, where=where,
                     encode=partial(encode, processor=processor, template=template, base=base),
-                    collate_fn=VisionCollator(processor))
+                    collate_fn=VisionCollator(processor), image_refs=partial(image_refs, base=base))

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..config.configs import ocrvqa_dataset
 from ..config.errors import ShardtuneError
@@ -89,11 +89,19 @@ def _choose(splits: Mapping[str, Any], config: ocrvqa_dataset, split: str, sourc
     return rows, train_idx if split == "train" else test_idx, f"{source}[{name}]" if name else source
 
 
-def read_source(config: ocrvqa_dataset, split: str):
-    """(rows, where, base folder for relative image paths, source name) of the requested split."""
+Owns = Callable[[int], bool]  # whether this rank checks the images of the split's row i
+
+
+def _everything(i: int) -> bool:
+    return True
+
+
+def read_source(config: ocrvqa_dataset, split: str, owns: Owns = _everything):
+    """(rows, where, base folder for relative image paths, source name) of the requested split.
+    Embedded images are checked as they are read where ``owns(i)`` (``image_checks.py``)."""
     if not config.data_path:
         check_source(config)
-        return _from_datasets(_load_hub(config), config, split, f"{config.hub_name}:{config.subset}", None)
+        return _from_datasets(_load_hub(config), config, split, f"{config.hub_name}:{config.subset}", None, owns)
     path = Path(config.data_path)
     if path.is_dir():
         if not _is_saved_dataset(path):
@@ -104,20 +112,21 @@ def read_source(config: ocrvqa_dataset, split: str):
         check_source(config)
         import datasets
 
-        return _from_datasets(datasets.load_from_disk(str(path)), config, split, str(path), path)
+        return _from_datasets(datasets.load_from_disk(str(path)), config, split, str(path), path, owns)
     if path.suffix.lower() == ".csv":
         raise ShardtuneError(f"{path}: ocrvqa_dataset rows hold lists (images, texts), which CSV cannot; "
                              f"use a .jsonl, .json or .parquet file.")
     if path.suffix.lower() == ".parquet" and path.is_file():
-        return _from_parquet(path, config, split)
+        return _from_parquet(path, config, split, owns)
     records, where = read_records(path, flag=FLAG)
     rows, idx, source = _choose({"": records}, config, split, str(path))
     return [rows[i] for i in idx], (lambda i: where(idx[i])), path.parent, source
 
 
-def _from_parquet(path: Path, config: ocrvqa_dataset, split: str):
+def _from_parquet(path: Path, config: ocrvqa_dataset, split: str, owns: Owns):
     """The split's rows, read one row group at a time, their embedded images left in the file
-    (``stored_images.ParquetImage``): no process holds more than a row group's bytes."""
+    (``stored_images.ParquetImage``): no process holds more than a row group's bytes. Only the
+    images of ``owns``' rows are decoded to check them."""
     import pyarrow.parquet as pq
 
     try:
@@ -135,7 +144,7 @@ def _from_parquet(path: Path, config: ocrvqa_dataset, split: str):
             table = parquet.read_row_group(group).take([i - start for i in wanted])
             for i, row in zip(wanted, table.to_pylist()):
                 make = partial(_parquet_image, resolved, group, i - start)
-                rows[position[i]] = store_images(row, make, check_stored)
+                rows[position[i]] = store_images(row, make, check_stored if owns(position[i]) else None)
         start += n
     return rows, (lambda i: row_name(idx[i])), path.parent, source
 
@@ -148,7 +157,7 @@ def _dataset_image(dataset, row: int, k: int, nbytes: int) -> DatasetImage:
     return DatasetImage(nbytes=nbytes, dataset=dataset, row=row, k=k)
 
 
-def _from_datasets(ds, config: ocrvqa_dataset, split: str, source: str, base: Optional[Path]):
+def _from_datasets(ds, config: ocrvqa_dataset, split: str, source: str, base: Optional[Path], owns: Owns):
     import datasets
 
     splits = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"": ds}
@@ -162,8 +171,8 @@ def _from_datasets(ds, config: ocrvqa_dataset, split: str, source: str, base: Op
     out = []
     for start in range(0, len(idx), _CHUNK):
         part = idx[start:start + _CHUNK]
-        for i, row in zip(part, stored[part].to_pylist()):
-            out.append(store_images(row, partial(_dataset_image, stored, i), check_stored))
+        for j, (i, row) in enumerate(zip(part, stored[part].to_pylist()), start):
+            out.append(store_images(row, partial(_dataset_image, stored, i), check_stored if owns(j) else None))
     return out, (lambda i: row_name(idx[i])), base, name
 
 

@@ -39,6 +39,14 @@ class DistEnv:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_object(self, obj: object) -> list:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+        if not self.distributed:
+            return [obj]
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, obj)
+        return everyone
+
 
 # Whether this process has started a process group (see ``end_process``).
 _groups_started = 0  # process groups init_distributed started in this process
