@@ -142,6 +142,9 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], int, str]]:
         "convert_into_its_source": (["convert", p["adapter"], f"{p['adapter']}/merged", "--merge", "--model",
                                      p["model"]], 2,
                                     r"destination .*adapter/merged is inside the source"),
+        # nor a destination around the source (its clean-up would take the source with it)
+        "convert_around_its_source": (["convert", p["adapter"], r, "--merge", "--model", p["model"]], 2,
+                                      r"destination .* is \(or contains\) the source .*adapter"),
         "two_ranks_output_inside_the_model": (["finetune", "--nproc_per_node", "2", "--enable_fsdp",
                                                *ft("x", out=f"{p['model']}/out")[1:]], 2,
                                               r"is inside the path --model_name reads from"),

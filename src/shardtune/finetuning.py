@@ -42,7 +42,7 @@ from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_to
 from .model.attention import AttentionChoice, choose_attention
 from .model.loading import (check_model_source, check_tokenizer_source, check_vocab_fits, load_config, load_inputs,
                             load_model, match_vocab)
-from .output_lock import hold_unless_launcher_does
+from .output_lock import hold_unless_launcher_does, inherit_from_launcher
 from .outputs.ownership import (check_not_an_input, check_output_dir, check_writable, record as record_owned,
                         remove_stale_temps, top_entry_under)
 from .model.peft import apply_peft
@@ -165,6 +165,8 @@ def hold_outputs(cfg: Config, launcher: bool = False) -> Iterator[None]:
             remove_stale_temps(cfg.train.output_dir)
             if launcher:
                 lock.export_to_children()
+        else:  # a launcher killed alone leaves this run writing the folder: rank 0 holds it then
+            lock = inherit_from_launcher(cfg.train.output_dir)
     try:
         yield
     finally:

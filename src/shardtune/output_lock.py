@@ -9,7 +9,10 @@ refused at once), so that cannot let two runs hold it.
 
 ``shardtune finetune --nproc_per_node N`` takes the lock in the launcher and tells its ranks so
 through ``HELD_ENV`` (``<pid>:<lock path>``); a rank that sees its launcher holding the lock of its
-own output folder does not take it again (it could not: the launcher holds it).
+own output folder does not take it again (it could not: the launcher holds it). Rank 0 waits for
+it instead (``inherit_from_launcher``): a launcher killed alone (``kill -9``, the out-of-memory
+killer) leaves its ranks training and writing the folder, and the kernel grants rank 0 the lock
+the moment the launcher's is gone, so a run started then is still refused.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,20 +38,22 @@ class OutputLock:
         self.folder, self.path, self._fd = folder, folder / LOCK, fd
         self._exported = False
         self._created = created  # the folder did not exist before this run
+        self._closing = threading.Lock()  # release() vs inherit_from_launcher's waiting thread
 
     def release(self) -> None:
         if self._exported:
             os.environ.pop(HELD_ENV, None)
             self._exported = False
-        if self._fd is None:
-            return
-        if self._created and [p.name for p in self.folder.iterdir()] == [LOCK]:
-            # A run that failed before writing anything leaves no folder behind. Removed while
-            # still held: a run started meanwhile was refused (non-blocking lock), not queued on it.
-            self.path.unlink(missing_ok=True)
-            self.folder.rmdir()
-        os.close(self._fd)  # closing the descriptor drops the flock
-        self._fd = None
+        with self._closing:
+            if self._fd is None:
+                return
+            if self._created and [p.name for p in self.folder.iterdir()] == [LOCK]:
+                # A run that failed before writing anything leaves no folder behind. Removed while
+                # still held: a run started meanwhile was refused (non-blocking lock), not queued on it.
+                self.path.unlink(missing_ok=True)
+                self.folder.rmdir()
+            os.close(self._fd)  # closing the descriptor drops the flock (or ends the wait for it)
+            self._fd = None
 
     def export_to_children(self) -> None:
         """Let processes this one starts (torchrun's ranks) know that their output folder is held."""
@@ -79,11 +85,16 @@ def hold(folder: str | Path, flag: str = "--output_dir") -> OutputLock:
             f"{flag} {str(folder)!r} is in use by another shardtune run{_holder(path)}: two runs writing "
             "one folder would replace each other's model and checkpoints. Wait for that run to end, or "
             f"choose another {flag}. (The lock is released when that process ends, even by a crash.)") from None
+    _write_holder(fd)
+    return OutputLock(folder, fd, created)
+
+
+def _write_holder(fd: int) -> None:
+    """Say in the lock file who holds it (a refused run names that process)."""
     os.ftruncate(fd, 0)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    os.write(fd, f"process {os.getpid()} on {os.uname().nodename}, started {started}: "
-                 f"{' '.join(sys.argv[:3])}\n".encode())
-    return OutputLock(folder, fd, created)
+    os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename}, started {started}: "
+                  f"{' '.join(sys.argv[:3])}\n".encode(), 0)
 
 
 def held_by_launcher(folder: str | Path) -> bool:
@@ -106,3 +117,23 @@ def held_by_launcher(folder: str | Path) -> bool:
 def hold_unless_launcher_does(folder: str | Path, flag: str = "--output_dir") -> Optional[OutputLock]:
     """The lock of ``folder`` for this run: taken here, or None when this rank's launcher holds it."""
     return None if held_by_launcher(folder) else hold(folder, flag)
+
+
+def inherit_from_launcher(folder: str | Path) -> OutputLock:
+    """The lock of ``folder``, which this rank's launcher holds, taken by this process if the
+    launcher dies first: a thread waits for it (a blocking flock), which the kernel grants only
+    once the launcher's lock is gone. ``release()`` ends the wait."""
+    lock = OutputLock(Path(folder), os.open(Path(folder) / LOCK, os.O_RDWR))
+    fd = lock._fd
+
+    def wait() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            return  # released (the descriptor closed) while waiting
+        with lock._closing:
+            if lock._fd == fd:  # still this run's: it holds the folder now
+                _write_holder(fd)
+
+    threading.Thread(target=wait, name="shardtune-output-lock", daemon=True).start()
+    return lock

@@ -9,12 +9,14 @@ DCP reshards on load, so a checkpoint from W ranks loads on any other number of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,6 +83,19 @@ def _options(model: torch.nn.Module) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """DCP in a run without a process group (one process): torch warns that it "assumes the intent
+    is to save/load in a single process" at every call, which is this run's intent. Only that
+    warning is silenced (its exact category and message)."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"torch\.distributed is disabled, unavailable or uninitialized, "
+                                            r"assuming the intent is to (save|load) in a single process")
+        yield
+
+
 def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
                     optimizer: Optional[torch.optim.Optimizer], scheduler: Any, position: dict,
                     config_dict: dict, env: DistEnv) -> Optional[Path]:
@@ -96,7 +111,8 @@ def save_checkpoint(run: Path, step: int, *, model: torch.nn.Module,
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     needed, failed = tensor_bytes(state), None
     try:
-        dcp.save(state, checkpoint_id=str(tmp))
+        with _single_process_is_meant():
+            dcp.save(state, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
         _injected_delay()
         if env.is_main:
@@ -267,7 +283,8 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Optional[t
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     _check_shapes(path, state)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_is_meant():
+            dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         # DCP wraps per-rank failures (truncated shard, missing key) in CheckpointException.
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
