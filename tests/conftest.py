@@ -371,22 +371,35 @@ def run_fsdp_cases(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ranks(tiny_model_dir, tmp_path_factory) -> Path:
-    """shardtune full + LoRA checkpoints and llama-recipes FSDP1 checkpoints, written by 2 gloo ranks
-    (tests/convert/make_checkpoints.py): what conversion and inference read."""
+def ranks(tiny_model_dir, tmp_path_factory, run_fsdp_cases) -> Path:
+    """Every rank-written checkpoint that conversion and inference read, written by 2 gloo ranks in
+    the session's shared launch (``run_fsdp_cases``, no launch of its own):
+
+    1. ``ROOT/full``: the shardtune recipe (setup + train, as ``python -m shardtune.finetuning``), FSDP2,
+       2 steps, a DCP checkpoint every 2 steps -> ``checkpoints/fine-tuned/step-000002`` plus the HF
+       model the recipe saves in ``ROOT/full``.
+    2. ``ROOT/lora``: the same with ``--use_peft`` (LoRA) and ``--merge_lora`` -> an adapter-only
+       checkpoint, the adapter folder and ``ROOT/lora/merged``.
+    3. ``ROOT/llama-recipes`` and ``ROOT/llama-recipes-full/tiny-1.pt``: what llama-recipes' FSDP1
+       sharded and full saves write (fsdp_worker.py ``run_llama_recipes_fsdp1``)."""
     import json
-    import subprocess
-    import sys
 
     root = tmp_path_factory.mktemp("ranks")
     data = root / "data.json"
     data.write_text(json.dumps([{"instruction": f"Spell {i}.", "output": " ".join(str(i))} for i in range(24)]))
-    script = Path(__file__).parent / "convert" / "make_checkpoints.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(root), str(tiny_model_dir), str(data)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0 and (root / "DONE").is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    def recipe(name: str, *extra: str) -> dict:
+        return {"logits": False, "args": [
+            "--enable_fsdp", "--device", "cpu", "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+            "--alpaca_dataset.data_path", str(data), "--batching_strategy", "padding", "--batch_size_training", "2",
+            "--max_train_step", "2", "--save_every_n_steps", "2", "--output_dir", str(root / name),
+            "--run_validation", "False", "--context_length", "64", "--lr", "5e-3", "--seed", "1", *extra]}
+
+    cases = {"full": recipe("full"),
+             "lora": recipe("lora", "--use_peft", "--peft_method", "lora", "--merge_lora", "True"),
+             "llama-recipes": {"kind": "llama_recipes_fsdp1", "model": str(tiny_model_dir), "root": str(root)}}
+    # the pool's cases.json/results.json go beside ROOT, not in it (tests list ROOT's folders)
+    run_fsdp_cases(tmp_path_factory.mktemp("ranks-cases"), cases)
     return root
 
 

@@ -10,7 +10,7 @@ and rank 0 writes OUT.json and then ``QUEUE_DIR/<k>.done``; a ``QUEUE_DIR/stop``
 so does the end of the process named in ``QUEUE_DIR/owner`` ("PID:CREATE_TIME", a killed pytest). A
 case that fails (not an expected ``ShardtuneError``) ends the launch as in the first form.
 
-CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits" | "adapter" | "data"} (plus
+CASES.json maps a case name to {"args": [recipe flags], "kind": "train" | "logits" | "adapter" | "data" | "llama_recipes_fsdp1" | "shard_bytes"} (plus
 "expect_error": true to record a ShardtuneError's message instead of failing); cases run in order.
 "train" runs the real recipe (setup + train, saving if the flags say so) and records the per-step
 losses, which parameters changed, how many tensors the optimizer holds and the trained model's
@@ -18,7 +18,12 @@ logits on a fixed input (an image + text probe for a vision model), and with "re
 the trained weights; "logits" builds the model the way the recipe
 does and records its logits on a fixed input (and whether its head is tied to the embeddings);
 "adapter" builds it and records the full values of its new adapter weights; "data" loads the train and test
-splits on every rank as the recipe does (``data_share``) and records each rank's samples and report. ``"logits": false`` skips
+splits on every rank as the recipe does (``data_share``) and records each rank's samples and report;
+"llama_recipes_fsdp1"
+(with "model" and "root" instead of "args") writes llama-recipes' FSDP1 sharded checkpoint of "model"
+in ROOT/llama-recipes (see run_llama_recipes_fsdp1); "shard_bytes" records every rank's bytes of parameter,
+gradient and optimizer-state storage after one step (tests/plan/shard_worker.py ``run_case``) as a list
+indexed by rank. ``"logits": false`` skips
 the logits of a "train" case (a real-vocabulary model's are megabytes of JSON). Rank 0 writes OUT.json.
 """
 
@@ -162,11 +167,87 @@ def sample_record(sample: dict, describe) -> dict:
             "images": [describe(ref) for ref in sample["images"]]}
 
 
+def run_llama_recipes_fsdp1(model_dir: str, root: Path, rank: int) -> None:
+    """What llama-recipes' ``save_model_and_optimizer_sharded`` writes: FSDP1
+    (``FullyShardedDataParallel`` + activation-checkpoint wrappers) after one AdamW step,
+    ``SHARDED_STATE_DICT``, ``{"model": model.state_dict(), "optim": FSDP.optim_state_dict(...)}``
+    saved with ``dist_cp.save(..., storage_writer=FileSystemWriter(dir))`` and a flat
+    ``train_params.yaml`` in ``ROOT/llama-recipes``; plus ``ROOT/llama-recipes-full/tiny-1.pt``, its
+    FULL_STATE_DICT (the reference weights), saved like ``save_fsdp_model_checkpoint_full``."""
+    import functools
+
+    import torch.distributed as dist
+    import yaml
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    import torch.distributed.checkpoint as dist_cp
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(7)  # the same perturbation on every rank (FSDP1 on CPU cannot sync_module_states)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    model = FSDP(model, auto_wrap_policy=policy, use_orig_params=False, device_id=torch.device("cpu"))
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(100 + rank)
+    ids = torch.randint(4, 200, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optim.step()
+    save_dir = root / "llama-recipes"
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        state_dict = {"model": model.state_dict(), "optim": FSDP.optim_state_dict(model, optim)}
+        dist_cp.save(state_dict=state_dict, storage_writer=dist_cp.FileSystemWriter(save_dir))
+    dist.barrier()
+    full_cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, full_cfg):
+        full = model.state_dict()
+    if rank == 0:
+        # llama-recipes' save_train_params: train_config + fsdp_config, flat, values as strings
+        params = {"model_name": model_dir, "enable_fsdp": "True", "lr": "0.001",
+                  "dist_checkpoint_root_folder": str(root), "dist_checkpoint_folder": "llama-recipes",
+                  "checkpoint_type": "StateDictType.SHARDED_STATE_DICT", "mixed_precision": "True"}
+        (save_dir / "train_params.yaml").write_text(yaml.dump(params, indent=4))
+        (root / "llama-recipes-full").mkdir(exist_ok=True)
+        torch.save({k: v.detach().clone() for k, v in full.items()}, root / "llama-recipes-full" / "tiny-1.pt")
+    dist.barrier()
+
+
+def shard_worker():
+    """tests/plan/shard_worker.py as a module, loaded by path (this script's folder is tests/parallel)."""
+    import importlib.util
+
+    if "shard_worker" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("shard_worker", Path(__file__).parent.parent / "plan" / "shard_worker.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["shard_worker"] = module
+    return sys.modules["shard_worker"]
+
+
 def run_cases(cases: dict, env, out: dict) -> None:
     """Run ``cases`` in order, filling ``out`` (so what ran before a failure is kept)."""
     for name, case in cases.items():
         faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
         print(f"rank {env.rank}: case {name}: start", file=sys.stderr, flush=True)
+        if case.get("kind") == "llama_recipes_fsdp1":  # not the recipe: no flags to parse
+            run_llama_recipes_fsdp1(case["model"], Path(case["root"]), env.rank)
+            out[name] = {}
+            continue
+        if case.get("kind") == "shard_bytes":  # tests/plan/shard_worker.py's measurement, every rank's
+            import torch.distributed as dist
+
+            everyone: list = [None] * env.world_size
+            dist.all_gather_object(everyone, shard_worker().run_case(case["args"], env))
+            out[name] = everyone
+            continue
         cfg = parse_args(case["args"]).config
         runner = {"logits": run_logits, "adapter": run_adapter, "data": run_data}.get(case.get("kind"), run_train)
         if case.get("expect_error"):

@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+WORKER = HERE / "shard_worker.py"
 sys.path.insert(0, str(HERE))
 
 from conftest import build_odd_llama  # noqa: E402
 from test_activations import CASES, measure_step  # noqa: E402
-from test_exact_shards import WORKER, _cases  # noqa: E402
+from test_exact_shards import _cases  # noqa: E402
 
 from shardtune.config import parse_args  # noqa: E402
 from shardtune.plan.estimate import layout_for, shard_bytes  # noqa: E402

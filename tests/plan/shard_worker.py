@@ -2,6 +2,9 @@
 
     torchrun --nproc_per_node 2 shard_worker.py CASES.json OUT.json
 
+The test suite runs ``run_case`` in its shared launch instead (fsdp_worker.py's "shard_bytes" cases,
+tests/plan/test_exact_shards.py); this form is for report_measured.py.
+
 CASES.json maps a case name to recipe flags. For each case every rank builds the model the way the
 recipe does (``setup_model``: loading, freezing, PEFT, activation checkpointing, ``shard_model``),
 builds the recipe's optimizer, runs one forward + backward on a fixed random batch of

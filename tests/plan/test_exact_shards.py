@@ -1,15 +1,9 @@
 """The planner's per-rank parameter, gradient and optimizer-state bytes equal the real sharded
 tensors of a 2-rank gloo run, byte for byte, for every sharding strategy, LoRA, a tied head and
-pure bf16 with AnyPrecisionAdamW (one torchrun launch; the model's odd shapes make FSDP2 pad).
+pure bf16 with AnyPrecisionAdamW (the session's shared 2-rank launch; the model's odd shapes make FSDP2 pad).
 The LoRA cases hold their frozen embeddings and head whole on every rank (parallel/fsdp.py)."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +11,6 @@ from shardtune.config import parse_args
 from shardtune.plan.estimate import dtypes_for, kept_whole, layout_for, shard_bytes
 from shardtune.plan.shapes import build_shapes, model_config
 
-WORKER = Path(__file__).parent / "shard_worker.py"
 STRATEGY = "--fsdp_config.sharding_strategy"
 
 
@@ -42,15 +35,12 @@ def _cases(model: str, tied: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def measured(odd_model_dir, odd_tied_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("plan-shards")
+def measured(odd_model_dir, odd_tied_model_dir, tmp_path_factory, run_fsdp_cases):
+    """shard_worker.py's measurement of every case, on the 2 ranks of the session's shared launch."""
     cases = _cases(str(odd_model_dir), str(odd_tied_model_dir))
-    (root / "cases.json").write_text(json.dumps(cases))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKER),
-           str(root / "cases.json"), str(root / "out.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    return cases, json.loads((root / "out.json").read_text())
+    results = run_fsdp_cases(tmp_path_factory.mktemp("plan-shards"),
+                             {name: {"kind": "shard_bytes", "args": args} for name, args in cases.items()})
+    return cases, results
 
 
 @pytest.mark.parametrize("case", list(_cases("m", "t")))
