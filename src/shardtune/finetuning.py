@@ -3,6 +3,8 @@ the functions appear in the order they run (main → run → preflight → setup
 
     python -m shardtune.finetuning --model_name PATH --dataset alpaca_dataset ...
     torchrun --nproc_per_node 2 -m shardtune.finetuning --enable_fsdp ...   (FSDP)
+    torchrun --nproc_per_node 2 -m shardtune finetune --enable_fsdp ...      (the same, lighter workers:
+                                                                              data/workers.py _preload)
 
 Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml`` and
 ``key=value`` overrides work too, and ``--print-config`` shows the resolved configuration.
