@@ -36,7 +36,11 @@ def test_the_recipe_reads_top_to_bottom_caller_first():
     # each function is defined below the first function that calls it: the file is read in the order it runs
     out_of_order = [name for name, caller in first_caller.items() if line[name] < caller]
     assert not out_of_order, f"defined above their first caller: {out_of_order}"
-    assert set(first_caller) >= {"run", "preflight", "setup", "train", "setup_model", "attention_for"}
+    assert set(first_caller) >= {"run", "run_held", "setup", "train", "setup_model", "attention_for"}
+    # run refuses what cannot work (shardtune/preflight.py, light enough for the launcher) before run_held
+    run = next(f for f in functions if f.name == "run")
+    called = [node.func.id for node in ast.walk(run) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    assert called.index("check_run") < called.index("run_held"), called
 
 
 def test_a_run_reads_the_model_config_and_chooses_attention_once(tiny_model_dir, tmp_path, monkeypatch):
@@ -51,8 +55,15 @@ def test_a_run_reads_the_model_config_and_chooses_attention_once(tiny_model_dir,
             return real(*args, **kwargs)
         return spy
 
+    import shardtune.preflight as preflight
+
     for name in calls:
         monkeypatch.setattr(recipe, name, counted(name, getattr(recipe, name)))
+    # the model's family is read once, by preflight (from config.json: light enough for the
+    # launcher), and passed along: neither the recipe nor preflight reads the config again
+    calls["local_family"] = 0
+    monkeypatch.setattr(preflight, "local_family", counted("local_family", preflight.local_family))
+    monkeypatch.setattr(preflight, "load_config", counted("load_config", preflight.load_config))
     rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 1)))}
             for i in range(16)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
@@ -62,4 +73,4 @@ def test_a_run_reads_the_model_config_and_chooses_attention_once(tiny_model_dir,
                            "--context_length", "64", "--max_train_step", "1", "--run_validation", "False",
                            "--save_model", "False"])
     assert results["steps"] == 1
-    assert calls == {"load_config": 1, "attention_for": 1}
+    assert calls == {"load_config": 0, "attention_for": 1, "local_family": 1}

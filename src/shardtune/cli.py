@@ -59,12 +59,12 @@ def _finetune(argv: list[str]) -> None:
             value = tok.partition("=")[2] or launch[i + 1]
             nproc = int(value) if value.isdigit() else nproc
     if launch and (nproc > 1 or any(t.startswith("--nnodes") for t in launch)):
-        # Validate here first so a bad flag or path fails once, not once per rank.
+        # Validate here first so a bad flag or path fails once, not once per rank. preflight is a
+        # light module: this launcher never imports the recipe (transformers, peft, bitsandbytes).
         from .config import parse_args
+        from .preflight import hold_outputs, preflight
 
-        cfg = parse_args(rest).config  # flag errors before the heavy imports below
-        from .finetuning import hold_outputs, preflight
-
+        cfg = parse_args(rest).config
         preflight(cfg, nproc)
         single_node = not any(t.startswith(("--nnodes", "--rdzv", "--master_", "--node_rank")) for t in launch)
         if single_node and "--standalone" not in launch:
@@ -73,17 +73,26 @@ def _finetune(argv: list[str]) -> None:
 
         # --output_dir is this job's until every rank has ended. Across nodes, global rank 0 takes
         # the lock instead: each node's launcher would otherwise lock a shared folder against the others.
+        # Each rank runs `-m shardtune finetune` (this CLI, which runs the recipe in-process), not
+        # `-m shardtune.finetuning`: multiprocessing runs a main module whose name does not end in
+        # ".__main__" again in every process it starts by fork server or spawn (the DataLoader
+        # workers), so each worker would import the whole recipe (~7 s CPU; data/workers.py).
         with hold_outputs(cfg, launcher=True) if single_node else contextlib.nullcontext():
-            code = run_torchrun([*launch, "-m", "shardtune.finetuning", *rest], local_ranks=nproc)
+            code = run_torchrun([*launch, "-m", "shardtune", "finetune", *rest], local_ranks=nproc)
         if code:
             raise SystemExit(code)
         return
     from .config import parse_args
+    from .preflight import check_run
 
-    parse_args(rest)  # flag errors before the heavy imports below (a second instead of four)
+    parsed = parse_args(rest)  # flag errors before the heavy imports below (a second instead of four)
+    checked = None
+    if not (parsed.help_config or parsed.print_config):
+        # Refused here, before the recipe's imports (~7 s CPU): most bad inputs end in preflight.
+        checked = check_run(parsed.config)
     from .finetuning import main as finetune_main
 
-    finetune_main(rest)
+    finetune_main(rest, checked)
 
 
 def _data(argv: list[str]) -> None:

@@ -3,6 +3,8 @@ the functions appear in the order they run (main → run → preflight → setup
 
     python -m shardtune.finetuning --model_name PATH --dataset alpaca_dataset ...
     torchrun --nproc_per_node 2 -m shardtune.finetuning --enable_fsdp ...   (FSDP)
+    torchrun --nproc_per_node 2 -m shardtune finetune --enable_fsdp ...      (the same, lighter workers:
+                                                                              data/workers.py _preload)
 
 Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml`` and
 ``key=value`` overrides work too, and ``--print-config`` shows the resolved configuration.
@@ -12,45 +14,40 @@ When to save, what to load on resume and pre-emption are the checkpoint package'
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import yaml
 
 from . import runtime
-from .checkpoint.manager import (CheckpointManager, checkpoint_run_dir, refuse_non_finite,  # noqa: F401 (re-exported)
-                                 writes_resumable_checkpoints)
+from .checkpoint.manager import CheckpointManager, refuse_non_finite  # noqa: F401 (re-exported)
 from .config import Config, describe_options, parse_args
 from .config.configs import BatchingStrategy, defers_gradient_sync
 from .convert.mergeable import check_mergeable
-from .data import Share, adopt_dataset_template, check_data_source, load_split, pad_fraction
+from .data import Share, adopt_dataset_template, load_split, pad_fraction
 from .data.training import build_eval_loader, build_train_loader
 from .family_checks import refuse_for_family
+from .preflight import Checked, check_run, hold_outputs
 from .eval.quick import evaluate_after_training
 from .host_malloc import ReleaseAfterStep, release_free_memory, tune_host_malloc
 from .model.family import ModelFamily, decoder_layers, family_for_config
 from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
 from .model.attention import AttentionChoice, choose_attention
-from .model.loading import (check_model_source, check_tokenizer_source, check_vocab_fits, load_config, load_inputs,
-                            load_model, match_vocab)
-from .output_lock import hold_unless_launcher_does, inherit_from_launcher
-from .outputs.ownership import (check_not_an_input, check_output_dir, check_writable, record as record_owned,
-                        remove_stale_temps, top_entry_under)
+from .model.loading import check_vocab_fits, load_config, load_inputs, load_model, match_vocab
+from .outputs.ownership import record as record_owned, top_entry_under
 from .model.peft import apply_peft
 from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
 from .parallel.activation_checkpointing import (check_activation_offload, enable_activation_checkpointing,
                                                 with_activation_offload)
 from .parallel.compile import check_compile, compile_decoder_layers, warm_up
-from .parallel.distributed import DistEnv, check_world_size, init_distributed, shutdown
+from .parallel.distributed import DistEnv, init_distributed, shutdown
 from .parallel.fsdp import accumulation_switch, clip_grad_norm, reshard, shard_model
 from .model.low_cpu import build_meta_model, materialize_and_load
 from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
@@ -71,7 +68,7 @@ from .train.perf import StepMeter
 from .train.profiler import StepProfiler
 from .train.progress import quiet_library_bars
 from .checkpoint.state import TrainState
-from .train.tensorboard_log import TensorBoardLogger, check_tensorboard_dir, tensorboard_dir
+from .train.tensorboard_log import TensorBoardLogger, tensorboard_dir
 from .train.wandb_log import WandbLogger
 
 
@@ -93,7 +90,8 @@ class Components:
 
 # --- entry: parse, refuse what cannot work, hold the output folder --------------------------------
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None, checked: Optional[Checked] = None) -> dict:
+    """``checked``: see :func:`run`."""
     parsed = parse_args(sys.argv[1:] if argv is None else argv)
     if parsed.help_config:
         print(describe_options())
@@ -101,77 +99,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if parsed.print_config:
         print(yaml.safe_dump(parsed.config.to_dict(), sort_keys=False), end="")
         return {}
-    return run(parsed.config)
+    return run(parsed.config, checked)
 
 
-def run(cfg: Config) -> dict:
-    """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses)."""
-    family = local_family(cfg.train.model_name)  # the model's config, read once in this process
-    foreign = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), family)
+def run(cfg: Config, checked: Optional[Checked] = None) -> dict:
+    """Fine-tune with a resolved config; returns llama-recipes' results dict (plus step losses).
+    ``checked``: what ``preflight.check_run`` found, when the caller (the CLI, before importing
+    this module) has run it in this process already."""
+    foreign, family = checked or check_run(cfg)  # refuse what cannot work before any work
     with hold_outputs(cfg):  # one run per --output_dir, until this run has written everything
         return run_held(cfg, foreign, family)
-
-
-def local_family(model_name: str) -> Optional[ModelFamily]:
-    """The family of a local model folder; None for a hub id (its config is read once ranks start)."""
-    if (Path(model_name) / "config.json").is_file():
-        return family_for_config(load_config(model_name))
-    return None
-
-
-def preflight(cfg: Config, world_size: int, family: Optional[ModelFamily] = None) -> list[str]:
-    """Everything that can be refused before any work starts (and before ranks are launched):
-    the model path, the data source, the world size, and the output directory. Returns the
-    files of --output_dir that --overwrite_output_dir lets the run write beside."""
-    t = cfg.train
-    check_model_source(t.model_name)
-    family = family or local_family(t.model_name)
-    if family is not None:
-        refuse_for_family(cfg, family)
-    if t.tokenizer_name:
-        check_tokenizer_source(t.tokenizer_name, "--tokenizer_name")
-    check_data_source(cfg)
-    check_world_size(t.enable_fsdp, world_size)
-    board = tensorboard_dir(t.output_dir, t.tensorboard_dir) if t.use_tensorboard else None
-    if board is not None:
-        check_tensorboard_dir(board, {"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
-                                      "--from_peft_checkpoint": t.from_peft_checkpoint}, t.output_dir)
-    ckpt = checkpoint_run_dir(cfg)
-    whole = [entry for entry in (top_entry_under(t.output_dir, ckpt),
-                                 "merged/" if t.merge_lora else None,
-                                 top_entry_under(t.output_dir, board) if board is not None else None) if entry]
-    inputs = {"--model_name": t.model_name, "--tokenizer_name": t.tokenizer_name,
-              "--from_peft_checkpoint": t.from_peft_checkpoint}
-    foreign = check_output_dir(t.output_dir, flag="--output_dir", overwrite=t.overwrite_output_dir,
-                               overwrite_flag="--overwrite_output_dir", replaced_whole=whole, protected=inputs)
-    check_writable(t.output_dir, "--output_dir")
-    if writes_resumable_checkpoints(cfg) and not top_entry_under(t.output_dir, ckpt):  # elsewhere
-        check_not_an_input(ckpt, "--dist_checkpoint_root_folder", inputs)
-        check_writable(ckpt, "--dist_checkpoint_root_folder")
-    if board is not None:
-        check_writable(board, "--tensorboard_dir")
-    return foreign
-
-
-@contextlib.contextmanager
-def hold_outputs(cfg: Config, launcher: bool = False) -> Iterator[None]:
-    """One run per --output_dir: the launcher (``launcher``: it tells its ranks), a single process,
-    or rank 0 of a bare torchrun launch locks it for the run's life, and removes what an
-    interrupted earlier save left there (no other run can be writing it now)."""
-    lock = None
-    if int(os.environ.get("RANK", 0)) == 0:
-        lock = hold_unless_launcher_does(cfg.train.output_dir)
-        if lock is not None:
-            remove_stale_temps(cfg.train.output_dir)
-            if launcher:
-                lock.export_to_children()
-        else:  # a launcher killed alone leaves this run writing the folder: rank 0 holds it then
-            lock = inherit_from_launcher(cfg.train.output_dir)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def run_held(cfg: Config, foreign: list[str], family: Optional[ModelFamily] = None) -> dict:

@@ -154,3 +154,51 @@ def test_a_worker_thread_cut_off_by_its_killed_rank_ends_quietly(case):
         assert "Traceback" not in out.stderr, out.stderr
     else:
         assert "ValueError: a real bug in a worker thread" in out.stderr
+
+
+# The built-in padding collator, also writing down the modules loaded in the worker that runs it.
+_PROBE_COLLATOR = """
+import sys
+from shardtune.data.collate import PaddingCollator
+
+
+class ModulesSeen(PaddingCollator):
+    def __init__(self, pad_id, path):
+        super().__init__(pad_id)
+        self.path = path
+
+    def __call__(self, rows):
+        with open(self.path, "w") as f:
+            f.write("\\n".join(sorted(sys.modules)))
+        return super().__call__(rows)
+"""
+
+_WORKER_MODULES_SCRIPT = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import shardtune.model.peft  # a rank has loaded the recipe: transformers, peft, bitsandbytes
+from transformers import AutoTokenizer
+from probe_collate import ModulesSeen
+from shardtune.data import build_dataloader
+rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 8
+loader = build_dataloader(rows, tokenizer=AutoTokenizer.from_pretrained(sys.argv[2]), strategy="padding", batch_size=2, context_length=16, shuffle=False,
+                          seed=0, num_workers=1, collate_fn=ModulesSeen(0, os.path.join(sys.argv[1], "seen.txt")))
+assert loader.num_workers == 1, loader.num_workers
+next(iter(loader))
+os._exit(0)
+"""
+
+
+def test_a_worker_loads_what_its_data_needs_not_the_recipe(tmp_path, tiny_model_dir):
+    """A DataLoader worker (and the fork server it comes from) imports torch, shardtune.data and
+    what unpickling its rows and collator needs, not the transformers / peft / bitsandbytes that
+    its rank loaded (~7 s CPU per rank, data/workers.py _preload)."""
+    (tmp_path / "probe_collate.py").write_text(_PROBE_COLLATOR)
+    proc = subprocess.run([sys.executable, "-c", _WORKER_MODULES_SCRIPT, str(tmp_path), str(tiny_model_dir)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = set((tmp_path / "seen.txt").read_text().split())
+    assert {"torch", "shardtune.data.collate", "shardtune.data.workers", "probe_collate"} <= seen
+    heavy = sorted(m for m in seen if m.split(".")[0] in ("transformers", "peft", "bitsandbytes")
+                   or m.startswith(("torch._dynamo", "torch._inductor", "shardtune.model", "shardtune.finetuning")))
+    assert not heavy, heavy

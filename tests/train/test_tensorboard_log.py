@@ -34,7 +34,7 @@ def test_tensorboard_options_are_checked_before_work(tiny_model_dir, tmp_path):
     base = ["--model_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ConfigError, match="only applies with --use_tensorboard"):
         parse_args([*base, "--tensorboard_dir", str(tmp_path / "tb")])
-    from shardtune.finetuning import preflight
+    from shardtune.preflight import preflight
 
     data = tmp_path / "rows.json"
     data.write_text('[{"instruction": "a", "input": "", "output": "b"}]')

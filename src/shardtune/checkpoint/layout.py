@@ -22,6 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..config import Config
+from ..config.configs import StateDictType
 from ..outputs.atomic import atomic_write, fsync_path
 from ..outputs.digests import DamagedFiles
 
@@ -34,6 +36,22 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def run_dir(root: str | Path, folder: str) -> Path:
     """The checkpoint folder of a run. Unlike llama-recipes, the model path is never glued in."""
     return Path(root) / folder
+
+
+def checkpoint_run_dir(cfg: Config) -> Path:
+    """``<dist_checkpoint_root_folder>/<dist_checkpoint_folder>``; llama-recipes' placeholder
+    root (never set by the user) means ``<output_dir>/checkpoints``."""
+    t = cfg.train
+    root = t.dist_checkpoint_root_folder
+    if root == type(t)().dist_checkpoint_root_folder:
+        root = str(Path(t.output_dir) / "checkpoints")
+    return run_dir(root, t.dist_checkpoint_folder)
+
+
+def writes_resumable_checkpoints(cfg: Config) -> bool:
+    t = cfg.train
+    sharded = t.enable_fsdp and cfg.fsdp.checkpoint_type == StateDictType.SHARDED_STATE_DICT
+    return sharded or t.save_every_n_steps > 0 or t.resume or bool(t.resume_from)
 
 
 def step_dir_name(step: int) -> str:

@@ -19,13 +19,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import Config, ShardtuneError
-from ..config.configs import StateDictType
 from ..data.fingerprint import rows_fingerprint
 from ..outputs.ownership import record as record_owned, top_entry_under
 from ..parallel.distributed import DistEnv
 from ..parallel.fsdp import weights_finite
 from .state import TrainState
 from . import layout
+from .layout import checkpoint_run_dir, writes_resumable_checkpoints  # noqa: F401 (re-exported)
 from .hf_export import save_hf_model
 from .hf_stream import DTYPES
 from .listing import checkpoint_size
@@ -33,22 +33,6 @@ from .preemption import PreemptionSignal
 from .resume_plan import DataRecord, ResumePlan, plan_resume
 from .sharded import load_checkpoint, read_train_state, save_checkpoint, verify_before_loading
 from .sizes import human_size
-
-
-def checkpoint_run_dir(cfg: Config) -> Path:
-    """``<dist_checkpoint_root_folder>/<dist_checkpoint_folder>``; llama-recipes' placeholder
-    root (never set by the user) means ``<output_dir>/checkpoints``."""
-    t = cfg.train
-    root = t.dist_checkpoint_root_folder
-    if root == type(t)().dist_checkpoint_root_folder:
-        root = str(Path(t.output_dir) / "checkpoints")
-    return layout.run_dir(root, t.dist_checkpoint_folder)
-
-
-def writes_resumable_checkpoints(cfg: Config) -> bool:
-    t = cfg.train
-    sharded = t.enable_fsdp and cfg.fsdp.checkpoint_type == StateDictType.SHARDED_STATE_DICT
-    return sharded or t.save_every_n_steps > 0 or t.resume or bool(t.resume_from)
 
 
 def export_dtype(t) -> Optional[torch.dtype]:

@@ -24,6 +24,7 @@ import functools
 import multiprocessing
 import os
 import pickle
+import pickletools
 import signal
 import sys
 import threading
@@ -39,22 +40,42 @@ START_METHOD = "forkserver"
 _PACKAGE = __name__.split(".")[0]
 
 
-def _preload() -> list[str]:
+def _preload(rows: Any, collate_fn: Any) -> list[str]:
     """What the fork server imports once, so that a worker forked from it starts in milliseconds.
 
-    A new worker runs the main module's top level again (multiprocessing's rule for fork-server
-    and spawned processes, which is why scripts guard their entry point with ``if __name__ ==
-    "__main__"``), and that is cheap only when what it imports is loaded: torch, and the shardtune
-    modules this rank has loaded (they import transformers and peft). Measured: ~2 s per worker
-    start without them, ~0.1 s with. "__main__" covers a script run by path. The main module of
-    ``python -m shardtune.finetuning`` (torchrun) is left out under its own name: the worker runs
-    it by that name with runpy, which warns ("'shardtune.finetuning' found in sys.modules ...
-    prior to execution") in every worker when the fork server has imported it already.
+    A worker needs torch, this module (its ``worker_init_fn``) and the modules that unpickling
+    the dataset's rows and the collator imports: for a built-in dataset, torch and shardtune.data
+    (~1.5 s CPU), not the recipe's transformers, peft and bitsandbytes (~7 s more per rank).
+    "__main__" covers a script run by path (the fork server runs it once; workers then do not).
+
+    A main module run by name (``python -m shardtune.finetuning``, torchrun's old form) is run
+    again in every worker (multiprocessing's rule for fork-server and spawned processes, unless
+    the name ends in ".__main__"), and that is cheap only when what it imports is loaded: then
+    the shardtune modules this rank has loaded are preloaded too (~2 s per worker start without
+    them, ~0.1 s with), except the main module itself: the worker runs it by that name with
+    runpy, which warns ("'shardtune.finetuning' found in sys.modules ... prior to execution") in
+    every worker when the fork server has imported it already. ``shardtune finetune`` runs its
+    ranks as ``-m shardtune finetune`` (main module ``shardtune.__main__``) to avoid all of it.
     """
     main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    ours = sorted(name for name in list(sys.modules)
-                  if name.split(".")[0] == _PACKAGE and name != main)
-    return ["__main__", "torch", *ours]
+    if main is not None and not main.endswith(".__main__"):
+        ours = sorted(name for name in list(sys.modules)
+                      if name.split(".")[0] == _PACKAGE and name != main)
+        return ["__main__", "torch", *ours]
+    return ["__main__", "torch", __name__, *sorted(_modules_to_unpickle(rows[0] if len(rows) else None, collate_fn))]
+
+
+def _modules_to_unpickle(*objs: Any) -> set[str]:
+    """The modules unpickling ``objs`` imports: pickle protocol 2 names each class and function it
+    needs in a GLOBAL opcode ("module name"). An object that does not pickle adds none."""
+    found = set()
+    for obj in objs:
+        try:
+            data = pickle.dumps(obj, protocol=2)
+        except Exception:  # noqa: BLE001 - any pickling failure: nothing to preload for it
+            continue
+        found.update(arg.split(" ", 1)[0] for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL")
+    return found
 
 
 _WATCH_INTERVAL_S = 1.0
@@ -73,7 +94,7 @@ def worker_options(num_workers: int, rows: Any, collate_fn: Any) -> dict:
     if START_METHOD not in multiprocessing.get_all_start_methods():  # Windows: spawn is the default
         return {"num_workers": num_workers, "persistent_workers": True}
     context = multiprocessing.get_context(START_METHOD)
-    context.set_forkserver_preload(_preload())
+    context.set_forkserver_preload(_preload(rows, collate_fn))
     _start_fork_server()
     return {"num_workers": num_workers, "persistent_workers": True, "multiprocessing_context": context,
             "worker_init_fn": functools.partial(exit_with_parent, os.getpid(), psutil.Process().create_time())}

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 from ..config.errors import ShardtuneError
 from .attention import register_attention
@@ -66,6 +68,8 @@ def check_tokenizer_source(name: str, what: str = "--tokenizer_name") -> None:
 
 def load_tokenizer(name: str, what: str = "--tokenizer_name") -> PreTrainedTokenizerBase:
     """The tokenizer of ``name``; ``what`` is the flag that named it (for error messages)."""
+    from transformers import AutoTokenizer  # here: the path checks above serve preflight without transformers
+
     check_tokenizer_source(name, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -116,6 +120,8 @@ def load_inputs(model_name: str, tokenizer_name: Optional[str] = None):
 
 
 def load_config(name: str):
+    from transformers import AutoConfig
+
     check_model_source(name)
     try:
         return AutoConfig.from_pretrained(name)

@@ -70,10 +70,6 @@ def group_documents(bounds: tuple[int, ...], bucket: int = BUCKET,
     return DocumentGroups(tuple(shapes), torch.cat(gathers).to(device), scatter.to(device))
 
 
-# Not traced by torch.compile (--compile): the groups depend on the batch's document lengths, so a
-# traced version would recompile for nearly every batch. The compiled layer runs it eagerly between
-# two graphs (before and after attention) whose shapes do not change.
-@torch.compiler.disable
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                           scaling: Optional[float] = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -116,6 +112,11 @@ def register_packed_attention() -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    # Not traced by torch.compile (--compile): the groups depend on the batch's document lengths, so a
+    # traced version would recompile for nearly every batch. The compiled layer runs it eagerly between
+    # two graphs (before and after attention) whose shapes do not change. Wrapped here, not with a
+    # decorator: torch.compiler.disable imports torch._dynamo (~2.5 s CPU), which every process that
+    # imports this module (the launcher's preflight, DataLoader workers) would otherwise pay.
+    AttentionInterface.register(PACKED_SDPA, torch.compiler.disable(packed_sdpa_attention))
     AttentionMaskInterface.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return PACKED_SDPA

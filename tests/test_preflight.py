@@ -1,0 +1,36 @@
+"""preflight (shardtune/preflight.py) runs in the launcher of a multi-rank run and, for a single
+process, before the recipe is imported: a run it refuses, and the launcher of every run, never
+import the recipe's libraries (transformers, peft, bitsandbytes, torch._dynamo: ~6 s CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY_PACKAGES = ("transformers", "peft", "bitsandbytes")
+HEAVY_MODULES = ("torch._dynamo", "torch._inductor", "shardtune.finetuning", "shardtune.model.peft")
+
+
+def _imported(stderr: str) -> set[str]:
+    """The modules a process imported, from its ``-X importtime`` lines (``... | ... | name``)."""
+    return {line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("launch", [["--nproc_per_node", "2", "--enable_fsdp"], []], ids=["launcher", "single_process"])
+def test_a_run_refused_by_preflight_never_imports_the_recipe(tmp_path, tiny_model_dir, launch):
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}] * 4))
+    (tmp_path / "a-file").write_text("not a directory")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "shardtune", "finetune", *launch,
+                           "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+                           "--alpaca_dataset.data_path", str(data), "--output_dir", str(tmp_path / "a-file")],
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "is a file" in errors[0], proc.stderr[-3000:]
+    imported = _imported(proc.stderr)
+    assert {"shardtune.preflight", "shardtune.model.loading", "torch"} <= imported  # the checks ran here
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY_PACKAGES or m.startswith(HEAVY_MODULES))
+    assert not heavy, heavy
