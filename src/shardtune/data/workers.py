@@ -143,6 +143,9 @@ def exit_with_parent(parent_pid: int, parent_started: float, worker_id: int) -> 
     """
     threading.excepthook = functools.partial(_quiet_when_parent_gone, parent_pid, parent_started,
                                              threading.excepthook)
+    # multiprocessing's resource_sharer thread catches its own errors and reports them through
+    # sys.excepthook (resource_sharer._ResourceSharer._serve), not threading.excepthook
+    sys.excepthook = functools.partial(_quiet_sys_hook, parent_pid, parent_started, sys.excepthook)
     if not hasattr(signal, "sigtimedwait"):  # macOS: no sender to tell apart; PyTorch's handler stays
         return _watch_parent(parent_pid, parent_started)
     for sig in _RANK_SIGNALS:
@@ -175,13 +178,24 @@ def _quiet_when_parent_gone(parent_pid: int, parent_started: float, default, arg
     in the job's output after the launcher's one-line account of the kill. Any other error, or one
     while the rank lives, is printed as before.
     """
-    if issubclass(args.exc_type, (ConnectionError, EOFError)):
+    _end_if_parent_gone(args.exc_type, parent_pid, parent_started)
+    default(args)
+
+
+def _quiet_sys_hook(parent_pid: int, parent_started: float, default, exc_type, exc, tb) -> None:
+    """``sys.excepthook`` of a worker, as :func:`_quiet_when_parent_gone`."""
+    _end_if_parent_gone(exc_type, parent_pid, parent_started)
+    default(exc_type, exc, tb)
+
+
+def _end_if_parent_gone(exc_type: type, parent_pid: int, parent_started: float) -> None:
+    """End the worker quietly when a broken connection comes from its rank being gone."""
+    if issubclass(exc_type, (ConnectionError, EOFError)):
         deadline = time.monotonic() + _GONE_WAIT_S
         while time.monotonic() < deadline:
             if _gone(parent_pid, parent_started):
                 os._exit(0)
             time.sleep(0.05)
-    default(args)
 
 
 def _watch_parent(parent_pid: int, parent_started: float) -> None:
