@@ -34,3 +34,16 @@ def test_a_run_refused_by_preflight_never_imports_the_recipe(tmp_path, tiny_mode
     assert {"shardtune.preflight", "shardtune.model.loading", "torch"} <= imported  # the checks ran here
     heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY_PACKAGES or m.startswith(HEAVY_MODULES))
     assert not heavy, heavy
+
+
+def test_a_missing_data_file_is_refused_in_the_launcher(tmp_path, tiny_model_dir):
+    """Refused once, by the launcher, before ranks start (it was found by every rank after the
+    recipe's imports: ~17 s of CPU for a 2-rank job and one error per rank)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "shardtune", "finetune", "--nproc_per_node",
+                           "2", "--enable_fsdp", "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+                           "--alpaca_dataset.data_path", str(tmp_path / "missing.json"),
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "missing.json does not exist. Point --alpaca_dataset.data_path at a" in errors[0]
+    assert "shardtune.finetuning" not in _imported(proc.stderr) and not (tmp_path / "out").exists()

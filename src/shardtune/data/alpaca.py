@@ -11,7 +11,7 @@ from typing import Any
 
 from ..batches import IGNORE_INDEX
 from ..config.configs import alpaca_dataset, train_config
-from .files import read_records
+from .files import read_records, require_file
 from .prompts import alpaca_prompt
 from .rows import RawSplit, split_off_eval, text_field
 
@@ -29,6 +29,11 @@ def encode(row: Any, tokenizer) -> dict[str, list[int]]:
     ids = tokenizer.encode(prompt + output) + [tokenizer.eos_token_id]
     labels = [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:]
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+def check_source(config: alpaca_dataset) -> None:
+    """Refuse, before any work, a data file that is not there."""
+    require_file(config.data_path, flag=FLAG)
 
 
 def load(config: alpaca_dataset, tokenizer, split: str, train: train_config) -> RawSplit:

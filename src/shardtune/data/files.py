@@ -13,15 +13,22 @@ from .rows import row_name
 FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 
 
+def require_file(path: str | Path, *, flag: str) -> Path:
+    """``path`` as a Path, or the error that it is missing or a folder (checked by the launcher's
+    preflight as well as when the data loads)."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder, expected a file" if p.is_dir() else "does not exist"
+        raise ShardtuneError(f"Data file {p} {what}. Point {flag} at a {'/'.join(FORMATS)} file.")
+    return p
+
+
 def read_records(path: str | Path, *, flag: str) -> tuple[list[Any], Callable[[int], str]]:
     """Records of ``path`` and a function naming record i's place in the file (for messages).
 
     ``flag`` is the option that set the path, so a missing file can say what to change.
     """
-    p = Path(path)
-    if not p.is_file():
-        what = "is a folder, expected a file" if p.is_dir() else "does not exist"
-        raise ShardtuneError(f"Data file {p} {what}. Point {flag} at a {'/'.join(FORMATS)} file.")
+    p = require_file(path, flag=flag)
     suffix = p.suffix.lower()
     try:
         if suffix == ".json":

@@ -42,6 +42,7 @@ def check_dataset_for_model(name: str, model_is_vision: bool, model_name: str) -
 
 # Cheap checks of a dataset's source that can run before any rank starts (no data is read).
 SOURCE_CHECKS: dict[str, Callable[..., None]] = {
+    "alpaca_dataset": alpaca.check_source,
     "samsum_dataset": samsum.check_source,
     "ocrvqa_dataset": vision.check_source,
     "chat_dataset": chat_dataset.check_source,
