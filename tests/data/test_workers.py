@@ -199,8 +199,12 @@ def test_a_worker_loads_what_its_data_needs_not_the_recipe(tmp_path, tiny_model_
     what unpickling its rows and collator needs, not the transformers / peft / bitsandbytes that
     its rank loaded (~7 s CPU per rank, data/workers.py _preload)."""
     (tmp_path / "probe_collate.py").write_text(_PROBE_COLLATOR)
-    proc = subprocess.run([sys.executable, "-c", _WORKER_MODULES_SCRIPT, str(tmp_path), str(tiny_model_dir)], capture_output=True,
-                          text=True, timeout=300)
+    # run as a package's __main__, as the ranks of `shardtune finetune` run (-m shardtune finetune);
+    # a main module run by path or by another name keeps the full preload (see _preload)
+    (tmp_path / "probe_main").mkdir()
+    (tmp_path / "probe_main" / "__main__.py").write_text(_WORKER_MODULES_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "probe_main", str(tmp_path), str(tiny_model_dir)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = set((tmp_path / "seen.txt").read_text().split())
     assert {"torch", "shardtune.data.collate", "shardtune.data.workers", "probe_collate"} <= seen
