@@ -47,3 +47,16 @@ def test_a_missing_data_file_is_refused_in_the_launcher(tmp_path, tiny_model_dir
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "missing.json does not exist. Point --alpaca_dataset.data_path at a" in errors[0]
     assert "shardtune.finetuning" not in _imported(proc.stderr) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("launch", [["--nproc_per_node", "2", "--enable_fsdp"], []], ids=["launcher", "single_process"])
+def test_a_bad_flag_value_is_refused_before_torch_is_imported(tmp_path, launch):
+    """Option values are checked by the config layer, which imports no torch: such a refusal
+    takes ~0.1 s instead of the ~2 s of importing torch first."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "shardtune", "finetune", *launch,
+                           "--model_name", str(tmp_path), "--lr", "inf", "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and errors == ["error: --lr must be a finite number, got 'inf'."], proc.stderr[-3000:]
+    imported = _imported(proc.stderr)
+    assert "shardtune.config.parse" in imported and "torch" not in imported, sorted(imported)

@@ -33,6 +33,7 @@ from .config.configs import BatchingStrategy, defers_gradient_sync
 from .convert.mergeable import check_mergeable
 from .data import Share, adopt_dataset_template, load_split, pad_fraction
 from .data.training import build_eval_loader, build_train_loader
+from .data.workers import stop_workers
 from .family_checks import refuse_for_family
 from .preflight import Checked, check_run, hold_outputs
 from .eval.quick import evaluate_after_training
@@ -122,11 +123,14 @@ def run_held(cfg: Config, foreign: list[str], family: Optional[ModelFamily] = No
         say(env, f"note: --overwrite_output_dir: {len(foreign)} entries shardtune did not write are in "
                  f"{t.output_dir} ({', '.join(foreign[:8])}); those with the names of files this run "
                  "writes will be replaced, the others stay and from_pretrained may read some of them.")
+    components = None
     try:
         components = setup(cfg, env, family)
         release_free_memory()  # loading's transient peak, kept by the tuned heap, goes back
         results = train(cfg, env, components)
     finally:
+        if components is not None:
+            stop_workers(components.train_loader, components.eval_loader)
         shutdown()
     merge_saved_adapter(cfg, env, results)  # --merge_lora, with no rank left waiting
     if t.run_eval_after and env.is_main:  # the saved model on the eval split, added to metrics.json
