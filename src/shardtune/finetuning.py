@@ -43,7 +43,6 @@ from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_to
 from .model.attention import AttentionChoice, choose_attention
 from .model.loading import check_vocab_fits, load_config, load_inputs, load_model, match_vocab
 from .outputs.ownership import record as record_owned, top_entry_under
-from .model.peft import apply_peft
 from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
 from .parallel.activation_checkpointing import (check_activation_offload, enable_activation_checkpointing,
                                                 with_activation_offload)
@@ -258,6 +257,8 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[Attent
     if t.freeze_vision_tower:
         freeze_vision_tower(model)
     if t.use_peft:
+        from .model.peft import apply_peft  # peft imports bitsandbytes and torch._inductor: ~2.3 s CPU a process
+
         model = apply_peft(model, cfg)
         if t.merge_lora:
             check_mergeable(model)  # refused now rather than after training

@@ -28,6 +28,7 @@ from ..outputs.atomic import atomic_write, fsync_path
 from ..outputs.digests import DamagedFiles
 
 COMPLETE_MARKER = "COMPLETE"
+TRAIN_STATE = "train_state.json"  # a checkpoint's step, position, world size and options
 _PRE_DIGEST_MARKER = "ok"  # what COMPLETE held before shardtune recorded digests
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config.errors import ShardtuneError
 from . import layout
-from .sharded import TRAIN_STATE
+from .layout import TRAIN_STATE
 
 
 def checkpoint_size(path: Path) -> int:

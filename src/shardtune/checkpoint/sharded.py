@@ -37,10 +37,10 @@ from ..notes import note
 from ..outputs.digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
 from ..parallel.distributed import DistEnv
 from . import layout
+from .layout import TRAIN_STATE
 from .space import disk_full, is_out_of_space, tensor_bytes
 from .trainable import has_frozen, model_state
 
-TRAIN_STATE = "train_state.json"
 TRAIN_PARAMS = "train_params.yaml"
 _FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "intermediate_size")

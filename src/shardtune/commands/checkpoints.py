@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 from ..checkpoint import layout
 from ..checkpoint.listing import describe
-from ..checkpoint.sharded import verify_checkpoint
 from ..checkpoint.sizes import human_size
 from ..config.errors import ShardtuneError
 from ..outputs.digests import DamagedFiles
@@ -43,6 +42,8 @@ def check_without_digests(path: Path) -> str:
 
 def verify_one(path: Path) -> tuple[bool, str]:
     """(ok, what was found) for one checkpoint folder."""
+    from ..checkpoint.sharded import verify_checkpoint  # torch and DCP: only for --verify (a listing takes 0.1 s)
+
     try:
         if verify_checkpoint(path, advice=""):
             return True, "verified: every file matches its recorded sha256"

@@ -33,7 +33,6 @@ import yaml
 from ..checkpoint import layout
 from ..config.errors import ShardtuneError
 
-TRAIN_STATE = "train_state.json"
 TRAIN_PARAMS = "train_params.yaml"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_DTYPES = {
@@ -367,7 +366,7 @@ def model_name_from_params(params: dict) -> tuple[Optional[str], Optional[str]]:
 def _dcp_source(folder: Path) -> DcpSource:
     params = read_train_params(folder)
     model, tok = model_name_from_params(params)
-    state_file = folder / TRAIN_STATE
+    state_file = folder / layout.TRAIN_STATE
     info: dict = {}
     if state_file.is_file():
         kind = "shardtune"
