@@ -236,7 +236,7 @@ def run_cases(cases: dict, env, out: dict) -> None:
     """Run ``cases`` in order, filling ``out`` (so what ran before a failure is kept)."""
     for name, case in cases.items():
         faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
-        print(f"rank {env.rank}: case {name}: start", file=sys.stderr, flush=True)
+        print(f"rank {env.rank}: case {name}: start at {time.monotonic():.2f}", file=sys.stderr, flush=True)
         if case.get("kind") == "llama_recipes_fsdp1":  # not the recipe: no flags to parse
             run_llama_recipes_fsdp1(case["model"], Path(case["root"]), env.rank)
             out[name] = {}
@@ -263,7 +263,7 @@ def run_cases(cases: dict, env, out: dict) -> None:
         else:
             out[name] = runner(cfg, env)
         if env.is_main:
-            print(f"case {name}: done", flush=True)
+            print(f"case {name}: done at {time.monotonic():.2f}", flush=True)
 
 
 def write_json(path: str, value) -> None:
