@@ -204,3 +204,15 @@ def test_image_for_a_text_model_through_the_cli_is_one_paragraph(tiny_model_dir,
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "needs a vision model" in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"]])
+def test_bad_decoding_options_are_refused_before_torch_is_imported(tmp_path, command):
+    """Options, prompts and --output are checked first: such a refusal takes 0.1 s, not 2-5 s."""
+    name, *rest = command
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "shardtune", name, str(tmp_path), *rest,
+                           "--top_p", "2", "--temperature", "0.5"], capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and errors == ["error: --top_p must be above 0 and at most 1, got 2.0."], proc.stderr[-3000:]
+    imported = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert f"shardtune.commands.{name}" in imported and "torch" not in imported

@@ -13,10 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..infer.chat import HELP, ChatSession, run_session
-from ..infer.generate import check_device, inference_dtype
-from ..infer.loading import load_for_inference
-from .generate import add_model_options, image_for, sampling_of
+from .generate import add_model_options, check_device_option, image_for, sampling_of
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -26,8 +23,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--system", help="a system prompt, kept for the whole session")
     args = ap.parse_args(argv)
     sampling = sampling_of(args)
-    check_device(args.device)
+    check_device_option(args)
     image = image_for(args)
+    from ..infer.chat import HELP, ChatSession, run_session  # torch and transformers: once the options are checked
+    from ..infer.generate import inference_dtype
+    from ..infer.loading import load_for_inference
+
     model, inputs = load_for_inference(args.model, args.base, args.device, inference_dtype(args.dtype, args.device))
     session = ChatSession(model, inputs, sampling, system=args.system, image=image)
     stdin = sys.stdin  # None when the process was started with stdin closed (`<&-`): no input at all

@@ -1,13 +1,11 @@
 """Generation from a model in memory: batches of text prompts (left-padded), chat turns through
-the tokenizer's template, a vision model's turns through its processor, and the decoding options
-(:class:`Sampling`). The ``shardtune generate`` and ``shardtune chat`` commands
+the tokenizer's template, and a vision model's turns through its processor, with the decoding
+options of :class:`Sampling` (``infer/sampling.py``). The ``shardtune generate`` and ``shardtune chat`` commands
 (``commands/generate.py``, ``commands/chat.py``) and the evaluation use it.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +14,7 @@ import torch
 from ..config.errors import ShardtuneError
 from ..model.loading import text_tokenizer
 from .prompts import Prompt
+from .sampling import Sampling
 
 # Llama 3's end-of-turn marker: a chat answer ends there (the model's EOS may come only later).
 END_OF_TURN = "<|eot_id|>"
@@ -73,45 +72,6 @@ def chat_stop_ids(model, tokenizer) -> list[int]:
     if END_OF_TURN in tokenizer.get_vocab():
         ids.append(tokenizer.convert_tokens_to_ids(END_OF_TURN))
     return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-@dataclass
-class Sampling:
-    """How tokens are chosen: greedy when ``temperature`` is 0 (the default)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def check(self) -> None:
-        """Options that would be ignored or fail later are refused here."""
-        if self.max_new_tokens < 1:
-            raise ShardtuneError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}.")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ShardtuneError(f"--temperature must be 0 (greedy decoding) or positive (sampling), got "
-                                 f"{self.temperature}.")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ShardtuneError(f"--top_p must be above 0 and at most 1, got {self.top_p}.")
-        if self.top_k < 0:
-            raise ShardtuneError(f"--top_k must be 0 (off) or positive, got {self.top_k}.")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ShardtuneError(f"--repetition_penalty must be positive (1.0: off), got {self.repetition_penalty}.")
-        if self.temperature == 0 and (self.top_p < 1 or self.top_k > 0):
-            raise ShardtuneError("--top_p and --top_k only apply when sampling; add --temperature (e.g. 0.7) "
-                                 "or drop them.")
-
-    def generate_kwargs(self) -> dict:
-        sample = self.temperature > 0
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": sample,
-                  "repetition_penalty": self.repetition_penalty}
-        if sample:  # transformers warns about sampling options under greedy decoding
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
 
 
 def chat_text(tokenizer, messages: list[dict]) -> str:
@@ -206,6 +166,11 @@ def inference_dtype(name: str, device: str) -> Optional[torch.dtype]:
     if name not in INFERENCE_DTYPES:
         raise ShardtuneError(f"--dtype must be auto, fp32, bf16 or fp16, got {name!r}.")
     return INFERENCE_DTYPES[name]
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu: what ``--device`` means when it is not given."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: str) -> None:
