@@ -56,10 +56,14 @@ def test_stop_workers_ends_a_pool_kept_by_a_reference_cycle_at_once(tiny_tokeniz
     for loader in loaders:
         next(iter(loader))  # the persistent pool is started
     workers = [psutil.Process(w.pid) for loader in loaders for w in loader._iterator._workers]
+    index_queues = [q for loader in loaders for q in loader._iterator._index_queues]
     cycle = {"loaders": loaders}
     cycle["self"] = cycle
     start = time.monotonic()
     stop_workers(*loaders, None)
+    # each queue's feeder thread, holding two named semaphores, has ended: a process that exits now
+    # (os._exit) leaves the resource tracker nothing to report
+    assert not any(q._thread is not None and q._thread.is_alive() for q in index_queues)
     del loaders, loader, cycle
     gc.collect()
     assert time.monotonic() - start < 4.0  # without it: 2 workers x 5 s in the collector
