@@ -52,7 +52,7 @@ class OutputLock:
                 # still held: a run started meanwhile was refused (non-blocking lock), not queued on it.
                 self.path.unlink(missing_ok=True)
                 self.folder.rmdir()
-            os.close(self._fd)  # closing the descriptor drops the flock (or ends the wait for it)
+            os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
     def export_to_children(self) -> None:
@@ -122,7 +122,10 @@ def hold_unless_launcher_does(folder: str | Path, flag: str = "--output_dir") ->
 def inherit_from_launcher(folder: str | Path) -> OutputLock:
     """The lock of ``folder``, which this rank's launcher holds, taken by this process if the
     launcher dies first: a thread waits for it (a blocking flock), which the kernel grants only
-    once the launcher's lock is gone. ``release()`` ends the wait."""
+    once the launcher's lock is gone. ``release()`` closes the descriptor; that does not interrupt
+    a flock already waiting, but the thread then finds the lock no longer this run's and writes
+    nothing (its grant, if it comes, ends with the call's own reference to the closed file; the
+    daemon thread ends with the process)."""
     lock = OutputLock(Path(folder), os.open(Path(folder) / LOCK, os.O_RDWR))
     fd = lock._fd
 

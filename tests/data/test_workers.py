@@ -70,7 +70,8 @@ def test_stop_workers_ends_a_pool_kept_by_a_reference_cycle_at_once(tiny_tokeniz
     assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers)
 
 
-_ORPHAN_SCRIPT = """
+# A process with one loader whose single worker is running (the tokenizer folder is argv[1]).
+_POOL_PRELUDE = """
 import json, os, sys
 from transformers import AutoTokenizer
 from shardtune.data import build_dataloader
@@ -79,6 +80,9 @@ rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 8
 loader = build_dataloader(rows, tokenizer=tok, strategy="padding", batch_size=2, context_length=16,
                           shuffle=False, seed=0, num_workers=1)
 next(iter(loader))
+"""
+
+_ORPHAN_SCRIPT = _POOL_PRELUDE + """
 print(json.dumps([w.pid for w in loader._iterator._workers]), flush=True)
 os._exit(0)  # as a rank ends (end_process): no DataLoader clean-up runs
 """
@@ -96,16 +100,8 @@ def test_workers_exit_when_the_training_process_is_gone(tiny_model_dir):
         time.sleep(0.2)
 
 
-_CYCLE_SCRIPT = """
-import sys
-from transformers import AutoTokenizer
-from shardtune.data import build_dataloader
+_CYCLE_SCRIPT = _POOL_PRELUDE + """
 from shardtune.parallel.distributed import end_process
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 8
-loader = build_dataloader(rows, tokenizer=tok, strategy="padding", batch_size=2, context_length=16,
-                          shuffle=False, seed=0, num_workers=1)
-next(iter(loader))
 cycle = {"loader": loader}
 cycle["self"] = cycle  # as the recipe's frames once held rank 0's loaders to its end
 del loader, cycle
