@@ -74,10 +74,9 @@ def _finetune(argv: list[str]) -> None:
 
         # --output_dir is this job's until every rank has ended. Across nodes, global rank 0 takes
         # the lock instead: each node's launcher would otherwise lock a shared folder against the others.
-        # Each rank runs `-m shardtune finetune` (this CLI, which runs the recipe in-process), not
-        # `-m shardtune.finetuning`: multiprocessing runs a main module whose name does not end in
-        # ".__main__" again in every process it starts by fork server or spawn (the DataLoader
-        # workers), so each worker would import the whole recipe (~7 s CPU; data/workers.py).
+        # Each rank runs `-m shardtune finetune` (this CLI, which runs the recipe in-process): a
+        # package's __main__, like `-m shardtune.finetuning`, which multiprocessing does not run
+        # again in the DataLoader workers (data/workers.py).
         with hold_outputs(cfg, launcher=True) if single_node else contextlib.nullcontext():
             code = run_torchrun([*launch, "-m", "shardtune", "finetune", *rest], local_ranks=nproc)
         if code:

@@ -4,6 +4,7 @@ the run, gone with the training process, and skipped with a warning when data ca
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -230,4 +231,42 @@ def test_a_worker_loads_what_its_data_needs_not_the_recipe(tmp_path, tiny_model_
     assert {"torch", "shardtune.data.collate", "shardtune.data.workers", "probe_collate"} <= seen
     heavy = sorted(m for m in seen if m.split(".")[0] in ("transformers", "peft", "bitsandbytes")
                    or m.startswith(("torch._dynamo", "torch._inductor", "shardtune.model", "shardtune.finetuning")))
+    assert not heavy, heavy
+
+
+_PROBE_DATASET = """
+import os
+from probe_collate import ModulesSeen  # importable (on PYTHONPATH), so it reaches the workers
+
+
+def get_custom_dataset(dataset_config, tokenizer, split):
+    return [{"input_ids": [1, 5, 6, 7], "labels": [1, 5, 6, 7]}] * 8
+
+
+def get_data_collator(tokenizer):
+    return ModulesSeen(tokenizer.pad_token_id, os.environ["PROBE_SEEN"])
+"""
+
+
+def test_python_m_shardtune_finetuning_workers_do_not_run_the_recipe_again(tmp_path, tiny_model_dir):
+    """``python -m shardtune.finetuning`` (llama-recipes' entry, torchrun's ``-m`` form) runs a
+    package's ``__main__``: its fork server takes the light preload and no worker runs the recipe
+    module again (as one run by the module's own name would: ~7 s CPU a rank)."""
+    (tmp_path / "probe_collate.py").write_text(_PROBE_COLLATOR)
+    (tmp_path / "probe_data.py").write_text(_PROBE_DATASET)
+    seen_file = tmp_path / "seen.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "PROBE_SEEN": str(seen_file), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "shardtune.finetuning", "--model_name", str(tiny_model_dir),
+                           "--dataset", "custom_dataset", "--custom_dataset.file", str(tmp_path / "probe_data.py"),
+                           "--batching_strategy", "padding", "--device", "cpu", "--num_workers_dataloader", "1",
+                           "--max_train_step", "1", "--run_validation", "false", "--save_model", "false",
+                           "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "found in sys.modules" not in proc.stderr
+    seen = set(seen_file.read_text().split())
+    assert {"torch", "shardtune.data.workers", "probe_collate"} <= seen
+    heavy = sorted(m for m in seen if m.split(".")[0] in ("transformers", "peft", "bitsandbytes")
+                   or m.startswith(("torch._dynamo", "shardtune.model", "shardtune.finetuning")))
     assert not heavy, heavy

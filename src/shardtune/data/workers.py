@@ -48,17 +48,17 @@ def _preload(rows: Any, collate_fn: Any) -> list[str]:
     (~1.5 s CPU), not the recipe's transformers, peft and bitsandbytes (~7 s more per rank).
     "__main__" covers a script run by path (the fork server runs it once; workers then do not).
 
-    A main module run by path or by name (a script, ``python -m shardtune.finetuning``,
-    torchrun's old form) keeps the full preload: one run by name is run again in every worker
-    (multiprocessing's rule for fork-server and spawned processes, unless the name ends in
-    ".__main__"), and a process that builds many loaders (tests/parallel/fsdp_worker.py runs
-    dozens of cases) starts a worker per loader, which imports on demand what the fork server
-    lacks: measured, the light list made such a process's suite 2.4x slower. Then the shardtune
-    modules this rank has loaded are preloaded too (~2 s per worker start without them, ~0.1 s
-    with), except a main module run by name: the worker runs it by that name with
-    runpy, which warns ("'shardtune.finetuning' found in sys.modules ... prior to execution") in
-    every worker when the fork server has imported it already. ``shardtune finetune`` runs its
-    ranks as ``-m shardtune finetune`` (main module ``shardtune.__main__``) to avoid all of it.
+    A main module run by path or by a name not ending in ".__main__" (a user's script, or
+    module) keeps the full preload: one run by name is run again in every worker
+    (multiprocessing's rule for fork-server and spawned processes), and a process that builds
+    many loaders (tests/parallel/fsdp_worker.py runs dozens of cases) starts a worker per
+    loader, which imports on demand what the fork server lacks: measured, the light list made
+    such a process's suite 2.4x slower. Then the shardtune modules this rank has loaded are
+    preloaded too (~2 s per worker start without them, ~0.1 s with), except a main module run
+    by name: the worker runs it by that name with runpy, which warns ("'mod' found in
+    sys.modules ... prior to execution") in every worker when the fork server has imported it
+    already. shardtune's own entries are packages' ``__main__`` modules (``-m shardtune
+    finetune``, ``-m shardtune.finetuning``), so their ranks take the light list.
     """
     main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
     if main is None or not main.endswith(".__main__"):

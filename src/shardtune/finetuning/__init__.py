@@ -3,8 +3,7 @@ the functions appear in the order they run (main → run → preflight → setup
 
     python -m shardtune.finetuning --model_name PATH --dataset alpaca_dataset ...
     torchrun --nproc_per_node 2 -m shardtune.finetuning --enable_fsdp ...   (FSDP)
-    torchrun --nproc_per_node 2 -m shardtune finetune --enable_fsdp ...      (the same, lighter workers:
-                                                                              data/workers.py _preload)
+    shardtune finetune --nproc_per_node 2 --enable_fsdp ...                   (the same, launched for you)
 
 Flags are llama-recipes' (``--help-config`` lists them all); ``--config run.yaml`` and
 ``key=value`` overrides work too, and ``--print-config`` shows the resolved configuration.
@@ -26,50 +25,50 @@ from typing import Callable, Optional, Sequence
 import torch
 import yaml
 
-from . import runtime
-from .checkpoint.manager import CheckpointManager, refuse_non_finite  # noqa: F401 (re-exported)
-from .config import Config, describe_options, parse_args
-from .config.configs import BatchingStrategy, defers_gradient_sync
-from .convert.mergeable import check_mergeable
-from .data import Share, adopt_dataset_template, load_split, pad_fraction
-from .data.training import build_eval_loader, build_train_loader
-from .data.workers import stop_workers
-from .family_checks import refuse_for_family
-from .preflight import Checked, check_run, hold_outputs
-from .eval.quick import evaluate_after_training
-from .host_malloc import ReleaseAfterStep, release_free_memory, tune_host_malloc
-from .model.family import ModelFamily, decoder_layers, family_for_config
-from .model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
-from .model.attention import AttentionChoice, choose_attention
-from .model.loading import check_vocab_fits, load_config, load_inputs, load_model, match_vocab
-from .outputs.ownership import record as record_owned, top_entry_under
-from .model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
-from .parallel.activation_checkpointing import (check_activation_offload, enable_activation_checkpointing,
+from .. import runtime
+from ..checkpoint.manager import CheckpointManager, refuse_non_finite  # noqa: F401 (re-exported)
+from ..config import Config, describe_options, parse_args
+from ..config.configs import BatchingStrategy, defers_gradient_sync
+from ..convert.mergeable import check_mergeable
+from ..data import Share, adopt_dataset_template, load_split, pad_fraction
+from ..data.training import build_eval_loader, build_train_loader
+from ..data.workers import stop_workers
+from ..family_checks import refuse_for_family
+from ..preflight import Checked, check_run, hold_outputs
+from ..eval.quick import evaluate_after_training
+from ..host_malloc import ReleaseAfterStep, release_free_memory, tune_host_malloc
+from ..model.family import ModelFamily, decoder_layers, family_for_config
+from ..model.freeze import freeze_first_layers, freeze_llm_only, freeze_vision_tower, trainable_summary
+from ..model.attention import AttentionChoice, choose_attention
+from ..model.loading import check_vocab_fits, load_config, load_inputs, load_model, match_vocab
+from ..outputs.ownership import record as record_owned, top_entry_under
+from ..model.quantization import bnb_config, check_storage_for_fsdp, keep_packed_layout, prepare_for_training
+from ..parallel.activation_checkpointing import (check_activation_offload, enable_activation_checkpointing,
                                                 with_activation_offload)
-from .parallel.compile import check_compile, compile_decoder_layers, warm_up
-from .parallel.distributed import DistEnv, init_distributed, shutdown
-from .parallel.fsdp import accumulation_switch, clip_grad_norm, reshard, shard_model
-from .model.low_cpu import build_meta_model, materialize_and_load
-from .precision import compute_dtype, describe_precision, fsdp_compute_dtype
-from .runtime import set_seed
-from .parallel.mesh import build_mesh
-from .train.flops import FlopMeasure
-from .data.fingerprint import rows_fingerprint
-from .data.preference import attach_reference_logps
-from .train.dpo import AdapterOffReference, build_objective, precompute_reference_logps
-from .train.reference_store import FILE as REFERENCE_FILE
-from .train.reference_store import load_reference_logps, reference_identity, save_reference_logps
-from .train.loop import Precision, evaluate, label_tokens, loss_sum, to_device, train_epoch
-from .train.types import LoopResult, LossStats
-from .train.loss import chunk_tokens_of
-from .train.metrics import MetricsLog
-from .train.optim import build_optimizer, build_scheduler
-from .train.perf import StepMeter
-from .train.profiler import StepProfiler
-from .train.progress import quiet_library_bars
-from .checkpoint.state import TrainState
-from .train.tensorboard_log import TensorBoardLogger, tensorboard_dir
-from .train.wandb_log import WandbLogger
+from ..parallel.compile import check_compile, compile_decoder_layers, warm_up
+from ..parallel.distributed import DistEnv, init_distributed, shutdown
+from ..parallel.fsdp import accumulation_switch, clip_grad_norm, reshard, shard_model
+from ..model.low_cpu import build_meta_model, materialize_and_load
+from ..precision import compute_dtype, describe_precision, fsdp_compute_dtype
+from ..runtime import set_seed
+from ..parallel.mesh import build_mesh
+from ..train.flops import FlopMeasure
+from ..data.fingerprint import rows_fingerprint
+from ..data.preference import attach_reference_logps
+from ..train.dpo import AdapterOffReference, build_objective, precompute_reference_logps
+from ..train.reference_store import FILE as REFERENCE_FILE
+from ..train.reference_store import load_reference_logps, reference_identity, save_reference_logps
+from ..train.loop import Precision, evaluate, label_tokens, loss_sum, to_device, train_epoch
+from ..train.types import LoopResult, LossStats
+from ..train.loss import chunk_tokens_of
+from ..train.metrics import MetricsLog
+from ..train.optim import build_optimizer, build_scheduler
+from ..train.perf import StepMeter
+from ..train.profiler import StepProfiler
+from ..train.progress import quiet_library_bars
+from ..checkpoint.state import TrainState
+from ..train.tensorboard_log import TensorBoardLogger, tensorboard_dir
+from ..train.wandb_log import WandbLogger
 
 
 @dataclass
@@ -257,7 +256,7 @@ def setup_model(cfg: Config, env: DistEnv, tokenizer, attention: Optional[Attent
     if t.freeze_vision_tower:
         freeze_vision_tower(model)
     if t.use_peft:
-        from .model.peft import apply_peft  # peft imports bitsandbytes and torch._inductor: ~2.3 s CPU a process
+        from ..model.peft import apply_peft  # peft imports bitsandbytes and torch._inductor: ~2.3 s CPU a process
 
         model = apply_peft(model, cfg)
         if t.merge_lora:
@@ -550,7 +549,7 @@ def merge_saved_adapter(cfg: Config, env: DistEnv, results: dict) -> Optional[Pa
     by the main process after the process group is gone: a long merge (70B) then makes no other rank
     wait in a collective, and an error in it cannot hang them. Nothing to do on other ranks, without
     --merge_lora, or when no adapter was saved."""
-    from .convert.core import convert
+    from ..convert.core import convert
 
     t = cfg.train
     if not (t.merge_lora and env.is_main and results["saved_at_steps"]):
@@ -585,9 +584,3 @@ def say(env: DistEnv, *args) -> None:
 
 def _mean(values: list[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
-
-
-if __name__ == "__main__":
-    from .exits import run_with_clean_errors
-
-    run_with_clean_errors(main)
