@@ -19,7 +19,7 @@ from .config import Config
 from .data import check_data_source
 from .family_checks import refuse_for_family
 from .model.family import FAMILIES, ModelFamily, family_for_config, family_for_type
-from .model.loading import check_model_source, check_tokenizer_source, load_config
+from .model.loading import check_model_source, check_tokenizer_source, check_weight_files, load_config
 from .output_lock import hold_unless_launcher_does, inherit_from_launcher
 from .outputs.ownership import check_not_an_input, check_output_dir, check_writable, remove_stale_temps, top_entry_under
 from .parallel.distributed import check_world_size
@@ -61,6 +61,7 @@ def preflight(cfg: Config, world_size: int, family: Optional[ModelFamily] = None
     files of --output_dir that --overwrite_output_dir lets the run write beside."""
     t = cfg.train
     check_model_source(t.model_name)
+    check_weight_files(t.model_name)  # a truncated copy: refused here, not by each rank's load
     family = family or local_family(t.model_name)
     if family is not None:
         refuse_for_family(cfg, family)

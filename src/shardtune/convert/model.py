@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config.errors import ShardtuneError
-from ..model.loading import check_model_source
+from ..model.loading import check_model_source, check_weight_files
 from .sources import Entry, Source
 
 
@@ -95,6 +95,8 @@ def resolve_model(source: Source, model_arg: Optional[str], *, base: bool = Fals
             "from the current folder). Pass --model with the Hugging Face model folder (or config.json) "
             "the checkpoint was trained from.")
     config, folder = load_model_config(name, what)
+    if base and folder is not None:  # a merge reads its weights: a truncated file is refused before any work
+        check_weight_files(folder, what)
     return ModelSpec(name=name, origin=origin, config=config, folder=folder, cls=model_class(config))
 
 

@@ -28,8 +28,8 @@ from ..convert.conversion import tokenizer_folder
 from ..convert.in_memory import build_model, open_checkpoint
 from ..convert.sources import hf_weight_files
 from ..model.family import ModelFamily, family_for_config
-from ..model.loading import (check_model_source, from_pretrained_checked, load_config, load_processor,
-                             load_tokenizer, text_tokenizer)
+from ..model.loading import (check_model_source, check_weight_files, from_pretrained_checked, load_config,
+                             load_processor, load_tokenizer, text_tokenizer)
 
 # Files AutoProcessor.save_pretrained writes besides the tokenizer's.
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -97,6 +97,8 @@ def load_for_inference(path: str, base: Optional[str] = None, device: str = "cpu
     base = _adapter_base(p, base)
     if base is None:
         check_model_source(path, "MODEL")
+    weights, what = (path, "MODEL") if base is None else (base, "--base")
+    check_weight_files(weights, what)  # before transformers' model code is imported
     for folder in (path, base):  # files shardtune wrote are checked against their recorded digests
         if folder and Path(folder).is_dir():
             verify_recorded(folder, _note)

@@ -145,6 +145,19 @@ def damaged_weight_files(name: str | Path) -> list[str]:
     return damaged
 
 
+def check_weight_files(name: str | Path, what: str = "--model_name") -> None:
+    """Refuse a local model folder whose safetensors files do not all open (headers only: no
+    tensor is read), before any model code is imported or any rank is started."""
+    damaged = damaged_weight_files(name)
+    if damaged:
+        raise ShardtuneError(_damaged(what, name, damaged[0]))
+
+
+def _damaged(what: str, name: str | Path, first: str) -> str:
+    return (f"{what} {str(name)!r}: the weight file {first}: it is truncated or corrupt. "
+            "Copy or download it again (or convert the checkpoint it came from again).")
+
+
 def from_pretrained_checked(cls, name: str, what: str = "--model_name", **kwargs):
     """``cls.from_pretrained(name, **kwargs)``; a damaged weight file or an unloadable folder is a
     clear error naming the file instead of a traceback from safetensors or transformers."""
@@ -153,9 +166,7 @@ def from_pretrained_checked(cls, name: str, what: str = "--model_name", **kwargs
     except Exception as exc:
         damaged = damaged_weight_files(name)
         if damaged:
-            raise ShardtuneError(
-                f"{what} {name!r}: the weight file {damaged[0]}: it is truncated or corrupt. "
-                "Copy or download it again (or convert the checkpoint it came from again).") from None
+            raise ShardtuneError(_damaged(what, name, damaged[0])) from None
         if isinstance(exc, (OSError, ValueError)):
             raise ShardtuneError(f"Could not load the model from {what} {name!r}: {exc}") from None
         raise
