@@ -62,27 +62,37 @@ def test_a_bad_flag_value_is_refused_before_torch_is_imported(tmp_path, launch):
     assert "shardtune.config.parse" in imported and "torch" not in imported, sorted(imported)
 
 
-@pytest.mark.parametrize("command", ["launcher", "generate"])
-def test_a_truncated_weight_file_is_refused_before_the_model_code_loads(tmp_path, tiny_model_dir, command):
-    """A damaged copy (the safetensors header no longer covers the file) is refused from its header
-    alone: by the launcher before any rank starts, by generate before transformers' model code."""
+@pytest.mark.parametrize("case", ["damaged_weights_launcher", "damaged_weights_generate", "resume_from_launcher"])
+def test_damaged_weights_and_a_wrong_resume_from_are_refused_before_the_model_code_loads(tmp_path, tiny_model_dir,
+                                                                                         case):
+    """Found from the files alone: a truncated copy of the weights (its safetensors header no longer
+    covers the file) and a --resume_from that is not a checkpoint are refused by the launcher before
+    any rank starts, and by generate before transformers' model code is imported."""
     import shutil
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "copied-model")
     weights = model / "model.safetensors"
-    with weights.open("r+b") as f:
-        f.truncate(weights.stat().st_size // 2)
+    if case.startswith("damaged"):
+        with weights.open("r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+    (tmp_path / "notes").mkdir()
     data = tmp_path / "rows.json"
     data.write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}] * 4))
-    args = {"launcher": ["finetune", "--nproc_per_node", "2", "--enable_fsdp", "--model_name", str(model),
-                         "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data),
-                         "--output_dir", str(tmp_path / "out")],
-            "generate": ["generate", str(model), "--prompt", "hi", "--device", "cpu"]}[command]
+    launcher = ["finetune", "--nproc_per_node", "2", "--enable_fsdp", "--model_name", str(model),
+                "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data),
+                "--output_dir", str(tmp_path / "out")]
+    args, expected = {
+        "damaged_weights_launcher": (launcher, f"the weight file {weights} is damaged"),
+        "damaged_weights_generate": (["generate", str(model), "--prompt", "hi", "--device", "cpu"],
+                                     f"the weight file {weights} is damaged"),
+        "resume_from_launcher": ([*launcher, "--resume_from", str(tmp_path / "notes")],
+                                 f"{tmp_path / 'notes'} is not a shardtune checkpoint"),
+    }[case]
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "shardtune", *args],
                           capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert f"the weight file {weights} is damaged" in errors[0] and "truncated or corrupt" in errors[0], errors[0]
+    assert expected in errors[0], errors[0]
     imported = _imported(proc.stderr)
     assert not any(m.startswith(("transformers.models", "shardtune.finetuning")) for m in imported)
     assert not (tmp_path / "out").exists()

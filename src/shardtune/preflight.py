@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .checkpoint.layout import checkpoint_run_dir, writes_resumable_checkpoints
+from .checkpoint.layout import checkpoint_run_dir, resume_point, writes_resumable_checkpoints
 from .config import Config
 from .data import check_data_source
 from .family_checks import refuse_for_family
@@ -68,6 +68,8 @@ def preflight(cfg: Config, world_size: int, family: Optional[ModelFamily] = None
     if t.tokenizer_name:
         check_tokenizer_source(t.tokenizer_name, "--tokenizer_name")
     check_data_source(cfg)
+    if t.resume_from:
+        resume_point(t.resume_from)
     check_world_size(t.enable_fsdp, world_size)
     board = tensorboard_dir(t.output_dir, t.tensorboard_dir) if t.use_tensorboard else None
     if board is not None:

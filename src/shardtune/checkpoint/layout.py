@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config
+from ..config import Config, ShardtuneError
 from ..config.configs import StateDictType
 from ..outputs.atomic import atomic_write, fsync_path
 from ..outputs.digests import DamagedFiles
@@ -122,6 +122,45 @@ def read_manifest(path: Path) -> Optional[dict[str, dict]]:
                 and isinstance(entry.get("sha256"), str)):
             raise _damaged(path, f"has no size or sha256 for {name}")
     return files
+
+
+def read_train_state(path: Path) -> dict:
+    if not path.is_dir():
+        raise ShardtuneError(f"Checkpoint {path} does not exist or is not a folder.")
+    if not is_complete(path):
+        started = step_of(path) is not None or any(path.glob("*.distcp")) or (path / ".metadata").exists()
+        steps = [p.name for p in path.iterdir() if step_of(p) is not None] if path.is_dir() else []
+        if steps:
+            raise ShardtuneError(
+                f"{path} is a run's checkpoint folder, but none of its checkpoints ({', '.join(sorted(steps)[:5])}) "
+                f"is complete (each lacks its {COMPLETE_MARKER} marker or DCP .metadata: their saves were "
+                "interrupted). There is nothing to resume from; start without --resume_from.")
+        if not started:
+            raise ShardtuneError(
+                f"{path} is not a shardtune checkpoint: it has no DCP files (.metadata, *.distcp), no "
+                f"{COMPLETE_MARKER} marker and no step-N checkpoints. Pass a run's checkpoint "
+                "folder (<dist_checkpoint_root_folder>/<dist_checkpoint_folder>, by default "
+                "<output_dir>/checkpoints/fine-tuned) or one of its step-N folders; `shardtune "
+                "checkpoints FOLDER` lists them.")
+        raise ShardtuneError(
+            f"Checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker or no DCP "
+            ".metadata): its save was interrupted. Resume from an earlier checkpoint instead.")
+    try:
+        return json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ShardtuneError(f"Checkpoint {path} has an unreadable {TRAIN_STATE}: {exc}") from None
+
+
+def resume_point(resume_from: str | Path) -> Path:
+    """The checkpoint ``--resume_from`` names: a step folder, or a run's folder (its newest
+    complete checkpoint). Refuses one that is missing, incomplete or not a shardtune checkpoint,
+    from the files alone (no torch): preflight refuses it before any rank starts."""
+    path = Path(resume_from)
+    newest = latest_checkpoint(path)
+    if newest is not None:
+        path = newest
+    read_train_state(path)  # exists, complete, readable: or a clear error
+    return path
 
 
 def _damaged(path: Path, what: str) -> DamagedFiles:

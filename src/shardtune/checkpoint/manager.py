@@ -31,7 +31,7 @@ from .hf_stream import DTYPES
 from .listing import checkpoint_size
 from .preemption import PreemptionSignal
 from .resume_plan import DataRecord, ResumePlan, plan_resume
-from .sharded import load_checkpoint, read_train_state, save_checkpoint, verify_before_loading
+from .sharded import load_checkpoint, save_checkpoint, verify_before_loading
 from .sizes import human_size
 
 
@@ -85,12 +85,7 @@ class Checkpointer:
         if self.env.is_main and self.run.is_dir():
             layout.prune(self.run, keep_last_n=0)
         if resume_from:
-            path = Path(resume_from)
-            newest = layout.latest_checkpoint(path)  # a run folder was given: its newest checkpoint
-            if newest is not None:
-                path = newest
-            read_train_state(path)  # exists, complete, readable: or a clear error
-            return path
+            return layout.resume_point(resume_from)
         if resume:
             return layout.latest_checkpoint(self.run)
         return None
@@ -99,7 +94,7 @@ class Checkpointer:
              max_train_step: int) -> ResumePlan:
         """What resuming ``path`` under this run's config means (``resume_plan.py``), after checking its
         files against their digests; refuses what cannot be continued before anything is loaded."""
-        state = read_train_state(path)
+        state = layout.read_train_state(path)
         verify_before_loading(path, self.env)  # the files the plan reads are checked before they are trusted
         return plan_resume(path, state, config=self.config_dict, world_size=self.env.world_size,
                            sampler=sampler, data=self.data, steps_per_epoch=steps_per_epoch,

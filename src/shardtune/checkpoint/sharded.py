@@ -37,7 +37,7 @@ from ..notes import note
 from ..outputs.digests import DamagedFiles, balanced_shares, digest_files, files_of, problems_of
 from ..parallel.distributed import DistEnv
 from . import layout
-from .layout import TRAIN_STATE
+from .layout import TRAIN_STATE, read_train_state
 from .space import disk_full, is_out_of_space, tensor_bytes
 from .trainable import has_frozen, model_state
 
@@ -221,33 +221,6 @@ def verify_before_loading(path: Path, env: DistEnv) -> None:
     if not verify_checkpoint(path, env) and env.is_main:
         note(f"Checkpoint {path} was written before shardtune recorded file digests: its files "
              "cannot be verified.")
-
-
-def read_train_state(path: Path) -> dict:
-    if not path.is_dir():
-        raise ShardtuneError(f"Checkpoint {path} does not exist or is not a folder.")
-    if not layout.is_complete(path):
-        started = layout.step_of(path) is not None or any(path.glob("*.distcp")) or (path / ".metadata").exists()
-        steps = [p.name for p in path.iterdir() if layout.step_of(p) is not None] if path.is_dir() else []
-        if steps:
-            raise ShardtuneError(
-                f"{path} is a run's checkpoint folder, but none of its checkpoints ({', '.join(sorted(steps)[:5])}) "
-                f"is complete (each lacks its {layout.COMPLETE_MARKER} marker or DCP .metadata: their saves were "
-                "interrupted). There is nothing to resume from; start without --resume_from.")
-        if not started:
-            raise ShardtuneError(
-                f"{path} is not a shardtune checkpoint: it has no DCP files (.metadata, *.distcp), no "
-                f"{layout.COMPLETE_MARKER} marker and no step-N checkpoints. Pass a run's checkpoint "
-                "folder (<dist_checkpoint_root_folder>/<dist_checkpoint_folder>, by default "
-                "<output_dir>/checkpoints/fine-tuned) or one of its step-N folders; `shardtune "
-                "checkpoints FOLDER` lists them.")
-        raise ShardtuneError(
-            f"Checkpoint {path} is incomplete (no {layout.COMPLETE_MARKER} marker or no DCP "
-            ".metadata): its save was interrupted. Resume from an earlier checkpoint instead.")
-    try:
-        return json.loads((path / TRAIN_STATE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ShardtuneError(f"Checkpoint {path} has an unreadable {TRAIN_STATE}: {exc}") from None
 
 
 def check_compatible(saved: dict, model: torch.nn.Module, path: Path) -> None:
