@@ -1,5 +1,6 @@
-"""Bad inputs through the real CLI (subprocesses): each one exits with its code and one paragraph
-of explanation, no traceback, and changes no file outside the run's own outputs.
+"""Bad inputs through the real CLI (processes of their own, forked from the suite's pre-imported
+``python -m shardtune``: conftest's ``shardtune_cli``): each one exits with its code and one
+paragraph of explanation, no traceback, and changes no file outside the run's own outputs.
 
 All cases share one folder of inputs (models, data, an adapter); every case writes
 only under ``outputs/<case>``; the inputs are compared byte for byte before and after.
@@ -10,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,7 +165,7 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], int, str]]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tiny_model_dir, tmp_path_factory):
+def outcomes(tiny_model_dir, tmp_path_factory, shardtune_cli):
     root = tmp_path_factory.mktemp("bad-inputs")
     paths = _inputs(root, tiny_model_dir)
     cases = _cases(paths)
@@ -176,8 +175,7 @@ def outcomes(tiny_model_dir, tmp_path_factory):
 
     def run(item):
         name, (args, _, _) = item
-        return name, subprocess.run([sys.executable, "-m", "shardtune", *args], capture_output=True, text=True,
-                                    timeout=300, env=ENV)
+        return name, shardtune_cli(args, timeout=300, env=ENV)
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(pool.map(run, cases.items()))

@@ -93,12 +93,10 @@ def test_inputs_inside_the_output_and_foreign_whole_folders_are_refused_even_wit
                             replaced_whole=["merged/"]) == ["checkpoints/"]
 
 
-def test_a_read_only_output_is_refused_before_any_work(tiny_model_dir, tmp_path, tmpfs):
+def test_a_read_only_output_is_refused_before_any_work(tiny_model_dir, tmp_path, tmpfs, shardtune_cli):
     """Root ignores file modes, not a read-only mount: a real one (a tmpfs mounted ro)."""
     import json
     import os
-    import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     read_only = tmpfs("1M", read_only=True)
@@ -115,8 +113,7 @@ def test_a_read_only_output_is_refused_before_any_work(tiny_model_dir, tmp_path,
 
     def run(item):
         flag, args = item
-        return flag, subprocess.run([sys.executable, "-m", "shardtune", *args], capture_output=True, text=True,
-                                    timeout=300, env=env)
+        return flag, shardtune_cli(args, timeout=300, env=env)
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(pool.map(run, cases.items()))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,8 +27,10 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--run_validation", "False", "--save_every_n_steps", "2", *extra]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardtune", *args], capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def cli(shardtune_cli):
+    """``cli(*args)``: the shardtune command's CompletedProcess (conftest's ``shardtune_cli``)."""
+    return lambda *args: shardtune_cli(args, timeout=300)
 
 
 def _flip_byte_in_the_middle(file: Path) -> None:
@@ -50,7 +50,7 @@ def run(tiny_model_dir, tmp_path_factory):
             "ckpts": out / "checkpoints" / "fine-tuned"}
 
 
-def test_the_complete_marker_records_every_file_with_its_sha256(run):
+def test_the_complete_marker_records_every_file_with_its_sha256(run, cli):
     for step in ("step-000002", "step-000004"):
         path = run["ckpts"] / step
         manifest = layout.read_manifest(path)
@@ -60,11 +60,11 @@ def test_the_complete_marker_records_every_file_with_its_sha256(run):
             content = (path / name).read_bytes()
             assert digest == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
         assert verify_checkpoint(path)
-    proc = _cli("checkpoints", str(run["ckpts"]), "--verify")
+    proc = cli("checkpoints", str(run["ckpts"]), "--verify")
     assert proc.returncode == 0 and proc.stdout.count("verified") == 2, proc.stdout + proc.stderr
 
 
-def test_the_exported_model_records_its_digests_and_generate_checks_them(run, tmp_path):
+def test_the_exported_model_records_its_digests_and_generate_checks_them(run, tmp_path, cli):
     from shardtune.outputs import ownership
 
     recorded = ownership.recorded_digests(run["out"])
@@ -75,10 +75,10 @@ def test_the_exported_model_records_its_digests_and_generate_checks_them(run, tm
     cfg = json.loads((copy / "config.json").read_text())
     cfg["max_position_embeddings"] = cfg.get("max_position_embeddings", 512)  # an edit that changes the bytes
     (copy / "config.json").write_text(json.dumps(cfg, indent=4))
-    ok = _cli("generate", str(copy), "--prompt", "Spell 3.", "--max_new_tokens", "2")
+    ok = cli("generate", str(copy), "--prompt", "Spell 3.", "--max_new_tokens", "2")
     assert ok.returncode == 0 and "config.json has" in ok.stderr and "edited since" in ok.stderr, ok.stderr[-2000:]
     _flip_byte_in_the_middle(copy / "model.safetensors")
-    bad = _cli("generate", str(copy), "--prompt", "Spell 3.", "--max_new_tokens", "2")
+    bad = cli("generate", str(copy), "--prompt", "Spell 3.", "--max_new_tokens", "2")
     assert bad.returncode != 0 and "model.safetensors does not match its recorded sha256" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -93,23 +93,23 @@ def damaged(run, tmp_path):
     return {"out": out, "ckpts": ckpts}
 
 
-def test_convert_refuses_a_damaged_checkpoint_and_writes_nothing(damaged, tmp_path):
+def test_convert_refuses_a_damaged_checkpoint_and_writes_nothing(damaged, tmp_path, cli):
     dst = tmp_path / "converted"
-    proc = _cli("convert", str(damaged["ckpts"] / "step-000004"), str(dst))
+    proc = cli("convert", str(damaged["ckpts"] / "step-000004"), str(dst))
     assert proc.returncode != 0 and not dst.exists(), proc.stdout + proc.stderr
     assert "__0_0.distcp does not match its recorded sha256" in proc.stderr and "step-000004" in proc.stderr
     assert not list(tmp_path.glob(".converted*"))  # no temporary folder left either
-    ok = _cli("convert", str(damaged["ckpts"] / "step-000002"), str(dst))  # the good one converts
+    ok = cli("convert", str(damaged["ckpts"] / "step-000002"), str(dst))  # the good one converts
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_resume_refuses_a_damaged_checkpoint_and_names_the_earlier_one(run, damaged):
+def test_resume_refuses_a_damaged_checkpoint_and_names_the_earlier_one(run, damaged, cli):
     with pytest.raises(DamagedFiles, match=r"__0_0\.distcp does not match.*--resume_from .*step-000002"):
         finetune(_args(run["model"], run["data"], damaged["out"], "--max_train_step", "6", "--resume",
                        "--save_model", "False", "--overwrite_output_dir"))
     # the damaged files stay as they were (nothing is rewritten over them)
     assert layout.read_manifest(damaged["ckpts"] / "step-000004")
-    proc = _cli("checkpoints", str(damaged["ckpts"]), "--verify")
+    proc = cli("checkpoints", str(damaged["ckpts"]), "--verify")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = dict(line.split(maxsplit=1) for line in proc.stdout.splitlines())
     assert lines["step-000002"].startswith("verified")
@@ -126,16 +126,16 @@ def test_a_resumed_and_resaved_run_records_the_right_digests(run, tmp_path):
         assert verify_checkpoint(path)
 
 
-def test_a_checkpoint_without_digests_is_checked_as_far_as_it_can_be(ranks, tmp_path):
+def test_a_checkpoint_without_digests_is_checked_as_far_as_it_can_be(ranks, tmp_path, cli):
     """llama-recipes records no digests: its files are checked against the index sizes and every
     tensor is read and found finite."""
-    proc = _cli("checkpoints", str(ranks / "llama-recipes"), "--verify")
+    proc = cli("checkpoints", str(ranks / "llama-recipes"), "--verify")
     assert proc.returncode == 0 and "no digests recorded" in proc.stdout, proc.stdout + proc.stderr
     copy = tmp_path / "llama-recipes"
     shutil.copytree(ranks / "llama-recipes", copy)
     shard = copy / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated
-    proc = _cli("checkpoints", str(copy), "--verify")
+    proc = cli("checkpoints", str(copy), "--verify")
     assert proc.returncode == 1 and "truncated" in proc.stdout
 
 
@@ -145,7 +145,7 @@ def test_the_two_rank_checkpoints_record_both_ranks_files(ranks):
     assert verify_checkpoint(path)
 
 
-def test_an_unreadable_complete_marker_is_damage_not_an_old_checkpoint(run, tmp_path):
+def test_an_unreadable_complete_marker_is_damage_not_an_old_checkpoint(run, tmp_path, cli):
     """``garbage{`` in COMPLETE plus damaged shard bytes: resume refuses (naming the marker) instead
     of warning that the checkpoint predates digests and loading it; --verify fails it. A marker
     that holds an older shardtune's ``ok`` is still an old checkpoint, checked as far as it can be."""
@@ -162,7 +162,7 @@ def test_an_unreadable_complete_marker_is_damage_not_an_old_checkpoint(run, tmp_
         finetune(_args(run["model"], run["data"], out, "--max_train_step", "6", "--resume",
                        "--save_model", "False"))
     assert (ckpt / layout.COMPLETE_MARKER).read_text() == "garbage{"  # left as it was
-    proc = _cli("checkpoints", str(ckpt.parent), "--verify")
+    proc = cli("checkpoints", str(ckpt.parent), "--verify")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = dict(line.split(maxsplit=1) for line in proc.stdout.splitlines())
     assert lines["step-000004"].startswith("DAMAGED") and "COMPLETE marker" in lines["step-000004"]

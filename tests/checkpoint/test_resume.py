@@ -132,10 +132,8 @@ def test_truncated_shard_is_a_clear_error_and_leaves_the_files(runs, tmp_path):
     assert shard.exists()
 
 
-def test_shardtune_checkpoints_lists_them(runs):
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "checkpoints",
-                           str(runs["dirs"]["full"] / "checkpoints" / "fine-tuned")],
-                          capture_output=True, text=True, env=ENV)
+def test_shardtune_checkpoints_lists_them(runs, shardtune_cli):
+    proc = shardtune_cli(["checkpoints", str(runs["dirs"]["full"] / "checkpoints" / "fine-tuned")], env=ENV)
     assert proc.returncode == 0
     assert "step-000004" in proc.stdout and "complete" in proc.stdout and "latest" in proc.stdout
 

@@ -7,8 +7,6 @@ import errno
 import json
 import os
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +39,7 @@ def _needed(err: str) -> float:
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_save(tiny_model_dir, tmp_path, tmpfs):
+def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_save(tiny_model_dir, tmp_path, tmpfs, shardtune_cli):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(24)]))
     # 3 MB holds one step checkpoint of the tiny model (2.1 MB with its optimizer state), not two;
@@ -60,8 +58,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_save(tiny_model_di
 
     def run(item):
         name, args = item
-        return name, subprocess.run([sys.executable, "-m", "shardtune", *args], capture_output=True, text=True,
-                                    timeout=600, env=ENV)
+        return name, shardtune_cli(args, timeout=600, env=ENV)
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(pool.map(run, runs.items()))

@@ -137,17 +137,15 @@ def test_custom_bad_row_names_source_and_row(make_config, tiny_tokenizer, tmp_pa
     json.dumps(split.samples)  # plain lists, serialisable
 
 
-def test_a_one_row_file_says_the_row_went_to_the_eval_split(tiny_model_dir, tmp_path):
+def test_a_one_row_file_says_the_row_went_to_the_eval_split(tiny_model_dir, tmp_path, shardtune_cli):
     """Through the CLI: the one row is the eval split's (at least one row is held out), so the
     message says that, not "raise --context_length or use --overlong truncate"."""
-    import subprocess
-    import sys
 
     data = tmp_path / "one.json"
     data.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "finetune", "--model_name", str(tiny_model_dir),
-                           "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data), "--device", "cpu",
-                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    proc = shardtune_cli(["finetune", "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+                          "--alpaca_dataset.data_path", str(data), "--device", "cpu", "--output_dir", str(tmp_path / "out")],
+                         timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "has 1 row and the first 1 is held out as the eval split" in proc.stderr, proc.stderr
     assert "--overlong" not in proc.stderr and "no usable examples" not in proc.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -240,10 +238,9 @@ def test_bad_flags_are_finetunes_errors(capfd, dataset_args, tiny_vision_model_d
         assert code == 2 and message in err and "Traceback" not in err and out == "", (args, err)
 
 
-def test_json_stdout_is_only_json_lines_in_a_real_process(dataset_args):
+def test_json_stdout_is_only_json_lines_in_a_real_process(dataset_args, shardtune_cli):
     args = dataset_args("custom_collator")
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "data", *map(str, args), "--json", "--show", "5"],
-                          capture_output=True, text=True, timeout=300)
+    proc = shardtune_cli(["data", *map(str, args), "--json", "--show", "5"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 5 and proc.stdout.endswith("\n")

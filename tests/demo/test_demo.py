@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -105,15 +103,14 @@ def test_score_is_exact_match_ignoring_surrounding_whitespace():
 
 # --- the command ------------------------------------------------------------------------------
 
-def test_demo_refuses_a_folder_holding_files_it_did_not_write_before_writing_anything(tmp_path):
+def test_demo_refuses_a_folder_holding_files_it_did_not_write_before_writing_anything(tmp_path, shardtune_cli):
     """The demo follows finetune's ownership rules: a user's data/train.json is never replaced."""
     out_dir = tmp_path / "mine"
     (out_dir / "data").mkdir(parents=True)
     (out_dir / "data" / "train.json").write_text('[{"instruction": "my own", "output": "data"}]')
     before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "demo", "--output_dir", str(out_dir)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = shardtune_cli(["demo", "--output_dir", str(out_dir)], timeout=300, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "holds files shardtune did not write (data/)" in errors[0], proc.stderr[-3000:]
@@ -123,11 +120,10 @@ def test_demo_refuses_a_folder_holding_files_it_did_not_write_before_writing_any
 
 
 @pytest.mark.slow
-def test_shardtune_demo_learns_and_writes_a_hugging_face_model(tmp_path):
+def test_shardtune_demo_learns_and_writes_a_hugging_face_model(tmp_path, shardtune_cli):
     out_dir = tmp_path / "demo"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "demo", "--output_dir", str(out_dir)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = shardtune_cli(["demo", "--output_dir", str(out_dir)], timeout=600, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     summary = re.search(r"before (\d+\.\d)%\s+->\s+after (\d+\.\d)%\s+\((learned|DID NOT LEARN)\)",

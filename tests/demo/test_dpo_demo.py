@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -33,12 +31,11 @@ def test_preference_accuracy_counts_strictly_preferred_pairs(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_shardtune_demo_dpo_learns_the_preference(tmp_path):
+def test_shardtune_demo_dpo_learns_the_preference(tmp_path, shardtune_cli):
     out_dir = tmp_path / "demo"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     # one process: the 2-rank launch and the checkpoint conversion are the text demo's test
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "demo", "--dpo", "--nproc_per_node", "1",
-                           "--output_dir", str(out_dir)], capture_output=True, text=True, timeout=900, env=env)
+    proc = shardtune_cli(["demo", "--dpo", "--nproc_per_node", "1", "--output_dir", str(out_dir)], timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = re.search(r"preference accuracy on 200 held-out pairs: before (\d+\.\d)%\s+->\s+after (\d+\.\d)%\s+"
                         r"\((learned|DID NOT LEARN)\)", proc.stdout)

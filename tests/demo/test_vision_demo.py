@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -77,12 +75,11 @@ def test_first_word_scoring():
 # --- the command ------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_shardtune_demo_vision_learns_and_writes_a_loadable_model(tmp_path):
+def test_shardtune_demo_vision_learns_and_writes_a_loadable_model(tmp_path, shardtune_cli):
     """~90 s on this 2-core machine: the whole demo on 2 FSDP ranks (tuned for seeds 0-15)."""
     out_dir = tmp_path / "demo"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "demo", "--vision", "--output_dir", str(out_dir)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = shardtune_cli(["demo", "--vision", "--output_dir", str(out_dir)], timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = re.search(r"before (\d+\.\d)%\s+->\s+after (\d+\.\d)%\s+\((learned|DID NOT LEARN)\)", proc.stdout)
     assert summary, proc.stdout[-4000:]

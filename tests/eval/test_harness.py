@@ -86,7 +86,7 @@ def test_a_step_checkpoint_is_evaluated_in_memory(trained_run, tmp_path):
 
 
 @needs_lm_eval
-def test_a_task_yaml_over_a_local_jsonl_file_works_offline(trained_run, tmp_path):
+def test_a_task_yaml_over_a_local_jsonl_file_works_offline(trained_run, tmp_path, shardtune_cli):
     """A user's own task: ``dataset_path: json`` over a local file (no custom loader), with --limit."""
     text = (TASKS_DIR / "shardtune_demo" / "shardtune_demo.yaml").read_text()
     text = text.replace("task: shardtune_demo", "task: my_local_json_task")
@@ -97,10 +97,9 @@ def test_a_task_yaml_over_a_local_jsonl_file_works_offline(trained_run, tmp_path
     (tasks / "my_task.yaml").write_text(text)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "eval", str(trained_run.output), "--tasks",
-                           "my_local_json_task", "--include_path", str(tasks), "--limit", "30",
-                           "--output", str(tmp_path / "lm.json")],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = shardtune_cli(["eval", str(trained_run.output), "--tasks", "my_local_json_task", "--include_path",
+                          str(tasks), "--limit", "30", "--output", str(tmp_path / "lm.json")],
+                         timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "my_local_json_task" in proc.stdout
     lm = json.loads((tmp_path / "lm.json").read_text())

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -127,10 +125,9 @@ def test_bad_option_combinations_are_refused_before_loading(tiny_model_dir, argv
         eval_main([str(tiny_model_dir), *argv])
 
 
-def test_a_missing_model_path_is_one_paragraph_and_exit_2(tmp_path):
+def test_a_missing_model_path_is_one_paragraph_and_exit_2(tmp_path, shardtune_cli):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "eval", str(tmp_path / "nope"), "--dataset",
-                           "alpaca_dataset"], capture_output=True, text=True, timeout=300, env=env)
+    proc = shardtune_cli(["eval", str(tmp_path / "nope"), "--dataset", "alpaca_dataset"], timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -195,11 +195,10 @@ def test_bad_image_inputs_are_clear_errors(case, message, vision_dir, tiny_model
         main([str(model), "--image", str(image), "--prompt", "hi", "--device", "cpu"])
 
 
-def test_image_for_a_text_model_through_the_cli_is_one_paragraph(tiny_model_dir, images):
+def test_image_for_a_text_model_through_the_cli_is_one_paragraph(tiny_model_dir, images, shardtune_cli):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "generate", str(tiny_model_dir), "--prompt", "hi",
-                           "--image", str(images["red"]), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = shardtune_cli(["generate", str(tiny_model_dir), "--prompt", "hi", "--image", str(images["red"]),
+                          "--device", "cpu"], timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -4,8 +4,6 @@ renders, and generation stops at the Instruct model's end-of-turn ids."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -46,11 +44,10 @@ def test_chat_prompts_render_through_the_instruct_template(loaded):
     assert batched == [expected, _reference(model, tok, [{"role": "user", "content": "Hi"}], 6)]
 
 
-def test_cli_generate_chat_with_the_real_template(llama3_chat_model_dir, loaded):
+def test_cli_generate_chat_with_the_real_template(llama3_chat_model_dir, loaded, shardtune_cli):
     model, tok = loaded
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "generate", str(llama3_chat_model_dir), "--chat",
-                           "--prompt", "Name a colour.", "--max_new_tokens", "6"],
-                          capture_output=True, text=True, timeout=300)
+    proc = shardtune_cli(["generate", str(llama3_chat_model_dir), "--chat", "--prompt", "Name a colour.",
+                          "--max_new_tokens", "6"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reply = _reference(model, tok, [{"role": "user", "content": "Name a colour."}], 6)
     assert proc.stdout == f"{reply}\n"  # one prompt: the answer alone

@@ -143,15 +143,14 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(loaded):
     assert session.history[0]["role"] == "system" and session.history[-2]["content"] == "eleven twelve"
 
 
-def test_cli_chat_and_generate_through_stdin(chat_model, loaded):
+def test_cli_chat_and_generate_through_stdin(chat_model, loaded, shardtune_cli):
     model, tok = loaded
-    chat = subprocess.run([sys.executable, "-m", "shardtune", "chat", str(chat_model), "--max_new_tokens", "5"],
-                          input="hello\n/reset\nhello\n/exit\n", capture_output=True, text=True, timeout=300)
+    chat = shardtune_cli(["chat", str(chat_model), "--max_new_tokens", "5"], input="hello\n/reset\nhello\n/exit\n",
+                         timeout=300)
     assert chat.returncode == 0, chat.stderr[-3000:]
     reply = generate_batch(model, tok, [Prompt(text="hello")], Sampling(max_new_tokens=5), chat=True)[0]
     assert chat.stdout.splitlines() == [reply, "(conversation cleared)", reply]
-    gen = subprocess.run([sys.executable, "-m", "shardtune", "generate", str(chat_model), "--max_new_tokens", "5"],
-                         input="a b c\nhello\n", capture_output=True, text=True, timeout=300)
+    gen = shardtune_cli(["generate", str(chat_model), "--max_new_tokens", "5"], input="a b c\nhello\n", timeout=300)
     assert gen.returncode == 0, gen.stderr[-3000:]
     expected = generate_batch(model, tok, [Prompt(text="a b c"), Prompt(text="hello")], Sampling(max_new_tokens=5))
     assert gen.stdout == "".join(f"[{i}] {p}\n{c}\n\n" for i, (p, c) in enumerate(zip(["a b c", "hello"], expected), 1))

@@ -6,8 +6,6 @@ the same model gives the same tokens whatever form it is read from, and equals t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -92,19 +90,19 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(ranks, tmp_path):
         load_for_inference(str(tmp_path / "no-such-checkpoint"))
 
 
-def test_generate_cli_reads_a_step_checkpoint_and_writes_jsonl(ranks, tmp_path):
+def test_generate_cli_reads_a_step_checkpoint_and_writes_jsonl(ranks, tmp_path, shardtune_cli):
     """The command as a user runs it: a prompt file in, a JSON line per prompt out, nothing else
     written; the same completions as the adapter directory gives."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(p.text + "\n" for p in PROMPTS))
     out = tmp_path / "completions.jsonl"
-    cmd = [sys.executable, "-m", "shardtune", "generate", _step(ranks, "lora"), "--prompt_file", str(prompts),
-           "--max_new_tokens", "8", "--batch_size", "1", "--output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = ["generate", _step(ranks, "lora"), "--prompt_file", str(prompts), "--max_new_tokens", "8", "--batch_size", "1",
+           "--output", str(out)]
+    proc = shardtune_cli(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [p.text for p in PROMPTS]
     assert [r["completion"] for r in rows] == _tokens(str(ranks / "lora"))
     before = out.read_bytes()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # never replaced silently
+    proc = shardtune_cli(cmd, timeout=300)  # never replaced silently
     assert proc.returncode != 0 and "already exists" in proc.stderr and out.read_bytes() == before

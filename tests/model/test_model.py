@@ -90,13 +90,11 @@ def test_fsdp_qlora_storage_must_be_the_dtype_fsdp_gathers_in():
         check_storage_for_fsdp(quantization_config(quant_storage="float32"), torch.bfloat16)
 
 
-def test_tokenizer_name_may_be_a_folder_of_tokenizer_files_only(tiny_model_dir, tmp_path):
+def test_tokenizer_name_may_be_a_folder_of_tokenizer_files_only(tiny_model_dir, tmp_path, shardtune_cli):
     """`--tokenizer_name DIR` with only what tokenizer.save_pretrained writes (no config.json), which
     AutoTokenizer loads: a 1-step run through the CLI uses it; a folder without tokenizer files is
     refused in one paragraph."""
     import json
-    import subprocess
-    import sys
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -108,13 +106,11 @@ def test_tokenizer_name_may_be_a_folder_of_tokenizer_files_only(tiny_model_dir, 
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(8)]))
 
     def finetune(tokenizer: str):
-        return subprocess.run([sys.executable, "-m", "shardtune", "finetune", "--model_name", str(tiny_model_dir),
-                               "--tokenizer_name", tokenizer, "--dataset", "alpaca_dataset",
-                               "--alpaca_dataset.data_path", str(data), "--device", "cpu", "--batch_size_training", "2",
-                               "--batching_strategy", "padding",
-                               "--max_train_step", "1", "--num_epochs", "1", "--run_validation", "False",
-                               "--save_model", "False", "--output_dir", str(tmp_path / f"out-{Path(tokenizer).name}")],
-                              capture_output=True, text=True, timeout=300)
+        return shardtune_cli(["finetune", "--model_name", str(tiny_model_dir), "--tokenizer_name", tokenizer,
+                              "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data), "--device", "cpu",
+                              "--batch_size_training", "2", "--batching_strategy", "padding", "--max_train_step", "1",
+                              "--num_epochs", "1", "--run_validation", "False", "--save_model", "False",
+                              "--output_dir", str(tmp_path / f"out-{Path(tokenizer).name}")], timeout=300)
 
     ok = finetune(str(tok_dir))
     assert ok.returncode == 0, ok.stderr[-3000:]

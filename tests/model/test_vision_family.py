@@ -215,18 +215,16 @@ def test_vision_lora_merge_loads_and_equals_the_adapter_model(tmp_path, tiny_vis
     assert AutoProcessor.from_pretrained(tmp_path / "out" / "merged").chat_template
 
 
-def test_a_text_dataset_for_a_vision_model_is_refused_before_work(tiny_vision_model_dir, tmp_path):
+def test_a_text_dataset_for_a_vision_model_is_refused_before_work(tiny_vision_model_dir, tmp_path, shardtune_cli):
     """`--model_name <Llama 3.2 Vision> --dataset alpaca_dataset` through the CLI: one paragraph that
     names both and the vision datasets, exit 2 (it was MllamaProcessor's AttributeError on .encode)."""
     import json
-    import subprocess
-    import sys
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(8)]))
-    proc = subprocess.run([sys.executable, "-m", "shardtune", "finetune", "--model_name", str(tiny_vision_model_dir),
-                           "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data), "--device", "cpu",
-                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    proc = shardtune_cli(["finetune", "--model_name", str(tiny_vision_model_dir), "--dataset", "alpaca_dataset",
+                          "--alpaca_dataset.data_path", str(data), "--device", "cpu", "--output_dir", str(tmp_path / "out")],
+                         timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "--dataset alpaca_dataset is a text dataset" in proc.stderr and "ocrvqa_dataset" in proc.stderr
     assert not (tmp_path / "out").exists()
