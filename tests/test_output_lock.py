@@ -55,7 +55,7 @@ def _wait_until_locked(proc: subprocess.Popen, out: Path, timeout_s: float = 300
         time.sleep(0.05)  # polling for an event of another process, not a fixed wait
 
 
-def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_run_blocks_nothing(tiny_model_dir, tmp_path):
+def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_run_blocks_nothing(tiny_model_dir, tmp_path, shardtune_cli):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(24)]))
     out = tmp_path / "out"
@@ -65,8 +65,7 @@ def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_run_blocks_noth
     _wait_until_locked(first, out)
     os.kill(first.pid, signal.SIGSTOP)
     try:
-        second = subprocess.run(first.args, capture_output=True, text=True, timeout=300,
-                                env=ENV)
+        second = shardtune_cli(first.args[3:], timeout=300, env=ENV)
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-3000:]
@@ -98,7 +97,7 @@ def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_run_blocks_noth
     killed.kill()
     killed.wait(timeout=60)  # not communicate(): the ranks still hold its output pipes
     try:
-        while_ranks_run = subprocess.run(first.args, capture_output=True, text=True, timeout=300, env=ENV)
+        while_ranks_run = shardtune_cli(first.args[3:], timeout=300, env=ENV)
         assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
     finally:  # then the ranks are killed too: the kernel drops the lock, none is left stuck
         family = [q for p in ranks.values() for q in [p, *p.children(recursive=True)]]
@@ -113,7 +112,7 @@ def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_run_blocks_noth
     leftover = out / ".saving-999999"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half a model")
-    after = subprocess.run(first.args, capture_output=True, text=True, timeout=600, env=ENV)
+    after = shardtune_cli(first.args[3:], timeout=600, env=ENV)
     assert after.returncode == 0, after.stderr[-3000:]
     assert "saved the model" in after.stdout and not leftover.exists()
     assert verify_recorded(out) and foreign_entries(out) == []

@@ -214,10 +214,11 @@ def test_world_without_fsdp_is_refused_like_the_recipe():
         layout_for(cfg_of(), 1, 8)
 
 
-def shardtune(*args: str):
-    """The command as a user runs it (a subprocess: stdout must be the JSON alone)."""
-    return subprocess.run([sys.executable, "-m", "shardtune", "plan", *args], capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def shardtune(shardtune_cli):
+    """``shardtune(*args)``: the command as a user runs it, in a process of its own (stdout must be
+    the JSON alone)."""
+    return lambda *args: shardtune_cli(["plan", *args], timeout=300)
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -233,7 +234,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_cli_json():
+def test_cli_json(shardtune):
     out = shardtune("--size", "8b", "--enable_fsdp", "--nproc_per_node", "8", "--batch_size_training", "1",
                     "--json")
     assert out.returncode == 0, out.stderr
@@ -271,6 +272,6 @@ def test_cli_errors_are_one_paragraph(capsys, args, message):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
-def test_cli_error_from_a_subprocess_has_no_traceback():
+def test_cli_error_from_a_subprocess_has_no_traceback(shardtune):
     out = shardtune("--size", "13b")
     assert out.returncode == 2 and "--size must be one of" in out.stderr and "Traceback" not in out.stderr
