@@ -9,11 +9,36 @@ from pathlib import Path
 import pytest
 import torch
 
-# Keep each test process to the machine's two cores and quiet.
+# Keep each test process to the machine's two cores (shared by pytest-xdist's workers) and quiet.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
+
+# The modules whose tests use the session's shared 2-rank launch (``run_fsdp_cases``, directly or
+# through ``ranks``). pytest-xdist runs them on one worker, so that launch starts once; every other
+# module is a unit of its own (``--dist loadfile``). Checked at collection: a module that uses the
+# launch and is missing here is an error, not a second launch.
+FSDP_POOL_MODULES = frozenset({
+    "tests/checkpoint/test_digests.py", "tests/checkpoint/test_resume.py", "tests/checkpoint/test_tied_lora.py",
+    "tests/convert/test_errors.py", "tests/convert/test_rank_checkpoints.py", "tests/data/test_image_checks.py",
+    "tests/infer/test_sources.py", "tests/parallel/test_fsdp.py", "tests/parallel/test_fsdp_dpo.py",
+    "tests/parallel/test_fsdp_speed.py", "tests/parallel/test_fsdp_vision.py", "tests/plan/test_exact_shards.py",
+})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndTheSharedLaunch(LoadScopeScheduling):
+        """``--dist loadfile``, with the modules of FSDP_POOL_MODULES as one unit (largest first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "fsdp-pool" if module in FSDP_POOL_MODULES else module
+
+    return ModulesAndTheSharedLaunch(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,6 +47,11 @@ def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/device_check.sh on a GPU machine)")
     no_peer = pytest.mark.skip(reason="a peer check: SHARDTUNE_PEER_SMOKE=1 runs it")
     gpu, peer = torch.cuda.is_available(), peer_check_wanted()
+    unlisted = sorted({item.nodeid.split("::")[0] for item in items if "run_fsdp_cases" in item.fixturenames}
+                      - FSDP_POOL_MODULES)
+    if unlisted:
+        raise pytest.UsageError(f"{', '.join(unlisted)} use the shared 2-rank launch (run_fsdp_cases): add them to "
+                                "FSDP_POOL_MODULES in tests/conftest.py, or pytest-xdist starts it on every worker.")
     for item in items:
         if "gpu" in item.keywords and not gpu:
             item.add_marker(no_gpu)
@@ -521,7 +551,7 @@ def pytest_sessionfinish(session, exitstatus):
     exit code 0 and no summary, which once made CI pass with a quarter of the suite not run.
     """
     marker = os.environ.get("SHARDTUNE_PYTEST_FINISHED")
-    if marker:
+    if marker and not hasattr(session.config, "workerinput"):  # pytest-xdist's controller, not a worker
         Path(marker).write_text(f"{session.testscollected} collected, exit status {int(exitstatus)}\n")
 
 

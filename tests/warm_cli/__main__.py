@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import select
+import signal
 import socket
 import sys
 
@@ -83,12 +84,20 @@ def serve(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
+    # A child's end wakes the loop at once (SIGCHLD writes to this pipe), so its exit code goes
+    # back without polling; the 1 s timeout only checks that the test session is still there.
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    signal.set_wakeup_fd(wake)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     parent = os.getppid()
     print("ready", flush=True)
     waiting: dict[int, socket.socket] = {}  # child pid -> the connection that asked for it
     while os.getppid() == parent:  # the test session is gone: so is this server
-        ready, _, _ = select.select([listener], [], [], 0.05)
-        if ready:
+        ready, _, _ = select.select([listener, woken], [], [], 1.0)
+        if woken in ready:
+            os.read(woken, 4096)
+        if listener in ready:
             conn, _ = listener.accept()
             with conn.makefile("r") as lines:
                 request = json.loads(lines.readline())
@@ -96,6 +105,10 @@ def serve(path: str) -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # as in a fresh interpreter
+                os.close(woken)
+                os.close(wake)
                 for held in (listener, conn, *waiting.values()):
                     held.close()
                 _child(request)
