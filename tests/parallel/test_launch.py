@@ -63,18 +63,19 @@ def test_one_process_group_without_torchrun_leaves_the_environment_alone(monkeyp
     assert dict(os.environ) == before and not dist.is_initialized()
 
 
-def test_launcher_reports_a_bad_model_path_once_before_starting_ranks(tmp_path):
-    proc, seconds = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
-                          "--enable_fsdp", "--model_name", str(tmp_path / "missing")])
+def test_launcher_reports_a_bad_model_path_once_before_starting_ranks(tmp_path, shardtune_cli):
+    start = time.perf_counter()
+    proc = shardtune_cli(["finetune", "--nproc_per_node", "2", "--enable_fsdp", "--model_name", str(tmp_path / "missing")],
+                         env=ENV)
+    seconds = time.perf_counter() - start
     assert proc.returncode == 2
     assert proc.stderr.count("error:") == 1 and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert seconds < 60
 
 
-def test_launcher_refuses_ranks_without_enable_fsdp(tiny_model_dir):
-    proc, _ = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
-                    "--model_name", str(tiny_model_dir)])
+def test_launcher_refuses_ranks_without_enable_fsdp(tiny_model_dir, shardtune_cli):
+    proc = shardtune_cli(["finetune", "--nproc_per_node", "2", "--model_name", str(tiny_model_dir)], env=ENV)
     assert proc.returncode == 2 and "--enable_fsdp" in proc.stderr
 
 
@@ -105,14 +106,13 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path, tiny_model_dir):
     assert seconds < 150
 
 
-def test_shardtune_finetune_launches_two_fsdp_ranks_end_to_end(tmp_path, tiny_model_dir):
+def test_shardtune_finetune_launches_two_fsdp_ranks_end_to_end(tmp_path, tiny_model_dir, shardtune_cli):
     out = tmp_path / "out"
-    proc, _ = _run([sys.executable, "-m", "shardtune", "finetune", "--nproc_per_node", "2",
-                    "--enable_fsdp", "--device", "cpu",
-                    "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
-                    "--alpaca_dataset.data_path", str(_data(tmp_path)), "--batch_size_training", "4",
-                    "--batching_strategy", "padding",
-                    "--num_epochs", "1", "--output_dir", str(out), "--save_metrics"])
+    proc = shardtune_cli(["finetune", "--nproc_per_node", "2", "--enable_fsdp", "--device", "cpu",
+                          "--model_name", str(tiny_model_dir), "--dataset", "alpaca_dataset",
+                          "--alpaca_dataset.data_path", str(_data(tmp_path)), "--batch_size_training", "4",
+                          "--batching_strategy", "padding", "--num_epochs", "1", "--output_dir", str(out),
+                          "--save_metrics"], env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     metrics = json.loads((out / "metrics.json").read_text())

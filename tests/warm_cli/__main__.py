@@ -1,7 +1,7 @@
 """``python -m warm_cli SOCKET``: the test suite's pre-imported ``python -m shardtune``.
 
 Most of a shardtune command's CPU in the suite is its start-up: importing torch and transformers'
-model code costs ~4.5 s a process here, and the suite runs ~150 such commands. This server
+model code costs ~4.5 s a process here, and the suite runs ~70 such commands. This server
 imports them once, then serves each command (a JSON line on a Unix socket: argv, environment,
 folder, stdin and output files) by forking a child that runs ``python -m shardtune ARGV``
 exactly as a fresh interpreter would from there on: ``runpy`` runs ``shardtune.__main__`` as
