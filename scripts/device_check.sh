@@ -69,7 +69,7 @@ default_dataset_check() {
 export -f default_dataset_check; export PY
 step default_dataset 120 bash -c default_dataset_check
 
-step gpu_tests 300 $PY -m pytest -m gpu -p no:cacheprovider -rs tests
+step gpu_tests 300 $PY -m pytest -m gpu -n 0 -p no:cacheprovider -rs tests  # one process: one GPU
 
 # The declared scenarios of benchmarks/scenarios.py (`python -m benchmarks list` prints their flags).
 step throughput 300 $PY -m benchmarks run throughput.gpu

@@ -29,6 +29,8 @@ FSDP_POOL_MODULES = frozenset({
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") not in ("load", "loadfile"):  # a --dist the user chose stands
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ModulesAndTheSharedLaunch(LoadScopeScheduling):
@@ -465,34 +467,39 @@ class WarmCli:
     """``run(args, env=None, cwd=None, input=None, timeout=300) -> CompletedProcess``: what
     ``subprocess.run([python, "-m", "shardtune", *args], capture_output=True, text=True)`` returns,
     from a child of one pre-imported server (``tests/warm_cli``) instead of a fresh interpreter:
-    ~0.3 s of start-up instead of ~4.5 s of CPU. A request whose start-up environment differs from
-    the server's (PYTHONPATH, malloc or OpenMP tunables, ...) runs in a fresh interpreter."""
+    ~0.5 s of start-up instead of ~4.5 s of CPU. A fresh interpreter runs the command instead when
+    the request's start-up environment differs from the server's in any way (a variable read once
+    when an interpreter or a library starts: PYTHONPATH, malloc and OpenMP tunables, HF_*, HOME,
+    TMPDIR, locale, ...), when the server could not serve, or with SHARDTUNE_TEST_FRESH_CLI=1 (a
+    whole suite of fresh interpreters, to check that nothing depends on what the server imported)."""
 
-    # read when an interpreter or a library starts, so a child of the server cannot take them
     STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA",
-                        "PYTORCH_", "TORCH", "HF_", "TRANSFORMERS_", "HUGGINGFACE", "NCCL_", "SHARDTUNE_HOST")
-    RUNTIME = ("OMP_NUM_THREADS",)  # the child sets these itself
+                        "PYTORCH_", "TORCH", "HF_", "TRANSFORMERS_", "HUGGINGFACE", "NCCL_", "SHARDTUNE_HOST",
+                        "HOME", "TMPDIR", "XDG_", "LANG", "LC_", "MPLCONFIGDIR", "TZ")
+    RUNTIME = frozenset({"OMP_NUM_THREADS"})  # the child sets it itself
+    # set in os.environ by an import (peft's sets inductor's cache folder to its default): an
+    # environment a test built before that import lacks it, with the same effect
+    SET_BY_IMPORTS = frozenset({"TORCHINDUCTOR_CACHE_DIR"})
 
     def __init__(self, root: Path):
+        import itertools
+        import select
         import subprocess
         import sys
 
-        import itertools
-
-        self.root, self.numbers = root, itertools.count(1)  # next() is atomic: tests call run from threads
+        self.root, self.numbers, self.live = root, itertools.count(1), set()  # next(): atomic across threads
         self.socket = root / "warm-cli.sock"
         self.env = dict(os.environ)
         with open(root / "server.log", "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "warm_cli", str(self.socket)],
                                          cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=log, text=True)
-        self.ready = self.proc.stdout.readline().strip() == "ready"
+        started = select.select([self.proc.stdout], [], [], 300)[0]
+        self.ready = (os.environ.get("SHARDTUNE_TEST_FRESH_CLI") != "1" and bool(started)
+                      and self.proc.stdout.readline().strip() == "ready")
 
-    def _forkable(self, env: dict) -> bool:
-        """No start-up variable of ``env`` differs from the server's. One that ``env`` lacks is
-        allowed: the environment a test built earlier lacks what imports set since (peft's
-        import sets TORCHINDUCTOR_CACHE_DIR to its default)."""
-        return self.ready and all(self.env.get(k) == v for k, v in env.items()
-                                  if k.startswith(self.STARTUP_PREFIXES) and k not in self.RUNTIME)
+    def _startup(self, env: dict) -> dict:
+        return {k: v for k, v in env.items() if k.startswith(self.STARTUP_PREFIXES)
+                and k not in self.RUNTIME | self.SET_BY_IMPORTS}
 
     def run(self, args, *, env: dict | None = None, cwd=None, input: str | None = None, timeout: float = 300):
         import json
@@ -502,11 +509,14 @@ class WarmCli:
         import sys
 
         args = [str(a) for a in args]
-        env = dict(self.env if env is None else env)
+        env = dict(os.environ if env is None else env)
         cmd = [sys.executable, "-m", "shardtune", *args]
-        if not self._forkable(env):
-            return subprocess.run(cmd, env=env, cwd=cwd, input=input, capture_output=True, text=True,
-                                  timeout=timeout)
+
+        def fresh() -> subprocess.CompletedProcess:
+            return subprocess.run(cmd, env=env, cwd=cwd, input=input, capture_output=True, text=True, timeout=timeout)
+
+        if not self.ready or self._startup(env) != self._startup(self.env):
+            return fresh()
         n = next(self.numbers)
         files = {name: self.root / f"{n}.{name}" for name in ("stdin", "stdout", "stderr")}
         files["stdin"].write_text(input or "")
@@ -514,22 +524,35 @@ class WarmCli:
         files["stderr"].touch()
         request = {"argv": args, "env": env, "cwd": str(Path(cwd or os.getcwd()).resolve()),
                    **{name: str(path) for name, path in files.items()}}
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(str(self.socket))
-            conn.sendall((json.dumps(request) + "\n").encode())
-            replies = conn.makefile("r")
-            pid = int(replies.readline())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn, conn.makefile("r") as replies:
+            try:
+                conn.connect(str(self.socket))
+                conn.sendall((json.dumps(request) + "\n").encode())
+                pid = int(replies.readline())
+            except (OSError, ValueError):  # the server is gone: this and later commands run fresh
+                self.ready = False
+                return fresh()
+            self.live.add(pid)
             conn.settimeout(timeout)
             try:
                 code = int(replies.readline())
-            except TimeoutError:
+            except BaseException as exc:  # timed out, or the test was interrupted: end what it started
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(cmd, timeout) from None
+                if isinstance(exc, TimeoutError):
+                    raise subprocess.TimeoutExpired(cmd, timeout) from None
+                raise
+            finally:
+                self.live.discard(pid)
         return subprocess.CompletedProcess(cmd, code, files["stdout"].read_text(errors="replace"),
                                            files["stderr"].read_text(errors="replace"))
 
     def close(self) -> None:
+        import signal
+
+        for pid in list(self.live):  # commands still running (an interrupted session)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         self.proc.kill()
         self.proc.wait()
 

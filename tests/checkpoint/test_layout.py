@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from shardtune.checkpoint import layout
+from shardtune.config.errors import ShardtuneError
 
 
 def _written(run: Path, step: int, content: str) -> Path:
@@ -44,6 +47,21 @@ def test_a_crash_between_moving_aside_and_publishing_is_undone_by_prune(tmp_path
     layout.prune(run, keep_last_n=0)
     assert (final / ".metadata").read_text() == "first" and layout.latest_checkpoint(run) == final
     assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000003"]
+
+
+def test_resume_from_a_checkpoint_set_aside_by_a_crash_is_not_refused_before_prune_restores_it(tmp_path):
+    """preflight checks --resume_from before the run prunes (which puts the set-aside copy back):
+    the run's folder and the step's own path both still name a checkpoint to resume."""
+    run = tmp_path / "run"
+    final = run / layout.step_dir_name(3)
+    layout.commit(_written(run, 3, "first"), final)
+    os.replace(final, run / ".replaced-step-000003")  # a re-save set it aside, then the crash
+    assert layout.resume_point(run) == run and layout.resume_point(final) == final
+    layout.prune(run, keep_last_n=0)
+    assert layout.latest_checkpoint(run) == final
+    (run / "step-000009").mkdir()  # not set aside, not complete: still refused
+    with pytest.raises(ShardtuneError, match="incomplete"):
+        layout.resume_point(run / "step-000009")
 
 
 def test_a_leftover_aside_copy_of_a_superseded_step_is_deleted(tmp_path):

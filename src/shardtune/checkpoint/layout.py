@@ -156,11 +156,21 @@ def resume_point(resume_from: str | Path) -> Path:
     complete checkpoint). Refuses one that is missing, incomplete or not a shardtune checkpoint,
     from the files alone (no torch): preflight refuses it before any rank starts."""
     path = Path(resume_from)
+    if _restorable(path):  # the run puts it back (prune) before it loads anything
+        return path
     newest = latest_checkpoint(path)
     if newest is not None:
         path = newest
     read_train_state(path)  # exists, complete, readable: or a clear error
     return path
+
+
+def _restorable(path: Path) -> bool:
+    """``path`` (a step folder, or a run's folder) has a complete checkpoint that a save interrupted
+    between setting it aside and publishing its replacement: ``prune`` puts it back."""
+    asides = [_replaced_dir(path)] if not path.exists() else list(path.glob(".replaced-step-*"))
+    return any(aside.is_dir() and is_complete(aside) and not (aside.parent / aside.name[len(".replaced-"):]).exists()
+               for aside in asides)
 
 
 def _damaged(path: Path, what: str) -> DamagedFiles:
