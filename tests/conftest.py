@@ -489,13 +489,14 @@ class WarmCli:
 
         self.root, self.numbers, self.live = root, itertools.count(1), set()  # next(): atomic across threads
         self.socket = root / "warm-cli.sock"
-        self.env = dict(os.environ)
+        self.env, self.proc, self.ready = dict(os.environ), None, False
+        if os.environ.get("SHARDTUNE_TEST_FRESH_CLI") == "1":
+            return
         with open(root / "server.log", "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "warm_cli", str(self.socket)],
                                          cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=log, text=True)
         started = select.select([self.proc.stdout], [], [], 300)[0]
-        self.ready = (os.environ.get("SHARDTUNE_TEST_FRESH_CLI") != "1" and bool(started)
-                      and self.proc.stdout.readline().strip() == "ready")
+        self.ready = bool(started) and self.proc.stdout.readline().strip() == "ready"
 
     def _startup(self, env: dict) -> dict:
         return {k: v for k, v in env.items() if k.startswith(self.STARTUP_PREFIXES)
@@ -553,8 +554,9 @@ class WarmCli:
         for pid in list(self.live):  # commands still running (an interrupted session)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-        self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.fixture(scope="session")

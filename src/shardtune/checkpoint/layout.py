@@ -166,11 +166,15 @@ def resume_point(resume_from: str | Path) -> Path:
 
 
 def _restorable(path: Path) -> bool:
-    """``path`` (a step folder, or a run's folder) has a complete checkpoint that a save interrupted
-    between setting it aside and publishing its replacement: ``prune`` puts it back."""
+    """``path`` (a step folder, or a run's folder) has a checkpoint that ``prune`` puts back."""
     asides = [_replaced_dir(path)] if not path.exists() else list(path.glob(".replaced-step-*"))
-    return any(aside.is_dir() and is_complete(aside) and not (aside.parent / aside.name[len(".replaced-"):]).exists()
-               for aside in asides)
+    return any(aside.is_dir() and _to_restore(aside) for aside in asides)
+
+
+def _to_restore(aside: Path) -> bool:
+    """A complete checkpoint that a save set aside (``.replaced-step-N``) and crashed before
+    publishing its replacement: it is the step's checkpoint again."""
+    return not (aside.parent / aside.name[len(".replaced-"):]).exists() and is_complete(aside)
 
 
 def _damaged(path: Path, what: str) -> DamagedFiles:
@@ -208,9 +212,8 @@ def prune(run: Path, keep_last_n: int) -> list[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(tmp)
     for aside in run.glob(".replaced-step-*"):  # a crash mid-commit: put it back if not superseded
-        final = run / aside.name[len(".replaced-"):]
-        if not final.exists() and is_complete(aside):
-            os.replace(aside, final)
+        if _to_restore(aside):
+            os.replace(aside, run / aside.name[len(".replaced-"):])
         else:
             shutil.rmtree(aside, ignore_errors=True)
             removed.append(aside)

@@ -97,11 +97,11 @@ def load_for_inference(path: str, base: Optional[str] = None, device: str = "cpu
     base = _adapter_base(p, base)
     if base is None:
         check_model_source(path, "MODEL")
-    weights, what = (path, "MODEL") if base is None else (base, "--base")
-    check_weight_files(weights, what)  # before transformers' model code is imported
     for folder in (path, base):  # files shardtune wrote are checked against their recorded digests
         if folder and Path(folder).is_dir():
             verify_recorded(folder, _note)
+    weights, what = (path, "MODEL") if base is None else (base, "--base")
+    check_weight_files(weights, what)  # any other weight file: its header, before transformers' model code
     family = family_for_config(load_config(base or path))
     cls = family.model_class()
     if base is not None:
